@@ -1,0 +1,126 @@
+//! The `Bus` port: topics split into partitions of dense, ordered offsets.
+//!
+//! Records with the same key land in the same partition, so one aggregate's
+//! events keep their order. A subscription belongs to a named group; the bus
+//! tells it which partitions it owns ([`Delivery::Assigned`]) and the
+//! consumer then [`Subscription::seek`]s each one to the position it keeps in
+//! its own database. The bus never stores consumer positions that matter:
+//! [`Subscription::ack`] only tells brokers with redelivery (NATS) to stop.
+
+use std::time::Duration;
+
+/// A record to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingRecord {
+    pub topic: String,
+    /// The partition key: the aggregate id.
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+/// A record read back, with its place in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: String,
+    pub payload: Vec<u8>,
+    /// When the bus appended it, in microseconds since the Unix epoch.
+    pub appended_at_micros: i64,
+}
+
+/// One partition of one topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<String>, partition: u32) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+/// What a subscription hands out next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// These partitions are now this member's: seek each before records of
+    /// it are delivered (unseeked partitions start at offset 0).
+    Assigned(Vec<TopicPartition>),
+    /// These partitions are no longer this member's. Work on them finished
+    /// before this was delivered, since batches are handled one at a time.
+    Revoked(Vec<TopicPartition>),
+    /// Records in offset order within each partition.
+    Records(Vec<Record>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("bus error: {0}")]
+    Engine(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl From<crate::store::StoreError> for BusError {
+    fn from(error: crate::store::StoreError) -> Self {
+        match error {
+            crate::store::StoreError::Unavailable(message) => BusError::Unavailable(message),
+            other => BusError::Engine(other.to_string()),
+        }
+    }
+}
+
+/// An event bus engine.
+#[async_trait::async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Appends records durably, keeping their order per key. When this
+    /// returns `Ok` every record is on the log; on `Err` some may be.
+    async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError>;
+
+    /// Joins `group` reading `topics`.
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Box<dyn Subscription>, BusError>;
+
+    /// The next offset to be written in each partition of `topic`
+    /// (the high-water marks), for lag and tests.
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError>;
+}
+
+/// One member's view of a group.
+#[async_trait::async_trait]
+pub trait Subscription: Send {
+    /// Waits up to `max_wait` for the next delivery; `None` if nothing came.
+    async fn next(
+        &mut self,
+        max_records: usize,
+        max_wait: Duration,
+    ) -> Result<Option<Delivery>, BusError>;
+
+    /// Sets the next offset to deliver from `partition`.
+    async fn seek(&mut self, partition: &TopicPartition, offset: u64) -> Result<(), BusError>;
+
+    /// Tells the bus these records are durably handled.
+    async fn ack(&mut self, records: &[Record]) -> Result<(), BusError>;
+}
+
+/// Kafka's rule of thumb for keys to partitions, with a stable hash
+/// (FNV-1a, 32 bit) so every process agrees.
+pub fn partition_for(key: &str, partitions: u32) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key.as_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % partitions.max(1)
+}

@@ -1,0 +1,961 @@
+//! Consumers with an exactly-once effect.
+//!
+//! A [`Handler`] applies one event to a read model inside a transaction on
+//! the consumer's own database. In that same transaction the consumer
+//! records its position per partition and, per aggregate, the last sequence
+//! it applied. So after any crash the read model, the dedup record and the
+//! position agree, and redelivered events are dropped.
+//!
+//! Per event, by its aggregate's last applied sequence `n`:
+//! - sequence `<= n`: a duplicate, dropped;
+//! - sequence `n + 1`: applied (then any held successors are applied too);
+//! - sequence `> n + 1`: held in `tandem_pending` until the gap fills; after
+//!   `gap_timeout` it is parked with reason `gap` and reported.
+//!
+//! A failing handler is retried with exponential backoff and jitter; after
+//! `max_attempts` (or at once for a permanent error) the event is parked as
+//! a dead letter, its aggregate is blocked behind it, and the consumer moves
+//! on. See [`crate::dead_letter`] for redrive and discard, and
+//! [`crate::dead_letter::request_replay`] for rebuilding a read model.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError, Delivery, Record, Subscription, TopicPartition};
+use crate::dead_letter::{self, Command, DeadLetter, Reason};
+use crate::envelope::{Envelope, PayloadError};
+use crate::params;
+use crate::schema::now_micros;
+use crate::store::{Store, StoreError, Tx};
+
+/// Why a handler could not apply an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    pub message: String,
+    /// Retrying cannot help (a payload the handler cannot read): park now.
+    pub permanent: bool,
+}
+
+impl HandlerError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.message)
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        HandlerError::transient(error.to_string())
+    }
+}
+
+impl From<PayloadError> for HandlerError {
+    fn from(error: PayloadError) -> Self {
+        HandlerError::permanent(error.to_string())
+    }
+}
+
+/// Applies events to a read model.
+pub trait Handler: Send + Sync + 'static {
+    /// Applies one event inside the consumer's transaction. Events of other
+    /// types than the handler cares about should simply return `Ok`.
+    fn handle(&self, tx: &mut dyn Tx, event: &Envelope) -> Result<(), HandlerError>;
+
+    /// Empties the read model before a replay rebuilds it.
+    fn reset(&self, tx: &mut dyn Tx) -> Result<(), HandlerError> {
+        let _ = tx;
+        Ok(())
+    }
+}
+
+/// How a consumer runs.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The consumer's name: its group on the bus and its key in the tables.
+    pub name: String,
+    pub topics: Vec<String>,
+    /// Most records applied in one transaction.
+    pub batch_size: usize,
+    /// Tries before an event is parked.
+    pub max_attempts: u32,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// How long an event ahead of a gap waits for the missing sequence.
+    pub gap_timeout: Duration,
+    /// How often requests (redrive, discard, replay) and gaps are checked.
+    pub housekeeping_interval: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(name: impl Into<String>, topics: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
+            batch_size: 1000,
+            max_attempts: 5,
+            retry_initial: Duration::from_millis(20),
+            retry_max: Duration::from_secs(2),
+            gap_timeout: Duration::from_secs(5),
+            housekeeping_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Exponential backoff's jitter: a uniform pick in [d/2, d].
+pub fn jitter(delay: Duration) -> Duration {
+    let half = delay / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+/// What became of one record.
+enum Step {
+    Consumed,
+    Failed(HandlerError),
+}
+
+/// The last applied sequence of an aggregate, and the dead letter that
+/// blocks it, if any.
+#[derive(Debug, Clone, Copy, Default)]
+struct AggregateState {
+    applied: u64,
+    blocked_by: Option<i64>,
+}
+
+fn aggregate_state(
+    tx: &mut dyn Tx,
+    consumer: &str,
+    source: &str,
+    subject: &str,
+) -> Result<AggregateState, StoreError> {
+    let row = tx.query_opt(
+        "SELECT sequence, blocked_by FROM tandem_consumer_aggregates
+         WHERE consumer = $1 AND source = $2 AND subject = $3",
+        params![consumer, source, subject],
+    )?;
+    Ok(match row {
+        None => AggregateState::default(),
+        Some(row) => AggregateState {
+            applied: u64::try_from(row.i64(0)?).unwrap_or(0),
+            blocked_by: row.opt_i64(1)?,
+        },
+    })
+}
+
+fn save_aggregate_state(
+    tx: &mut dyn Tx,
+    consumer: &str,
+    source: &str,
+    subject: &str,
+    state: AggregateState,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO tandem_consumer_aggregates (consumer, source, subject, sequence, blocked_by)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (consumer, source, subject) DO UPDATE
+         SET sequence = excluded.sequence, blocked_by = excluded.blocked_by",
+        params![consumer, source, subject, state.applied, state.blocked_by],
+    )?;
+    Ok(())
+}
+
+/// Runs the handler under a savepoint, so a failure leaves no trace.
+fn apply_handler(
+    tx: &mut dyn Tx,
+    handler: &dyn Handler,
+    envelope: &Envelope,
+) -> Result<Result<(), HandlerError>, StoreError> {
+    tx.savepoint("tandem_event")?;
+    match handler.handle(tx, envelope) {
+        Ok(()) => {
+            tx.release_savepoint("tandem_event")?;
+            Ok(Ok(()))
+        }
+        Err(error) => {
+            tx.rollback_to_savepoint("tandem_event")?;
+            Ok(Err(error))
+        }
+    }
+}
+
+/// The consumer's work inside one transaction.
+struct BatchContext {
+    consumer: String,
+    handler: Arc<dyn Handler>,
+}
+
+impl BatchContext {
+    /// Handles one record.
+    fn apply_record(&self, tx: &mut dyn Tx, record: &Record) -> Result<Step, StoreError> {
+        let envelope = match Envelope::decode(&record.payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                dead_letter::park(
+                    tx,
+                    &self.consumer,
+                    record,
+                    None,
+                    Reason::Decode,
+                    &error.to_string(),
+                    1,
+                    now_micros(),
+                )?;
+                return Ok(Step::Consumed);
+            }
+        };
+        let mut state = aggregate_state(tx, &self.consumer, &envelope.source, &envelope.subject)?;
+        if envelope.sequence <= state.applied {
+            return Ok(Step::Consumed);
+        }
+        if let Some(head) = state.blocked_by {
+            let already_parked = dead_letter::parked_of_aggregate(
+                tx,
+                &self.consumer,
+                &envelope.source,
+                &envelope.subject,
+            )?
+            .iter()
+            .any(|parked| parked.sequence == Some(envelope.sequence as i64));
+            if !already_parked {
+                dead_letter::park(
+                    tx,
+                    &self.consumer,
+                    record,
+                    Some(&envelope),
+                    Reason::Blocked,
+                    &format!("aggregate is blocked behind dead letter {head}"),
+                    0,
+                    now_micros(),
+                )?;
+            }
+            return Ok(Step::Consumed);
+        }
+        if envelope.sequence > state.applied + 1 {
+            self.hold(tx, record, &envelope)?;
+            return Ok(Step::Consumed);
+        }
+        match apply_handler(tx, &*self.handler, &envelope)? {
+            Err(error) => Ok(Step::Failed(error)),
+            Ok(()) => {
+                state.applied = envelope.sequence;
+                self.drain_held(tx, &envelope.source, &envelope.subject, &mut state)?;
+                save_aggregate_state(
+                    tx,
+                    &self.consumer,
+                    &envelope.source,
+                    &envelope.subject,
+                    state,
+                )?;
+                Ok(Step::Consumed)
+            }
+        }
+    }
+
+    fn hold(
+        &self,
+        tx: &mut dyn Tx,
+        record: &Record,
+        envelope: &Envelope,
+    ) -> Result<(), StoreError> {
+        tx.execute(
+            "INSERT INTO tandem_pending (consumer, source, subject, sequence, topic, partition,
+               record_offset, payload, received_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (consumer, source, subject, sequence) DO NOTHING",
+            &[
+                self.consumer.as_str().into(),
+                envelope.source.as_str().into(),
+                envelope.subject.as_str().into(),
+                envelope.sequence.into(),
+                record.topic.as_str().into(),
+                record.partition.into(),
+                record.offset.into(),
+                record.payload.as_slice().into(),
+                now_micros().into(),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Applies held events that follow `state.applied` without a gap. A held
+    /// event whose handler fails is parked at once (it already waited).
+    fn drain_held(
+        &self,
+        tx: &mut dyn Tx,
+        source: &str,
+        subject: &str,
+        state: &mut AggregateState,
+    ) -> Result<(), StoreError> {
+        loop {
+            let Some(row) = tx.query_opt(
+                "SELECT topic, partition, record_offset, payload FROM tandem_pending
+                 WHERE consumer = $1 AND source = $2 AND subject = $3 AND sequence = $4",
+                params![&self.consumer, source, subject, state.applied + 1],
+            )?
+            else {
+                return Ok(());
+            };
+            let record = Record {
+                topic: row.text(0)?.to_owned(),
+                partition: u32::try_from(row.i64(1)?).unwrap_or(0),
+                offset: u64::try_from(row.i64(2)?).unwrap_or(0),
+                key: subject.to_owned(),
+                payload: row.bytes(3)?.to_vec(),
+                appended_at_micros: 0,
+            };
+            tx.execute(
+                "DELETE FROM tandem_pending
+                 WHERE consumer = $1 AND source = $2 AND subject = $3 AND sequence = $4",
+                params![&self.consumer, source, subject, state.applied + 1],
+            )?;
+            let envelope = Envelope::decode(&record.payload)
+                .map_err(|error| StoreError::Decode(format!("held event: {error}")))?;
+            match apply_handler(tx, &*self.handler, &envelope)? {
+                Ok(()) => state.applied = envelope.sequence,
+                Err(error) => {
+                    let id = dead_letter::park(
+                        tx,
+                        &self.consumer,
+                        &record,
+                        Some(&envelope),
+                        Reason::Handler,
+                        &error.message,
+                        1,
+                        now_micros(),
+                    )?;
+                    state.blocked_by = Some(id);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Parks a record whose handler kept failing and blocks its aggregate.
+    fn park_failed(
+        &self,
+        tx: &mut dyn Tx,
+        record: &Record,
+        error: &HandlerError,
+        attempts: u32,
+        first_failed_at: i64,
+    ) -> Result<(), StoreError> {
+        let envelope = Envelope::decode(&record.payload)
+            .map_err(|error| StoreError::Decode(format!("failed event: {error}")))?;
+        let mut state = aggregate_state(tx, &self.consumer, &envelope.source, &envelope.subject)?;
+        if envelope.sequence <= state.applied {
+            return Ok(());
+        }
+        let id = dead_letter::park(
+            tx,
+            &self.consumer,
+            record,
+            Some(&envelope),
+            Reason::Handler,
+            &error.message,
+            attempts,
+            first_failed_at,
+        )?;
+        state.blocked_by = Some(id);
+        save_aggregate_state(
+            tx,
+            &self.consumer,
+            &envelope.source,
+            &envelope.subject,
+            state,
+        )
+    }
+
+    /// Tries the parked events of one aggregate in sequence order, applying
+    /// all it can; the first that still fails blocks the aggregate again.
+    fn advance_aggregate(
+        &self,
+        tx: &mut dyn Tx,
+        source: &str,
+        subject: &str,
+    ) -> Result<(), StoreError> {
+        let mut state = aggregate_state(tx, &self.consumer, source, subject)?;
+        state.blocked_by = None;
+        for parked in dead_letter::parked_of_aggregate(tx, &self.consumer, source, subject)? {
+            let envelope = Envelope::decode(&parked.payload)
+                .map_err(|error| StoreError::Decode(format!("parked event: {error}")))?;
+            if envelope.sequence <= state.applied {
+                dead_letter::set_status(tx, parked.id, "resolved")?;
+                continue;
+            }
+            if envelope.sequence > state.applied + 1 {
+                dead_letter::record_failure(
+                    tx,
+                    parked.id,
+                    &format!(
+                        "gap: sequence {} has not been applied yet",
+                        state.applied + 1
+                    ),
+                    false,
+                )?;
+                state.blocked_by = Some(parked.id);
+                break;
+            }
+            match apply_handler(tx, &*self.handler, &envelope)? {
+                Ok(()) => {
+                    state.applied = envelope.sequence;
+                    dead_letter::set_status(tx, parked.id, "resolved")?;
+                }
+                Err(error) => {
+                    dead_letter::record_failure(tx, parked.id, &error.message, true)?;
+                    state.blocked_by = Some(parked.id);
+                    break;
+                }
+            }
+        }
+        if state.blocked_by.is_none() {
+            self.drain_held(tx, source, subject, &mut state)?;
+        }
+        save_aggregate_state(tx, &self.consumer, source, subject, state)
+    }
+
+    fn redrive(&self, tx: &mut dyn Tx, dead_letter: &DeadLetter) -> Result<(), StoreError> {
+        match (&dead_letter.source, &dead_letter.subject) {
+            (Some(source), Some(subject)) => self.advance_aggregate(tx, source, subject),
+            _ => {
+                // Never decoded: try decoding again (a newer version may).
+                match Envelope::decode(&dead_letter.payload) {
+                    Err(error) => {
+                        dead_letter::record_failure(tx, dead_letter.id, &error.to_string(), true)
+                    }
+                    Ok(envelope) => {
+                        dead_letter::set_status(tx, dead_letter.id, "resolved")?;
+                        let record = Record {
+                            topic: dead_letter.topic.clone(),
+                            partition: u32::try_from(dead_letter.partition).unwrap_or(0),
+                            offset: u64::try_from(dead_letter.offset).unwrap_or(0),
+                            key: envelope.subject.clone(),
+                            payload: dead_letter.payload.clone(),
+                            appended_at_micros: 0,
+                        };
+                        match self.apply_record(tx, &record)? {
+                            Step::Consumed => Ok(()),
+                            Step::Failed(error) => {
+                                self.park_failed(tx, &record, &error, 1, now_micros())
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn discard(&self, tx: &mut dyn Tx, dead_letter: &DeadLetter) -> Result<(), StoreError> {
+        dead_letter::set_status(tx, dead_letter.id, "discarded")?;
+        let (Some(source), Some(subject), Some(sequence)) = (
+            &dead_letter.source,
+            &dead_letter.subject,
+            dead_letter.sequence,
+        ) else {
+            return Ok(());
+        };
+        let mut state = aggregate_state(tx, &self.consumer, source, subject)?;
+        if state.blocked_by != Some(dead_letter.id) {
+            return Ok(());
+        }
+        // Discarding the head skips its sequence; what queued behind it flows.
+        state.applied = state.applied.max(u64::try_from(sequence).unwrap_or(0));
+        state.blocked_by = None;
+        save_aggregate_state(tx, &self.consumer, source, subject, state)?;
+        self.advance_aggregate(tx, source, subject)
+    }
+
+    fn expire_gaps(&self, tx: &mut dyn Tx, gap_timeout: Duration) -> Result<(), StoreError> {
+        let cutoff = now_micros() - i64::try_from(gap_timeout.as_micros()).unwrap_or(i64::MAX);
+        let expired = tx.query(
+            "SELECT DISTINCT source, subject FROM tandem_pending
+             WHERE consumer = $1 AND received_at < $2",
+            params![&self.consumer, cutoff],
+        )?;
+        for row in expired {
+            let source = row.text(0)?.to_owned();
+            let subject = row.text(1)?.to_owned();
+            let mut state = aggregate_state(tx, &self.consumer, &source, &subject)?;
+            let held = tx.query(
+                "SELECT sequence, topic, partition, record_offset, payload, received_at
+                 FROM tandem_pending WHERE consumer = $1 AND source = $2 AND subject = $3
+                 ORDER BY sequence",
+                params![&self.consumer, &source, &subject],
+            )?;
+            for held_row in held {
+                let sequence = held_row.i64(0)?;
+                let record = Record {
+                    topic: held_row.text(1)?.to_owned(),
+                    partition: u32::try_from(held_row.i64(2)?).unwrap_or(0),
+                    offset: u64::try_from(held_row.i64(3)?).unwrap_or(0),
+                    key: subject.clone(),
+                    payload: held_row.bytes(4)?.to_vec(),
+                    appended_at_micros: 0,
+                };
+                let envelope = Envelope::decode(&record.payload)
+                    .map_err(|error| StoreError::Decode(format!("held event: {error}")))?;
+                let (reason, error) = match state.blocked_by {
+                    None => (
+                        Reason::Gap,
+                        format!(
+                            "sequence {} of {source}/{subject} did not arrive within {} ms; got {sequence}",
+                            state.applied + 1,
+                            gap_timeout.as_millis()
+                        ),
+                    ),
+                    Some(head) => (
+                        Reason::Blocked,
+                        format!("aggregate is blocked behind dead letter {head}"),
+                    ),
+                };
+                let id = dead_letter::park(
+                    tx,
+                    &self.consumer,
+                    &record,
+                    Some(&envelope),
+                    reason,
+                    &error,
+                    0,
+                    held_row.i64(5)?,
+                )?;
+                if state.blocked_by.is_none() {
+                    tracing::error!(consumer = &self.consumer, %source, %subject, dead_letter = id, "sequence gap persisted");
+                    state.blocked_by = Some(id);
+                }
+            }
+            tx.execute(
+                "DELETE FROM tandem_pending WHERE consumer = $1 AND source = $2 AND subject = $3",
+                params![&self.consumer, &source, &subject],
+            )?;
+            save_aggregate_state(tx, &self.consumer, &source, &subject, state)?;
+        }
+        Ok(())
+    }
+}
+
+fn save_positions(tx: &mut dyn Tx, consumer: &str, records: &[Record]) -> Result<(), StoreError> {
+    let mut next: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+    for record in records {
+        let entry = next.entry((&record.topic, record.partition)).or_insert(0);
+        *entry = (*entry).max(record.offset + 1);
+    }
+    let now = now_micros();
+    for ((topic, partition), offset) in next {
+        tx.execute(
+            "INSERT INTO tandem_consumer_positions (consumer, topic, partition, next_offset, updated_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (consumer, topic, partition) DO UPDATE
+             SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+            params![consumer, topic, partition, offset, now],
+        )?;
+    }
+    Ok(())
+}
+
+/// Where `consumer` resumes, per partition.
+pub async fn positions<S: Store>(
+    store: &S,
+    consumer: &str,
+) -> Result<BTreeMap<TopicPartition, u64>, StoreError> {
+    let consumer = consumer.to_owned();
+    store
+        .read(move |tx| {
+            let rows = tx.query(
+                "SELECT topic, partition, next_offset FROM tandem_consumer_positions WHERE consumer = $1",
+                params![&consumer],
+            )?;
+            let mut positions = BTreeMap::new();
+            for row in rows {
+                positions.insert(
+                    TopicPartition::new(row.text(0)?, u32::try_from(row.i64(1)?).unwrap_or(0)),
+                    u64::try_from(row.i64(2)?).unwrap_or(0),
+                );
+            }
+            Ok(positions)
+        })
+        .await
+}
+
+/// Outcome of applying a run of records in one transaction.
+struct BatchOutcome {
+    /// Records consumed (applied, dropped, held or parked) and committed.
+    consumed: usize,
+    /// The record at index `consumed` failed with this error.
+    failure: Option<HandlerError>,
+}
+
+/// A running consumer.
+pub struct Consumer<S: Store> {
+    store: S,
+    bus: Arc<dyn Bus>,
+    handler: Arc<dyn Handler>,
+    config: ConsumerConfig,
+}
+
+impl<S: Store> Consumer<S> {
+    pub fn new(
+        store: S,
+        bus: Arc<dyn Bus>,
+        handler: Arc<dyn Handler>,
+        config: ConsumerConfig,
+    ) -> Self {
+        Self {
+            store,
+            bus,
+            handler,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    /// Consumes until `shutdown` fires. The batch in flight then commits or
+    /// rolls back as a whole; nothing is half-applied.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let mut subscription = self
+            .bus
+            .subscribe(&self.config.name, &self.config.topics)
+            .await?;
+        let mut assigned: Vec<TopicPartition> = Vec::new();
+        let mut buffer: VecDeque<Record> = VecDeque::new();
+        let mut last_housekeeping = Instant::now() - self.config.housekeeping_interval;
+        let mut last_gap_check = Instant::now();
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            if last_housekeeping.elapsed() >= self.config.housekeeping_interval {
+                last_housekeeping = Instant::now();
+                if self.run_requests(&mut subscription, &assigned).await? {
+                    buffer.clear();
+                }
+                if last_gap_check.elapsed()
+                    >= (self.config.gap_timeout / 4).max(Duration::from_millis(10))
+                {
+                    last_gap_check = Instant::now();
+                    self.expire_gaps().await?;
+                }
+            }
+            if buffer.is_empty() {
+                let wait = self.config.housekeeping_interval;
+                let delivery = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    delivery = subscription.next(self.config.batch_size, wait) => delivery?,
+                };
+                match delivery {
+                    None => continue,
+                    Some(Delivery::Assigned(partitions)) => {
+                        let saved = positions(&self.store, &self.config.name).await?;
+                        for partition in &partitions {
+                            let offset = saved.get(partition).copied().unwrap_or(0);
+                            subscription.seek(partition, offset).await?;
+                        }
+                        assigned.extend(partitions);
+                        buffer.clear();
+                        continue;
+                    }
+                    Some(Delivery::Revoked(partitions)) => {
+                        assigned.retain(|partition| !partitions.contains(partition));
+                        buffer.retain(|record| {
+                            !partitions.contains(&TopicPartition::new(
+                                record.topic.clone(),
+                                record.partition,
+                            ))
+                        });
+                        continue;
+                    }
+                    Some(Delivery::Records(records)) => buffer.extend(records),
+                }
+            }
+            if !self
+                .drain_buffer(&mut buffer, &mut subscription, &shutdown)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies everything in `buffer`; returns false if shutdown interrupted
+    /// a retry (the record stays unapplied and is redelivered on restart).
+    async fn drain_buffer(
+        &self,
+        buffer: &mut VecDeque<Record>,
+        subscription: &mut Box<dyn Subscription>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ConsumerError> {
+        while !buffer.is_empty() {
+            let records: Arc<Vec<Record>> = Arc::new(buffer.iter().cloned().collect());
+            let outcome = self.apply_batch(Arc::clone(&records)).await?;
+            buffer.drain(..outcome.consumed);
+            subscription.ack(&records[..outcome.consumed]).await?;
+            let Some(error) = outcome.failure else {
+                continue;
+            };
+            let failed = buffer.pop_front().expect("the failed record is buffered");
+            if !self
+                .retry_then_park(failed, error, subscription, shutdown)
+                .await?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn retry_then_park(
+        &self,
+        record: Record,
+        first_error: HandlerError,
+        subscription: &mut Box<dyn Subscription>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ConsumerError> {
+        let first_failed_at = now_micros();
+        let mut attempts: u32 = 1;
+        let mut error = first_error;
+        let mut delay = self.config.retry_initial;
+        let record = Arc::new(vec![record]);
+        loop {
+            tracing::debug!(consumer = %self.config.name, attempts, error = %error, "handler failed");
+            if error.permanent || attempts >= self.config.max_attempts {
+                let consumer = self.config.name.clone();
+                let handler = Arc::clone(&self.handler);
+                let parked = Arc::clone(&record);
+                self.store
+                    .write(move |tx: &mut dyn Tx| -> Result<(), StoreError> {
+                        let context = BatchContext {
+                            consumer: consumer.clone(),
+                            handler,
+                        };
+                        context.park_failed(tx, &parked[0], &error, attempts, first_failed_at)?;
+                        save_positions(tx, &consumer, &parked)
+                    })
+                    .await?;
+                subscription.ack(&record).await?;
+                return Ok(true);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(jitter(delay)) => {}
+            }
+            delay = (delay * 2).min(self.config.retry_max);
+            let outcome = self.apply_batch(Arc::clone(&record)).await?;
+            attempts += 1;
+            match outcome.failure {
+                None => {
+                    subscription.ack(&record).await?;
+                    return Ok(true);
+                }
+                Some(next_error) => error = next_error,
+            }
+        }
+    }
+
+    /// Applies `records` in order in one transaction, stopping at the first
+    /// handler failure; commits what came before it.
+    async fn apply_batch(&self, records: Arc<Vec<Record>>) -> Result<BatchOutcome, StoreError> {
+        let consumer = self.config.name.clone();
+        let handler = Arc::clone(&self.handler);
+        self.store
+            .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, StoreError> {
+                let context = BatchContext { consumer, handler };
+                let mut failure = None;
+                let mut consumed = 0;
+                for record in records.iter() {
+                    match context.apply_record(tx, record)? {
+                        Step::Consumed => consumed += 1,
+                        Step::Failed(error) => {
+                            failure = Some(error);
+                            break;
+                        }
+                    }
+                }
+                crate::fault::point("consumer.before_commit");
+                save_positions(tx, &context.consumer, &records[..consumed])?;
+                Ok(BatchOutcome { consumed, failure })
+            })
+            .await
+    }
+
+    async fn expire_gaps(&self) -> Result<(), StoreError> {
+        let consumer = self.config.name.clone();
+        let handler = Arc::clone(&self.handler);
+        let gap_timeout = self.config.gap_timeout;
+        self.store
+            .write(move |tx: &mut dyn Tx| -> Result<(), StoreError> {
+                BatchContext { consumer, handler }.expire_gaps(tx, gap_timeout)
+            })
+            .await
+    }
+
+    /// Carries out pending requests; returns true if a replay reset the
+    /// positions (the caller drops what it had buffered).
+    async fn run_requests(
+        &self,
+        subscription: &mut Box<dyn Subscription>,
+        assigned: &[TopicPartition],
+    ) -> Result<bool, ConsumerError> {
+        let mut replayed = false;
+        loop {
+            let consumer = self.config.name.clone();
+            let handler = Arc::clone(&self.handler);
+            let done = self
+                .store
+                .write(
+                    move |tx: &mut dyn Tx| -> Result<Option<Option<Command>>, StoreError> {
+                        let Some(command) = dead_letter::take_request(tx, &consumer)? else {
+                            return Ok(None);
+                        };
+                        let context = BatchContext {
+                            consumer: consumer.clone(),
+                            handler: Arc::clone(&handler),
+                        };
+                        match command {
+                            None => {}
+                            Some(Command::Replay) => {
+                                handler.reset(tx).map_err(|error| {
+                                    StoreError::Engine(format!("read model reset failed: {error}"))
+                                })?;
+                                for table in [
+                                    "tandem_consumer_positions",
+                                    "tandem_consumer_aggregates",
+                                    "tandem_pending",
+                                    "tandem_dead_letters",
+                                ] {
+                                    tx.execute(
+                                        &format!("DELETE FROM {table} WHERE consumer = $1"),
+                                        params![&consumer],
+                                    )?;
+                                }
+                            }
+                            Some(Command::Redrive(id)) | Some(Command::Discard(id)) => {
+                                let targets = match id {
+                                    Some(id) => dead_letter::get_in(tx, id)?
+                                        .into_iter()
+                                        .filter(|letter| {
+                                            letter.consumer == consumer && letter.status == "parked"
+                                        })
+                                        .collect(),
+                                    None => parked_heads(tx, &consumer)?,
+                                };
+                                for target in targets {
+                                    // An earlier step may have settled it already.
+                                    let Some(current) = dead_letter::get_in(tx, target.id)? else {
+                                        continue;
+                                    };
+                                    if current.status != "parked" {
+                                        continue;
+                                    }
+                                    if matches!(command, Some(Command::Discard(_))) {
+                                        if id.is_none() {
+                                            // Discarding everything: no aggregate may flow past
+                                            // a row that is itself discarded a moment later.
+                                            dead_letter::set_status(tx, current.id, "discarded")?;
+                                            if let (Some(source), Some(subject)) =
+                                                (&current.source, &current.subject)
+                                            {
+                                                let mut state = aggregate_state(
+                                                    tx, &consumer, source, subject,
+                                                )?;
+                                                state.applied = state
+                                                    .applied
+                                                    .max(current.sequence.unwrap_or(0) as u64);
+                                                state.blocked_by = None;
+                                                save_aggregate_state(
+                                                    tx, &consumer, source, subject, state,
+                                                )?;
+                                            }
+                                        } else {
+                                            context.discard(tx, &current)?;
+                                        }
+                                    } else {
+                                        context.redrive(tx, &current)?;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(Some(command))
+                    },
+                )
+                .await?;
+            match done {
+                None => return Ok(replayed),
+                Some(Some(Command::Replay)) => {
+                    tracing::info!(consumer = %self.config.name, "replaying from the start of the log");
+                    for partition in assigned {
+                        subscription.seek(partition, 0).await?;
+                    }
+                    replayed = true;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// One parked row per blocked aggregate (its lowest sequence), plus every
+/// parked row that never decoded.
+fn parked_heads(tx: &mut dyn Tx, consumer: &str) -> Result<Vec<DeadLetter>, StoreError> {
+    let rows = tx.query(
+        "SELECT id FROM tandem_dead_letters WHERE consumer = $1 AND status = 'parked' ORDER BY id",
+        params![consumer],
+    )?;
+    let mut heads = Vec::new();
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for row in rows {
+        let Some(letter) = dead_letter::get_in(tx, row.i64(0)?)? else {
+            continue;
+        };
+        match (&letter.source, &letter.subject) {
+            (Some(source), Some(subject)) => {
+                let key = (source.clone(), subject.clone());
+                if !seen.contains(&key) {
+                    seen.push(key);
+                    heads.push(letter);
+                }
+            }
+            _ => heads.push(letter),
+        }
+    }
+    Ok(heads)
+}
+
+/// A consumer must be able to run on a multi-threaded runtime.
+#[cfg(test)]
+mod send_checks {
+    use super::*;
+
+    fn assert_send<T: Send>(_: T) {}
+
+    #[allow(dead_code)]
+    fn consumer_future_is_send(consumer: &'static Consumer<crate::sqlite::SqliteStore>) {
+        assert_send(consumer.run(CancellationToken::new()));
+    }
+}

@@ -1,0 +1,328 @@
+//! Dead letters: events a consumer could not apply, parked with the reason,
+//! the error, the attempt count and timestamps, so the rest keeps flowing.
+//!
+//! Parking an event blocks its aggregate: later events of the same
+//! aggregate are parked behind it (reason `blocked`) rather than applied out
+//! of order. Operators list and inspect parked events here, and ask the
+//! running consumer to redrive or discard them ([`request_redrive`],
+//! [`request_discard`]); the consumer carries the request out with its
+//! handler, exactly once, from whichever process asked.
+
+use crate::bus::Record;
+use crate::envelope::Envelope;
+use crate::params;
+use crate::schema::now_micros;
+use crate::store::{Param, Row, Store, StoreError, Tx};
+
+/// Why an event was parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The bytes are not a valid envelope.
+    Decode,
+    /// The handler failed on every attempt, or said the failure is permanent.
+    Handler,
+    /// An earlier sequence of the aggregate never arrived in time.
+    Gap,
+    /// An earlier event of the same aggregate is parked.
+    Blocked,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Decode => "decode",
+            Reason::Handler => "handler",
+            Reason::Gap => "gap",
+            Reason::Blocked => "blocked",
+        }
+    }
+}
+
+/// A parked (or formerly parked) event.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub consumer: String,
+    pub topic: String,
+    pub partition: i64,
+    pub offset: i64,
+    pub event_id: Option<String>,
+    pub source: Option<String>,
+    pub subject: Option<String>,
+    pub sequence: Option<i64>,
+    pub event_type: Option<String>,
+    pub reason: String,
+    pub error: String,
+    pub attempts: i64,
+    pub first_failed_at_micros: i64,
+    pub last_failed_at_micros: i64,
+    /// `parked`, `resolved` (applied or found to be a duplicate) or `discarded`.
+    pub status: String,
+    /// The raw bytes as they came off the bus.
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+}
+
+const COLUMNS: &str = "id, consumer, topic, partition, record_offset, event_id, source, subject,
+    sequence, event_type, reason, error, attempts, first_failed_at, last_failed_at, status, payload";
+
+fn from_row(row: &Row) -> Result<DeadLetter, StoreError> {
+    Ok(DeadLetter {
+        id: row.i64(0)?,
+        consumer: row.text(1)?.to_owned(),
+        topic: row.text(2)?.to_owned(),
+        partition: row.i64(3)?,
+        offset: row.i64(4)?,
+        event_id: row.opt_text(5)?.map(str::to_owned),
+        source: row.opt_text(6)?.map(str::to_owned),
+        subject: row.opt_text(7)?.map(str::to_owned),
+        sequence: row.opt_i64(8)?,
+        event_type: row.opt_text(9)?.map(str::to_owned),
+        reason: row.text(10)?.to_owned(),
+        error: row.text(11)?.to_owned(),
+        attempts: row.i64(12)?,
+        first_failed_at_micros: row.i64(13)?,
+        last_failed_at_micros: row.i64(14)?,
+        status: row.text(15)?.to_owned(),
+        payload: row.bytes(16)?.to_vec(),
+    })
+}
+
+/// Parks a record inside the consumer's transaction; returns its id.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn park(
+    tx: &mut dyn Tx,
+    consumer: &str,
+    record: &Record,
+    envelope: Option<&Envelope>,
+    reason: Reason,
+    error: &str,
+    attempts: u32,
+    first_failed_at_micros: i64,
+) -> Result<i64, StoreError> {
+    let event_id = envelope.map(|envelope| envelope.id.to_string());
+    let row = tx
+        .query_opt(
+            "INSERT INTO tandem_dead_letters (consumer, topic, partition, record_offset, event_id,
+               source, subject, sequence, event_type, payload, reason, error, attempts,
+               first_failed_at, last_failed_at, status)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'parked')
+             RETURNING id",
+            &[
+                Param::Text(consumer),
+                Param::Text(&record.topic),
+                Param::from(record.partition),
+                Param::from(record.offset),
+                Param::from(event_id.as_ref()),
+                Param::from(envelope.map(|envelope| envelope.source.as_str())),
+                Param::from(envelope.map(|envelope| envelope.subject.as_str())),
+                Param::from(envelope.map(|envelope| envelope.sequence)),
+                Param::from(envelope.map(|envelope| envelope.event_type.as_str())),
+                Param::Blob(&record.payload),
+                Param::Text(reason.as_str()),
+                Param::Text(error),
+                Param::from(attempts),
+                Param::Int(first_failed_at_micros),
+                Param::Int(now_micros()),
+            ],
+        )?
+        .ok_or_else(|| StoreError::Decode("dead letter insert returned nothing".into()))?;
+    let id = row.i64(0)?;
+    tracing::warn!(
+        consumer,
+        dead_letter = id,
+        reason = reason.as_str(),
+        topic = %record.topic,
+        partition = record.partition,
+        offset = record.offset,
+        %error,
+        "event parked"
+    );
+    Ok(id)
+}
+
+/// Parked rows of one aggregate, lowest sequence first.
+pub(crate) fn parked_of_aggregate(
+    tx: &mut dyn Tx,
+    consumer: &str,
+    source: &str,
+    subject: &str,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let rows = tx.query(
+        &format!(
+            "SELECT {COLUMNS} FROM tandem_dead_letters
+             WHERE consumer = $1 AND source = $2 AND subject = $3 AND status = 'parked'
+             ORDER BY sequence, id"
+        ),
+        params![consumer, source, subject],
+    )?;
+    rows.iter().map(from_row).collect()
+}
+
+pub(crate) fn get_in(tx: &mut dyn Tx, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+    tx.query_opt(
+        &format!("SELECT {COLUMNS} FROM tandem_dead_letters WHERE id = $1"),
+        params![id],
+    )?
+    .as_ref()
+    .map(from_row)
+    .transpose()
+}
+
+pub(crate) fn set_status(tx: &mut dyn Tx, id: i64, status: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE tandem_dead_letters SET status = $2 WHERE id = $1",
+        params![id, status],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn record_failure(
+    tx: &mut dyn Tx,
+    id: i64,
+    error: &str,
+    tried: bool,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE tandem_dead_letters
+         SET error = $2, attempts = attempts + $3, last_failed_at = $4
+         WHERE id = $1",
+        params![id, error, i64::from(tried), now_micros()],
+    )?;
+    Ok(())
+}
+
+/// Parked events of `consumer` (all consumers if `None`), oldest first;
+/// resolved and discarded ones too when `include_settled`.
+pub async fn list<S: Store>(
+    store: &S,
+    consumer: Option<&str>,
+    include_settled: bool,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let consumer = consumer.map(str::to_owned);
+    store
+        .read(move |tx| {
+            let rows = tx.query(
+                &format!(
+                    "SELECT {COLUMNS} FROM tandem_dead_letters
+                     WHERE ($1 IS NULL OR consumer = $1) AND ($2 = 1 OR status = 'parked')
+                     ORDER BY id"
+                ),
+                params![consumer.as_ref(), include_settled],
+            )?;
+            rows.iter().map(from_row).collect()
+        })
+        .await
+}
+
+/// One dead letter by id.
+pub async fn get<S: Store>(store: &S, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+    store.read(move |tx| get_in(tx, id)).await
+}
+
+/// Parked events per consumer: the dead-letter depth.
+pub async fn depth<S: Store>(store: &S, consumer: &str) -> Result<u64, StoreError> {
+    let consumer = consumer.to_owned();
+    store
+        .read(move |tx| {
+            let row = tx
+                .query_opt(
+                    "SELECT COUNT(*) FROM tandem_dead_letters WHERE consumer = $1 AND status = 'parked'",
+                    params![&consumer],
+                )?
+                .ok_or_else(|| StoreError::Decode("count returned nothing".into()))?;
+            Ok(u64::try_from(row.i64(0)?).unwrap_or(0))
+        })
+        .await
+}
+
+/// An order for a running consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Handle the parked event again (`None`: every parked event).
+    Redrive(Option<i64>),
+    /// Give up on the parked event (`None`: every parked event); later
+    /// events of its aggregate then flow.
+    Discard(Option<i64>),
+    /// Clear the read model and rebuild it from the start of the log.
+    Replay,
+}
+
+async fn request<S: Store>(store: &S, consumer: &str, command: Command) -> Result<(), StoreError> {
+    let consumer = consumer.to_owned();
+    let (name, id) = match command {
+        Command::Redrive(id) => ("redrive", id),
+        Command::Discard(id) => ("discard", id),
+        Command::Replay => ("replay", None),
+    };
+    store
+        .write(move |tx| {
+            tx.execute(
+                "INSERT INTO tandem_consumer_requests (consumer, command, dead_letter_id, requested_at)
+                 VALUES ($1, $2, $3, $4)",
+                params![&consumer, name, id, now_micros()],
+            )?;
+            Ok(())
+        })
+        .await
+}
+
+/// Asks `consumer` to handle parked event `id` (or all) again.
+pub async fn request_redrive<S: Store>(
+    store: &S,
+    consumer: &str,
+    id: Option<i64>,
+) -> Result<(), StoreError> {
+    request(store, consumer, Command::Redrive(id)).await
+}
+
+/// Asks `consumer` to give up on parked event `id` (or all).
+pub async fn request_discard<S: Store>(
+    store: &S,
+    consumer: &str,
+    id: Option<i64>,
+) -> Result<(), StoreError> {
+    request(store, consumer, Command::Discard(id)).await
+}
+
+/// Asks `consumer` to rebuild its read model from the start of the log.
+pub async fn request_replay<S: Store>(store: &S, consumer: &str) -> Result<(), StoreError> {
+    request(store, consumer, Command::Replay).await
+}
+
+/// Takes the oldest pending request for `consumer`, if any (inside the
+/// transaction that carries it out, so a crash leaves it pending). The inner
+/// `None` is a request this version does not understand (dropped).
+pub(crate) fn take_request(
+    tx: &mut dyn Tx,
+    consumer: &str,
+) -> Result<Option<Option<Command>>, StoreError> {
+    let Some(row) = tx.query_opt(
+        "SELECT id, command, dead_letter_id FROM tandem_consumer_requests
+         WHERE consumer = $1 ORDER BY id LIMIT 1",
+        params![consumer],
+    )?
+    else {
+        return Ok(None);
+    };
+    let request_id = row.i64(0)?;
+    let dead_letter_id = row.opt_i64(2)?;
+    let command = match row.text(1)? {
+        "redrive" => Some(Command::Redrive(dead_letter_id)),
+        "discard" => Some(Command::Discard(dead_letter_id)),
+        "replay" => Some(Command::Replay),
+        other => {
+            tracing::warn!(
+                consumer,
+                command = other,
+                "unknown consumer request dropped"
+            );
+            None
+        }
+    };
+    tx.execute(
+        "DELETE FROM tandem_consumer_requests WHERE id = $1",
+        params![request_id],
+    )?;
+    Ok(Some(command))
+}

@@ -1,0 +1,35 @@
+//! Named crash points for the crash-matrix tests.
+//!
+//! When the environment variable `TANDEM_FAULT` names a point, the process
+//! prints `TANDEM_FAULT_REACHED <point>` on stdout when it gets there and
+//! then stops making progress, holding whatever it holds (an open
+//! transaction, an unrecorded publish), so that the test can kill -9 it at
+//! exactly that moment. Unset, a point costs one load of a cached value.
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+fn armed() -> Option<&'static str> {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            std::env::var("TANDEM_FAULT")
+                .ok()
+                .filter(|name| !name.is_empty())
+        })
+        .as_deref()
+}
+
+/// Stops here, for good, if this point is armed.
+pub fn point(name: &str) {
+    if armed() != Some(name) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "TANDEM_FAULT_REACHED {name}");
+    let _ = stdout.flush();
+    drop(stdout);
+    loop {
+        std::thread::park();
+    }
+}

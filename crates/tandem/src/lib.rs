@@ -1,0 +1,39 @@
+//! Tandem: a toolkit for Rust services that talk through events.
+//!
+//! A service commits its state change and the events it publishes in one
+//! local transaction ([`outbox`]); a [`relay`] moves committed events onto an
+//! event [`bus`]; other services [`consumer`]s apply them to their own read
+//! models with an exactly-once effect, parking what they cannot apply as
+//! [`dead_letter`]s.
+//!
+//! Parts:
+//! - [`envelope`]: the wire format (CloudEvents 1.0 JSON) and typed payloads.
+//! - [`store`]: the `Store`/`Tx` port; [`sqlite`] its embedded engine.
+//! - [`bus`]: the `Bus`/`Subscription` port; [`embedded`] its embedded
+//!   engine, a durable log in one file shared by processes.
+//! - [`outbox`], [`relay`], [`consumer`], [`dead_letter`]: the pipeline.
+//! - [`schema`]: the toolkit's own tables; [`fault`]: crash points for tests.
+//! - [`engine`]: picks engines from URLs.
+//!
+//! The toolkit knows nothing of any domain.
+
+pub mod bus;
+pub mod consumer;
+pub mod dead_letter;
+pub mod embedded;
+pub mod engine;
+pub mod envelope;
+pub mod fault;
+pub mod outbox;
+pub mod relay;
+pub mod schema;
+pub mod sqlite;
+pub mod store;
+pub mod wait;
+
+pub use bus::{Bus, BusError, Delivery, OutgoingRecord, Record, Subscription, TopicPartition};
+pub use consumer::{Consumer, ConsumerConfig, Handler, HandlerError};
+pub use envelope::{DecodeError, Envelope, EventPayload};
+pub use outbox::{EventContext, NewEvent};
+pub use relay::{Relay, RelayConfig};
+pub use store::{Param, Row, Store, StoreError, Tx};

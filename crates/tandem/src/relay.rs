@@ -1,0 +1,180 @@
+//! The relay: moves committed events from a service's outbox to the bus, in
+//! commit order, in batches.
+//!
+//! Its cursor (`tandem_relay_positions`) is written only after the bus has
+//! acknowledged a batch, so a crash at any point republishes at most the
+//! last batch; consumers drop the duplicates by sequence. A bus that is
+//! down stalls only the relay: the service's writes keep committing.
+//!
+//! Commit order equals `position` order on SQLite, whose writers are
+//! serialised. Engines where ids can commit out of order (PostgreSQL) need
+//! their own cursor rule before they use this relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError, OutgoingRecord};
+use crate::fault;
+use crate::outbox;
+use crate::params;
+use crate::schema::now_micros;
+use crate::store::{Store, StoreError};
+
+/// How a relay runs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Names the cursor; one per outbox.
+    pub name: String,
+    pub batch_size: usize,
+    /// Longest wait between two looks at the outbox when nothing signals.
+    pub idle_wait: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            name: "relay".into(),
+            batch_size: 1000,
+            idle_wait: Duration::from_millis(500),
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Moves events from one store's outbox to one bus.
+pub struct Relay<S: Store> {
+    store: S,
+    bus: Arc<dyn Bus>,
+    config: RelayConfig,
+}
+
+impl<S: Store> Relay<S> {
+    pub fn new(store: S, bus: Arc<dyn Bus>, config: RelayConfig) -> Self {
+        Self { store, bus, config }
+    }
+
+    /// Publishes the next batch, if any; returns how many events it moved.
+    pub async fn publish_once(&self) -> Result<usize, RelayError> {
+        let name = self.config.name.clone();
+        let batch_size = self.config.batch_size;
+        let (events, last_position) = self
+            .store
+            .read(move |tx| -> Result<_, StoreError> {
+                let position = tx
+                    .query_opt(
+                        "SELECT position FROM tandem_relay_positions WHERE relay = $1",
+                        params![&name],
+                    )?
+                    .map(|row| row.i64(0))
+                    .transpose()?
+                    .unwrap_or(0);
+                let events = outbox::read_after(tx, position, batch_size)?;
+                let last = events.last().map_or(position, |event| event.position);
+                Ok((events, last))
+            })
+            .await?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let records: Vec<OutgoingRecord> = events
+            .into_iter()
+            .map(|event| OutgoingRecord {
+                topic: event.topic,
+                key: event.subject,
+                payload: event.envelope,
+            })
+            .collect();
+        fault::point("relay.before_publish");
+        self.bus.publish(&records).await?;
+        fault::point("relay.after_publish");
+        let name = self.config.name.clone();
+        self.store
+            .write(move |tx| -> Result<_, StoreError> {
+                tx.execute(
+                    "INSERT INTO tandem_relay_positions (relay, position, updated_at)
+                     VALUES ($1, $2, $3)
+                     ON CONFLICT (relay) DO UPDATE SET
+                       position = CASE WHEN excluded.position > tandem_relay_positions.position
+                                       THEN excluded.position ELSE tandem_relay_positions.position END,
+                       updated_at = excluded.updated_at",
+                    params![&name, last_position, now_micros()],
+                )?;
+                Ok(())
+            })
+            .await?;
+        Ok(records.len())
+    }
+
+    /// Relays until `shutdown` fires; retries failures with backoff.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        let mut signal = self.store.outbox_signal();
+        let mut external = self.store.external_changes()?;
+        let mut retry = self.config.retry_initial;
+        while !shutdown.is_cancelled() {
+            signal.borrow_and_update();
+            external.changed()?;
+            match self.publish_once().await {
+                Ok(moved) if moved >= self.config.batch_size => {
+                    retry = self.config.retry_initial;
+                    continue;
+                }
+                Ok(moved) => {
+                    retry = self.config.retry_initial;
+                    if moved > 0 {
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), self.config.idle_wait) => { waited?; }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(relay = %self.config.name, %error, retry_in_ms = retry.as_millis() as u64, "relay batch failed");
+                    let jittered = crate::consumer::jitter(retry);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(jittered) => {}
+                    }
+                    retry = (retry * 2).min(self.config.retry_max);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Events committed but not yet relayed, and the age of the oldest, in
+/// microseconds.
+pub async fn backlog<S: Store>(store: &S, relay: &str) -> Result<(u64, i64), StoreError> {
+    let relay = relay.to_owned();
+    store
+        .read(move |tx| -> Result<_, StoreError> {
+            let row = tx
+                .query_opt(
+                    "SELECT COUNT(*), MIN(committed_at) FROM tandem_outbox
+                     WHERE position > COALESCE(
+                       (SELECT position FROM tandem_relay_positions WHERE relay = $1), 0)",
+                    params![&relay],
+                )?
+                .ok_or_else(|| StoreError::Decode("count returned nothing".into()))?;
+            let count = u64::try_from(row.i64(0)?).unwrap_or(0);
+            let age = row
+                .opt_i64(1)?
+                .map_or(0, |oldest| (now_micros() - oldest).max(0));
+            Ok((count, age))
+        })
+        .await
+}

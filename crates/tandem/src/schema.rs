@@ -1,0 +1,197 @@
+//! The toolkit's own tables in a service's database. Installed by every
+//! store when it opens; each statement is idempotent.
+//!
+//! - `tandem_outbox`: the event store and outbox; `position` is the relay's
+//!   cursor, `(topic, subject, sequence)` is unique.
+//! - `tandem_aggregates`: the last sequence given to each aggregate, so
+//!   sequences stay gap-free even after published rows are pruned.
+//! - `tandem_relay_positions`: how far each relay has published.
+//! - `tandem_consumer_positions`: next offset per consumer and partition.
+//! - `tandem_consumer_aggregates`: last sequence applied per consumer and
+//!   aggregate (the dedup and ordering record).
+//! - `tandem_pending`: events that arrived ahead of a gap, waiting.
+//! - `tandem_dead_letters`: parked events with their error and attempts.
+//! - `tandem_consumer_requests`: replay, redrive and discard orders for a
+//!   running consumer, from any process.
+
+use crate::store::{Dialect, StoreError, Tx};
+
+const SQLITE: &str = "
+CREATE TABLE IF NOT EXISTS tandem_outbox (
+    position     INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic        TEXT    NOT NULL,
+    subject      TEXT    NOT NULL,
+    sequence     INTEGER NOT NULL,
+    event_id     TEXT    NOT NULL,
+    event_type   TEXT    NOT NULL,
+    envelope     BLOB    NOT NULL,
+    committed_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tandem_outbox_aggregate
+    ON tandem_outbox (topic, subject, sequence);
+CREATE TABLE IF NOT EXISTS tandem_aggregates (
+    topic    TEXT    NOT NULL,
+    subject  TEXT    NOT NULL,
+    sequence INTEGER NOT NULL,
+    PRIMARY KEY (topic, subject)
+);
+CREATE TABLE IF NOT EXISTS tandem_relay_positions (
+    relay      TEXT    PRIMARY KEY,
+    position   INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_positions (
+    consumer    TEXT    NOT NULL,
+    topic       TEXT    NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    PRIMARY KEY (consumer, topic, partition)
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_aggregates (
+    consumer TEXT    NOT NULL,
+    source   TEXT    NOT NULL,
+    subject  TEXT    NOT NULL,
+    sequence INTEGER NOT NULL,
+    blocked_by INTEGER,
+    PRIMARY KEY (consumer, source, subject)
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_requests (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    consumer       TEXT    NOT NULL,
+    command        TEXT    NOT NULL,
+    dead_letter_id INTEGER,
+    requested_at   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tandem_pending (
+    consumer    TEXT    NOT NULL,
+    source      TEXT    NOT NULL,
+    subject     TEXT    NOT NULL,
+    sequence    INTEGER NOT NULL,
+    topic       TEXT    NOT NULL,
+    partition   INTEGER NOT NULL,
+    record_offset INTEGER NOT NULL,
+    payload     BLOB    NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer, source, subject, sequence)
+);
+CREATE TABLE IF NOT EXISTS tandem_dead_letters (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    consumer        TEXT    NOT NULL,
+    topic           TEXT    NOT NULL,
+    partition       INTEGER NOT NULL,
+    record_offset   INTEGER NOT NULL,
+    event_id        TEXT,
+    source          TEXT,
+    subject         TEXT,
+    sequence        INTEGER,
+    event_type      TEXT,
+    payload         BLOB    NOT NULL,
+    reason          TEXT    NOT NULL,
+    error           TEXT    NOT NULL,
+    attempts        INTEGER NOT NULL,
+    first_failed_at INTEGER NOT NULL,
+    last_failed_at  INTEGER NOT NULL,
+    status          TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_consumer
+    ON tandem_dead_letters (consumer, status);
+";
+
+const POSTGRES: &str = "
+CREATE TABLE IF NOT EXISTS tandem_outbox (
+    position     BIGSERIAL PRIMARY KEY,
+    topic        TEXT    NOT NULL,
+    subject      TEXT    NOT NULL,
+    sequence     BIGINT  NOT NULL,
+    event_id     TEXT    NOT NULL,
+    event_type   TEXT    NOT NULL,
+    envelope     BYTEA   NOT NULL,
+    committed_at BIGINT  NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tandem_outbox_aggregate
+    ON tandem_outbox (topic, subject, sequence);
+CREATE TABLE IF NOT EXISTS tandem_aggregates (
+    topic    TEXT   NOT NULL,
+    subject  TEXT   NOT NULL,
+    sequence BIGINT NOT NULL,
+    PRIMARY KEY (topic, subject)
+);
+CREATE TABLE IF NOT EXISTS tandem_relay_positions (
+    relay      TEXT   PRIMARY KEY,
+    position   BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_positions (
+    consumer    TEXT   NOT NULL,
+    topic       TEXT   NOT NULL,
+    partition   BIGINT NOT NULL,
+    next_offset BIGINT NOT NULL,
+    updated_at  BIGINT NOT NULL,
+    PRIMARY KEY (consumer, topic, partition)
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_aggregates (
+    consumer TEXT   NOT NULL,
+    source   TEXT   NOT NULL,
+    subject  TEXT   NOT NULL,
+    sequence BIGINT NOT NULL,
+    blocked_by BIGINT,
+    PRIMARY KEY (consumer, source, subject)
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_requests (
+    id             BIGSERIAL PRIMARY KEY,
+    consumer       TEXT   NOT NULL,
+    command        TEXT   NOT NULL,
+    dead_letter_id BIGINT,
+    requested_at   BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tandem_pending (
+    consumer      TEXT   NOT NULL,
+    source        TEXT   NOT NULL,
+    subject       TEXT   NOT NULL,
+    sequence      BIGINT NOT NULL,
+    topic         TEXT   NOT NULL,
+    partition     BIGINT NOT NULL,
+    record_offset BIGINT NOT NULL,
+    payload       BYTEA  NOT NULL,
+    received_at   BIGINT NOT NULL,
+    PRIMARY KEY (consumer, source, subject, sequence)
+);
+CREATE TABLE IF NOT EXISTS tandem_dead_letters (
+    id              BIGSERIAL PRIMARY KEY,
+    consumer        TEXT   NOT NULL,
+    topic           TEXT   NOT NULL,
+    partition       BIGINT NOT NULL,
+    record_offset   BIGINT NOT NULL,
+    event_id        TEXT,
+    source          TEXT,
+    subject         TEXT,
+    sequence        BIGINT,
+    event_type      TEXT,
+    payload         BYTEA  NOT NULL,
+    reason          TEXT   NOT NULL,
+    error           TEXT   NOT NULL,
+    attempts        BIGINT NOT NULL,
+    first_failed_at BIGINT NOT NULL,
+    last_failed_at  BIGINT NOT NULL,
+    status          TEXT   NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_consumer
+    ON tandem_dead_letters (consumer, status);
+";
+
+/// Creates the toolkit's tables if they do not exist yet.
+pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    match tx.dialect() {
+        Dialect::Sqlite => tx.execute_batch(SQLITE),
+        Dialect::Postgres => tx.execute_batch(POSTGRES),
+    }
+}
+
+/// Microseconds since the Unix epoch: the toolkit's timestamp column type.
+pub fn now_micros() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,495 @@
+//! SQLite engine for the [`Store`] port: one file per service.
+//!
+//! One writer thread owns the only write connection, so writers in this
+//! process never contend for SQLite's lock; writers in other processes wait
+//! in a short-sleep busy handler. Writes begin with `BEGIN IMMEDIATE` (a
+//! deferred transaction that upgrades to a writer fails at once with
+//! `SQLITE_BUSY` in WAL mode). Reads run on a small pool of reader threads.
+//! The journal is WAL; the `synchronous` setting is the caller's choice.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{oneshot, watch};
+
+use crate::store::{
+    Dialect, ExternalChanges, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
+};
+
+/// SQLite's `synchronous` pragma, in WAL mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// fsync of the WAL on every commit: durable across power loss.
+    #[default]
+    Full,
+    /// fsync only at checkpoints: durable across process crashes, the last
+    /// commits may be lost on power loss.
+    Normal,
+    /// No fsync at all (benchmarks of the CPU path only).
+    Off,
+}
+
+impl Synchronous {
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Off => "OFF",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "full" => Some(Self::Full),
+            "normal" => Some(Self::Normal),
+            "off" => Some(Self::Off),
+            _ => None,
+        }
+    }
+}
+
+/// How to open a SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub synchronous: Synchronous,
+    pub readers: usize,
+    /// How long a writer waits for another process's write lock.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::Full,
+            readers: 2,
+            busy_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+struct Shared {
+    path: PathBuf,
+    writer: Mutex<mpsc::Sender<Job>>,
+    readers: Mutex<mpsc::Sender<Job>>,
+    outbox_signal: watch::Sender<u64>,
+    options: SqliteOptions,
+}
+
+/// A SQLite database file used as a service's store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SqliteStore")
+            .field("path", &self.shared.path)
+            .finish()
+    }
+}
+
+/// Opens a connection with Tandem's settings.
+pub(crate) fn open_connection(
+    path: &Path,
+    synchronous: Synchronous,
+    busy_timeout: Duration,
+) -> Result<Connection, StoreError> {
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|error| {
+        StoreError::Unavailable(format!(
+            "cannot open sqlite file {}: {error}",
+            path.display()
+        ))
+    })?;
+    install_busy_handler(&connection, busy_timeout)?;
+    connection
+        .execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = {};
+             PRAGMA foreign_keys = ON;
+             PRAGMA cache_size = -16000;
+             PRAGMA temp_store = MEMORY;",
+            synchronous.pragma()
+        ))
+        .map_err(map_error)?;
+    connection.set_prepared_statement_cache_capacity(64);
+    Ok(connection)
+}
+
+/// SQLite's own busy timeout sleeps in steps of up to 100 ms; this handler
+/// sleeps at most 2 ms between tries, so a writer waiting behind another
+/// process's short transaction resumes quickly.
+fn install_busy_handler(connection: &Connection, busy_timeout: Duration) -> Result<(), StoreError> {
+    // The handler is a plain fn pointer: the timeout is fixed in tries.
+    // 2 ms per try after the first few gives ~500 tries a second.
+    let _ = busy_timeout;
+    fn handler(tries: i32) -> bool {
+        const MAX_TRIES: i32 = 15_000; // about 30 s
+        if tries >= MAX_TRIES {
+            return false;
+        }
+        let micros = 20u64 << tries.clamp(0, 6); // 20 µs .. 1.28 ms
+        std::thread::sleep(Duration::from_micros(micros.min(2_000)));
+        true
+    }
+    connection.busy_handler(Some(handler)).map_err(map_error)
+}
+
+pub(crate) fn map_error(error: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    match &error {
+        rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
+            ErrorCode::ConstraintViolation => StoreError::Conflict(error.to_string()),
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::CannotOpen
+            | ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure => StoreError::Unavailable(error.to_string()),
+            _ => StoreError::Engine(error.to_string()),
+        },
+        _ => StoreError::Engine(error.to_string()),
+    }
+}
+
+/// Rewrites `$1` placeholders to SQLite's `?1`, leaving quoted text alone.
+pub(crate) fn rewrite_placeholders(sql: &str) -> Cow<'_, str> {
+    if !sql.contains('$') {
+        return Cow::Borrowed(sql);
+    }
+    let mut rewritten = String::with_capacity(sql.len());
+    let mut quote: Option<char> = None;
+    let mut characters = sql.chars().peekable();
+    while let Some(character) = characters.next() {
+        match (quote, character) {
+            (None, '\'' | '"') => {
+                quote = Some(character);
+                rewritten.push(character);
+            }
+            (Some(open), _) if character == open => {
+                quote = None;
+                rewritten.push(character);
+            }
+            (None, '$') if characters.peek().is_some_and(char::is_ascii_digit) => {
+                rewritten.push('?');
+            }
+            _ => rewritten.push(character),
+        }
+    }
+    Cow::Owned(rewritten)
+}
+
+fn bind<'a>(param: &Param<'a>) -> rusqlite::types::ToSqlOutput<'a> {
+    use rusqlite::types::{ToSqlOutput, ValueRef};
+    ToSqlOutput::Borrowed(match *param {
+        Param::Null => ValueRef::Null,
+        Param::Int(value) => ValueRef::Integer(value),
+        Param::Real(value) => ValueRef::Real(value),
+        Param::Text(value) => ValueRef::Text(value.as_bytes()),
+        Param::Blob(value) => ValueRef::Blob(value),
+    })
+}
+
+struct BoundParam<'p, 'a>(&'p Param<'a>);
+
+impl rusqlite::ToSql for BoundParam<'_, '_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(bind(self.0))
+    }
+}
+
+/// A [`Tx`] over one rusqlite connection inside an open transaction.
+pub(crate) struct SqliteTx<'c> {
+    pub(crate) connection: &'c Connection,
+    pub(crate) appended: bool,
+}
+
+impl Tx for SqliteTx<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+        let sql = rewrite_placeholders(sql);
+        let mut statement = self.connection.prepare_cached(&sql).map_err(map_error)?;
+        let changed = statement
+            .execute(rusqlite::params_from_iter(params.iter().map(BoundParam)))
+            .map_err(map_error)?;
+        Ok(changed as u64)
+    }
+
+    fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+        let sql = rewrite_placeholders(sql);
+        let mut statement = self.connection.prepare_cached(&sql).map_err(map_error)?;
+        let columns = statement.column_count();
+        let mut rows = statement
+            .query(rusqlite::params_from_iter(params.iter().map(BoundParam)))
+            .map_err(map_error)?;
+        let mut result = Vec::new();
+        while let Some(row) = rows.next().map_err(map_error)? {
+            let mut values = Vec::with_capacity(columns);
+            for index in 0..columns {
+                use rusqlite::types::ValueRef;
+                values.push(match row.get_ref(index).map_err(map_error)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(value) => Value::Int(value),
+                    ValueRef::Real(value) => Value::Real(value),
+                    ValueRef::Text(value) => {
+                        Value::Text(String::from_utf8_lossy(value).into_owned())
+                    }
+                    ValueRef::Blob(value) => Value::Blob(value.to_vec()),
+                });
+            }
+            result.push(Row { values });
+        }
+        Ok(result)
+    }
+
+    fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        self.connection.execute_batch(sql).map_err(map_error)
+    }
+
+    fn outbox_appended(&mut self) {
+        self.appended = true;
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and installs the
+    /// toolkit's tables.
+    pub async fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let store = Self::open_plain(path, options).await?;
+        store.write(|tx| crate::schema::install(tx)).await?;
+        Ok(store)
+    }
+
+    /// Opens the file without installing the toolkit's tables (the embedded
+    /// log keeps its own schema).
+    pub(crate) async fn open_plain(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|error| {
+                    StoreError::Unavailable(format!(
+                        "cannot create directory {}: {error}",
+                        parent.display()
+                    ))
+                })?;
+            }
+        }
+        let opened_path = path.clone();
+        let store = tokio::task::spawn_blocking(move || Self::open_blocking(opened_path, options))
+            .await
+            .map_err(|error| StoreError::Engine(format!("open task failed: {error}")))??;
+        Ok(store)
+    }
+
+    fn open_blocking(path: PathBuf, options: SqliteOptions) -> Result<Self, StoreError> {
+        let writer_connection = open_connection(&path, options.synchronous, options.busy_timeout)?;
+        let (outbox_signal, _) = watch::channel(0u64);
+        let (writer_sender, writer_receiver) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tandem-sqlite-writer".into())
+            .spawn(move || {
+                let mut connection = writer_connection;
+                while let Ok(job) = writer_receiver.recv() {
+                    job(&mut connection);
+                }
+            })
+            .map_err(|error| StoreError::Engine(format!("cannot start writer thread: {error}")))?;
+
+        let (reader_sender, reader_receiver) = mpsc::channel::<Job>();
+        let reader_receiver = Arc::new(Mutex::new(reader_receiver));
+        for index in 0..options.readers.max(1) {
+            let mut connection = open_connection(&path, options.synchronous, options.busy_timeout)?;
+            let receiver = Arc::clone(&reader_receiver);
+            std::thread::Builder::new()
+                .name(format!("tandem-sqlite-reader-{index}"))
+                .spawn(move || loop {
+                    let job = {
+                        let Ok(receiver) = receiver.lock() else {
+                            return;
+                        };
+                        match receiver.recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        }
+                    };
+                    job(&mut connection);
+                })
+                .map_err(|error| {
+                    StoreError::Engine(format!("cannot start reader thread: {error}"))
+                })?;
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                path,
+                writer: Mutex::new(writer_sender),
+                readers: Mutex::new(reader_sender),
+                outbox_signal,
+                options,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    fn run<R, E, F>(&self, write: bool, work: F) -> StoreFuture<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let shared = Arc::clone(&self.shared);
+        let job: Job = Box::new(move |connection: &mut Connection| {
+            let result = run_transaction(connection, write, work, &shared.outbox_signal);
+            let _ = reply.send(result);
+        });
+        let sender = if write {
+            &self.shared.writer
+        } else {
+            &self.shared.readers
+        };
+        let sent = match sender.lock() {
+            Ok(sender) => sender
+                .send(job)
+                .map_err(|_| StoreError::Unavailable("store threads have stopped".into())),
+            Err(_) => Err(StoreError::Engine("store sender poisoned".into())),
+        };
+        Box::pin(async move {
+            sent.map_err(E::from)?;
+            answer
+                .await
+                .map_err(|_| E::from(StoreError::Engine("store thread dropped the job".into())))?
+        })
+    }
+}
+
+fn run_transaction<R, E, F>(
+    connection: &mut Connection,
+    write: bool,
+    work: F,
+    signal: &watch::Sender<u64>,
+) -> Result<R, E>
+where
+    E: From<StoreError>,
+    F: FnOnce(&mut dyn Tx) -> Result<R, E>,
+{
+    let begin = if write { "BEGIN IMMEDIATE" } else { "BEGIN" };
+    connection
+        .execute_batch(begin)
+        .map_err(|error| E::from(map_error(error)))?;
+    let mut tx = SqliteTx {
+        connection,
+        appended: false,
+    };
+    match work(&mut tx) {
+        Ok(value) => {
+            let appended = tx.appended;
+            let commit = if write { "COMMIT" } else { "ROLLBACK" };
+            if let Err(error) = connection.execute_batch(commit) {
+                let _ = connection.execute_batch("ROLLBACK");
+                return Err(E::from(map_error(error)));
+            }
+            if appended {
+                signal.send_modify(|count| *count = count.wrapping_add(1));
+            }
+            Ok(value)
+        }
+        Err(error) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            Err(error)
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn write<R, E, F>(&self, work: F) -> StoreFuture<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+    {
+        self.run(true, work)
+    }
+
+    fn read<R, E, F>(&self, work: F) -> StoreFuture<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+    {
+        self.run(false, work)
+    }
+
+    fn outbox_signal(&self) -> watch::Receiver<u64> {
+        self.shared.outbox_signal.subscribe()
+    }
+
+    fn external_changes(&self) -> Result<Box<dyn ExternalChanges>, StoreError> {
+        Ok(Box::new(DataVersionWatcher::open(
+            &self.shared.path,
+            &self.shared.options,
+        )?))
+    }
+}
+
+/// Learns of commits by other connections through `PRAGMA data_version`,
+/// which changes when another connection commits and touches no disk.
+pub(crate) struct DataVersionWatcher {
+    connection: Connection,
+    last_version: Option<i64>,
+}
+
+impl DataVersionWatcher {
+    pub(crate) fn open(path: &Path, options: &SqliteOptions) -> Result<Self, StoreError> {
+        Ok(Self {
+            connection: open_connection(path, options.synchronous, options.busy_timeout)?,
+            last_version: None,
+        })
+    }
+}
+
+impl ExternalChanges for DataVersionWatcher {
+    fn changed(&mut self) -> Result<bool, StoreError> {
+        let version: i64 = self
+            .connection
+            .query_row("PRAGMA data_version", [], |row| row.get(0))
+            .map_err(map_error)?;
+        let changed = self.last_version != Some(version);
+        self.last_version = Some(version);
+        Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rewrite_placeholders;
+
+    #[test]
+    fn rewrites_placeholders_outside_quotes() {
+        assert_eq!(
+            rewrite_placeholders("SELECT '$1', $1, \"$2\" FROM t WHERE a = $12"),
+            "SELECT '$1', ?1, \"$2\" FROM t WHERE a = ?12"
+        );
+        assert_eq!(rewrite_placeholders("SELECT 1"), "SELECT 1");
+    }
+}

@@ -1,0 +1,250 @@
+//! The `Store` port: a service's own database, reached through transactions.
+//!
+//! Every engine (SQLite today, PostgreSQL later) implements [`Store`] and
+//! [`Tx`]. Application code and the toolkit's own tables (outbox, consumer
+//! positions, dead letters) speak to the database only through [`Tx`], with
+//! portable SQL whose parameters are written `$1`, `$2`, ... (PostgreSQL's
+//! style; the SQLite adapter rewrites them). No engine type crosses this
+//! boundary.
+//!
+//! Work runs as a synchronous closure on a thread owned by the store, so a
+//! transaction never spans an `.await` and never blocks the async runtime.
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// The future of a store operation: owns everything it needs, so it can be
+/// sent to any task and outlive the handle that made it.
+pub type StoreFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send + 'static>>;
+
+/// A parameter bound to a statement. Borrowed, so binding costs no copy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Param<'a> {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+impl From<i64> for Param<'_> {
+    fn from(value: i64) -> Self {
+        Param::Int(value)
+    }
+}
+impl From<i32> for Param<'_> {
+    fn from(value: i32) -> Self {
+        Param::Int(value.into())
+    }
+}
+impl From<u32> for Param<'_> {
+    fn from(value: u32) -> Self {
+        Param::Int(value.into())
+    }
+}
+impl From<u64> for Param<'_> {
+    /// Values above `i64::MAX` saturate; no Tandem quantity comes near it.
+    fn from(value: u64) -> Self {
+        Param::Int(i64::try_from(value).unwrap_or(i64::MAX))
+    }
+}
+impl From<bool> for Param<'_> {
+    fn from(value: bool) -> Self {
+        Param::Int(value.into())
+    }
+}
+impl From<f64> for Param<'_> {
+    fn from(value: f64) -> Self {
+        Param::Real(value)
+    }
+}
+impl<'a> From<&'a str> for Param<'a> {
+    fn from(value: &'a str) -> Self {
+        Param::Text(value)
+    }
+}
+impl<'a> From<&'a String> for Param<'a> {
+    fn from(value: &'a String) -> Self {
+        Param::Text(value)
+    }
+}
+impl<'a> From<&'a [u8]> for Param<'a> {
+    fn from(value: &'a [u8]) -> Self {
+        Param::Blob(value)
+    }
+}
+impl<'a> From<&'a Vec<u8>> for Param<'a> {
+    fn from(value: &'a Vec<u8>) -> Self {
+        Param::Blob(value)
+    }
+}
+impl<'a, T> From<Option<T>> for Param<'a>
+where
+    T: Into<Param<'a>>,
+{
+    fn from(value: Option<T>) -> Self {
+        value.map_or(Param::Null, Into::into)
+    }
+}
+
+/// Builds a `&[Param]` from values: `params![id, name, 42_i64]`.
+#[macro_export]
+macro_rules! params {
+    () => { &[] as &[$crate::store::Param<'_>] };
+    ($($value:expr),+ $(,)?) => { &[$($crate::store::Param::from($value)),+] as &[$crate::store::Param<'_>] };
+}
+
+/// A value read from a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+/// One row of a query result.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Row {
+    pub values: Vec<Value>,
+}
+
+impl Row {
+    fn value(&self, index: usize) -> Result<&Value, StoreError> {
+        self.values
+            .get(index)
+            .ok_or_else(|| StoreError::Decode(format!("no column {index}")))
+    }
+
+    pub fn i64(&self, index: usize) -> Result<i64, StoreError> {
+        match self.value(index)? {
+            Value::Int(value) => Ok(*value),
+            other => Err(StoreError::Decode(format!(
+                "column {index}: expected integer, found {other:?}"
+            ))),
+        }
+    }
+
+    pub fn opt_i64(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        match self.value(index)? {
+            Value::Null => Ok(None),
+            _ => self.i64(index).map(Some),
+        }
+    }
+
+    pub fn text(&self, index: usize) -> Result<&str, StoreError> {
+        match self.value(index)? {
+            Value::Text(value) => Ok(value),
+            other => Err(StoreError::Decode(format!(
+                "column {index}: expected text, found {other:?}"
+            ))),
+        }
+    }
+
+    pub fn opt_text(&self, index: usize) -> Result<Option<&str>, StoreError> {
+        match self.value(index)? {
+            Value::Null => Ok(None),
+            _ => self.text(index).map(Some),
+        }
+    }
+
+    /// Bytes of a blob or text column.
+    pub fn bytes(&self, index: usize) -> Result<&[u8], StoreError> {
+        match self.value(index)? {
+            Value::Blob(value) => Ok(value),
+            Value::Text(value) => Ok(value.as_bytes()),
+            other => Err(StoreError::Decode(format!(
+                "column {index}: expected bytes, found {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Errors at the store boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule refused the write: for the outbox, another writer
+    /// committed the same aggregate sequence first.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The engine could not be reached or refused to work (locked, I/O).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A column did not hold what the caller expected.
+    #[error("unexpected column value: {0}")]
+    Decode(String),
+    /// Any other engine error.
+    #[error("store error: {0}")]
+    Engine(String),
+}
+
+/// Which SQL dialect the engine speaks, for the few statements that differ
+/// (schema definitions, mostly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// A transaction (or a read-only snapshot) on the service's database.
+pub trait Tx {
+    fn dialect(&self) -> Dialect;
+    /// Runs one statement; returns the number of rows changed.
+    fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
+    /// Runs a query and returns all its rows.
+    fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError>;
+    /// Runs several statements without parameters (schema set-up).
+    fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError>;
+    /// Marks a point that [`Tx::rollback_to_savepoint`] can return to.
+    fn savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.execute_batch(&format!("SAVEPOINT {name}"))
+    }
+    fn release_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.execute_batch(&format!("RELEASE SAVEPOINT {name}"))
+    }
+    fn rollback_to_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.execute_batch(&format!("ROLLBACK TO SAVEPOINT {name}"))?;
+        self.release_savepoint(name)
+    }
+    /// Tells the store that this transaction appended to the outbox, so that
+    /// relays waiting in this process are woken when it commits.
+    fn outbox_appended(&mut self);
+
+    /// The first row of a query, if any.
+    fn query_opt(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>, StoreError> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+}
+
+/// A service's database. Cloning is cheap and shares the connections.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Runs `work` in one write transaction and commits it if `work` returns
+    /// `Ok`; rolls back otherwise. Writers are serialised per store.
+    fn write<R, E, F>(&self, work: F) -> StoreFuture<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static;
+
+    /// Runs `work` on a read-only snapshot; it may run beside writers.
+    fn read<R, E, F>(&self, work: F) -> StoreFuture<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static;
+
+    /// A counter bumped whenever a transaction of this process that
+    /// appended to the outbox commits: relays in this process wait on it.
+    fn outbox_signal(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// A cheap way to learn of commits made by other processes (for SQLite,
+    /// `PRAGMA data_version` on a connection of its own). Each caller gets
+    /// its own watcher.
+    fn external_changes(&self) -> Result<Box<dyn ExternalChanges>, StoreError>;
+}
+
+/// Tells whether other processes may have committed since the last call.
+pub trait ExternalChanges: Send {
+    fn changed(&mut self) -> Result<bool, StoreError>;
+}

@@ -1,0 +1,182 @@
+//! Shared pieces of the toolkit's integration tests: a small ledger domain
+//! (deposits into accounts), its read model, and waiting with a deadline.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
+use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
+use tandem::store::{Store, StoreError, Tx};
+use tandem::{params, Envelope, EventPayload, Handler, HandlerError};
+
+pub const TOPIC: &str = "ledger";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Deposited {
+    pub account_id: String,
+    pub amount_cents: i64,
+}
+
+impl EventPayload for Deposited {
+    const TYPE: &'static str = "Deposited";
+    const SCHEMA: &'static str = "tandem:test/Deposited/v1";
+}
+
+/// The read model: balance, number of events applied and the sequence of
+/// the last one, per account. `applied` counts handler runs, so a duplicate
+/// that slipped through would show.
+pub struct Ledger {
+    /// When set, deposits of this amount fail.
+    pub poison_amount: Arc<AtomicU64>,
+    pub fail_poison: Arc<AtomicBool>,
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self {
+            poison_amount: Arc::new(AtomicU64::new(u64::MAX)),
+            fail_poison: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+pub fn install_ledger(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS ledger (
+            account_id    TEXT PRIMARY KEY,
+            balance_cents INTEGER NOT NULL,
+            applied       INTEGER NOT NULL,
+            last_sequence INTEGER NOT NULL
+        )",
+    )
+}
+
+impl Handler for Ledger {
+    fn handle(&self, tx: &mut dyn Tx, event: &Envelope) -> Result<(), HandlerError> {
+        let deposit: Deposited = event.payload()?;
+        if self.fail_poison.load(Ordering::SeqCst)
+            && deposit.amount_cents as u64 == self.poison_amount.load(Ordering::SeqCst)
+        {
+            return Err(HandlerError::transient("poison deposit refused"));
+        }
+        let previous = tx
+            .query_opt(
+                "SELECT last_sequence FROM ledger WHERE account_id = $1",
+                params![&deposit.account_id],
+            )?
+            .map(|row| row.i64(0))
+            .transpose()?
+            .unwrap_or(0);
+        if previous + 1 != event.sequence as i64 {
+            return Err(HandlerError::permanent(format!(
+                "out of order: last {previous}, got {}",
+                event.sequence
+            )));
+        }
+        tx.execute(
+            "INSERT INTO ledger (account_id, balance_cents, applied, last_sequence)
+             VALUES ($1, $2, 1, $3)
+             ON CONFLICT (account_id) DO UPDATE SET
+               balance_cents = ledger.balance_cents + excluded.balance_cents,
+               applied = ledger.applied + 1,
+               last_sequence = excluded.last_sequence",
+            params![&deposit.account_id, deposit.amount_cents, event.sequence],
+        )?;
+        Ok(())
+    }
+
+    fn reset(&self, tx: &mut dyn Tx) -> Result<(), HandlerError> {
+        tx.execute("DELETE FROM ledger", &[])?;
+        Ok(())
+    }
+}
+
+/// (account, balance, applied, last sequence), sorted by account.
+pub type LedgerRows = Vec<(String, i64, i64, i64)>;
+
+pub async fn ledger_rows<S: Store>(store: &S) -> LedgerRows {
+    store
+        .read(|tx| -> Result<LedgerRows, StoreError> {
+            tx.query(
+                "SELECT account_id, balance_cents, applied, last_sequence FROM ledger ORDER BY account_id",
+                &[],
+            )?
+            .into_iter()
+            .map(|row| Ok((row.text(0)?.to_owned(), row.i64(1)?, row.i64(2)?, row.i64(3)?)))
+            .collect()
+        })
+        .await
+        .expect("read ledger")
+}
+
+pub async fn open_store(path: &Path) -> SqliteStore {
+    let store = SqliteStore::open(
+        path,
+        SqliteOptions {
+            synchronous: Synchronous::Normal,
+            ..SqliteOptions::default()
+        },
+    )
+    .await
+    .expect("open sqlite store");
+    store.write(install_ledger).await.expect("install ledger");
+    store
+}
+
+pub async fn open_log(path: &Path) -> EmbeddedLog {
+    EmbeddedLog::open(
+        path,
+        EmbeddedOptions {
+            synchronous: Synchronous::Normal,
+            partitions: 2,
+        },
+    )
+    .await
+    .expect("open embedded log")
+}
+
+/// Appends deposits in one transaction.
+pub async fn deposit<S: Store>(store: &S, deposits: Vec<(String, i64)>) {
+    store
+        .write(move |tx| -> Result<(), StoreError> {
+            for (account_id, amount_cents) in &deposits {
+                tandem::outbox::publish(
+                    tx,
+                    TOPIC,
+                    account_id,
+                    &Deposited {
+                        account_id: account_id.clone(),
+                        amount_cents: *amount_cents,
+                    },
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .expect("deposit");
+}
+
+/// Polls `condition` until it holds or `deadline` passes; panics then with
+/// `what`.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if condition().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= give_up {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
