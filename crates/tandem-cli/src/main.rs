@@ -1,1 +1,95 @@
-fn main() {}
+//! The `tandem` command.
+//!
+//! - `tandem bench pipeline`: events per second through outbox → relay →
+//!   embedded log → consumer → read model, against raw SQLite inserts.
+//! - `tandem dead-letters ...` and `tandem replay`: operate a consumer's
+//!   dead letters and rebuild its read model, from any process.
+//! - `tandem worker ...` (hidden): small programs the crash-matrix and
+//!   multi-process tests run as child processes.
+
+mod admin;
+mod bench;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Event-driven Rust services: toolkit and tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure Tandem's speed on this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// List, inspect, redrive or discard a consumer's parked events.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(admin::DeadLetterCommand),
+    /// Rebuild a consumer's read model from the start of the log (the
+    /// running consumer carries it out while its service keeps serving).
+    Replay(admin::ReplayArgs),
+    /// Child processes for the crash-matrix tests.
+    #[command(subcommand, hide = true)]
+    Worker(worker::WorkerCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tandem: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Bench(command) => bench::run(command).await,
+            Command::DeadLetters(command) => admin::dead_letters(command).await,
+            Command::Replay(args) => admin::replay(args).await,
+            Command::Worker(command) => worker::run(command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tandem: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

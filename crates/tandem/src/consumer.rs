@@ -136,8 +136,19 @@ pub fn jitter(delay: Duration) -> Duration {
 
 /// What became of one record.
 enum Step {
+    /// Applied to the read model; carries the event's `time` (µs).
+    Applied(i64),
+    /// Dropped as a duplicate, held ahead of a gap, or parked.
     Consumed,
     Failed(HandlerError),
+}
+
+/// Sees every committed batch: the hook for metrics and benchmarks.
+pub trait ConsumerObserver: Send + Sync + 'static {
+    /// `delays_micros` holds, for each event applied by the batch, the time
+    /// from the event's creation (its `time`) to the batch's commit:
+    /// the end-to-end propagation delay.
+    fn batch_committed(&self, consumer: &str, consumed: usize, delays_micros: &[i64]);
 }
 
 /// The last applied sequence of an aggregate, and the dead letter that
@@ -272,7 +283,8 @@ impl BatchContext {
                     &envelope.subject,
                     state,
                 )?;
-                Ok(Step::Consumed)
+                let created_micros = envelope.time.unix_timestamp_nanos() / 1000;
+                Ok(Step::Applied(i64::try_from(created_micros).unwrap_or(0)))
             }
         }
     }
@@ -459,7 +471,7 @@ impl BatchContext {
                             appended_at_micros: 0,
                         };
                         match self.apply_record(tx, &record)? {
-                            Step::Consumed => Ok(()),
+                            Step::Consumed | Step::Applied(_) => Ok(()),
                             Step::Failed(error) => {
                                 self.park_failed(tx, &record, &error, 1, now_micros())
                             }
@@ -605,6 +617,8 @@ pub async fn positions<S: Store>(
 struct BatchOutcome {
     /// Records consumed (applied, dropped, held or parked) and committed.
     consumed: usize,
+    /// Creation times (µs) of the events applied.
+    applied_times: Vec<i64>,
     /// The record at index `consumed` failed with this error.
     failure: Option<HandlerError>,
 }
@@ -615,6 +629,7 @@ pub struct Consumer<S: Store> {
     bus: Arc<dyn Bus>,
     handler: Arc<dyn Handler>,
     config: ConsumerConfig,
+    observer: Option<Arc<dyn ConsumerObserver>>,
 }
 
 impl<S: Store> Consumer<S> {
@@ -629,7 +644,14 @@ impl<S: Store> Consumer<S> {
             bus,
             handler,
             config,
+            observer: None,
         }
+    }
+
+    /// Reports every committed batch to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn ConsumerObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn config(&self) -> &ConsumerConfig {
@@ -783,14 +805,20 @@ impl<S: Store> Consumer<S> {
     async fn apply_batch(&self, records: Arc<Vec<Record>>) -> Result<BatchOutcome, StoreError> {
         let consumer = self.config.name.clone();
         let handler = Arc::clone(&self.handler);
-        self.store
+        let outcome = self
+            .store
             .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, StoreError> {
                 let context = BatchContext { consumer, handler };
                 let mut failure = None;
                 let mut consumed = 0;
+                let mut applied_times = Vec::with_capacity(records.len());
                 for record in records.iter() {
                     match context.apply_record(tx, record)? {
                         Step::Consumed => consumed += 1,
+                        Step::Applied(time) => {
+                            consumed += 1;
+                            applied_times.push(time);
+                        }
                         Step::Failed(error) => {
                             failure = Some(error);
                             break;
@@ -799,9 +827,23 @@ impl<S: Store> Consumer<S> {
                 }
                 crate::fault::point("consumer.before_commit");
                 save_positions(tx, &context.consumer, &records[..consumed])?;
-                Ok(BatchOutcome { consumed, failure })
+                Ok(BatchOutcome {
+                    consumed,
+                    applied_times,
+                    failure,
+                })
             })
-            .await
+            .await?;
+        if let Some(observer) = &self.observer {
+            let committed = now_micros();
+            let delays: Vec<i64> = outcome
+                .applied_times
+                .iter()
+                .map(|created| (committed - created).max(0))
+                .collect();
+            observer.batch_committed(&self.config.name, outcome.consumed, &delays);
+        }
+        Ok(outcome)
     }
 
     async fn expire_gaps(&self) -> Result<(), StoreError> {

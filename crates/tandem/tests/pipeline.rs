@@ -2,13 +2,10 @@
 //! consumer → read model, with poison events, gaps, malformed records and
 //! replay.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use tandem::bus::{Bus, OutgoingRecord};
 use tandem::consumer::{Consumer, ConsumerConfig};
 use tandem::dead_letter;
@@ -16,6 +13,7 @@ use tandem::relay::{Relay, RelayConfig};
 use tandem::store::{Store, StoreError};
 use tandem::NewEvent;
 use tandem::StoreError as _StoreErrorAlias;
+use tandem_testkit::*;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);

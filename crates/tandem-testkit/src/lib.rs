@@ -1,6 +1,7 @@
-//! Shared pieces of the toolkit's integration tests: a small ledger domain
-//! (deposits into accounts), its read model, and waiting with a deadline.
-#![allow(dead_code)]
+//! A tiny ledger domain (deposits into accounts) and its read model, with
+//! helpers to open engines and to wait for a condition with a deadline.
+//! Shared by the toolkit's integration tests, the crash-matrix worker of the
+//! `tandem` binary and `tandem bench pipeline`. Not a product crate.
 
 use std::future::Future;
 use std::path::Path;

@@ -1,0 +1,408 @@
+//! `tandem bench pipeline`: how fast events move through the whole pipeline
+//! with durable commits, beside the raw rate of batched SQLite inserts of
+//! the same payload size on the same disk, measured in the same run.
+//!
+//! Phases:
+//! 1. raw: `batch`-row transactions of envelope-sized blobs into a plain table;
+//! 2. throughput: a producer commits `events` deposits in transactions of
+//!    `batch` while the relay and the consumer run; the clock stops when the
+//!    read model has applied the last one;
+//! 3. latency: the producer commits every 5 ms at half the measured rate;
+//!    the delay from each event's creation to the commit of the consumer
+//!    transaction that applied it is recorded (p50, p99).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tandem::consumer::{Consumer, ConsumerConfig, ConsumerObserver};
+use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
+use tandem::relay::{Relay, RelayConfig};
+use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
+use tandem::store::{Param, Store, StoreError};
+use tandem::{Bus, Handler};
+use tandem_testkit::{install_ledger, Deposited, Ledger, TOPIC};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Events/s through outbox → relay → embedded log → consumer → read model.
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// Events in the throughput phase.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Events per producer transaction, per relay batch and per consumer batch.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Distinct aggregates the events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    aggregates: u64,
+    /// SQLite `synchronous` for every file: full (fsync per commit) or normal.
+    #[arg(long, default_value = "full")]
+    synchronous: String,
+    /// Seconds of the fixed-rate latency phase.
+    #[arg(long, default_value_t = 5)]
+    latency_seconds: u64,
+    /// Where the database files go (default: a fresh temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print exactly one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    events: u64,
+    batch: usize,
+    aggregates: u64,
+    synchronous: String,
+    events_per_sec: f64,
+    raw_inserts_per_sec: f64,
+    ratio: f64,
+    latency_rate_per_sec: f64,
+    latency_samples: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    payload_bytes: usize,
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Pipeline(args) => pipeline(args).await,
+    }
+}
+
+/// Counts applied events and, when armed, keeps their propagation delays.
+#[derive(Default)]
+struct Recorder {
+    consumed: AtomicU64,
+    recording: std::sync::atomic::AtomicBool,
+    delays_micros: Mutex<Vec<i64>>,
+}
+
+impl ConsumerObserver for Recorder {
+    fn batch_committed(&self, _consumer: &str, consumed: usize, delays_micros: &[i64]) {
+        self.consumed.fetch_add(consumed as u64, Ordering::SeqCst);
+        if self.recording.load(Ordering::SeqCst) {
+            self.delays_micros
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .extend_from_slice(delays_micros);
+        }
+    }
+}
+
+fn progress(message: &str) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = write!(stderr, "\r\x1b[2K{message}");
+    let _ = stderr.flush();
+}
+
+fn percentile(sorted: &[i64], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+fn sample_envelope_size() -> usize {
+    let (account_id, amount_cents) = (format!("acct-{}", 4242), 4243);
+    tandem::Envelope {
+        id: uuid::Uuid::now_v7(),
+        source: TOPIC.into(),
+        event_type: "Deposited".into(),
+        subject: account_id.clone(),
+        time: time::OffsetDateTime::now_utc(),
+        dataschema: "tandem:test/Deposited/v1".into(),
+        data: serde_json::json!({"accountId": account_id, "amountCents": amount_cents}),
+        sequence: 12,
+        traceparent: None,
+        correlationid: None,
+        causationid: None,
+    }
+    .to_json()
+    .len()
+}
+
+async fn raw_inserts(
+    dir: &Path,
+    options: &SqliteOptions,
+    events: u64,
+    batch: usize,
+    payload_bytes: usize,
+) -> anyhow::Result<f64> {
+    let store = SqliteStore::open(dir.join("raw.db"), options.clone()).await?;
+    store
+        .write(|tx| tx.execute_batch("CREATE TABLE raw (id INTEGER PRIMARY KEY, key TEXT NOT NULL, payload BLOB NOT NULL)"))
+        .await?;
+    let payload = Arc::new(vec![b'x'; payload_bytes]);
+    let started = Instant::now();
+    let mut written = 0;
+    while written < events {
+        let end = (written + batch as u64).min(events);
+        let payload = Arc::clone(&payload);
+        store
+            .write(move |tx| -> Result<(), StoreError> {
+                for number in written..end {
+                    let key = format!("acct-{number}");
+                    tx.execute(
+                        "INSERT INTO raw (key, payload) VALUES ($1, $2)",
+                        &[Param::Text(&key), Param::Blob(&payload)],
+                    )?;
+                }
+                Ok(())
+            })
+            .await?;
+        written = end;
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Commits `count` deposits starting at number `first`, in one transaction.
+async fn produce(
+    store: &SqliteStore,
+    first: u64,
+    count: u64,
+    aggregates: u64,
+) -> Result<(), StoreError> {
+    store
+        .write(move |tx| -> Result<(), StoreError> {
+            for number in first..first + count {
+                let account_id = format!("acct-{}", number % aggregates);
+                tandem::outbox::publish(
+                    tx,
+                    TOPIC,
+                    &account_id,
+                    &Deposited {
+                        account_id: account_id.clone(),
+                        amount_cents: 1,
+                    },
+                )?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
+    let synchronous = Synchronous::parse(&args.synchronous).with_context(|| {
+        format!(
+            "--synchronous {}: expected full, normal or off",
+            args.synchronous
+        )
+    })?;
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(args.events >= 1, "--events must be at least 1");
+    anyhow::ensure!(args.aggregates >= 1, "--aggregates must be at least 1");
+    let temporary = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| temporary.path().to_path_buf());
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let options = SqliteOptions {
+        synchronous,
+        ..SqliteOptions::default()
+    };
+    let payload_bytes = sample_envelope_size();
+    eprintln!(
+        "tandem bench pipeline: {} events, batch {}, {} aggregates, synchronous={}, files in {}",
+        args.events,
+        args.batch,
+        args.aggregates,
+        synchronous.pragma(),
+        dir.display()
+    );
+
+    progress("[1/3] raw batched SQLite inserts ...");
+    let raw_per_sec = raw_inserts(&dir, &options, args.events, args.batch, payload_bytes).await?;
+    progress(&format!(
+        "[1/3] raw batched SQLite inserts: {raw_per_sec:.0}/s\n"
+    ));
+
+    let producer = SqliteStore::open(dir.join("producer.db"), options.clone()).await?;
+    let reader = SqliteStore::open(dir.join("reader.db"), options.clone()).await?;
+    reader.write(install_ledger).await?;
+    let bus: Arc<dyn Bus> = Arc::new(
+        EmbeddedLog::open(
+            dir.join("bus.db"),
+            EmbeddedOptions {
+                synchronous,
+                partitions: 1,
+            },
+        )
+        .await?,
+    );
+    let recorder = Arc::new(Recorder::default());
+    let shutdown = CancellationToken::new();
+    let relay = Relay::new(
+        producer.clone(),
+        Arc::clone(&bus),
+        RelayConfig {
+            batch_size: args.batch,
+            ..RelayConfig::default()
+        },
+    );
+    let mut config = ConsumerConfig::new("bench-ledger", &[TOPIC]);
+    config.batch_size = args.batch;
+    let consumer = Consumer::new(
+        reader.clone(),
+        Arc::clone(&bus),
+        Arc::new(Ledger::new()) as Arc<dyn Handler>,
+        config,
+    )
+    .with_observer(Arc::clone(&recorder) as Arc<dyn ConsumerObserver>);
+    let relay_task = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { relay.run(shutdown).await })
+    };
+    let consumer_task = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { consumer.run(shutdown).await })
+    };
+
+    // Phase 2: throughput.
+    let started = Instant::now();
+    let producer_task = {
+        let producer = producer.clone();
+        let (events, batch, aggregates) = (args.events, args.batch as u64, args.aggregates);
+        tokio::spawn(async move {
+            let mut first = 0;
+            while first < events {
+                let count = batch.min(events - first);
+                produce(&producer, first, count, aggregates).await?;
+                first += count;
+            }
+            Ok::<_, StoreError>(())
+        })
+    };
+    let mut last_report = Instant::now();
+    while recorder.consumed.load(Ordering::SeqCst) < args.events {
+        anyhow::ensure!(!consumer_task.is_finished(), "the consumer stopped early");
+        anyhow::ensure!(!relay_task.is_finished(), "the relay stopped early");
+        if last_report.elapsed() >= Duration::from_millis(500) {
+            last_report = Instant::now();
+            let consumed = recorder.consumed.load(Ordering::SeqCst);
+            progress(&format!(
+                "[2/3] pipeline: {consumed}/{} applied, {:.0} events/s so far",
+                args.events,
+                consumed as f64 / started.elapsed().as_secs_f64()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    producer_task.await.context("producer task")??;
+    let events_per_sec = args.events as f64 / elapsed.as_secs_f64();
+    progress(&format!(
+        "[2/3] pipeline: {} events in {:.2} s = {events_per_sec:.0} events/s\n",
+        args.events,
+        elapsed.as_secs_f64()
+    ));
+
+    // Phase 3: propagation delay at half the measured rate.
+    let rate = (events_per_sec / 2.0).max(1.0);
+    let tick = Duration::from_millis(5);
+    let per_tick = (rate * tick.as_secs_f64()).round().max(1.0) as u64;
+    let actual_rate = per_tick as f64 / tick.as_secs_f64();
+    progress(&format!(
+        "[3/3] latency at {actual_rate:.0} events/s for {} s ...",
+        args.latency_seconds
+    ));
+    recorder.recording.store(true, Ordering::SeqCst);
+    let consumed_before = recorder.consumed.load(Ordering::SeqCst);
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let latency_started = Instant::now();
+    let mut produced = 0u64;
+    while latency_started.elapsed() < Duration::from_secs(args.latency_seconds) {
+        interval.tick().await;
+        produce(&producer, args.events + produced, per_tick, args.aggregates).await?;
+        produced += per_tick;
+    }
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    while recorder.consumed.load(Ordering::SeqCst) < consumed_before + produced {
+        anyhow::ensure!(
+            Instant::now() < drain_deadline,
+            "the consumer did not catch up within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    shutdown.cancel();
+    relay_task.await.context("relay task")??;
+    consumer_task.await.context("consumer task")??;
+
+    let mut delays = std::mem::take(
+        &mut *recorder
+            .delays_micros
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
+    delays.sort_unstable();
+    let p50_ms = percentile(&delays, 0.50);
+    let p99_ms = percentile(&delays, 0.99);
+    let max_ms = percentile(&delays, 1.0);
+    progress(&format!(
+        "[3/3] latency at {actual_rate:.0} events/s: p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms ({} samples)\n",
+        delays.len()
+    ));
+
+    // The read model must hold every event exactly once.
+    let applied: i64 = reader
+        .read(|tx| -> Result<i64, StoreError> {
+            Ok(tx
+                .query_opt("SELECT COALESCE(SUM(applied), 0) FROM ledger", &[])?
+                .map(|row| row.i64(0))
+                .transpose()?
+                .unwrap_or(0))
+        })
+        .await?;
+    anyhow::ensure!(
+        applied as u64 == args.events + produced,
+        "read model applied {applied} events, expected {}",
+        args.events + produced
+    );
+
+    let report = Report {
+        events: args.events,
+        batch: args.batch,
+        aggregates: args.aggregates,
+        synchronous: synchronous.pragma().to_lowercase(),
+        events_per_sec,
+        raw_inserts_per_sec: raw_per_sec,
+        ratio: events_per_sec / raw_per_sec,
+        latency_rate_per_sec: actual_rate,
+        latency_samples: delays.len(),
+        p50_ms,
+        p99_ms,
+        max_ms,
+        payload_bytes,
+    };
+    println!();
+    println!("pipeline      {:>10.0} events/s", report.events_per_sec);
+    println!(
+        "raw inserts   {:>10.0} rows/s (same payload size, same disk)",
+        report.raw_inserts_per_sec
+    );
+    println!("ratio         {:>10.3}", report.ratio);
+    println!(
+        "propagation   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms at {:.0} events/s",
+        report.p50_ms, report.p99_ms, report.max_ms, report.latency_rate_per_sec
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}

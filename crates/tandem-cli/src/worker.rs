@@ -1,0 +1,215 @@
+//! Child processes for the crash-matrix and multi-process tests. Each one
+//! does one job on real files and can be killed at a named crash point
+//! (`TANDEM_FAULT`, see `tandem::fault`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use tandem::bus::OutgoingRecord;
+use tandem::consumer::{Consumer, ConsumerConfig};
+use tandem::relay::{Relay, RelayConfig};
+use tandem::store::{Store, StoreError};
+use tandem::{params, Handler};
+use tandem_testkit::{install_ledger, Deposited, Ledger, TOPIC};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// Deposits `count` events in transactions of `batch`, resuming after
+    /// the last committed one.
+    Produce {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 50)]
+        batch: u64,
+    },
+    /// Relays until the outbox is drained.
+    Relay {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        bus: String,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+    /// Consumes into the ledger until `expect` events have been applied.
+    Consume {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        bus: String,
+        #[arg(long)]
+        expect: i64,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+    /// Appends `count` records keyed `w<writer>-<n>` straight to the bus.
+    Append {
+        #[arg(long)]
+        bus: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        writer: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 10)]
+        batch: u64,
+    },
+}
+
+/// The account a deposit number goes to, and its amount.
+pub fn deposit_number(number: u64) -> (String, i64) {
+    (format!("acct-{}", number % 17), number as i64 + 1)
+}
+
+pub async fn run(command: WorkerCommand) -> anyhow::Result<()> {
+    match command {
+        WorkerCommand::Produce { db, count, batch } => produce(&db, count, batch).await,
+        WorkerCommand::Relay { db, bus, batch } => relay(&db, &bus, batch).await,
+        WorkerCommand::Consume {
+            db,
+            bus,
+            expect,
+            batch,
+        } => consume(&db, &bus, expect, batch).await,
+        WorkerCommand::Append {
+            bus,
+            topic,
+            writer,
+            count,
+            batch,
+        } => append(&bus, &topic, writer, count, batch).await,
+    }
+}
+
+async fn produce(db: &str, count: u64, batch: u64) -> anyhow::Result<()> {
+    let store = tandem::engine::open_sqlite_store(db).await?;
+    store
+        .write(|tx| {
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS worker_progress (id INTEGER PRIMARY KEY, next INTEGER NOT NULL);
+                 INSERT OR IGNORE INTO worker_progress (id, next) VALUES (1, 0);",
+            )
+        })
+        .await?;
+    loop {
+        let done = store
+            .write(move |tx| -> Result<bool, StoreError> {
+                let next = tx
+                    .query_opt("SELECT next FROM worker_progress WHERE id = 1", &[])?
+                    .map(|row| row.i64(0))
+                    .transpose()?
+                    .unwrap_or(0) as u64;
+                if next >= count {
+                    return Ok(true);
+                }
+                let end = (next + batch).min(count);
+                for number in next..end {
+                    let (account_id, amount_cents) = deposit_number(number);
+                    tandem::outbox::publish(
+                        tx,
+                        TOPIC,
+                        &account_id,
+                        &Deposited {
+                            account_id: account_id.clone(),
+                            amount_cents,
+                        },
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE worker_progress SET next = $1 WHERE id = 1",
+                    params![end],
+                )?;
+                tandem::fault::point("producer.before_commit");
+                Ok(false)
+            })
+            .await?;
+        if done {
+            return Ok(());
+        }
+        tandem::fault::point("producer.after_commit");
+    }
+}
+
+async fn relay(db: &str, bus: &str, batch: usize) -> anyhow::Result<()> {
+    let store = tandem::engine::open_sqlite_store(db).await?;
+    let bus = tandem::engine::open_bus(bus).await?;
+    let relay = Relay::new(
+        store,
+        bus,
+        RelayConfig {
+            batch_size: batch,
+            ..RelayConfig::default()
+        },
+    );
+    while relay.publish_once().await? > 0 {}
+    Ok(())
+}
+
+async fn consume(db: &str, bus: &str, expect: i64, batch: usize) -> anyhow::Result<()> {
+    let store = tandem::engine::open_sqlite_store(db).await?;
+    store.write(install_ledger).await?;
+    let bus = tandem::engine::open_bus(bus).await?;
+    let mut config = ConsumerConfig::new("ledger-view", &[TOPIC]);
+    config.batch_size = batch;
+    let consumer = Consumer::new(
+        store.clone(),
+        bus,
+        Arc::new(Ledger::new()) as Arc<dyn Handler>,
+        config,
+    );
+    let shutdown = CancellationToken::new();
+    let running = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { consumer.run(shutdown).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let applied = store
+            .read(|tx| -> Result<i64, StoreError> {
+                Ok(tx
+                    .query_opt("SELECT COALESCE(SUM(applied), 0) FROM ledger", &[])?
+                    .map(|row| row.i64(0))
+                    .transpose()?
+                    .unwrap_or(0))
+            })
+            .await?;
+        if applied >= expect {
+            break;
+        }
+        if running.is_finished() {
+            anyhow::bail!("consumer stopped before applying {expect} events");
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {applied} of {expect} events applied after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shutdown.cancel();
+    running.await.context("consumer task")??;
+    Ok(())
+}
+
+async fn append(bus: &str, topic: &str, writer: u32, count: u64, batch: u64) -> anyhow::Result<()> {
+    let bus = tandem::engine::open_bus(bus).await?;
+    let mut number = 0;
+    while number < count {
+        let end = (number + batch).min(count);
+        let records: Vec<OutgoingRecord> = (number..end)
+            .map(|n| OutgoingRecord {
+                topic: topic.to_owned(),
+                key: format!("w{writer}-{}", n % 7),
+                payload: format!("{writer}:{n}").into_bytes(),
+            })
+            .collect();
+        bus.publish(&records).await?;
+        number = end;
+    }
+    Ok(())
+}
