@@ -168,7 +168,8 @@ async fn consume(db: &str, bus: &str, expect: i64, batch: usize) -> anyhow::Resu
         let shutdown = shutdown.clone();
         tokio::spawn(async move { consumer.run(shutdown).await })
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let stop = tokio::spawn(crate::shutdown_signal());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     loop {
         let applied = store
             .read(|tx| -> Result<i64, StoreError> {
@@ -182,12 +183,16 @@ async fn consume(db: &str, bus: &str, expect: i64, batch: usize) -> anyhow::Resu
         if applied >= expect {
             break;
         }
+        if stop.is_finished() {
+            tracing::info!(applied, "stopping on signal");
+            break;
+        }
         if running.is_finished() {
             anyhow::bail!("consumer stopped before applying {expect} events");
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "only {applied} of {expect} events applied after 60 s"
+            "only {applied} of {expect} events applied after 600 s"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
