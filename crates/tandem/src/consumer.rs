@@ -157,6 +157,8 @@ pub trait ConsumerObserver: Send + Sync + 'static {
 struct AggregateState {
     applied: u64,
     blocked_by: Option<i64>,
+    /// Whether the row exists yet (an insert or an update saves it).
+    stored: bool,
 }
 
 fn aggregate_state(
@@ -175,6 +177,7 @@ fn aggregate_state(
         Some(row) => AggregateState {
             applied: u64::try_from(row.i64(0)?).unwrap_or(0),
             blocked_by: row.opt_i64(1)?,
+            stored: true,
         },
     })
 }
@@ -186,11 +189,16 @@ fn save_aggregate_state(
     subject: &str,
     state: AggregateState,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    // A plain insert or update: an upsert costs SQLite a statement journal.
+    let sql = if state.stored {
+        "UPDATE tandem_consumer_aggregates SET sequence = $4, blocked_by = $5
+         WHERE consumer = $1 AND source = $2 AND subject = $3"
+    } else {
         "INSERT INTO tandem_consumer_aggregates (consumer, source, subject, sequence, blocked_by)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (consumer, source, subject) DO UPDATE
-         SET sequence = excluded.sequence, blocked_by = excluded.blocked_by",
+         VALUES ($1, $2, $3, $4, $5)"
+    };
+    tx.execute(
+        sql,
         params![consumer, source, subject, state.applied, state.blocked_by],
     )?;
     Ok(())
@@ -219,10 +227,38 @@ fn apply_handler(
 struct BatchContext {
     consumer: String,
     handler: Arc<dyn Handler>,
+    /// Whether `tandem_pending` may hold events of this consumer; when it
+    /// cannot, applying an event skips the look for held successors.
+    pending_possible: std::cell::Cell<bool>,
+    /// Run each handler call under a savepoint, so that a failure can be
+    /// undone alone. Batches do without: on a failure the whole
+    /// transaction rolls back and the records before it are applied again.
+    isolate: bool,
 }
 
 impl BatchContext {
     /// Handles one record.
+    fn new(consumer: String, handler: Arc<dyn Handler>, isolate: bool) -> Self {
+        Self {
+            consumer,
+            handler,
+            pending_possible: std::cell::Cell::new(true),
+            isolate,
+        }
+    }
+
+    /// Learns whether any event of this consumer is held ahead of a gap.
+    fn look_for_pending(&self, tx: &mut dyn Tx) -> Result<(), StoreError> {
+        let any = tx
+            .query_opt(
+                "SELECT 1 FROM tandem_pending WHERE consumer = $1 LIMIT 1",
+                params![&self.consumer],
+            )?
+            .is_some();
+        self.pending_possible.set(any);
+        Ok(())
+    }
+
     fn apply_record(&self, tx: &mut dyn Tx, record: &Record) -> Result<Step, StoreError> {
         let envelope = match Envelope::decode(&record.payload) {
             Ok(envelope) => envelope,
@@ -271,7 +307,12 @@ impl BatchContext {
             self.hold(tx, record, &envelope)?;
             return Ok(Step::Consumed);
         }
-        match apply_handler(tx, &*self.handler, &envelope)? {
+        let applied = if self.isolate {
+            apply_handler(tx, &*self.handler, &envelope)?
+        } else {
+            self.handler.handle(tx, &envelope)
+        };
+        match applied {
             Err(error) => Ok(Step::Failed(error)),
             Ok(()) => {
                 state.applied = envelope.sequence;
@@ -295,6 +336,7 @@ impl BatchContext {
         record: &Record,
         envelope: &Envelope,
     ) -> Result<(), StoreError> {
+        self.pending_possible.set(true);
         tx.execute(
             "INSERT INTO tandem_pending (consumer, source, subject, sequence, topic, partition,
                record_offset, payload, received_at)
@@ -324,6 +366,9 @@ impl BatchContext {
         subject: &str,
         state: &mut AggregateState,
     ) -> Result<(), StoreError> {
+        if !self.pending_possible.get() {
+            return Ok(());
+        }
         loop {
             let Some(row) = tx.query_opt(
                 "SELECT topic, partition, record_offset, payload FROM tandem_pending
@@ -613,6 +658,22 @@ pub async fn positions<S: Store>(
         .await
 }
 
+/// Why a batch transaction was rolled back.
+enum BatchError {
+    Store(StoreError),
+    /// The handler failed on the record at `index`.
+    Handler {
+        index: usize,
+        error: HandlerError,
+    },
+}
+
+impl From<StoreError> for BatchError {
+    fn from(error: StoreError) -> Self {
+        BatchError::Store(error)
+    }
+}
+
 /// Outcome of applying a run of records in one transaction.
 struct BatchOutcome {
     /// Records consumed (applied, dropped, held or parked) and committed.
@@ -772,10 +833,7 @@ impl<S: Store> Consumer<S> {
                 let parked = Arc::clone(&record);
                 self.store
                     .write(move |tx: &mut dyn Tx| -> Result<(), StoreError> {
-                        let context = BatchContext {
-                            consumer: consumer.clone(),
-                            handler,
-                        };
+                        let context = BatchContext::new(consumer.clone(), handler, true);
                         context.park_failed(tx, &parked[0], &error, attempts, first_failed_at)?;
                         save_positions(tx, &consumer, &parked)
                     })
@@ -805,35 +863,59 @@ impl<S: Store> Consumer<S> {
     async fn apply_batch(&self, records: Arc<Vec<Record>>) -> Result<BatchOutcome, StoreError> {
         let consumer = self.config.name.clone();
         let handler = Arc::clone(&self.handler);
+        let batch = Arc::clone(&records);
         let outcome = self
             .store
-            .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, StoreError> {
-                let context = BatchContext { consumer, handler };
-                let mut failure = None;
+            .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, BatchError> {
+                let context = BatchContext::new(consumer, handler, false);
+                context.look_for_pending(tx)?;
                 let mut consumed = 0;
-                let mut applied_times = Vec::with_capacity(records.len());
-                for record in records.iter() {
+                let mut applied_times = Vec::with_capacity(batch.len());
+                for record in batch.iter() {
                     match context.apply_record(tx, record)? {
                         Step::Consumed => consumed += 1,
                         Step::Applied(time) => {
                             consumed += 1;
                             applied_times.push(time);
                         }
+                        // Roll the whole batch back; the caller applies the
+                        // records before this one again, without it.
                         Step::Failed(error) => {
-                            failure = Some(error);
-                            break;
+                            return Err(BatchError::Handler {
+                                index: consumed,
+                                error,
+                            })
                         }
                     }
                 }
                 crate::fault::point("consumer.before_commit");
-                save_positions(tx, &context.consumer, &records[..consumed])?;
+                save_positions(tx, &context.consumer, &batch)?;
                 Ok(BatchOutcome {
                     consumed,
                     applied_times,
-                    failure,
+                    failure: None,
                 })
             })
-            .await?;
+            .await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(BatchError::Store(error)) => return Err(error),
+            Err(BatchError::Handler { index, error }) => {
+                let mut outcome = if index == 0 {
+                    BatchOutcome {
+                        consumed: 0,
+                        applied_times: Vec::new(),
+                        failure: None,
+                    }
+                } else {
+                    Box::pin(self.apply_batch(Arc::new(records[..index].to_vec()))).await?
+                };
+                if outcome.failure.is_none() && outcome.consumed == index {
+                    outcome.failure = Some(error);
+                }
+                return Ok(outcome);
+            }
+        };
         if let Some(observer) = &self.observer {
             let committed = now_micros();
             let delays: Vec<i64> = outcome
@@ -852,7 +934,7 @@ impl<S: Store> Consumer<S> {
         let gap_timeout = self.config.gap_timeout;
         self.store
             .write(move |tx: &mut dyn Tx| -> Result<(), StoreError> {
-                BatchContext { consumer, handler }.expire_gaps(tx, gap_timeout)
+                BatchContext::new(consumer, handler, true).expire_gaps(tx, gap_timeout)
             })
             .await
     }
@@ -875,10 +957,8 @@ impl<S: Store> Consumer<S> {
                         let Some(command) = dead_letter::take_request(tx, &consumer)? else {
                             return Ok(None);
                         };
-                        let context = BatchContext {
-                            consumer: consumer.clone(),
-                            handler: Arc::clone(&handler),
-                        };
+                        let context =
+                            BatchContext::new(consumer.clone(), Arc::clone(&handler), true);
                         match command {
                             None => {}
                             Some(Command::Replay) => {

@@ -8,9 +8,12 @@
 //! [`DecodeError`] naming the attribute at fault; it never panics).
 //! Unknown extension attributes are ignored, as CloudEvents requires.
 
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -85,73 +88,79 @@ pub enum PayloadError {
 impl Envelope {
     /// Serialises the envelope as one CloudEvents JSON object.
     pub fn to_json(&self) -> Vec<u8> {
-        let mut object = Map::with_capacity(14);
-        object.insert("specversion".into(), SPEC_VERSION.into());
-        object.insert("id".into(), self.id.to_string().into());
-        object.insert("source".into(), self.source.clone().into());
-        object.insert("type".into(), self.event_type.clone().into());
-        object.insert("subject".into(), self.subject.clone().into());
-        object.insert("time".into(), format_time(self.time).into());
-        object.insert("datacontenttype".into(), CONTENT_TYPE.into());
-        object.insert("dataschema".into(), self.dataschema.clone().into());
-        object.insert("partitionkey".into(), self.subject.clone().into());
-        object.insert("sequence".into(), self.sequence.into());
-        for (name, value) in [
-            ("traceparent", &self.traceparent),
-            ("correlationid", &self.correlationid),
-            ("causationid", &self.causationid),
-        ] {
-            if let Some(value) = value {
-                object.insert(name.into(), value.clone().into());
-            }
-        }
-        object.insert("data".into(), self.data.clone());
-        serde_json::to_vec(&Value::Object(object)).expect("a JSON value always serialises")
+        let mut id_buffer = Uuid::encode_buffer();
+        let id = self.id.hyphenated().encode_lower(&mut id_buffer);
+        let time = format_time(self.time);
+        let wire = WireOut {
+            specversion: SPEC_VERSION,
+            id,
+            source: &self.source,
+            event_type: &self.event_type,
+            subject: &self.subject,
+            time: &time,
+            datacontenttype: CONTENT_TYPE,
+            dataschema: &self.dataschema,
+            partitionkey: &self.subject,
+            sequence: self.sequence,
+            traceparent: self.traceparent.as_deref(),
+            correlationid: self.correlationid.as_deref(),
+            causationid: self.causationid.as_deref(),
+            data: &self.data,
+        };
+        serde_json::to_vec(&wire).expect("an envelope always serialises")
     }
 
     /// Decodes one envelope; strict and total (see the module docs).
     pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
-        let value: Value = serde_json::from_slice(bytes)
-            .map_err(|error| DecodeError::new("$", format!("not JSON: {error}")))?;
-        let Value::Object(mut object) = value else {
-            return Err(DecodeError::new("$", "not a JSON object"));
+        let wire: WireIn<'_> = match serde_json::from_slice(bytes) {
+            Ok(wire) => wire,
+            Err(error) => {
+                // Tell "not JSON" from "JSON, but not an object".
+                return Err(
+                    match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                        Ok(_) => {
+                            DecodeError::new("$", format!("not a CloudEvents JSON object: {error}"))
+                        }
+                        Err(_) => DecodeError::new("$", format!("not JSON: {error}")),
+                    },
+                );
+            }
         };
-
-        let specversion = required_string(&object, "specversion")?;
+        let specversion = required_string(wire.specversion, "specversion")?;
         if specversion != SPEC_VERSION {
             return Err(DecodeError::new(
                 "specversion",
                 format!("unsupported version {specversion:?}, expected \"1.0\""),
             ));
         }
-        let id = required_string(&object, "id")?;
-        let id = Uuid::parse_str(id)
+        let id = required_string(wire.id, "id")?;
+        let id = Uuid::parse_str(&id)
             .map_err(|error| DecodeError::new("id", format!("not a UUID: {error}")))?;
-        let source = non_empty(&object, "source")?.to_owned();
-        let event_type = non_empty(&object, "type")?.to_owned();
-        let subject = non_empty(&object, "subject")?.to_owned();
-        let time = required_string(&object, "time")?;
-        let time = OffsetDateTime::parse(time, &Rfc3339)
+        let source = non_empty(wire.source, "source")?;
+        let event_type = non_empty(wire.event_type, "type")?;
+        let subject = non_empty(wire.subject, "subject")?;
+        let time = required_string(wire.time, "time")?;
+        let time = OffsetDateTime::parse(&time, &Rfc3339)
             .map_err(|error| DecodeError::new("time", format!("not RFC 3339: {error}")))?;
-        let content_type = required_string(&object, "datacontenttype")?;
+        let content_type = required_string(wire.datacontenttype, "datacontenttype")?;
         if content_type != CONTENT_TYPE {
             return Err(DecodeError::new(
                 "datacontenttype",
                 format!("unsupported content type {content_type:?}, expected \"{CONTENT_TYPE}\""),
             ));
         }
-        let dataschema = non_empty(&object, "dataschema")?.to_owned();
-        let partitionkey = required_string(&object, "partitionkey")?;
+        let dataschema = non_empty(wire.dataschema, "dataschema")?;
+        let partitionkey = required_string(wire.partitionkey, "partitionkey")?;
         if partitionkey != subject {
             return Err(DecodeError::new(
                 "partitionkey",
                 "must equal subject (the aggregate id)",
             ));
         }
-        let sequence = match object.get("sequence") {
+        let sequence = match wire.sequence {
             None => return Err(DecodeError::new("sequence", "missing")),
-            Some(value) => match value.as_u64() {
-                Some(sequence) if sequence >= 1 => sequence,
+            Some(raw) => match serde_json::from_str::<u64>(raw.get()) {
+                Ok(sequence) if sequence >= 1 => sequence,
                 _ => {
                     return Err(DecodeError::new(
                         "sequence",
@@ -160,22 +169,24 @@ impl Envelope {
                 }
             },
         };
-        let traceparent = optional_string(&object, "traceparent")?;
-        let correlationid = optional_string(&object, "correlationid")?;
-        let causationid = optional_string(&object, "causationid")?;
-        let data = object
-            .remove("data")
+        let traceparent = optional_string(wire.traceparent, "traceparent")?;
+        let correlationid = optional_string(wire.correlationid, "correlationid")?;
+        let causationid = optional_string(wire.causationid, "causationid")?;
+        let data = wire
+            .data
             .ok_or_else(|| DecodeError::new("data", "missing"))?;
-        if !data.is_object() {
+        if !data.get().starts_with('{') {
             return Err(DecodeError::new("data", "must be a JSON object"));
         }
+        let data: Value = serde_json::from_str(data.get())
+            .map_err(|error| DecodeError::new("data", format!("not JSON: {error}")))?;
         Ok(Envelope {
             id,
-            source,
-            event_type,
-            subject,
+            source: source.into_owned(),
+            event_type: event_type.into_owned(),
+            subject: subject.into_owned(),
             time,
-            dataschema,
+            dataschema: dataschema.into_owned(),
             data,
             sequence,
             traceparent,
@@ -200,28 +211,115 @@ impl Envelope {
     }
 }
 
+/// A new event id: a UUIDv7 (time-ordered), its 74 random bits from a
+/// thread-local generator seeded by the OS, so minting one costs no system
+/// call (`Uuid::now_v7` asks the kernel for randomness every time).
+pub fn new_event_id() -> Uuid {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64);
+    let mut random = [0u8; 10];
+    fastrand::fill(&mut random);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+}
+
 /// RFC 3339 with UTC offset, as CloudEvents requires.
 pub fn format_time(time: OffsetDateTime) -> String {
     time.format(&Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
 
-fn required_string<'a>(
-    object: &'a Map<String, Value>,
+/// The wire shape written by [`Envelope::to_json`].
+#[derive(serde::Serialize)]
+struct WireOut<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    subject: &'a str,
+    time: &'a str,
+    datacontenttype: &'static str,
+    dataschema: &'a str,
+    partitionkey: &'a str,
+    sequence: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    causationid: Option<&'a str>,
+    data: &'a Value,
+}
+
+/// The wire shape read by [`Envelope::decode`]: every attribute as its raw
+/// JSON text, so any value type is accepted here and judged per attribute
+/// below, with an error that names it. Unknown attributes are skipped.
+#[derive(serde::Deserialize)]
+struct WireIn<'a> {
+    #[serde(borrow)]
+    specversion: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    source: Option<&'a RawValue>,
+    #[serde(borrow, rename = "type")]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    subject: Option<&'a RawValue>,
+    #[serde(borrow)]
+    time: Option<&'a RawValue>,
+    #[serde(borrow)]
+    datacontenttype: Option<&'a RawValue>,
+    #[serde(borrow)]
+    dataschema: Option<&'a RawValue>,
+    #[serde(borrow)]
+    partitionkey: Option<&'a RawValue>,
+    #[serde(borrow)]
+    sequence: Option<&'a RawValue>,
+    #[serde(borrow)]
+    traceparent: Option<&'a RawValue>,
+    #[serde(borrow)]
+    correlationid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    causationid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// A JSON string attribute; `null` counts as missing.
+fn string_of<'a>(
+    raw: Option<&'a RawValue>,
     field: &'static str,
-) -> Result<&'a str, DecodeError> {
-    match object.get(field) {
-        None => Err(DecodeError::new(field, "missing")),
-        Some(Value::String(text)) => Ok(text),
-        Some(_) => Err(DecodeError::new(field, "must be a string")),
+) -> Result<Option<Cow<'a, str>>, DecodeError> {
+    let Some(raw) = raw else { return Ok(None) };
+    if raw.get() == "null" {
+        return Ok(None);
+    }
+    if !raw.get().starts_with('"') {
+        return Err(DecodeError::new(field, "must be a string"));
+    }
+    // Borrow when the string has no escapes, else unescape into a copy.
+    match serde_json::from_str::<&'a str>(raw.get()) {
+        Ok(text) => Ok(Some(Cow::Borrowed(text))),
+        Err(_) => serde_json::from_str::<String>(raw.get())
+            .map(|text| Some(Cow::Owned(text)))
+            .map_err(|_| DecodeError::new(field, "must be a string")),
     }
 }
 
-fn non_empty<'a>(
-    object: &'a Map<String, Value>,
+fn required_string<'a>(
+    raw: Option<&'a RawValue>,
     field: &'static str,
-) -> Result<&'a str, DecodeError> {
-    let text = required_string(object, field)?;
+) -> Result<Cow<'a, str>, DecodeError> {
+    string_of(raw, field)?.ok_or_else(|| DecodeError::new(field, "missing"))
+}
+
+fn non_empty<'a>(
+    raw: Option<&'a RawValue>,
+    field: &'static str,
+) -> Result<Cow<'a, str>, DecodeError> {
+    let text = required_string(raw, field)?;
     if text.is_empty() {
         return Err(DecodeError::new(field, "must not be empty"));
     }
@@ -229,14 +327,10 @@ fn non_empty<'a>(
 }
 
 fn optional_string(
-    object: &Map<String, Value>,
+    raw: Option<&RawValue>,
     field: &'static str,
 ) -> Result<Option<String>, DecodeError> {
-    match object.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text.clone())),
-        Some(_) => Err(DecodeError::new(field, "must be a string")),
-    }
+    Ok(string_of(raw, field)?.map(Cow::into_owned))
 }
 
 #[cfg(test)]

@@ -2,14 +2,13 @@
 //!
 //! [`append`] runs inside the caller's own transaction: the state change and
 //! its events commit together or not at all. Each aggregate's events get a
-//! gap-free `sequence` from one upsert on `tandem_aggregates`, which
-//! serialises writers of the same aggregate; a writer that names the
-//! sequence it expects gets [`StoreError::Conflict`] if another writer got
-//! there first.
+//! gap-free `sequence` kept in `tandem_aggregates`; of two concurrent
+//! writers of one aggregate, the second gets [`StoreError::Conflict`], and so
+//! does a writer whose expected sequence (`NewEvent::expect_sequence`) is
+//! stale.
 
 use serde_json::Value;
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 use crate::envelope::{Envelope, EventPayload};
 use crate::params;
@@ -72,15 +71,7 @@ pub fn append(tx: &mut dyn Tx, source: &str, event: NewEvent) -> Result<Envelope
     if event.subject.is_empty() {
         return Err(StoreError::Engine("event subject must not be empty".into()));
     }
-    let row = tx
-        .query_opt(
-            "INSERT INTO tandem_aggregates (topic, subject, sequence) VALUES ($1, $2, 1)
-             ON CONFLICT (topic, subject) DO UPDATE SET sequence = tandem_aggregates.sequence + 1
-             RETURNING sequence",
-            params![source, &event.subject],
-        )?
-        .ok_or_else(|| StoreError::Decode("aggregate upsert returned nothing".into()))?;
-    let sequence = u64::try_from(row.i64(0)?).unwrap_or(0);
+    let sequence = next_sequence(tx, source, &event.subject)?;
     if let Some(expected) = event.expected_sequence {
         if sequence != expected + 1 {
             return Err(StoreError::Conflict(format!(
@@ -91,7 +82,7 @@ pub fn append(tx: &mut dyn Tx, source: &str, event: NewEvent) -> Result<Envelope
         }
     }
     let envelope = Envelope {
-        id: Uuid::now_v7(),
+        id: crate::envelope::new_event_id(),
         source: source.to_owned(),
         event_type: event.event_type,
         subject: event.subject,
@@ -120,6 +111,46 @@ pub fn append(tx: &mut dyn Tx, source: &str, event: NewEvent) -> Result<Envelope
     )?;
     tx.outbox_appended();
     Ok(envelope)
+}
+
+/// Takes the next sequence of aggregate `subject` in `topic`.
+///
+/// Read, then a conditional update (or an insert for a new aggregate): a
+/// concurrent writer that took the same sequence first makes the update
+/// change nothing, or the insert violate the key, and this writer gets
+/// [`StoreError::Conflict`]. (An upsert with `RETURNING` would do it in one
+/// statement, but SQLite builds a temporary table and a statement journal
+/// for each such statement, which tripled the outbox's cost.)
+fn next_sequence(tx: &mut dyn Tx, topic: &str, subject: &str) -> Result<u64, StoreError> {
+    let current = tx
+        .query_opt(
+            "SELECT sequence FROM tandem_aggregates WHERE topic = $1 AND subject = $2",
+            params![topic, subject],
+        )?
+        .map(|row| row.i64(0))
+        .transpose()?;
+    match current {
+        None => {
+            tx.execute(
+                "INSERT INTO tandem_aggregates (topic, subject, sequence) VALUES ($1, $2, 1)",
+                params![topic, subject],
+            )?;
+            Ok(1)
+        }
+        Some(current) => {
+            let changed = tx.execute(
+                "UPDATE tandem_aggregates SET sequence = $3
+                 WHERE topic = $1 AND subject = $2 AND sequence = $4",
+                params![topic, subject, current + 1, current],
+            )?;
+            if changed != 1 {
+                return Err(StoreError::Conflict(format!(
+                    "aggregate {topic}/{subject} moved past sequence {current} during this transaction"
+                )));
+            }
+            Ok(u64::try_from(current + 1).unwrap_or(0))
+        }
+    }
 }
 
 /// Appends a typed payload: `publish(tx, "customer", &id, &CustomerCreated {..})`.

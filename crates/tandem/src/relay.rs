@@ -20,7 +20,7 @@ use crate::fault;
 use crate::outbox;
 use crate::params;
 use crate::schema::now_micros;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreFuture};
 
 /// How a relay runs.
 #[derive(Debug, Clone)]
@@ -67,28 +67,43 @@ impl<S: Store> Relay<S> {
     }
 
     /// Publishes the next batch, if any; returns how many events it moved.
+    /// Reads the cursor first and records it before returning.
     pub async fn publish_once(&self) -> Result<usize, RelayError> {
+        let cursor = self.load_cursor().await?;
+        let (moved, position) = self.publish_after(cursor).await?;
+        if moved > 0 {
+            self.save_cursor(position).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn load_cursor(&self) -> Result<i64, StoreError> {
         let name = self.config.name.clone();
-        let batch_size = self.config.batch_size;
-        let (events, last_position) = self
-            .store
-            .read(move |tx| -> Result<_, StoreError> {
-                let position = tx
+        self.store
+            .read(move |tx| -> Result<i64, StoreError> {
+                Ok(tx
                     .query_opt(
                         "SELECT position FROM tandem_relay_positions WHERE relay = $1",
                         params![&name],
                     )?
                     .map(|row| row.i64(0))
                     .transpose()?
-                    .unwrap_or(0);
-                let events = outbox::read_after(tx, position, batch_size)?;
-                let last = events.last().map_or(position, |event| event.position);
-                Ok((events, last))
+                    .unwrap_or(0))
             })
+            .await
+    }
+
+    /// Publishes the batch after `cursor`; returns how many events moved and
+    /// the position of the last one (the new cursor).
+    async fn publish_after(&self, cursor: i64) -> Result<(usize, i64), RelayError> {
+        let batch_size = self.config.batch_size;
+        let events = self
+            .store
+            .read(move |tx| outbox::read_after(tx, cursor, batch_size))
             .await?;
-        if events.is_empty() {
-            return Ok(0);
-        }
+        let Some(last) = events.last().map(|event| event.position) else {
+            return Ok((0, cursor));
+        };
         let records: Vec<OutgoingRecord> = events
             .into_iter()
             .map(|event| OutgoingRecord {
@@ -100,57 +115,81 @@ impl<S: Store> Relay<S> {
         fault::point("relay.before_publish");
         self.bus.publish(&records).await?;
         fault::point("relay.after_publish");
+        Ok((records.len(), last))
+    }
+
+    fn save_cursor(&self, position: i64) -> StoreFuture<(), StoreError> {
         let name = self.config.name.clone();
-        self.store
-            .write(move |tx| -> Result<_, StoreError> {
-                tx.execute(
-                    "INSERT INTO tandem_relay_positions (relay, position, updated_at)
-                     VALUES ($1, $2, $3)
-                     ON CONFLICT (relay) DO UPDATE SET
-                       position = CASE WHEN excluded.position > tandem_relay_positions.position
-                                       THEN excluded.position ELSE tandem_relay_positions.position END,
-                       updated_at = excluded.updated_at",
-                    params![&name, last_position, now_micros()],
-                )?;
-                Ok(())
-            })
-            .await?;
-        Ok(records.len())
+        self.store.write(move |tx| -> Result<_, StoreError> {
+            tx.execute(
+                "INSERT INTO tandem_relay_positions (relay, position, updated_at)
+                 VALUES ($1, $2, $3)
+                 ON CONFLICT (relay) DO UPDATE SET
+                   position = CASE WHEN excluded.position > tandem_relay_positions.position
+                                   THEN excluded.position ELSE tandem_relay_positions.position END,
+                   updated_at = excluded.updated_at",
+                params![&name, position, now_micros()],
+            )?;
+            Ok(())
+        })
     }
 
     /// Relays until `shutdown` fires; retries failures with backoff.
+    ///
+    /// The cursor is kept in memory and written behind the next publish (one
+    /// write in flight at most), so its commit is off the critical path; a
+    /// crash republishes what the last written cursor does not cover.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
         let mut signal = self.store.outbox_signal();
         let mut external = self.store.external_changes()?;
         let mut retry = self.config.retry_initial;
+        let mut cursor: Option<i64> = None;
+        let mut saving: Option<StoreFuture<(), StoreError>> = None;
         while !shutdown.is_cancelled() {
             signal.borrow_and_update();
             external.changed()?;
-            match self.publish_once().await {
-                Ok(moved) if moved >= self.config.batch_size => {
-                    retry = self.config.retry_initial;
-                    continue;
+            let attempt = async {
+                let after = match cursor {
+                    Some(position) => position,
+                    None => self.load_cursor().await?,
+                };
+                cursor = Some(after);
+                let (moved, position) = self.publish_after(after).await?;
+                if let Some(previous) = saving.take() {
+                    previous.await?;
                 }
-                Ok(moved) => {
+                if moved > 0 {
+                    cursor = Some(position);
+                    saving = Some(self.save_cursor(position));
+                }
+                Ok::<usize, RelayError>(moved)
+            };
+            match attempt.await {
+                Ok(moved) if moved > 0 => {
                     retry = self.config.retry_initial;
-                    if moved > 0 {
-                        continue;
-                    }
+                }
+                Ok(_) => {
+                    retry = self.config.retry_initial;
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), self.config.idle_wait) => { waited?; }
                     }
                 }
                 Err(error) => {
+                    // Start again from the stored cursor.
+                    cursor = None;
+                    saving = None;
                     tracing::warn!(relay = %self.config.name, %error, retry_in_ms = retry.as_millis() as u64, "relay batch failed");
-                    let jittered = crate::consumer::jitter(retry);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(jittered) => {}
+                        _ = tokio::time::sleep(crate::consumer::jitter(retry)) => {}
                     }
                     retry = (retry * 2).min(self.config.retry_max);
                 }
             }
+        }
+        if let Some(previous) = saving.take() {
+            previous.await?;
         }
         Ok(())
     }

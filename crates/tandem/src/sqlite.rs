@@ -102,6 +102,7 @@ pub(crate) fn open_connection(
     synchronous: Synchronous,
     busy_timeout: Duration,
 ) -> Result<Connection, StoreError> {
+    configure_library();
     let connection = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -127,6 +128,27 @@ pub(crate) fn open_connection(
         .map_err(map_error)?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
+}
+
+/// Process-wide SQLite settings, applied once before the first connection:
+/// memory statistics off, so allocations from the store threads do not
+/// contend for SQLite's global memory mutex.
+fn configure_library() {
+    static CONFIGURED: std::sync::Once = std::sync::Once::new();
+    CONFIGURED.call_once(|| {
+        // SAFETY: sqlite3_config is called before any connection exists in
+        // this process (this runs ahead of the first open); if SQLite was
+        // already initialised it returns SQLITE_MISUSE and changes nothing.
+        let result = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            )
+        };
+        if result != rusqlite::ffi::SQLITE_OK {
+            tracing::debug!(result, "sqlite memstatus left as it was");
+        }
+    });
 }
 
 /// SQLite's own busy timeout sleeps in steps of up to 100 ms; this handler
@@ -169,26 +191,59 @@ pub(crate) fn rewrite_placeholders(sql: &str) -> Cow<'_, str> {
     if !sql.contains('$') {
         return Cow::Borrowed(sql);
     }
-    let mut rewritten = String::with_capacity(sql.len());
-    let mut quote: Option<char> = None;
-    let mut characters = sql.chars().peekable();
-    while let Some(character) = characters.next() {
-        match (quote, character) {
-            (None, '\'' | '"') => {
-                quote = Some(character);
-                rewritten.push(character);
+    let mut rewritten = sql.as_bytes().to_vec();
+    let mut quote: Option<u8> = None;
+    for index in 0..rewritten.len() {
+        let byte = rewritten[index];
+        match quote {
+            Some(open) if byte == open => quote = None,
+            Some(_) => {}
+            None if byte == b'\'' || byte == b'"' => quote = Some(byte),
+            None if byte == b'$' && rewritten.get(index + 1).is_some_and(u8::is_ascii_digit) => {
+                rewritten[index] = b'?';
             }
-            (Some(open), _) if character == open => {
-                quote = None;
-                rewritten.push(character);
-            }
-            (None, '$') if characters.peek().is_some_and(char::is_ascii_digit) => {
-                rewritten.push('?');
-            }
-            _ => rewritten.push(character),
+            None => {}
         }
     }
-    Cow::Owned(rewritten)
+    // Only ASCII bytes were replaced by ASCII bytes.
+    Cow::Owned(String::from_utf8(rewritten).unwrap_or_else(|_| sql.to_owned()))
+}
+
+thread_local! {
+    /// Rewritten statements of this store thread, keyed by where the caller's
+    /// text lives and checked against it (callers mostly pass literals).
+    static REWRITTEN: std::cell::RefCell<std::collections::HashMap<(usize, usize), (Box<str>, Box<str>)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Calls `work` with the SQLite form of `sql`, rewriting each text once.
+fn with_sqlite_sql<R>(sql: &str, work: impl FnOnce(&str) -> R) -> R {
+    if !sql.contains('$') {
+        return work(sql);
+    }
+    let key = (sql.as_ptr() as usize, sql.len());
+    let cached = REWRITTEN.with(|cache| {
+        cache
+            .borrow()
+            .get(&key)
+            .filter(|(original, _)| **original == *sql)
+            .map(|(_, rewritten)| rewritten.clone())
+    });
+    let rewritten = match cached {
+        Some(rewritten) => rewritten,
+        None => {
+            let rewritten: Box<str> = rewrite_placeholders(sql).into();
+            REWRITTEN.with(|cache| {
+                let mut cache = cache.borrow_mut();
+                if cache.len() >= 1024 {
+                    cache.clear();
+                }
+                cache.insert(key, (sql.into(), rewritten.clone()));
+            });
+            rewritten
+        }
+    };
+    work(&rewritten)
 }
 
 fn bind<'a>(param: &Param<'a>) -> rusqlite::types::ToSqlOutput<'a> {
@@ -222,17 +277,40 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
-        let sql = rewrite_placeholders(sql);
-        let mut statement = self.connection.prepare_cached(&sql).map_err(map_error)?;
-        let changed = statement
-            .execute(rusqlite::params_from_iter(params.iter().map(BoundParam)))
-            .map_err(map_error)?;
-        Ok(changed as u64)
+        with_sqlite_sql(sql, |sql| {
+            let mut statement = self.connection.prepare_cached(sql).map_err(map_error)?;
+            let changed = statement
+                .execute(rusqlite::params_from_iter(params.iter().map(BoundParam)))
+                .map_err(map_error)?;
+            Ok(changed as u64)
+        })
     }
 
     fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
-        let sql = rewrite_placeholders(sql);
-        let mut statement = self.connection.prepare_cached(&sql).map_err(map_error)?;
+        with_sqlite_sql(sql, |sql| self.query_sqlite(sql, params))
+    }
+
+    fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        self.connection.execute_batch(sql).map_err(map_error)
+    }
+
+    fn savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.execute(&format!("SAVEPOINT {name}"), &[]).map(|_| ())
+    }
+
+    fn release_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.execute(&format!("RELEASE SAVEPOINT {name}"), &[])
+            .map(|_| ())
+    }
+
+    fn outbox_appended(&mut self) {
+        self.appended = true;
+    }
+}
+
+impl SqliteTx<'_> {
+    fn query_sqlite(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+        let mut statement = self.connection.prepare_cached(sql).map_err(map_error)?;
         let columns = statement.column_count();
         let mut rows = statement
             .query(rusqlite::params_from_iter(params.iter().map(BoundParam)))
@@ -255,14 +333,6 @@ impl Tx for SqliteTx<'_> {
             result.push(Row { values });
         }
         Ok(result)
-    }
-
-    fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
-        self.connection.execute_batch(sql).map_err(map_error)
-    }
-
-    fn outbox_appended(&mut self) {
-        self.appended = true;
     }
 }
 
