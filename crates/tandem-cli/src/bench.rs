@@ -7,7 +7,7 @@
 //! 2. throughput: a producer commits `events` deposits in transactions of
 //!    `batch` while the relay and the consumer run; the clock stops when the
 //!    read model has applied the last one;
-//! 3. latency: the producer commits every 5 ms at half the measured rate;
+//! 3. latency: the producer commits every `tick_ms` (2) at half the measured rate;
 //!    the delay from each event's creation to the commit of the consumer
 //!    transaction that applied it is recorded (p50, p99).
 
@@ -52,6 +52,9 @@ pub struct PipelineArgs {
     /// Seconds of the fixed-rate latency phase.
     #[arg(long, default_value_t = 5)]
     latency_seconds: u64,
+    /// Milliseconds between two producer commits in the latency phase.
+    #[arg(long, default_value_t = 2)]
+    tick_ms: u64,
     /// Where the database files go (default: a fresh temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -314,7 +317,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     // Phase 3: propagation delay at half the measured rate.
     let rate = (events_per_sec / 2.0).max(1.0);
-    let tick = Duration::from_millis(5);
+    let tick = Duration::from_millis(args.tick_ms.max(1));
     let per_tick = (rate * tick.as_secs_f64()).round().max(1.0) as u64;
     let actual_rate = per_tick as f64 / tick.as_secs_f64();
     progress(&format!(

@@ -49,10 +49,9 @@ CREATE TABLE IF NOT EXISTS log_records (
     record_offset INTEGER NOT NULL,
     record_key    TEXT    NOT NULL,
     payload       BLOB    NOT NULL,
-    appended_at   INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS log_records_place
-    ON log_records (topic, partition, record_offset);
+    appended_at   INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition, record_offset)
+) WITHOUT ROWID;
 ";
 
 /// How to open the embedded log.

@@ -136,14 +136,18 @@ impl<S: Store> Relay<S> {
 
     /// Relays until `shutdown` fires; retries failures with backoff.
     ///
-    /// The cursor is kept in memory and written behind the next publish (one
-    /// write in flight at most), so its commit is off the critical path; a
-    /// crash republishes what the last written cursor does not cover.
+    /// The cursor is kept in memory and written behind the publishes: at
+    /// most every [`CURSOR_SAVE_INTERVAL`] while busy, at once when the outbox
+    /// is drained, and on shutdown, one write in flight at most. Its commit
+    /// (an fsync) is thus off the critical path; a crash republishes what the
+    /// last written cursor does not cover, and consumers drop the duplicates.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
         let mut signal = self.store.outbox_signal();
         let mut external = self.store.external_changes()?;
         let mut retry = self.config.retry_initial;
         let mut cursor: Option<i64> = None;
+        let mut saved_cursor: i64 = -1;
+        let mut last_save = tokio::time::Instant::now();
         let mut saving: Option<StoreFuture<(), StoreError>> = None;
         while !shutdown.is_cancelled() {
             signal.borrow_and_update();
@@ -151,16 +155,23 @@ impl<S: Store> Relay<S> {
             let attempt = async {
                 let after = match cursor {
                     Some(position) => position,
-                    None => self.load_cursor().await?,
+                    None => {
+                        let stored = self.load_cursor().await?;
+                        saved_cursor = stored;
+                        stored
+                    }
                 };
                 cursor = Some(after);
                 let (moved, position) = self.publish_after(after).await?;
-                if let Some(previous) = saving.take() {
-                    previous.await?;
-                }
-                if moved > 0 {
-                    cursor = Some(position);
+                cursor = Some(position);
+                let due = moved == 0 || last_save.elapsed() >= CURSOR_SAVE_INTERVAL;
+                if due && position != saved_cursor {
+                    if let Some(previous) = saving.take() {
+                        previous.await?;
+                    }
                     saving = Some(self.save_cursor(position));
+                    saved_cursor = position;
+                    last_save = tokio::time::Instant::now();
                 }
                 Ok::<usize, RelayError>(moved)
             };
@@ -191,9 +202,17 @@ impl<S: Store> Relay<S> {
         if let Some(previous) = saving.take() {
             previous.await?;
         }
+        if let Some(position) = cursor {
+            if position != saved_cursor {
+                self.save_cursor(position).await?;
+            }
+        }
         Ok(())
     }
 }
+
+/// Longest time a busy relay goes without writing its cursor.
+pub const CURSOR_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Events committed but not yet relayed, and the age of the oldest, in
 /// microseconds.

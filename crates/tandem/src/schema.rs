@@ -2,8 +2,10 @@
 //! store when it opens; each statement is idempotent.
 //!
 //! - `tandem_outbox`: the event store and outbox; `position` is the relay's
-//!   cursor, `(topic, subject, sequence)` is unique.
-//! - `tandem_aggregates`: the last sequence given to each aggregate, so
+//!   cursor.
+//! - `tandem_aggregates`: the last sequence given to each aggregate. Its row
+//!   serialises writers of one aggregate, which is what keeps
+//!   `(topic, subject, sequence)` unique in the outbox (no index needed), and
 //!   sequences stay gap-free even after published rows are pruned.
 //! - `tandem_relay_positions`: how far each relay has published.
 //! - `tandem_consumer_positions`: next offset per consumer and partition.
@@ -27,8 +29,6 @@ CREATE TABLE IF NOT EXISTS tandem_outbox (
     envelope     BLOB    NOT NULL,
     committed_at INTEGER NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS tandem_outbox_aggregate
-    ON tandem_outbox (topic, subject, sequence);
 CREATE TABLE IF NOT EXISTS tandem_aggregates (
     topic    TEXT    NOT NULL,
     subject  TEXT    NOT NULL,
@@ -109,8 +109,6 @@ CREATE TABLE IF NOT EXISTS tandem_outbox (
     envelope     BYTEA   NOT NULL,
     committed_at BIGINT  NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS tandem_outbox_aggregate
-    ON tandem_outbox (topic, subject, sequence);
 CREATE TABLE IF NOT EXISTS tandem_aggregates (
     topic    TEXT   NOT NULL,
     subject  TEXT   NOT NULL,

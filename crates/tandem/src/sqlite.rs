@@ -371,6 +371,11 @@ impl SqliteStore {
 
     fn open_blocking(path: PathBuf, options: SqliteOptions) -> Result<Self, StoreError> {
         let writer_connection = open_connection(&path, options.synchronous, options.busy_timeout)?;
+        // Checkpoints run on a thread of their own (below), not inside a
+        // writer's commit, where they would stall the pipeline.
+        writer_connection
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .map_err(map_error)?;
         let (outbox_signal, _) = watch::channel(0u64);
         let (writer_sender, writer_receiver) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -406,15 +411,23 @@ impl SqliteStore {
                     StoreError::Engine(format!("cannot start reader thread: {error}"))
                 })?;
         }
-        Ok(Self {
-            shared: Arc::new(Shared {
-                path,
-                writer: Mutex::new(writer_sender),
-                readers: Mutex::new(reader_sender),
-                outbox_signal,
-                options,
-            }),
-        })
+        let checkpoint_connection =
+            open_connection(&path, options.synchronous, options.busy_timeout)?;
+        let shared = Arc::new(Shared {
+            path,
+            writer: Mutex::new(writer_sender),
+            readers: Mutex::new(reader_sender),
+            outbox_signal,
+            options,
+        });
+        let watched = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("tandem-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoint_connection, watched))
+            .map_err(|error| {
+                StoreError::Engine(format!("cannot start checkpoint thread: {error}"))
+            })?;
+        Ok(Self { shared })
     }
 
     pub fn path(&self) -> &Path {
@@ -519,6 +532,35 @@ impl Store for SqliteStore {
             &self.shared.path,
             &self.shared.options,
         )?))
+    }
+}
+
+/// How often the checkpointer looks at the WAL, and the size that makes it
+/// copy the WAL back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+const CHECKPOINT_AT_BYTES: u64 = 4 << 20;
+
+/// Copies the WAL into the database whenever it passed a few megabytes, for
+/// as long as the store is open. PASSIVE: it never waits for readers or
+/// writers, so it never stalls them; SQLite restarts the WAL from the top
+/// once a checkpoint has caught up and no reader still needs old frames.
+fn checkpoint_loop(connection: Connection, store: std::sync::Weak<Shared>) {
+    let wal = connection.path().map(|path| format!("{path}-wal"));
+    loop {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if store.strong_count() == 0 {
+            return;
+        }
+        let wal_bytes = wal
+            .as_deref()
+            .and_then(|wal| std::fs::metadata(wal).ok())
+            .map_or(u64::MAX, |metadata| metadata.len());
+        if wal_bytes < CHECKPOINT_AT_BYTES {
+            continue;
+        }
+        if let Err(error) = connection.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+            tracing::debug!(%error, "checkpoint skipped");
+        }
     }
 }
 
