@@ -48,14 +48,18 @@ impl Ledger {
 }
 
 pub fn install_ledger(tx: &mut dyn Tx) -> Result<(), StoreError> {
-    tx.execute_batch(
+    let clustered = match tx.dialect() {
+        tandem::store::Dialect::Sqlite => " WITHOUT ROWID",
+        tandem::store::Dialect::Postgres => "",
+    };
+    tx.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS ledger (
             account_id    TEXT PRIMARY KEY,
             balance_cents INTEGER NOT NULL,
             applied       INTEGER NOT NULL,
             last_sequence INTEGER NOT NULL
-        )",
-    )
+        ){clustered}"
+    ))
 }
 
 impl Handler for Ledger {
@@ -66,29 +70,28 @@ impl Handler for Ledger {
         {
             return Err(HandlerError::transient("poison deposit refused"));
         }
-        let previous = tx
-            .query_opt(
-                "SELECT last_sequence FROM ledger WHERE account_id = $1",
-                params![&deposit.account_id],
+        // One statement per event, which also proves the order: the first
+        // deposit inserts, each later one must find its predecessor applied.
+        let changed = if event.sequence == 1 {
+            tx.execute(
+                "INSERT INTO ledger (account_id, balance_cents, applied, last_sequence)
+                 VALUES ($1, $2, 1, 1) ON CONFLICT (account_id) DO NOTHING",
+                params![&deposit.account_id, deposit.amount_cents],
             )?
-            .map(|row| row.i64(0))
-            .transpose()?
-            .unwrap_or(0);
-        if previous + 1 != event.sequence as i64 {
+        } else {
+            tx.execute(
+                "UPDATE ledger SET balance_cents = balance_cents + $2, applied = applied + 1,
+                   last_sequence = $3
+                 WHERE account_id = $1 AND last_sequence = $3 - 1",
+                params![&deposit.account_id, deposit.amount_cents, event.sequence],
+            )?
+        };
+        if changed != 1 {
             return Err(HandlerError::permanent(format!(
-                "out of order: last {previous}, got {}",
-                event.sequence
+                "out of order: sequence {} of {} does not follow what was applied",
+                event.sequence, deposit.account_id
             )));
         }
-        tx.execute(
-            "INSERT INTO ledger (account_id, balance_cents, applied, last_sequence)
-             VALUES ($1, $2, 1, $3)
-             ON CONFLICT (account_id) DO UPDATE SET
-               balance_cents = ledger.balance_cents + excluded.balance_cents,
-               applied = ledger.applied + 1,
-               last_sequence = excluded.last_sequence",
-            params![&deposit.account_id, deposit.amount_cents, event.sequence],
-        )?;
         Ok(())
     }
 

@@ -18,7 +18,7 @@
 //! on. See [`crate::dead_letter`] for redrive and discard, and
 //! [`crate::dead_letter::request_replay`] for rebuilding a read model.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use crate::dead_letter::{self, Command, DeadLetter, Reason};
 use crate::envelope::{Envelope, PayloadError};
 use crate::params;
 use crate::schema::now_micros;
-use crate::store::{Store, StoreError, Tx};
+use crate::store::{Param, Store, StoreError, Tx};
 
 /// Why a handler could not apply an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +234,10 @@ struct BatchContext {
     /// undone alone. Batches do without: on a failure the whole
     /// transaction rolls back and the records before it are applied again.
     isolate: bool,
+    /// Aggregate states read or written in this transaction, by (source,
+    /// subject): loaded for a whole batch with a few queries instead of one
+    /// per event, and kept equal to the table (every save writes through).
+    states: std::cell::RefCell<HashMap<(String, String), AggregateState>>,
 }
 
 impl BatchContext {
@@ -244,7 +248,82 @@ impl BatchContext {
             handler,
             pending_possible: std::cell::Cell::new(true),
             isolate,
+            states: std::cell::RefCell::new(HashMap::new()),
         }
+    }
+
+    fn state(
+        &self,
+        tx: &mut dyn Tx,
+        source: &str,
+        subject: &str,
+    ) -> Result<AggregateState, StoreError> {
+        let key = (source.to_owned(), subject.to_owned());
+        if let Some(state) = self.states.borrow().get(&key) {
+            return Ok(*state);
+        }
+        let state = aggregate_state(tx, &self.consumer, source, subject)?;
+        self.states.borrow_mut().insert(key, state);
+        Ok(state)
+    }
+
+    fn save_state(
+        &self,
+        tx: &mut dyn Tx,
+        source: &str,
+        subject: &str,
+        mut state: AggregateState,
+    ) -> Result<(), StoreError> {
+        save_aggregate_state(tx, &self.consumer, source, subject, state)?;
+        state.stored = true;
+        self.states
+            .borrow_mut()
+            .insert((source.to_owned(), subject.to_owned()), state);
+        Ok(())
+    }
+
+    /// Loads the states of the aggregates `records` are about (by topic and
+    /// key, which the relay sets to source and subject), in chunks.
+    fn preload_states(&self, tx: &mut dyn Tx, records: &[Record]) -> Result<(), StoreError> {
+        const CHUNK: usize = 200;
+        let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for record in records {
+            wanted.entry(&record.topic).or_default().push(&record.key);
+        }
+        let mut states = self.states.borrow_mut();
+        for (source, mut subjects) in wanted {
+            subjects.sort_unstable();
+            subjects.dedup();
+            for chunk in subjects.chunks(CHUNK) {
+                let placeholders: Vec<String> = (0..chunk.len())
+                    .map(|index| format!("${}", index + 3))
+                    .collect();
+                let sql = format!(
+                    "SELECT subject, sequence, blocked_by FROM tandem_consumer_aggregates
+                     WHERE consumer = $1 AND source = $2 AND subject IN ({})",
+                    placeholders.join(", ")
+                );
+                let mut params = vec![Param::Text(&self.consumer), Param::Text(source)];
+                params.extend(chunk.iter().map(|subject| Param::Text(subject)));
+                for subject in chunk {
+                    states.insert(
+                        ((*source).to_owned(), (*subject).to_owned()),
+                        AggregateState::default(),
+                    );
+                }
+                for row in tx.query(&sql, &params)? {
+                    states.insert(
+                        (source.to_owned(), row.text(0)?.to_owned()),
+                        AggregateState {
+                            applied: u64::try_from(row.i64(1)?).unwrap_or(0),
+                            blocked_by: row.opt_i64(2)?,
+                            stored: true,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Learns whether any event of this consumer is held ahead of a gap.
@@ -276,7 +355,7 @@ impl BatchContext {
                 return Ok(Step::Consumed);
             }
         };
-        let mut state = aggregate_state(tx, &self.consumer, &envelope.source, &envelope.subject)?;
+        let mut state = self.state(tx, &envelope.source, &envelope.subject)?;
         if envelope.sequence <= state.applied {
             return Ok(Step::Consumed);
         }
@@ -317,13 +396,7 @@ impl BatchContext {
             Ok(()) => {
                 state.applied = envelope.sequence;
                 self.drain_held(tx, &envelope.source, &envelope.subject, &mut state)?;
-                save_aggregate_state(
-                    tx,
-                    &self.consumer,
-                    &envelope.source,
-                    &envelope.subject,
-                    state,
-                )?;
+                self.save_state(tx, &envelope.source, &envelope.subject, state)?;
                 let created_micros = envelope.time.unix_timestamp_nanos() / 1000;
                 Ok(Step::Applied(i64::try_from(created_micros).unwrap_or(0)))
             }
@@ -424,7 +497,7 @@ impl BatchContext {
     ) -> Result<(), StoreError> {
         let envelope = Envelope::decode(&record.payload)
             .map_err(|error| StoreError::Decode(format!("failed event: {error}")))?;
-        let mut state = aggregate_state(tx, &self.consumer, &envelope.source, &envelope.subject)?;
+        let mut state = self.state(tx, &envelope.source, &envelope.subject)?;
         if envelope.sequence <= state.applied {
             return Ok(());
         }
@@ -439,13 +512,7 @@ impl BatchContext {
             first_failed_at,
         )?;
         state.blocked_by = Some(id);
-        save_aggregate_state(
-            tx,
-            &self.consumer,
-            &envelope.source,
-            &envelope.subject,
-            state,
-        )
+        self.save_state(tx, &envelope.source, &envelope.subject, state)
     }
 
     /// Tries the parked events of one aggregate in sequence order, applying
@@ -456,7 +523,7 @@ impl BatchContext {
         source: &str,
         subject: &str,
     ) -> Result<(), StoreError> {
-        let mut state = aggregate_state(tx, &self.consumer, source, subject)?;
+        let mut state = self.state(tx, source, subject)?;
         state.blocked_by = None;
         for parked in dead_letter::parked_of_aggregate(tx, &self.consumer, source, subject)? {
             let envelope = Envelope::decode(&parked.payload)
@@ -493,7 +560,7 @@ impl BatchContext {
         if state.blocked_by.is_none() {
             self.drain_held(tx, source, subject, &mut state)?;
         }
-        save_aggregate_state(tx, &self.consumer, source, subject, state)
+        self.save_state(tx, source, subject, state)
     }
 
     fn redrive(&self, tx: &mut dyn Tx, dead_letter: &DeadLetter) -> Result<(), StoreError> {
@@ -536,14 +603,14 @@ impl BatchContext {
         ) else {
             return Ok(());
         };
-        let mut state = aggregate_state(tx, &self.consumer, source, subject)?;
+        let mut state = self.state(tx, source, subject)?;
         if state.blocked_by != Some(dead_letter.id) {
             return Ok(());
         }
         // Discarding the head skips its sequence; what queued behind it flows.
         state.applied = state.applied.max(u64::try_from(sequence).unwrap_or(0));
         state.blocked_by = None;
-        save_aggregate_state(tx, &self.consumer, source, subject, state)?;
+        self.save_state(tx, source, subject, state)?;
         self.advance_aggregate(tx, source, subject)
     }
 
@@ -557,7 +624,7 @@ impl BatchContext {
         for row in expired {
             let source = row.text(0)?.to_owned();
             let subject = row.text(1)?.to_owned();
-            let mut state = aggregate_state(tx, &self.consumer, &source, &subject)?;
+            let mut state = self.state(tx, &source, &subject)?;
             let held = tx.query(
                 "SELECT sequence, topic, partition, record_offset, payload, received_at
                  FROM tandem_pending WHERE consumer = $1 AND source = $2 AND subject = $3
@@ -609,7 +676,7 @@ impl BatchContext {
                 "DELETE FROM tandem_pending WHERE consumer = $1 AND source = $2 AND subject = $3",
                 params![&self.consumer, &source, &subject],
             )?;
-            save_aggregate_state(tx, &self.consumer, &source, &subject, state)?;
+            self.save_state(tx, &source, &subject, state)?;
         }
         Ok(())
     }
@@ -869,6 +936,7 @@ impl<S: Store> Consumer<S> {
             .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, BatchError> {
                 let context = BatchContext::new(consumer, handler, false);
                 context.look_for_pending(tx)?;
+                context.preload_states(tx, &batch)?;
                 let mut consumed = 0;
                 let mut applied_times = Vec::with_capacity(batch.len());
                 for record in batch.iter() {
@@ -1003,16 +1071,13 @@ impl<S: Store> Consumer<S> {
                                             if let (Some(source), Some(subject)) =
                                                 (&current.source, &current.subject)
                                             {
-                                                let mut state = aggregate_state(
-                                                    tx, &consumer, source, subject,
-                                                )?;
+                                                let mut state =
+                                                    context.state(tx, source, subject)?;
                                                 state.applied = state
                                                     .applied
                                                     .max(current.sequence.unwrap_or(0) as u64);
                                                 state.blocked_by = None;
-                                                save_aggregate_state(
-                                                    tx, &consumer, source, subject, state,
-                                                )?;
+                                                context.save_state(tx, source, subject, state)?;
                                             }
                                         } else {
                                             context.discard(tx, &current)?;

@@ -207,26 +207,54 @@ fn append_batch(
             .ok_or_else(|| StoreError::Decode("log head upsert returned nothing".into()))?;
         next_offsets.insert((topic, *partition), row.i64(0)? - count);
     }
+    // Multi-row inserts: one statement per ROWS_PER_INSERT records.
     let appended_at = now_micros();
-    for (topic, partition, key, payload) in records {
-        let next = next_offsets
-            .get_mut(&(topic.as_str(), *partition))
-            .ok_or_else(|| StoreError::Decode("partition without a reserved offset".into()))?;
-        tx.execute(
-            "INSERT INTO log_records (topic, partition, record_offset, record_key, payload, appended_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
+    let mut params: Vec<Param<'_>> = Vec::with_capacity(ROWS_PER_INSERT * 6);
+    for chunk in records.chunks(ROWS_PER_INSERT) {
+        params.clear();
+        for (topic, partition, key, payload) in chunk {
+            let next = next_offsets
+                .get_mut(&(topic.as_str(), *partition))
+                .ok_or_else(|| StoreError::Decode("partition without a reserved offset".into()))?;
+            params.extend([
                 Param::Text(topic),
                 Param::from(*partition),
                 Param::Int(*next),
                 Param::Text(key),
                 Param::Blob(payload),
                 Param::Int(appended_at),
-            ],
-        )?;
-        *next += 1;
+            ]);
+            *next += 1;
+        }
+        tx.execute(&insert_statement(chunk.len()), &params)?;
     }
     Ok(())
+}
+
+const ROWS_PER_INSERT: usize = 64;
+
+/// `INSERT INTO log_records ... VALUES (?1, ..., ?6), (?7, ...)` for `rows`
+/// rows (SQLite's numbered placeholders: this module is SQLite's own).
+fn insert_statement(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO log_records (topic, partition, record_offset, record_key, payload, appended_at) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push(',');
+        }
+        let base = row * 6;
+        sql.push_str(&format!(
+            "(?{},?{},?{},?{},?{},?{})",
+            base + 1,
+            base + 2,
+            base + 3,
+            base + 4,
+            base + 5,
+            base + 6
+        ));
+    }
+    sql
 }
 
 #[async_trait::async_trait]

