@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tandem::consumer::{Consumer, ConsumerConfig, ConsumerObserver};
+use tandem::consumer::{CommittedBatch, Consumer, ConsumerConfig, ConsumerObserver};
 use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
 use tandem::relay::{Relay, RelayConfig};
 use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
@@ -74,9 +74,13 @@ struct Report {
     ratio: f64,
     latency_rate_per_sec: f64,
     latency_samples: usize,
+    /// Producer commit to read model visible.
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// Event creation (inside the producer's transaction) to visible.
+    created_p50_ms: f64,
+    created_p99_ms: f64,
     payload_bytes: usize,
 }
 
@@ -86,24 +90,39 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Counts applied events and, when armed, keeps their propagation delays.
+/// Counts applied events and, when armed, keeps (created, visible) times
+/// of each applied event, in µs.
 #[derive(Default)]
 struct Recorder {
     consumed: AtomicU64,
     recording: std::sync::atomic::AtomicBool,
-    delays_micros: Mutex<Vec<i64>>,
+    applied: Mutex<Vec<(i64, i64)>>,
 }
 
 impl ConsumerObserver for Recorder {
-    fn batch_committed(&self, _consumer: &str, consumed: usize, delays_micros: &[i64]) {
-        self.consumed.fetch_add(consumed as u64, Ordering::SeqCst);
+    fn batch_committed(&self, batch: CommittedBatch<'_>) {
+        self.consumed
+            .fetch_add(batch.consumed as u64, Ordering::SeqCst);
         if self.recording.load(Ordering::SeqCst) {
-            self.delays_micros
+            self.applied
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .extend_from_slice(delays_micros);
+                .extend(
+                    batch
+                        .applied_created_micros
+                        .iter()
+                        .map(|created| (*created, batch.committed_at_micros)),
+                );
         }
     }
+}
+
+/// Producer transactions of the latency phase: (start, commit) in µs. An
+/// event created at `t` was committed by the transaction whose span holds it.
+fn commit_time_of(transactions: &[(i64, i64)], created: i64) -> Option<i64> {
+    let index = transactions.partition_point(|(start, _)| *start <= created);
+    let (start, commit) = *transactions.get(index.checked_sub(1)?)?;
+    (start <= created && created <= commit).then_some(commit)
 }
 
 fn progress(message: &str) {
@@ -330,9 +349,12 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let latency_started = Instant::now();
     let mut produced = 0u64;
+    let mut transactions: Vec<(i64, i64)> = Vec::new();
     while latency_started.elapsed() < Duration::from_secs(args.latency_seconds) {
         interval.tick().await;
+        let start = tandem::schema::now_micros();
         produce(&producer, args.events + produced, per_tick, args.aggregates).await?;
+        transactions.push((start, tandem::schema::now_micros()));
         produced += per_tick;
     }
     let drain_deadline = Instant::now() + Duration::from_secs(60);
@@ -347,18 +369,34 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     relay_task.await.context("relay task")??;
     consumer_task.await.context("consumer task")??;
 
-    let mut delays = std::mem::take(
+    let applied_times = std::mem::take(
         &mut *recorder
-            .delays_micros
+            .applied
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()),
     );
-    delays.sort_unstable();
+    // From the producer's commit (the measure) and from the event's
+    // creation inside the producer's transaction (what a user waits).
+    let mut from_commit: Vec<i64> = applied_times
+        .iter()
+        .filter_map(|(created, visible)| {
+            commit_time_of(&transactions, *created).map(|commit| (visible - commit).max(0))
+        })
+        .collect();
+    let mut from_creation: Vec<i64> = applied_times
+        .iter()
+        .map(|(created, visible)| (visible - created).max(0))
+        .collect();
+    from_commit.sort_unstable();
+    from_creation.sort_unstable();
+    let delays = from_commit;
     let p50_ms = percentile(&delays, 0.50);
     let p99_ms = percentile(&delays, 0.99);
     let max_ms = percentile(&delays, 1.0);
+    let created_p50_ms = percentile(&from_creation, 0.50);
+    let created_p99_ms = percentile(&from_creation, 0.99);
     progress(&format!(
-        "[3/3] latency at {actual_rate:.0} events/s: p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms ({} samples)\n",
+        "[3/3] latency at {actual_rate:.0} events/s: commit to visible p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms ({} samples)\n",
         delays.len()
     ));
 
@@ -391,6 +429,8 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         p50_ms,
         p99_ms,
         max_ms,
+        created_p50_ms,
+        created_p99_ms,
         payload_bytes,
     };
     println!();
@@ -401,8 +441,12 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     );
     println!("ratio         {:>10.3}", report.ratio);
     println!(
-        "propagation   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms at {:.0} events/s",
+        "propagation   commit to visible p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms at {:.0} events/s",
         report.p50_ms, report.p99_ms, report.max_ms, report.latency_rate_per_sec
+    );
+    println!(
+        "              creation to visible p50 {:.2} ms, p99 {:.2} ms",
+        report.created_p50_ms, report.created_p99_ms
     );
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -143,12 +143,22 @@ enum Step {
     Failed(HandlerError),
 }
 
+/// What one committed consumer batch did.
+#[derive(Debug, Clone, Copy)]
+pub struct CommittedBatch<'a> {
+    pub consumer: &'a str,
+    /// Records consumed: applied, dropped as duplicates, held or parked.
+    pub consumed: usize,
+    /// When the batch's transaction committed (µs since the Unix epoch).
+    pub committed_at_micros: i64,
+    /// The creation time (`time`, µs) of each event the batch applied; the
+    /// difference to `committed_at_micros` is its end-to-end propagation delay.
+    pub applied_created_micros: &'a [i64],
+}
+
 /// Sees every committed batch: the hook for metrics and benchmarks.
 pub trait ConsumerObserver: Send + Sync + 'static {
-    /// `delays_micros` holds, for each event applied by the batch, the time
-    /// from the event's creation (its `time`) to the batch's commit:
-    /// the end-to-end propagation delay.
-    fn batch_committed(&self, consumer: &str, consumed: usize, delays_micros: &[i64]);
+    fn batch_committed(&self, batch: CommittedBatch<'_>);
 }
 
 /// The last applied sequence of an aggregate, and the dead letter that
@@ -985,13 +995,12 @@ impl<S: Store> Consumer<S> {
             }
         };
         if let Some(observer) = &self.observer {
-            let committed = now_micros();
-            let delays: Vec<i64> = outcome
-                .applied_times
-                .iter()
-                .map(|created| (committed - created).max(0))
-                .collect();
-            observer.batch_committed(&self.config.name, outcome.consumed, &delays);
+            observer.batch_committed(CommittedBatch {
+                consumer: &self.config.name,
+                consumed: outcome.consumed,
+                committed_at_micros: now_micros(),
+                applied_created_micros: &outcome.applied_times,
+            });
         }
         Ok(outcome)
     }

@@ -32,7 +32,9 @@ pub mod store;
 pub mod wait;
 
 pub use bus::{Bus, BusError, Delivery, OutgoingRecord, Record, Subscription, TopicPartition};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerObserver, Handler, HandlerError};
+pub use consumer::{
+    CommittedBatch, Consumer, ConsumerConfig, ConsumerObserver, Handler, HandlerError,
+};
 pub use envelope::{DecodeError, Envelope, EventPayload};
 pub use outbox::{EventContext, NewEvent};
 pub use relay::{Relay, RelayConfig};
