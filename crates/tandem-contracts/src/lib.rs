@@ -1,0 +1,195 @@
+//! The event contracts of the commerce system: the only thing the Customer,
+//! Inventory and Order services share.
+//!
+//! One module per publishing service, which is also the topic its events
+//! travel on: [`customer`], [`inventory`], [`order`]. Every payload is a
+//! versioned contract: its `dataschema` names it and its version, and its
+//! JSON Schema is kept in `schemas/` (a test checks the files against these
+//! types). Field names are camelCase on the wire; ids are strings; money is
+//! integer cents. Readers ignore fields they do not know.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tandem::EventPayload;
+
+/// Topics, one per publishing service.
+pub mod topics {
+    pub const CUSTOMER: &str = "customer";
+    pub const INVENTORY: &str = "inventory";
+    pub const ORDER: &str = "order";
+}
+
+macro_rules! contract {
+    ($type:ident, $topic:literal) => {
+        impl EventPayload for $type {
+            const TYPE: &'static str = stringify!($type);
+            const SCHEMA: &'static str = concat!("tandem:", $topic, "/", stringify!($type), "/v1");
+        }
+    };
+}
+
+/// Events of the Customer Service (topic `customer`; subject: customer id).
+pub mod customer {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct CustomerCreated {
+        pub customer_id: String,
+        pub name: String,
+        pub email: String,
+        pub address: String,
+        pub credit_limit_cents: i64,
+    }
+    contract!(CustomerCreated, "customer");
+
+    /// The customer id plus the fields that changed.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct CustomerUpdated {
+        pub customer_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub email: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub address: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub credit_limit_cents: Option<i64>,
+    }
+    contract!(CustomerUpdated, "customer");
+}
+
+/// One product and quantity of an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderLine {
+    pub product_id: String,
+    pub quantity: i64,
+}
+
+/// Events of the Inventory Service (topic `inventory`; subject: the product
+/// id for product events, the order id for reservation events).
+pub mod inventory {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ProductCreated {
+        pub product_id: String,
+        pub sku: String,
+        pub name: String,
+        pub price_cents: i64,
+        pub stock: i64,
+    }
+    contract!(ProductCreated, "inventory");
+
+    /// The product's stock after a change, and why it changed.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ProductStockChanged {
+        pub product_id: String,
+        pub available: i64,
+        pub reserved: i64,
+        pub delta: i64,
+        pub reason: String,
+    }
+    contract!(ProductStockChanged, "inventory");
+
+    /// Every line of the order is reserved.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct StockReserved {
+        pub order_id: String,
+        pub lines: Vec<OrderLine>,
+    }
+    contract!(StockReserved, "inventory");
+
+    /// No line of the order is reserved, and why.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct StockReservationFailed {
+        pub order_id: String,
+        pub reason: String,
+    }
+    contract!(StockReservationFailed, "inventory");
+
+    /// The order's reservation went back to available stock.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct StockReleased {
+        pub order_id: String,
+        pub lines: Vec<OrderLine>,
+    }
+    contract!(StockReleased, "inventory");
+}
+
+/// Events of the Order Service (topic `order`; subject: order id).
+pub mod order {
+    use super::*;
+
+    /// A line with the unit price the order was placed at.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PricedLine {
+        pub product_id: String,
+        pub quantity: i64,
+        pub unit_price_cents: i64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct OrderPlaced {
+        pub order_id: String,
+        pub customer_id: String,
+        pub lines: Vec<PricedLine>,
+        pub total_cents: i64,
+    }
+    contract!(OrderPlaced, "order");
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct OrderConfirmed {
+        pub order_id: String,
+    }
+    contract!(OrderConfirmed, "order");
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct OrderRejected {
+        pub order_id: String,
+        pub reason: String,
+    }
+    contract!(OrderRejected, "order");
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct OrderCancelled {
+        pub order_id: String,
+    }
+    contract!(OrderCancelled, "order");
+}
+
+/// Every contract's event type and its JSON Schema, as the Rust types
+/// define them; `schemas/<type>.v1.json` must match.
+pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
+    fn entry<T: EventPayload + JsonSchema>() -> (&'static str, serde_json::Value) {
+        (
+            T::TYPE,
+            serde_json::to_value(schemars::schema_for!(T)).expect("schemas serialise"),
+        )
+    }
+    vec![
+        entry::<customer::CustomerCreated>(),
+        entry::<customer::CustomerUpdated>(),
+        entry::<inventory::ProductCreated>(),
+        entry::<inventory::ProductStockChanged>(),
+        entry::<inventory::StockReserved>(),
+        entry::<inventory::StockReservationFailed>(),
+        entry::<inventory::StockReleased>(),
+        entry::<order::OrderPlaced>(),
+        entry::<order::OrderConfirmed>(),
+        entry::<order::OrderRejected>(),
+        entry::<order::OrderCancelled>(),
+    ]
+}
