@@ -1,0 +1,296 @@
+//! HTTP and process plumbing shared by services built on Tandem. Knows no
+//! domain.
+//!
+//! - [`Problem`]: RFC 9457 `application/problem+json` errors, with the
+//!   field at fault.
+//! - [`StrictJson`]: a JSON body extractor whose every rejection is a
+//!   problem naming the field (400 malformed, 413 too large, 415 not JSON,
+//!   422 wrong shape).
+//! - [`probes`]: `/health` and `/ready`.
+//! - [`serve`]: runs a router until a shutdown token fires, draining
+//!   in-flight requests.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// Largest request body a Tandem service accepts.
+pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The request field at fault (a JSON path such as `lines[0].quantity`,
+    /// or a parameter or header name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, kind: &str, detail: impl Into<String>) -> Self {
+        Self {
+            problem_type: format!("https://tandem.dev/problems/{kind}"),
+            title: status.canonical_reason().unwrap_or("error").to_owned(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            field: None,
+        }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// 422: the request is well-formed but `field` breaks a rule.
+    pub fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", detail).with_field(field)
+    }
+
+    /// 404: no such resource.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", detail)
+    }
+
+    /// 409: the request conflicts with the resource's state.
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+
+    /// 503: a dependency of this service is unavailable; retry later.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+    }
+
+    /// 500, for errors whose detail must not leak; log the cause.
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the service failed to handle the request; it has been logged",
+        )
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+/// A JSON request body, parsed strictly: every failure is a [`Problem`]
+/// that names the field at fault.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StrictJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for StrictJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(';').next())
+            .map(|media| {
+                let media = media.trim();
+                media.eq_ignore_ascii_case("application/json") || media.ends_with("+json")
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "send the body as application/json",
+            )
+            .with_field("content-type"));
+        }
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(body_problem)?;
+        parse_json(&bytes).map(StrictJson)
+    }
+}
+
+fn body_problem(rejection: BytesRejection) -> Problem {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            format!("the body exceeds {BODY_LIMIT_BYTES} bytes"),
+        )
+        .with_field("body")
+    } else {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "unreadable-body",
+            rejection.body_text(),
+        )
+        .with_field("body")
+    }
+}
+
+/// Parses `bytes` as `T`, naming the field at fault on failure.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
+    let value = match parsed {
+        Ok(value) => value,
+        Err(error) => {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            return Err(match inner.classify() {
+                serde_json::error::Category::Data => {
+                    let message = inner.to_string();
+                    // serde names a missing field only in its message.
+                    let missing = message
+                        .strip_prefix("missing field `")
+                        .and_then(|rest| rest.split('`').next());
+                    let field = match (path.as_str(), missing) {
+                        (".", Some(name)) => name.to_owned(),
+                        (_, Some(name)) => format!("{path}.{name}"),
+                        (".", None) => "body".to_owned(),
+                        (_, None) => path,
+                    };
+                    Problem::invalid(field, message)
+                }
+                _ => Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed-json",
+                    format!("the body is not valid JSON: {inner}"),
+                )
+                .with_field("body"),
+            });
+        }
+    };
+    deserializer.end().map_err(|error| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+            format!("the body is not valid JSON: {error}"),
+        )
+        .with_field("body")
+    })?;
+    Ok(value)
+}
+
+/// `/health` (the process is up) and `/ready` (it can serve: `ready`
+/// resolves to `Ok`).
+pub mod probes {
+    use std::future::Future;
+    use std::sync::Arc;
+
+    use axum::routing::get;
+    use axum::{Json, Router};
+
+    use crate::Problem;
+
+    pub fn router<F, Fut>(ready: F) -> Router
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let ready = Arc::new(ready);
+        Router::new()
+            .route(
+                "/health",
+                get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+            )
+            .route(
+                "/ready",
+                get(move || {
+                    let ready = Arc::clone(&ready);
+                    async move {
+                        match ready().await {
+                            Ok(()) => Ok(Json(serde_json::json!({"status": "ready"}))),
+                            Err(reason) => Err(Problem::unavailable(reason)),
+                        }
+                    }
+                }),
+            )
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` fires, then stops taking
+/// connections and lets in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let router = router
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .fallback(|| async { Problem::not_found("no such route") });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds `address`, with a message that names it when that fails.
+pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| {
+            std::io::Error::new(error.kind(), format!("cannot listen on {address}: {error}"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Order {
+        lines: Vec<Line>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Line {
+        quantity: i64,
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        let problem =
+            parse_json::<Order>(br#"{"lines":[{"quantity":1},{"quantity":"two"}]}"#).unwrap_err();
+        assert_eq!(problem.status, 422);
+        assert_eq!(problem.field.as_deref(), Some("lines[1].quantity"));
+
+        let problem = parse_json::<Order>(br#"{"lines": [}"#).unwrap_err();
+        assert_eq!(problem.status, 400);
+        assert_eq!(problem.field.as_deref(), Some("body"));
+
+        let problem = parse_json::<Order>(br#"{}"#).unwrap_err();
+        assert_eq!(problem.status, 422);
+        assert_eq!(problem.field.as_deref(), Some("lines"));
+
+        let problem = parse_json::<Order>(br#"{"lines":[{}]}"#).unwrap_err();
+        assert_eq!(problem.field.as_deref(), Some("lines[0].quantity"));
+    }
+}
