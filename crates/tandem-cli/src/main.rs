@@ -9,6 +9,7 @@
 
 mod admin;
 mod bench;
+mod serve;
 mod worker;
 
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ enum Command {
     /// List, inspect, redrive or discard a consumer's parked events.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(admin::DeadLetterCommand),
+    /// Run one service of the commerce system, as deployed.
+    Serve(serve::ServeArgs),
     /// Rebuild a consumer's read model from the start of the log (the
     /// running consumer carries it out while its service keeps serving).
     Replay(admin::ReplayArgs),
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
             Command::Bench(command) => bench::run(command).await,
             Command::DeadLetters(command) => admin::dead_letters(command).await,
             Command::Replay(args) => admin::replay(args).await,
+            Command::Serve(args) => serve::run(args).await,
             Command::Worker(command) => worker::run(command).await,
         }
     });

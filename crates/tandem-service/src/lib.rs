@@ -25,9 +25,10 @@ use tokio_util::sync::CancellationToken;
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 
 /// An RFC 9457 problem document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
+    #[schema(rename = "type")]
     pub problem_type: String,
     pub title: String,
     pub status: u16,
@@ -165,9 +166,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
             return Err(match inner.classify() {
                 serde_json::error::Category::Data => {
                     let message = inner.to_string();
-                    // serde names a missing field only in its message.
+                    // serde names a missing or unknown field only in its message.
                     let missing = message
                         .strip_prefix("missing field `")
+                        .or_else(|| message.strip_prefix("unknown field `"))
                         .and_then(|rest| rest.split('`').next());
                     let field = match (path.as_str(), missing) {
                         (".", Some(name)) => name.to_owned(),
@@ -247,6 +249,62 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+/// Runs a service's parts until `shutdown` fires: the HTTP server, the relay
+/// of its outbox (when it publishes) and its consumers. The first part to
+/// fail stops the others; the error names it.
+pub async fn run_parts(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    background: Vec<(&'static str, BoxedTask)>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, task) in background {
+        tasks.spawn(async move { task.await.map_err(|error| format!("{name}: {error}")) });
+    }
+    let server_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        serve(listener, router, server_shutdown)
+            .await
+            .map_err(|error| format!("http server: {error}"))
+    });
+    let mut first_error = None;
+    while let Some(finished) = tasks.join_next().await {
+        let outcome = finished.unwrap_or_else(|error| Err(format!("task panicked: {error}")));
+        if let Err(error) = outcome {
+            tracing::error!(%error, "service part failed; stopping the service");
+            first_error.get_or_insert(error);
+        }
+        // Whatever ended, the service stops as a whole.
+        shutdown.cancel();
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// A background part of a service, e.g. `relay.run(token)` boxed.
+pub type BoxedTask = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
+            + Send,
+    >,
+>;
+
+/// Boxes a part's future for [`run_parts`].
+pub fn task<F, E>(future: F) -> BoxedTask
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    Box::pin(async move {
+        future
+            .await
+            .map_err(|error| Box::new(error) as Box<dyn std::error::Error + Send + Sync>)
+    })
 }
 
 /// Binds `address`, with a message that names it when that fails.

@@ -1,0 +1,239 @@
+//! The Customer Service's HTTP API: JSON in and out, errors as
+//! `application/problem+json`, the OpenAPI document at `/openapi.json`.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tandem::store::{Store, StoreError};
+use tandem_service::{Problem, StrictJson};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::app::{AppError, Customers, NewCustomer};
+use crate::domain::{Address, Changes, CreditLimit, Customer, CustomerId, Email, Name};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateCustomer {
+    /// Optional; a UUID is generated when absent.
+    customer_id: Option<String>,
+    name: String,
+    email: String,
+    address: String,
+    credit_limit_cents: i64,
+}
+
+/// Any of the fields; those present are changed.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateCustomer {
+    name: Option<String>,
+    email: Option<String>,
+    address: Option<String>,
+    credit_limit_cents: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomerView {
+    customer_id: String,
+    name: String,
+    email: String,
+    address: String,
+    credit_limit_cents: i64,
+    /// The sequence of the customer's last event.
+    version: u64,
+}
+
+impl From<Customer> for CustomerView {
+    fn from(customer: Customer) -> Self {
+        Self {
+            customer_id: customer.id.as_str().to_owned(),
+            name: customer.name.as_str().to_owned(),
+            email: customer.email.as_str().to_owned(),
+            address: customer.address.as_str().to_owned(),
+            credit_limit_cents: customer.credit_limit.cents(),
+            version: customer.version,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomerPage {
+    items: Vec<CustomerView>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    next_after: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Customer id to start after.
+    after: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    limit: Option<u32>,
+}
+
+impl From<AppError> for Problem {
+    fn from(error: AppError) -> Self {
+        match error {
+            AppError::Invalid(invalid) => Problem::invalid(invalid.field, invalid.message),
+            AppError::NotFound(_) => Problem::not_found(error.to_string()),
+            AppError::AlreadyExists(_) | AppError::Concurrent(_) => {
+                Problem::conflict(error.to_string())
+            }
+            AppError::Store(StoreError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "store unavailable");
+                Problem::unavailable("the customer database is unavailable")
+            }
+            AppError::Store(error) => {
+                tracing::error!(%error, "store error");
+                Problem::internal()
+            }
+        }
+    }
+}
+
+fn known_id(id: &str) -> Result<CustomerId, Problem> {
+    CustomerId::parse(id).map_err(|_| Problem::not_found(format!("customer {id} not found")))
+}
+
+/// Create a customer.
+#[utoipa::path(post, path = "/customers", request_body = CreateCustomer,
+    responses((status = 201, body = CustomerView), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn create_customer<S: Store>(
+    State(customers): State<Customers<S>>,
+    StrictJson(request): StrictJson<CreateCustomer>,
+) -> Result<(StatusCode, Json<CustomerView>), Problem> {
+    let new = NewCustomer {
+        id: request
+            .customer_id
+            .as_deref()
+            .map(CustomerId::parse)
+            .transpose()
+            .map_err(AppError::from)?,
+        name: Name::parse(&request.name).map_err(AppError::from)?,
+        email: Email::parse(&request.email).map_err(AppError::from)?,
+        address: Address::parse(&request.address).map_err(AppError::from)?,
+        credit_limit: CreditLimit::parse(request.credit_limit_cents).map_err(AppError::from)?,
+    };
+    let customer = customers.create(new).await?;
+    Ok((StatusCode::CREATED, Json(customer.into())))
+}
+
+/// One customer.
+#[utoipa::path(get, path = "/customers/{id}",
+    responses((status = 200, body = CustomerView), (status = 404, body = Problem)))]
+async fn get_customer<S: Store>(
+    State(customers): State<Customers<S>>,
+    Path(id): Path<String>,
+) -> Result<Json<CustomerView>, Problem> {
+    Ok(Json(customers.get(known_id(&id)?).await?.into()))
+}
+
+/// Customers by id, a page at a time.
+#[utoipa::path(get, path = "/customers", params(PageQuery),
+    responses((status = 200, body = CustomerPage), (status = 400, body = Problem)))]
+async fn list_customers<S: Store>(
+    State(customers): State<Customers<S>>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<CustomerPage>, Problem> {
+    let Query(query) = query.map_err(|rejection| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-query",
+            rejection.body_text(),
+        )
+        .with_field("query")
+    })?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::invalid("limit", "must be between 1 and 500"));
+    }
+    let items: Vec<CustomerView> = customers
+        .list(query.after, limit)
+        .await?
+        .into_iter()
+        .map(CustomerView::from)
+        .collect();
+    let next_after = (items.len() == limit as usize)
+        .then(|| items.last().map(|last| last.customer_id.clone()))
+        .flatten();
+    Ok(Json(CustomerPage { items, next_after }))
+}
+
+/// Change any of a customer's fields.
+#[utoipa::path(patch, path = "/customers/{id}", request_body = UpdateCustomer,
+    responses((status = 200, body = CustomerView), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn update_customer<S: Store>(
+    State(customers): State<Customers<S>>,
+    Path(id): Path<String>,
+    StrictJson(request): StrictJson<UpdateCustomer>,
+) -> Result<Json<CustomerView>, Problem> {
+    let id = known_id(&id)?;
+    let changes = Changes {
+        name: request
+            .name
+            .as_deref()
+            .map(Name::parse)
+            .transpose()
+            .map_err(AppError::from)?,
+        email: request
+            .email
+            .as_deref()
+            .map(Email::parse)
+            .transpose()
+            .map_err(AppError::from)?,
+        address: request
+            .address
+            .as_deref()
+            .map(Address::parse)
+            .transpose()
+            .map_err(AppError::from)?,
+        credit_limit: request
+            .credit_limit_cents
+            .map(CreditLimit::parse)
+            .transpose()
+            .map_err(AppError::from)?,
+    };
+    Ok(Json(customers.update(id, changes).await?.into()))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tandem Customer Service",
+        description = "Owns customers; publishes CustomerCreated and CustomerUpdated on topic `customer`."
+    ),
+    paths(create_customer, get_customer, list_customers, update_customer),
+    components(schemas(CreateCustomer, UpdateCustomer, CustomerView, CustomerPage, Problem))
+)]
+pub struct ApiDoc;
+
+/// The service's routes (probes and `/openapi.json` included).
+pub fn router<S: Store>(customers: Customers<S>) -> Router {
+    let ready_store = customers.store().clone();
+    Router::new()
+        .route(
+            "/customers",
+            get(list_customers::<S>).post(create_customer::<S>),
+        )
+        .route(
+            "/customers/{id}",
+            get(get_customer::<S>).patch(update_customer::<S>),
+        )
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .with_state(customers)
+        .merge(tandem_service::probes::router(move || {
+            let store = ready_store.clone();
+            async move {
+                store
+                    .read(|tx| tx.query("SELECT 1", &[]).map(|_| ()))
+                    .await
+                    .map_err(|error: StoreError| format!("customer database: {error}"))
+            }
+        }))
+}

@@ -1,0 +1,59 @@
+//! `tandem serve SERVICE`: one service process, as it is deployed.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Service {
+    Customer,
+}
+
+impl Service {
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Customer => "customer",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Which service to run.
+    service: Service,
+    /// Address to listen on (port 0 picks a free port; the chosen address
+    /// is printed).
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// The service's own database, e.g. sqlite:///data/customer.db
+    #[arg(long, env = "TANDEM_DB")]
+    db: String,
+    /// The event bus, e.g. sqlite:///data/bus.db
+    #[arg(long, env = "TANDEM_BUS")]
+    bus: String,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let store = tandem::engine::open_sqlite_store(&args.db).await?;
+    let bus = tandem::engine::open_bus(&args.bus).await?;
+    let listener = tandem_service::bind(args.listen).await?;
+    let address = listener.local_addr().context("listener address")?;
+    // Tools (tandem up, the tests) read this line to learn the port.
+    println!(
+        "{} service listening on http://{address}",
+        args.service.name()
+    );
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        tracing::info!("signal received; stopping");
+        on_signal.cancel();
+    });
+    let result = match args.service {
+        Service::Customer => customer_service::run(listener, store, bus, shutdown).await,
+    };
+    result.map_err(|error| anyhow::anyhow!("{} service stopped: {error}", args.service.name()))
+}
