@@ -9,12 +9,14 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Service {
     Customer,
+    Order,
 }
 
 impl Service {
     pub fn name(self) -> &'static str {
         match self {
             Service::Customer => "customer",
+            Service::Order => "order",
         }
     }
 }
@@ -54,6 +56,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let result = match args.service {
         Service::Customer => customer_service::run(listener, store, bus, shutdown).await,
+        Service::Order => order_service::run(listener, store, bus, shutdown).await,
     };
     result.map_err(|error| anyhow::anyhow!("{} service stopped: {error}", args.service.name()))
 }

@@ -1,0 +1,358 @@
+//! The Order Service's HTTP API.
+//!
+//! Orders naming a customer or product this service has not heard of yet
+//! (the eventual-consistency window) are refused at once with 422 and a
+//! problem of type `unknown-customer` or `unknown-product`, the field at
+//! fault, and `Retry-After: 1`: nothing is stored, and retrying shortly
+//! succeeds once the creation event has arrived.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tandem::store::{Store, StoreError};
+use tandem_service::{Problem, StrictJson};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::app::{AppError, Orders, PlaceOrder};
+use crate::storage::{LocalCustomer, StoredOrder};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrderLineRequest {
+    product_id: String,
+    quantity: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlaceOrderRequest {
+    customer_id: String,
+    lines: Vec<OrderLineRequest>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderLineView {
+    product_id: String,
+    quantity: i64,
+    unit_price_cents: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderView {
+    order_id: String,
+    customer_id: String,
+    /// PENDING, CONFIRMED, REJECTED or CANCELLED.
+    status: String,
+    lines: Vec<OrderLineView>,
+    total_cents: i64,
+    /// Why the order was rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// From the local customer copy, as it is now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_address: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl OrderView {
+    fn new(order: StoredOrder, customer: Option<LocalCustomer>) -> Self {
+        Self {
+            order_id: order.order_id,
+            customer_id: order.customer_id,
+            status: order.status.as_str().to_owned(),
+            lines: order
+                .lines
+                .into_iter()
+                .map(|line| OrderLineView {
+                    product_id: line.product_id,
+                    quantity: line.quantity,
+                    unit_price_cents: line.unit_price_cents,
+                })
+                .collect(),
+            total_cents: order.total_cents,
+            reason: order.reason,
+            customer_name: customer.as_ref().map(|customer| customer.name.clone()),
+            customer_address: customer.map(|customer| customer.address),
+            created_at: order.created_at,
+            updated_at: order.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderList {
+    items: Vec<OrderView>,
+}
+
+/// What the Order Service knows of a customer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalCustomerView {
+    customer_id: String,
+    name: String,
+    email: String,
+    address: String,
+    credit_limit_cents: i64,
+    /// Sequence of the last customer event applied.
+    sequence: i64,
+    /// When that event happened.
+    changed_at: String,
+}
+
+/// What the Order Service knows of a product.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalProductView {
+    product_id: String,
+    sku: String,
+    name: String,
+    price_cents: i64,
+    available: i64,
+    reserved: i64,
+    sequence: i64,
+    changed_at: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrdersQuery {
+    /// The customer whose orders to list.
+    customer_id: String,
+    /// At most this many (1 to 500, default 100).
+    limit: Option<u32>,
+}
+
+impl From<AppError> for Problem {
+    fn from(error: AppError) -> Self {
+        match error {
+            AppError::Invalid(invalid) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                invalid.kind,
+                invalid.message,
+            )
+            .with_field(invalid.field),
+            AppError::NotFound(_) => Problem::not_found(error.to_string()),
+            AppError::KeyReused(_) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                error.to_string(),
+            )
+            .with_field("Idempotency-Key"),
+            AppError::Concurrent(_) => Problem::conflict(error.to_string()),
+            AppError::Store(StoreError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "store unavailable");
+                Problem::unavailable("the order database is unavailable")
+            }
+            AppError::Store(error) => {
+                tracing::error!(%error, "store error");
+                Problem::internal()
+            }
+        }
+    }
+}
+
+/// Problems about the eventual-consistency window invite a retry.
+fn respond(problem: Problem) -> Response {
+    let retry = problem.problem_type.ends_with("/unknown-customer")
+        || problem.problem_type.ends_with("/unknown-product");
+    let mut response = problem.into_response();
+    if retry {
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// Place an order: checked against the local copies, accepted as PENDING.
+///
+/// With an `Idempotency-Key` header, a retry with the same key and body
+/// returns the same order (200); the same key with another body is 422.
+#[utoipa::path(post, path = "/orders", request_body = PlaceOrderRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
+    responses(
+        (status = 202, body = OrderView, description = "accepted as PENDING"),
+        (status = 200, body = OrderView, description = "the order an earlier request with this Idempotency-Key made"),
+        (status = 422, body = Problem, description = "invalid field; unknown-customer or unknown-product (retry shortly); credit-limit-exceeded; idempotency-key-reused"),
+    ))]
+async fn place_order<S: Store>(
+    State(orders): State<Orders<S>>,
+    headers: HeaderMap,
+    body: Result<StrictJson<PlaceOrderRequest>, Problem>,
+) -> Response {
+    let StrictJson(request) = match body {
+        Ok(body) => body,
+        Err(problem) => return respond(problem),
+    };
+    let idempotency_key = match headers.get("idempotency-key").map(|value| value.to_str()) {
+        None => None,
+        Some(Ok(key)) => Some(key.to_owned()),
+        Some(Err(_)) => {
+            return respond(Problem::invalid("Idempotency-Key", "must be visible ASCII"));
+        }
+    };
+    let placed = orders
+        .place(PlaceOrder {
+            customer_id: request.customer_id,
+            lines: request
+                .lines
+                .into_iter()
+                .map(|line| (line.product_id, line.quantity))
+                .collect(),
+            idempotency_key,
+        })
+        .await;
+    match placed {
+        Ok(placed) => {
+            let status = if placed.replayed {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            (status, Json(OrderView::new(placed.order, None))).into_response()
+        }
+        Err(error) => respond(error.into()),
+    }
+}
+
+/// One order, with the customer's current name and address from the local copy.
+#[utoipa::path(get, path = "/orders/{id}", responses((status = 200, body = OrderView), (status = 404, body = Problem)))]
+async fn get_order<S: Store>(
+    State(orders): State<Orders<S>>,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, Problem> {
+    let (order, customer) = orders.get(id).await?;
+    Ok(Json(OrderView::new(order, customer)))
+}
+
+/// A customer's orders, oldest first.
+#[utoipa::path(get, path = "/orders", params(OrdersQuery), responses((status = 200, body = OrderList), (status = 400, body = Problem)))]
+async fn list_orders<S: Store>(
+    State(orders): State<Orders<S>>,
+    query: Result<Query<OrdersQuery>, QueryRejection>,
+) -> Result<Json<OrderList>, Problem> {
+    let Query(query) = query.map_err(|rejection| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-query",
+            rejection.body_text(),
+        )
+        .with_field("query")
+    })?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::invalid("limit", "must be between 1 and 500"));
+    }
+    let items = orders
+        .of_customer(query.customer_id, limit)
+        .await?
+        .into_iter()
+        .map(|order| OrderView::new(order, None))
+        .collect();
+    Ok(Json(OrderList { items }))
+}
+
+/// Cancel a pending or confirmed order; its reserved stock is released.
+#[utoipa::path(post, path = "/orders/{id}/cancel",
+    responses((status = 200, body = OrderView), (status = 404, body = Problem), (status = 422, body = Problem, description = "not-cancellable")))]
+async fn cancel_order<S: Store>(
+    State(orders): State<Orders<S>>,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, Problem> {
+    Ok(Json(OrderView::new(orders.cancel(id).await?, None)))
+}
+
+/// The Order Service's local copy of a customer.
+#[utoipa::path(get, path = "/customers/{id}", responses((status = 200, body = LocalCustomerView), (status = 404, body = Problem)))]
+async fn get_local_customer<S: Store>(
+    State(orders): State<Orders<S>>,
+    Path(id): Path<String>,
+) -> Result<Json<LocalCustomerView>, Problem> {
+    let customer = orders.local_customer(id).await?;
+    Ok(Json(LocalCustomerView {
+        customer_id: customer.customer_id,
+        name: customer.name,
+        email: customer.email,
+        address: customer.address,
+        credit_limit_cents: customer.credit_limit_cents,
+        sequence: customer.sequence,
+        changed_at: customer.changed_at,
+    }))
+}
+
+/// The Order Service's local copy of a product.
+#[utoipa::path(get, path = "/products/{id}", responses((status = 200, body = LocalProductView), (status = 404, body = Problem)))]
+async fn get_local_product<S: Store>(
+    State(orders): State<Orders<S>>,
+    Path(id): Path<String>,
+) -> Result<Json<LocalProductView>, Problem> {
+    let product = orders.local_product(id).await?;
+    Ok(Json(LocalProductView {
+        product_id: product.product_id,
+        sku: product.sku,
+        name: product.name,
+        price_cents: product.price_cents,
+        available: product.available,
+        reserved: product.reserved,
+        sequence: product.sequence,
+        changed_at: product.changed_at,
+    }))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tandem Order Service",
+        description = "Takes orders against local copies of customers and products built from events; publishes OrderPlaced, OrderConfirmed, OrderRejected and OrderCancelled on topic `order`."
+    ),
+    paths(
+        place_order,
+        get_order,
+        list_orders,
+        cancel_order,
+        get_local_customer,
+        get_local_product
+    ),
+    components(schemas(
+        PlaceOrderRequest,
+        OrderLineRequest,
+        OrderView,
+        OrderLineView,
+        OrderList,
+        LocalCustomerView,
+        LocalProductView,
+        Problem
+    ))
+)]
+pub struct ApiDoc;
+
+pub fn router<S: Store>(orders: Orders<S>) -> Router {
+    let ready_store = orders.store().clone();
+    Router::new()
+        .route("/orders", get(list_orders::<S>).post(place_order::<S>))
+        .route("/orders/{id}", get(get_order::<S>))
+        .route("/orders/{id}/cancel", post(cancel_order::<S>))
+        .route("/customers/{id}", get(get_local_customer::<S>))
+        .route("/products/{id}", get(get_local_product::<S>))
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .with_state(orders)
+        .merge(tandem_service::probes::router(move || {
+            let store = ready_store.clone();
+            async move {
+                store
+                    .read(|tx| tx.query("SELECT 1", &[]).map(|_| ()))
+                    .await
+                    .map_err(|error: StoreError| format!("order database: {error}"))
+            }
+        }))
+}
