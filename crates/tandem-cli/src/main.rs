@@ -9,7 +9,10 @@
 
 mod admin;
 mod bench;
+mod events;
 mod serve;
+mod system;
+mod up;
 mod worker;
 
 use std::process::ExitCode;
@@ -40,6 +43,11 @@ enum Command {
     /// List, inspect, redrive or discard a consumer's parked events.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(admin::DeadLetterCommand),
+    /// The whole commerce system on this machine (embedded engines), until Ctrl-C.
+    Up(up::UpArgs),
+    /// Watch the event bus.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
     /// Run one service of the commerce system, as deployed.
     Serve(serve::ServeArgs),
     /// Rebuild a consumer's read model from the start of the log (the
@@ -75,6 +83,8 @@ fn main() -> ExitCode {
             Command::DeadLetters(command) => admin::dead_letters(command).await,
             Command::Replay(args) => admin::replay(args).await,
             Command::Serve(args) => serve::run(args).await,
+            Command::Events(command) => events::run(command).await,
+            Command::Up(args) => up::run(args).await,
             Command::Worker(command) => worker::run(command).await,
         }
     });

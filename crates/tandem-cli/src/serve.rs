@@ -9,13 +9,25 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Service {
     Customer,
+    Inventory,
     Order,
 }
 
 impl Service {
+    pub const ALL: [Service; 3] = [Service::Customer, Service::Inventory, Service::Order];
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            Service::Customer => 8081,
+            Service::Inventory => 8082,
+            Service::Order => 8083,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Service::Customer => "customer",
+            Service::Inventory => "inventory",
             Service::Order => "order",
         }
     }
@@ -25,10 +37,11 @@ impl Service {
 pub struct ServeArgs {
     /// Which service to run.
     service: Service,
-    /// Address to listen on (port 0 picks a free port; the chosen address
+    /// Address to listen on (default 127.0.0.1:8081 customer, 8082
+    /// inventory, 8083 order; port 0 picks a free port; the chosen address
     /// is printed).
-    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:8081")]
-    listen: SocketAddr,
+    #[arg(long, env = "TANDEM_LISTEN")]
+    listen: Option<SocketAddr>,
     /// The service's own database, e.g. sqlite:///data/customer.db
     #[arg(long, env = "TANDEM_DB")]
     db: String,
@@ -40,7 +53,10 @@ pub struct ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = tandem::engine::open_sqlite_store(&args.db).await?;
     let bus = tandem::engine::open_bus(&args.bus).await?;
-    let listener = tandem_service::bind(args.listen).await?;
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.service.default_port())));
+    let listener = tandem_service::bind(listen).await?;
     let address = listener.local_addr().context("listener address")?;
     // Tools (tandem up, the tests) read this line to learn the port.
     println!(
@@ -56,6 +72,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let result = match args.service {
         Service::Customer => customer_service::run(listener, store, bus, shutdown).await,
+        Service::Inventory => inventory_service::run(listener, store, bus, shutdown).await,
         Service::Order => order_service::run(listener, store, bus, shutdown).await,
     };
     result.map_err(|error| anyhow::anyhow!("{} service stopped: {error}", args.service.name()))

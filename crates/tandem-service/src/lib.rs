@@ -166,10 +166,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
             return Err(match inner.classify() {
                 serde_json::error::Category::Data => {
                     let message = inner.to_string();
-                    // serde names a missing or unknown field only in its message.
+                    // serde names a missing field only in its message (the
+                    // path stops at its parent); an unknown one is in the path.
                     let missing = message
                         .strip_prefix("missing field `")
-                        .or_else(|| message.strip_prefix("unknown field `"))
                         .and_then(|rest| rest.split('`').next());
                     let field = match (path.as_str(), missing) {
                         (".", Some(name)) => name.to_owned(),
@@ -350,5 +350,8 @@ mod tests {
 
         let problem = parse_json::<Order>(br#"{"lines":[{}]}"#).unwrap_err();
         assert_eq!(problem.field.as_deref(), Some("lines[0].quantity"));
+
+        let problem = parse_json::<Order>(br#"{"lines":[],"colour":"red"}"#).unwrap_err();
+        assert_eq!(problem.field.as_deref(), Some("colour"));
     }
 }

@@ -38,6 +38,12 @@ pub struct Ledger {
     pub fail_poison: Arc<AtomicBool>,
 }
 
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Ledger {
     pub fn new() -> Self {
         Self {

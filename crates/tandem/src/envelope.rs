@@ -112,6 +112,17 @@ impl Envelope {
 
     /// Decodes one envelope; strict and total (see the module docs).
     pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        // Structured mode is a JSON object; serde's derive would also take
+        // an array of the attribute values in field order.
+        let first = bytes.iter().find(|byte| !byte.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                    Ok(_) => DecodeError::new("$", "not a JSON object"),
+                    Err(error) => DecodeError::new("$", format!("not JSON: {error}")),
+                },
+            );
+        }
         let wire: WireIn<'_> = match serde_json::from_slice(bytes) {
             Ok(wire) => wire,
             Err(error) => {

@@ -209,11 +209,14 @@ pub(crate) fn rewrite_placeholders(sql: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8(rewritten).unwrap_or_else(|_| sql.to_owned()))
 }
 
+/// Rewritten statements by where the caller's text lives (address and
+/// length), with the original text to check a hit against.
+type RewriteCache = std::collections::HashMap<(usize, usize), (Box<str>, Box<str>)>;
+
 thread_local! {
-    /// Rewritten statements of this store thread, keyed by where the caller's
-    /// text lives and checked against it (callers mostly pass literals).
-    static REWRITTEN: std::cell::RefCell<std::collections::HashMap<(usize, usize), (Box<str>, Box<str>)>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+    /// Rewritten statements of this store thread (callers mostly pass
+    /// literals, whose address is stable).
+    static REWRITTEN: std::cell::RefCell<RewriteCache> = std::cell::RefCell::new(RewriteCache::new());
 }
 
 /// Calls `work` with the SQLite form of `sql`, rewriting each text once.

@@ -1,0 +1,111 @@
+//! `tandem events tail`: prints events from the bus as they arrive.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use tandem::bus::Delivery;
+use tandem::Envelope;
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print events as they arrive (from now on, or from the start).
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// The event bus, e.g. sqlite:///data/bus.db
+    #[arg(long, env = "TANDEM_BUS")]
+    bus: String,
+    /// Only this topic (repeatable); default: customer, inventory, order.
+    #[arg(long = "topic")]
+    topics: Vec<String>,
+    /// Start at the beginning of each topic instead of its end.
+    #[arg(long)]
+    from_start: bool,
+    /// One CloudEvents JSON envelope per line.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many events (default: run until interrupted).
+    #[arg(long)]
+    limit: Option<u64>,
+}
+
+pub async fn run(command: EventsCommand) -> anyhow::Result<()> {
+    let EventsCommand::Tail(args) = command;
+    let bus = tandem::engine::open_bus(&args.bus).await?;
+    let topics = if args.topics.is_empty() {
+        vec![
+            "customer".to_owned(),
+            "inventory".to_owned(),
+            "order".to_owned(),
+        ]
+    } else {
+        args.topics.clone()
+    };
+    let group = format!("tandem-events-tail-{}", std::process::id());
+    let mut subscription = bus.subscribe(&group, &topics).await?;
+    let stop = tokio::spawn(crate::shutdown_signal());
+    let mut printed = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    while !stop.is_finished() {
+        if args.limit.is_some_and(|limit| printed >= limit) {
+            break;
+        }
+        let Some(delivery) = subscription.next(500, Duration::from_millis(200)).await? else {
+            continue;
+        };
+        match delivery {
+            Delivery::Assigned(partitions) => {
+                for partition in partitions {
+                    let start = if args.from_start {
+                        0
+                    } else {
+                        bus.end_offsets(&partition.topic)
+                            .await?
+                            .into_iter()
+                            .find(|(number, _)| *number == partition.partition)
+                            .map_or(0, |(_, end)| end)
+                    };
+                    subscription.seek(&partition, start).await?;
+                }
+            }
+            Delivery::Revoked(_) => {}
+            Delivery::Records(records) => {
+                for record in records {
+                    if args.limit.is_some_and(|limit| printed >= limit) {
+                        break;
+                    }
+                    printed += 1;
+                    if args.json {
+                        stdout.write_all(&record.payload)?;
+                        stdout.write_all(b"\n")?;
+                        continue;
+                    }
+                    match Envelope::decode(&record.payload) {
+                        Ok(event) => writeln!(
+                            stdout,
+                            "{}/{}@{}  {}  {:<24} {} #{}  {}",
+                            record.topic,
+                            record.partition,
+                            record.offset,
+                            tandem::envelope::format_time(event.time),
+                            event.event_type,
+                            event.subject,
+                            event.sequence,
+                            event.data
+                        )?,
+                        Err(error) => writeln!(
+                            stdout,
+                            "{}/{}@{}  undecodable: {error}",
+                            record.topic, record.partition, record.offset
+                        )?,
+                    }
+                }
+                stdout.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
