@@ -1,4 +1,4 @@
-//! The `tandem` command.
+//! The `tandem` command; its subcommands live in the `tandem_cli` library.
 //!
 //! - `tandem bench pipeline`: events per second through outbox → relay →
 //!   embedded log → consumer → read model, against raw SQLite inserts.
@@ -7,13 +7,7 @@
 //! - `tandem worker ...` (hidden): small programs the crash-matrix and
 //!   multi-process tests run as child processes.
 
-mod admin;
-mod bench;
-mod events;
-mod serve;
-mod system;
-mod up;
-mod worker;
+use tandem_cli::{admin, bench, demo, events, serve, up, worker};
 
 use std::process::ExitCode;
 
@@ -45,6 +39,8 @@ enum Command {
     DeadLetters(admin::DeadLetterCommand),
     /// The whole commerce system on this machine (embedded engines), until Ctrl-C.
     Up(up::UpArgs),
+    /// The motivating story, run for real and narrated with measured numbers.
+    Demo(demo::DemoArgs),
     /// Watch the event bus.
     #[command(subcommand)]
     Events(events::EventsCommand),
@@ -85,6 +81,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Events(command) => events::run(command).await,
             Command::Up(args) => up::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
             Command::Worker(command) => worker::run(command).await,
         }
     });
@@ -94,21 +91,5 @@ fn main() -> ExitCode {
             eprintln!("tandem: {error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Resolves when SIGINT or SIGTERM arrives.
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(terminate) => terminate,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
     }
 }

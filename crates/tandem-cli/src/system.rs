@@ -51,6 +51,13 @@ impl System {
         })
     }
 
+    /// Runs services from `executable` instead of this process's own
+    /// (the tests run the built `tandem` binary).
+    pub fn with_executable(mut self, executable: impl Into<PathBuf>) -> Self {
+        self.executable = executable.into();
+        self
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
@@ -161,6 +168,14 @@ impl System {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Kills a service with SIGKILL, as a crash would.
+    pub async fn kill(&mut self, service: Service) -> anyhow::Result<()> {
+        if let Some(mut running) = self.running.remove(service.name()) {
+            running.child.kill().await?;
+        }
+        Ok(())
     }
 
     /// Returns the services whose process has exited on its own.

@@ -7,7 +7,7 @@
 //! the whole batch or none of it. Readers in this process are woken by an
 //! in-process signal the moment a batch commits; readers in other processes
 //! notice through `PRAGMA data_version`, polled with a backoff that stays
-//! under 10 ms and costs no disk I/O.
+//! at or under 2 ms and costs no disk I/O.
 //!
 //! Groups: every member of a group is assigned every partition (one member
 //! per group is the embedded engine's deployment; several instances of a

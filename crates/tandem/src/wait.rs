@@ -11,7 +11,7 @@ use crate::store::{ExternalChanges, StoreError};
 
 /// Shortest and longest pause between two looks at other processes' commits.
 pub const FIRST_POLL: Duration = Duration::from_micros(250);
-pub const LONGEST_POLL: Duration = Duration::from_millis(8);
+pub const LONGEST_POLL: Duration = Duration::from_millis(2);
 
 /// Waits until `signal` changes, `external` reports a change, or `max_wait`
 /// passes. Returns true if something changed.

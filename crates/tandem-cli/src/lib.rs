@@ -1,0 +1,34 @@
+//! The `tandem` command's subcommands, as a library so that the end-to-end
+//! tests drive the same code (`system::System` starts the services as
+//! processes).
+//!
+//! - `bench`: `tandem bench pipeline`.
+//! - `serve`, `up`, `system`, `demo`: run the commerce system.
+//! - `events`: `tandem events tail`.
+//! - `admin`: dead letters and replay.
+//! - `worker`: hidden child processes for the crash-matrix tests.
+
+pub mod admin;
+pub mod bench;
+pub mod demo;
+pub mod events;
+pub mod serve;
+pub mod system;
+pub mod up;
+pub mod worker;
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
