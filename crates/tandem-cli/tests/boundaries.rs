@@ -1,0 +1,94 @@
+//! The architecture's absences, checked on the dependency graph that cargo
+//! resolves: services never depend on each other, domain crates never see
+//! an engine crate, the toolkit knows no domain.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+/// Direct normal (non-dev) dependencies of each workspace crate.
+fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--offline",
+            "--no-deps",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|package| {
+            let name = package["name"].as_str().unwrap().to_owned();
+            let normal = package["dependencies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|dependency| dependency["kind"].is_null())
+                .map(|dependency| dependency["name"].as_str().unwrap().to_owned())
+                .collect();
+            (name, normal)
+        })
+        .collect()
+}
+
+const SERVICES: [&str; 3] = ["customer-service", "inventory-service", "order-service"];
+const ENGINES: [&str; 5] = ["rusqlite", "sqlx", "postgres", "rdkafka", "async-nats"];
+
+#[test]
+fn services_share_only_the_contracts() {
+    let graph = dependencies();
+    for service in SERVICES {
+        let deps = graph
+            .get(service)
+            .unwrap_or_else(|| panic!("{service} is not in the workspace"));
+        for other in SERVICES.iter().filter(|other| **other != service) {
+            assert!(!deps.contains(*other), "{service} depends on {other}");
+        }
+        assert!(
+            deps.contains("tandem-contracts"),
+            "{service} should speak the shared contracts"
+        );
+        for engine in ENGINES {
+            assert!(
+                !deps.contains(engine),
+                "{service} names the engine crate {engine}"
+            );
+        }
+        for client in ["reqwest", "hyper-util", "ureq"] {
+            assert!(
+                !deps.contains(client),
+                "{service} has an HTTP client ({client}): services never call each other"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_toolkit_knows_no_domain() {
+    let graph = dependencies();
+    for crate_name in ["tandem", "tandem-service"] {
+        let deps = &graph[crate_name];
+        for domain in SERVICES
+            .iter()
+            .chain(["tandem-contracts", "tandem-testkit"].iter())
+        {
+            assert!(!deps.contains(*domain), "{crate_name} depends on {domain}");
+        }
+    }
+    assert!(
+        !graph["tandem-contracts"].contains("rusqlite"),
+        "contracts name an engine"
+    );
+}
