@@ -162,6 +162,7 @@ impl<S: Store> Orders<S> {
                     return Err(AppError::NotFound(format!("order {order_id}")));
                 };
                 let from_version = order.version;
+                let from_status = order.status;
                 order.status = order.status.cancel()?;
                 let event = NewEvent::new(
                     &order_id,
@@ -181,7 +182,7 @@ impl<S: Store> Orders<S> {
                     })?;
                 order.version = envelope.sequence as i64;
                 order.updated_at = now();
-                if !storage::update_status(tx, &order, from_version)? {
+                if !storage::update_status(tx, &order, from_status, from_version)? {
                     return Err(AppError::Concurrent(order_id.clone()));
                 }
                 Ok(order)

@@ -132,6 +132,7 @@ impl Settlement {
             return Ok(());
         };
         let from_version = order.version;
+        let from_status = order.status;
         let new_event = match status {
             Status::Confirmed => NewEvent::new(
                 order_id,
@@ -162,7 +163,7 @@ impl Settlement {
         order.reason = reason;
         order.version = envelope.sequence as i64;
         order.updated_at = changed_at(event);
-        if !storage::update_status(tx, &order, from_version)? {
+        if !storage::update_status(tx, &order, from_status, from_version)? {
             return Err(HandlerError::transient(format!(
                 "order {order_id} changed concurrently"
             )));

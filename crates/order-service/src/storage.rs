@@ -39,6 +39,10 @@ pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
             updated_at  TEXT   NOT NULL
         );
         CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, created_at);
+        CREATE TABLE IF NOT EXISTS customer_exposure (
+            customer_id TEXT   PRIMARY KEY,
+            open_cents  BIGINT NOT NULL
+        );
         CREATE TABLE IF NOT EXISTS idempotency_keys (
             idempotency_key TEXT PRIMARY KEY,
             request         TEXT NOT NULL,
@@ -251,12 +255,13 @@ pub fn orders_of_customer(
     .collect()
 }
 
-/// Pending and confirmed totals of a customer, in cents.
+/// Pending and confirmed totals of a customer, in cents: kept in
+/// `customer_exposure` by [`insert_order`] and [`update_status`], so the
+/// credit check costs one lookup however many orders a customer has.
 pub fn open_total(tx: &mut dyn Tx, customer_id: &str) -> Result<i64, StoreError> {
     Ok(tx
         .query_opt(
-            "SELECT COALESCE(SUM(total_cents), 0) FROM orders
-             WHERE customer_id = $1 AND status IN ('PENDING', 'CONFIRMED')",
+            "SELECT open_cents FROM customer_exposure WHERE customer_id = $1",
             params![customer_id],
         )?
         .map(|row| row.i64(0))
@@ -264,7 +269,28 @@ pub fn open_total(tx: &mut dyn Tx, customer_id: &str) -> Result<i64, StoreError>
         .unwrap_or(0))
 }
 
+fn is_open(status: Status) -> bool {
+    matches!(status, Status::Pending | Status::Confirmed)
+}
+
+fn add_exposure(tx: &mut dyn Tx, customer_id: &str, cents: i64) -> Result<(), StoreError> {
+    let changed = tx.execute(
+        "UPDATE customer_exposure SET open_cents = open_cents + $2 WHERE customer_id = $1",
+        params![customer_id, cents],
+    )?;
+    if changed == 0 {
+        tx.execute(
+            "INSERT INTO customer_exposure (customer_id, open_cents) VALUES ($1, $2)",
+            params![customer_id, cents],
+        )?;
+    }
+    Ok(())
+}
+
 pub fn insert_order(tx: &mut dyn Tx, order: &StoredOrder) -> Result<(), StoreError> {
+    if is_open(order.status) {
+        add_exposure(tx, &order.customer_id, order.total_cents)?;
+    }
     tx.execute(
         &format!(
             "INSERT INTO orders ({ORDER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
@@ -284,10 +310,12 @@ pub fn insert_order(tx: &mut dyn Tx, order: &StoredOrder) -> Result<(), StoreErr
     Ok(())
 }
 
-/// Moves an order from `from_version` to a new status and version.
+/// Moves an order from (`from_status`, `from_version`) to its new status
+/// and version, keeping the customer's open total.
 pub fn update_status(
     tx: &mut dyn Tx,
     order: &StoredOrder,
+    from_status: Status,
     from_version: i64,
 ) -> Result<bool, StoreError> {
     let changed = tx.execute(
@@ -302,6 +330,10 @@ pub fn update_status(
             from_version
         ],
     )?;
+    if changed == 1 && is_open(from_status) != is_open(order.status) {
+        let sign = if is_open(order.status) { 1 } else { -1 };
+        add_exposure(tx, &order.customer_id, sign * order.total_cents)?;
+    }
     Ok(changed == 1)
 }
 
