@@ -71,7 +71,100 @@ impl Default for SqliteOptions {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+/// Work for a store thread. Given `Some(appended)`, the job runs inside a
+/// group transaction the thread opened (under a savepoint of its own) and
+/// sets `appended` if it wrote to the outbox; given `None`, it runs its own
+/// transaction. It returns what to do once the outcome of the enclosing
+/// commit is known (for its own transaction: already known).
+type Job = Box<dyn FnOnce(&mut Connection, Option<&mut bool>) -> Reply + Send>;
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// Most write jobs committed together by one group commit.
+const MAX_GROUP: usize = 256;
+
+/// The writer thread: runs jobs one transaction each while they arrive one
+/// at a time; when several are queued, runs them in one transaction, each
+/// under its own savepoint (a failing job undoes only itself), and commits
+/// once: one fsync for the group instead of one per job.
+fn writer_loop(mut connection: Connection, jobs: mpsc::Receiver<Job>, signal: watch::Sender<u64>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        if group.len() == 1 {
+            let job = group.pop().expect("one job");
+            job(&mut connection, None)(Ok(()));
+            continue;
+        }
+        if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+            tracing::debug!(%error, "group transaction refused; running the jobs one by one");
+            for job in group {
+                job(&mut connection, None)(Ok(()));
+            }
+            continue;
+        }
+        let mut appended = false;
+        let replies: Vec<Reply> = group
+            .into_iter()
+            .map(|job| job(&mut connection, Some(&mut appended)))
+            .collect();
+        let committed = connection.execute_batch("COMMIT").map_err(|error| {
+            let _ = connection.execute_batch("ROLLBACK");
+            map_error(error)
+        });
+        if committed.is_ok() && appended {
+            signal.send_modify(|count| *count = count.wrapping_add(1));
+        }
+        for reply in replies {
+            let outcome = match &committed {
+                Ok(()) => Ok(()),
+                Err(error) => Err(StoreError::Unavailable(format!(
+                    "group commit failed: {error}"
+                ))),
+            };
+            reply(outcome);
+        }
+    }
+}
+
+/// Runs one job of a group under a savepoint.
+fn run_in_savepoint<R, E, F>(
+    connection: &mut Connection,
+    work: F,
+    appended: &mut bool,
+) -> Result<R, E>
+where
+    E: From<StoreError>,
+    F: FnOnce(&mut dyn Tx) -> Result<R, E>,
+{
+    connection
+        .execute_batch("SAVEPOINT tandem_job")
+        .map_err(|error| E::from(map_error(error)))?;
+    let mut tx = SqliteTx {
+        connection,
+        appended: false,
+    };
+    let result = work(&mut tx);
+    let job_appended = tx.appended;
+    match result {
+        Ok(value) => {
+            connection
+                .execute_batch("RELEASE SAVEPOINT tandem_job")
+                .map_err(|error| E::from(map_error(error)))?;
+            *appended |= job_appended;
+            Ok(value)
+        }
+        Err(error) => {
+            let _ = connection
+                .execute_batch("ROLLBACK TO SAVEPOINT tandem_job; RELEASE SAVEPOINT tandem_job");
+            Err(error)
+        }
+    }
+}
 
 struct Shared {
     path: PathBuf,
@@ -381,14 +474,10 @@ impl SqliteStore {
             .map_err(map_error)?;
         let (outbox_signal, _) = watch::channel(0u64);
         let (writer_sender, writer_receiver) = mpsc::channel::<Job>();
+        let writer_signal = outbox_signal.clone();
         std::thread::Builder::new()
             .name("tandem-sqlite-writer".into())
-            .spawn(move || {
-                let mut connection = writer_connection;
-                while let Ok(job) = writer_receiver.recv() {
-                    job(&mut connection);
-                }
-            })
+            .spawn(move || writer_loop(writer_connection, writer_receiver, writer_signal))
             .map_err(|error| StoreError::Engine(format!("cannot start writer thread: {error}")))?;
 
         let (reader_sender, reader_receiver) = mpsc::channel::<Job>();
@@ -408,7 +497,7 @@ impl SqliteStore {
                             Err(_) => return,
                         }
                     };
-                    job(&mut connection);
+                    job(&mut connection, None)(Ok(()));
                 })
                 .map_err(|error| {
                     StoreError::Engine(format!("cannot start reader thread: {error}"))
@@ -445,10 +534,22 @@ impl SqliteStore {
     {
         let (reply, answer) = oneshot::channel();
         let shared = Arc::clone(&self.shared);
-        let job: Job = Box::new(move |connection: &mut Connection| {
-            let result = run_transaction(connection, write, work, &shared.outbox_signal);
-            let _ = reply.send(result);
-        });
+        let job: Job = Box::new(
+            move |connection: &mut Connection, group: Option<&mut bool>| {
+                let result = match group {
+                    Some(appended) => run_in_savepoint(connection, work, appended),
+                    None => run_transaction(connection, write, work, &shared.outbox_signal),
+                };
+                Box::new(move |committed: Result<(), StoreError>| {
+                    let outcome = match (result, committed) {
+                        (Ok(value), Ok(())) => Ok(value),
+                        (Ok(_), Err(error)) => Err(E::from(error)),
+                        (Err(error), _) => Err(error),
+                    };
+                    let _ = reply.send(outcome);
+                })
+            },
+        );
         let sender = if write {
             &self.shared.writer
         } else {
