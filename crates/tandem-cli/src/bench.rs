@@ -33,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 pub enum BenchCommand {
     /// Events/s through outbox → relay → embedded log → consumer → read model.
     Pipeline(PipelineArgs),
+    /// POST /orders throughput and latency with a separate load generator
+    /// (oha), and the time from POST /orders to CONFIRMED.
+    Orders(crate::bench_orders::OrdersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +90,7 @@ struct Report {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Pipeline(args) => pipeline(args).await,
+        BenchCommand::Orders(args) => crate::bench_orders::run(args).await,
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod bench_orders;
 pub mod demo;
 pub mod events;
 pub mod serve;
