@@ -216,7 +216,7 @@ pub struct ApiDoc;
 /// The service's routes (probes and `/openapi.json` included).
 pub fn router<S: Store>(customers: Customers<S>) -> Router {
     let ready_store = customers.store().clone();
-    Router::new()
+    let routes = Router::new()
         .route(
             "/customers",
             get(list_customers::<S>).post(create_customer::<S>),
@@ -235,5 +235,6 @@ pub fn router<S: Store>(customers: Customers<S>) -> Router {
                     .await
                     .map_err(|error: StoreError| format!("customer database: {error}"))
             }
-        }))
+        }));
+    tandem_service::with_defaults(routes)
 }

@@ -2,13 +2,13 @@
 //! `application/problem+json`, the OpenAPI document at `/openapi.json`.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::{Store, StoreError};
-use tandem_service::{Problem, StrictJson, BODY_LIMIT_BYTES};
+use tandem_service::{Problem, StrictJson};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::app::{AppError, NewProduct, Products};
@@ -203,12 +203,11 @@ async fn adjust_stock<S: Store>(
 )]
 pub struct ApiDoc;
 
-/// The service's routes (probes and `/openapi.json` included). Bodies over
-/// [`BODY_LIMIT_BYTES`] are refused here too, not only by
-/// `tandem_service::serve`, so the router alone behaves as served.
+/// The service's routes (probes and `/openapi.json` included), with the
+/// defaults every service has (body limit, problem+json 404).
 pub fn router<S: Store>(products: Products<S>) -> Router {
     let ready_store = products.store().clone();
-    Router::new()
+    let routes = Router::new()
         .route(
             "/products",
             get(list_products::<S>).post(create_product::<S>),
@@ -225,6 +224,6 @@ pub fn router<S: Store>(products: Products<S>) -> Router {
                     .await
                     .map_err(|error: StoreError| format!("inventory database: {error}"))
             }
-        }))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        }));
+    tandem_service::with_defaults(routes)
 }

@@ -338,7 +338,7 @@ pub struct ApiDoc;
 
 pub fn router<S: Store>(orders: Orders<S>) -> Router {
     let ready_store = orders.store().clone();
-    Router::new()
+    let routes = Router::new()
         .route("/orders", get(list_orders::<S>).post(place_order::<S>))
         .route("/orders/{id}", get(get_order::<S>))
         .route("/orders/{id}/cancel", post(cancel_order::<S>))
@@ -354,5 +354,6 @@ pub fn router<S: Store>(orders: Orders<S>) -> Router {
                     .await
                     .map_err(|error: StoreError| format!("order database: {error}"))
             }
-        }))
+        }));
+    tandem_service::with_defaults(routes)
 }

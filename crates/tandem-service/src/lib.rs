@@ -236,6 +236,16 @@ pub mod probes {
     }
 }
 
+/// The limits and answers every Tandem service router has: the body limit
+/// (413 as problem+json through [`StrictJson`]) and a problem+json 404 for
+/// unknown routes. Services apply it to their router; [`serve`] applies it
+/// again, so a router that forgot it is still covered.
+pub fn with_defaults(router: Router) -> Router {
+    router
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .fallback(|| async { Problem::not_found("no such route") })
+}
+
 /// Serves `router` on `listener` until `shutdown` fires, then stops taking
 /// connections and lets in-flight requests finish.
 pub async fn serve(
@@ -243,10 +253,7 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let router = router
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .fallback(|| async { Problem::not_found("no such route") });
-    axum::serve(listener, router)
+    axum::serve(listener, with_defaults(router))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
