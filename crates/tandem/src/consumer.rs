@@ -1024,6 +1024,23 @@ impl<S: Store> Consumer<S> {
         assigned: &[TopicPartition],
     ) -> Result<bool, ConsumerError> {
         let mut replayed = false;
+        // A cheap read first: most of the time there is nothing to do, and
+        // a write transaction would take the database's write lock for it.
+        let consumer = self.config.name.clone();
+        let pending = self
+            .store
+            .read(move |tx: &mut dyn Tx| -> Result<bool, StoreError> {
+                Ok(tx
+                    .query_opt(
+                        "SELECT 1 FROM tandem_consumer_requests WHERE consumer = $1 LIMIT 1",
+                        params![&consumer],
+                    )?
+                    .is_some())
+            })
+            .await?;
+        if !pending {
+            return Ok(false);
+        }
         loop {
             let consumer = self.config.name.clone();
             let handler = Arc::clone(&self.handler);

@@ -439,6 +439,7 @@ impl Subscription for EmbeddedSubscription {
                 &mut self.signal,
                 Some(&mut self.external),
                 deadline - now,
+                crate::wait::LONGEST_POLL,
             )
             .await?;
         }

@@ -183,7 +183,7 @@ impl<S: Store> Relay<S> {
                     retry = self.config.retry_initial;
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), self.config.idle_wait) => { waited?; }
+                        waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), self.config.idle_wait, crate::wait::LONGEST_RELAY_POLL) => { waited?; }
                     }
                 }
                 Err(error) => {

@@ -9,16 +9,22 @@ use tokio::time::Instant;
 
 use crate::store::{ExternalChanges, StoreError};
 
-/// Shortest and longest pause between two looks at other processes' commits.
+/// Shortest pause between two looks at other processes' commits, and the
+/// longest for readers of the bus (whose writers are other processes).
 pub const FIRST_POLL: Duration = Duration::from_micros(250);
 pub const LONGEST_POLL: Duration = Duration::from_millis(2);
+/// The longest pause for a relay: the writers of its outbox are mostly in
+/// its own process and signal it directly; other processes are rare.
+pub const LONGEST_RELAY_POLL: Duration = Duration::from_millis(50);
 
 /// Waits until `signal` changes, `external` reports a change, or `max_wait`
-/// passes. Returns true if something changed.
+/// passes; looks at `external` with pauses doubling up to `longest_poll`.
+/// Returns true if something changed.
 pub async fn wait_for_change(
     signal: &mut watch::Receiver<u64>,
     mut external: Option<&mut Box<dyn ExternalChanges>>,
     max_wait: Duration,
+    longest_poll: Duration,
 ) -> Result<bool, StoreError> {
     let deadline = Instant::now() + max_wait;
     let mut pause = FIRST_POLL;
@@ -44,6 +50,6 @@ pub async fn wait_for_change(
                 return Ok(true);
             }
         }
-        pause = (pause * 2).min(LONGEST_POLL);
+        pause = (pause * 2).min(longest_poll);
     }
 }
