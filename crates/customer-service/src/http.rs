@@ -1,14 +1,13 @@
 //! The Customer Service's HTTP API: JSON in and out, errors as
 //! `application/problem+json`, the OpenAPI document at `/openapi.json`.
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::{Store, StoreError};
-use tandem_service::{Problem, StrictJson};
+use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::app::{AppError, Customers, NewCustomer};
@@ -139,20 +138,9 @@ async fn get_customer<S: Store>(
     responses((status = 200, body = CustomerPage), (status = 400, body = Problem)))]
 async fn list_customers<S: Store>(
     State(customers): State<Customers<S>>,
-    query: Result<Query<PageQuery>, QueryRejection>,
+    StrictQuery(query): StrictQuery<PageQuery>,
 ) -> Result<Json<CustomerPage>, Problem> {
-    let Query(query) = query.map_err(|rejection| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-query",
-            rejection.body_text(),
-        )
-        .with_field("query")
-    })?;
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::invalid("limit", "must be between 1 and 500"));
-    }
+    let limit = tandem_service::page_limit(query.limit, 50)?;
     let items: Vec<CustomerView> = customers
         .list(query.after, limit)
         .await?

@@ -1,14 +1,13 @@
 //! The Inventory Service's HTTP API: JSON in and out, errors as
 //! `application/problem+json`, the OpenAPI document at `/openapi.json`.
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::{Store, StoreError};
-use tandem_service::{Problem, StrictJson};
+use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::app::{AppError, NewProduct, Products};
@@ -150,20 +149,9 @@ async fn get_product<S: Store>(
     responses((status = 200, body = ProductPage), (status = 400, body = Problem), (status = 422, body = Problem)))]
 async fn list_products<S: Store>(
     State(products): State<Products<S>>,
-    query: Result<Query<PageQuery>, QueryRejection>,
+    StrictQuery(query): StrictQuery<PageQuery>,
 ) -> Result<Json<ProductPage>, Problem> {
-    let Query(query) = query.map_err(|rejection| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-query",
-            rejection.body_text(),
-        )
-        .with_field("query")
-    })?;
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::invalid("limit", "must be between 1 and 500"));
-    }
+    let limit = tandem_service::page_limit(query.limit, 50)?;
     let items: Vec<ProductView> = products
         .list(query.after, limit)
         .await?

@@ -6,15 +6,14 @@
 //! fault, and `Retry-After: 1`: nothing is stored, and retrying shortly
 //! succeeds once the creation event has arrived.
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::{Store, StoreError};
-use tandem_service::{Problem, StrictJson};
+use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::app::{AppError, Orders, PlaceOrder};
@@ -239,20 +238,9 @@ async fn get_order<S: Store>(
 #[utoipa::path(get, path = "/orders", params(OrdersQuery), responses((status = 200, body = OrderList), (status = 400, body = Problem)))]
 async fn list_orders<S: Store>(
     State(orders): State<Orders<S>>,
-    query: Result<Query<OrdersQuery>, QueryRejection>,
+    StrictQuery(query): StrictQuery<OrdersQuery>,
 ) -> Result<Json<OrderList>, Problem> {
-    let Query(query) = query.map_err(|rejection| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-query",
-            rejection.body_text(),
-        )
-        .with_field("query")
-    })?;
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::invalid("limit", "must be between 1 and 500"));
-    }
+    let limit = tandem_service::page_limit(query.limit, 100)?;
     let items = orders
         .of_customer(query.customer_id, limit)
         .await?

@@ -154,6 +154,51 @@ fn body_problem(rejection: BytesRejection) -> Problem {
     }
 }
 
+/// A query string, parsed strictly: a failure is a 400 problem naming
+/// `query`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StrictQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for StrictQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| StrictQuery(value))
+            .map_err(|rejection| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-query",
+                    rejection.body_text(),
+                )
+                .with_field("query")
+            })
+    }
+}
+
+/// Largest page a list endpoint returns.
+pub const MAX_PAGE: u32 = 500;
+
+/// A list endpoint's `limit`: `default` when absent, else 1 to [`MAX_PAGE`].
+pub fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, Problem> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(Problem::invalid(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// Parses `bytes` as `T`, naming the field at fault on failure.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
