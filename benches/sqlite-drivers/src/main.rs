@@ -244,17 +244,18 @@ mod with_rusqlite {
                 })
                 .optional()?;
             // The handler.
-            if tx.prepare_cached(UPDATE_LEDGER)?.execute(params![subject])? == 0 {
-                tx.prepare_cached(INSERT_LEDGER)?.execute(params![subject])?;
+            if tx
+                .prepare_cached(UPDATE_LEDGER)?
+                .execute(params![subject])?
+                == 0
+            {
+                tx.prepare_cached(INSERT_LEDGER)?
+                    .execute(params![subject])?;
             }
             match state {
-                Some((applied, blocked_by)) => tx.prepare_cached(UPDATE_STATE)?.execute(params![
-                    applied + 1,
-                    blocked_by,
-                    CONSUMER,
-                    TOPIC,
-                    subject
-                ])?,
+                Some((applied, blocked_by)) => tx
+                    .prepare_cached(UPDATE_STATE)?
+                    .execute(params![applied + 1, blocked_by, CONSUMER, TOPIC, subject])?,
                 None => tx.prepare_cached(INSERT_STATE)?.execute(params![
                     CONSUMER,
                     TOPIC,
@@ -264,8 +265,13 @@ mod with_rusqlite {
                 ])?,
             };
         }
-        tx.prepare_cached(UPSERT_POSITION)?
-            .execute(params![CONSUMER, TOPIC, 0, next_offset, now_micros()])?;
+        tx.prepare_cached(UPSERT_POSITION)?.execute(params![
+            CONSUMER,
+            TOPIC,
+            0,
+            next_offset,
+            now_micros()
+        ])?;
         Ok(())
     }
 
@@ -276,7 +282,13 @@ mod with_rusqlite {
         Ok(())
     }
 
-    pub async fn run(path: &Path, sync: Sync, workload: Workload, events: u64, batch: u64) -> Duration {
+    pub async fn run(
+        path: &Path,
+        sync: Sync,
+        workload: Workload,
+        events: u64,
+        batch: u64,
+    ) -> Duration {
         let store = Store::open(path, sync).expect("open rusqlite");
         let started = Instant::now();
         for start in (0..events).step_by(batch as usize) {
@@ -299,7 +311,9 @@ mod with_rusqlite {
 /// statement, `commit().await`.
 mod with_sqlx {
     use super::*;
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+    use sqlx::sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    };
     use sqlx::{SqliteConnection, SqlitePool};
 
     pub async fn open(path: &Path, sync: Sync) -> sqlx::Result<SqlitePool> {
@@ -430,7 +444,13 @@ mod with_sqlx {
         Ok(())
     }
 
-    pub async fn run(path: &Path, sync: Sync, workload: Workload, events: u64, batch: u64) -> Duration {
+    pub async fn run(
+        path: &Path,
+        sync: Sync,
+        workload: Workload,
+        events: u64,
+        batch: u64,
+    ) -> Duration {
         let pool = open(path, sync).await.expect("open sqlx");
         let started = Instant::now();
         for start in (0..events).step_by(batch as usize) {
@@ -462,8 +482,14 @@ fn verify(path: &Path, workload: Workload, events: u64) {
         }
         Workload::Consumer => {
             assert_eq!(one("SELECT sum(balance) FROM ledger"), events);
-            assert_eq!(one("SELECT sum(sequence) FROM tandem_consumer_aggregates"), events);
-            assert_eq!(one("SELECT next_offset FROM tandem_consumer_positions"), events);
+            assert_eq!(
+                one("SELECT sum(sequence) FROM tandem_consumer_aggregates"),
+                events
+            );
+            assert_eq!(
+                one("SELECT next_offset FROM tandem_consumer_positions"),
+                events
+            );
         }
         Workload::Raw => assert_eq!(one("SELECT count(*) FROM raw_events"), events),
     }
@@ -476,6 +502,7 @@ struct Args {
     workloads: Vec<Workload>,
     drivers: Vec<Driver>,
     syncs: Vec<Sync>,
+    on_main: bool,
 }
 
 fn parse_args() -> Args {
@@ -486,6 +513,7 @@ fn parse_args() -> Args {
         workloads: vec![Workload::Producer, Workload::Consumer, Workload::Raw],
         drivers: vec![Driver::Rusqlite, Driver::Sqlx],
         syncs: vec![Sync::Full, Sync::Normal],
+        on_main: false,
     };
     let mut given = std::env::args().skip(1);
     while let (Some(flag), Some(value)) = (given.next(), given.next()) {
@@ -525,9 +553,17 @@ fn parse_args() -> Args {
                     })
                     .collect()
             }
+            "--caller" => {
+                args.on_main = match value.as_str() {
+                    "task" => false,
+                    "main" => true,
+                    other => panic!("unknown caller {other}"),
+                }
+            }
             other => panic!(
                 "unknown flag {other}; flags: --events N --batch N --rounds N \
-                 --workloads producer,consumer,raw --drivers rusqlite,sqlx --sync full,normal"
+                 --workloads producer,consumer,raw --drivers rusqlite,sqlx --sync full,normal \
+                 --caller task|main"
             ),
         }
     }
@@ -566,11 +602,16 @@ async fn main() {
     std::fs::create_dir_all(&data).expect("data directory");
     let data = data.canonicalize().expect("data directory");
     println!(
-        "sqlite {}, {} events, transactions of {}, {} rounds, data in {}",
+        "sqlite {}, {} events, transactions of {}, {} rounds, caller on {}, data in {}",
         rusqlite::version(),
         args.events,
         args.batch,
         args.rounds,
+        if args.on_main {
+            "the main thread"
+        } else {
+            "a runtime worker (spawned task)"
+        },
         data.display()
     );
 
@@ -588,21 +629,19 @@ async fn main() {
                     let _ = std::fs::remove_dir_all(&directory);
                     std::fs::create_dir_all(&directory).expect("run directory");
                     let path = directory.join("bench.db");
-                    // On a runtime worker, as Tandem's pipeline tasks are
-                    // (the main thread's block_on would park differently).
-                    let (events, batch, run_path) = (args.events, args.batch, path.clone());
-                    let elapsed = tokio::spawn(async move {
-                        match driver {
-                            Driver::Rusqlite => {
-                                with_rusqlite::run(&run_path, sync, workload, events, batch).await
-                            }
-                            Driver::Sqlx => {
-                                with_sqlx::run(&run_path, sync, workload, events, batch).await
-                            }
-                        }
-                    })
-                    .await
-                    .expect("run task");
+                    let run = run_once(
+                        driver,
+                        path.clone(),
+                        sync,
+                        workload,
+                        args.events,
+                        args.batch,
+                    );
+                    let elapsed = if args.on_main {
+                        run.await
+                    } else {
+                        tokio::spawn(run).await.expect("run task")
+                    };
                     verify(&path, workload, args.events);
                     std::fs::remove_dir_all(&directory).expect("remove run directory");
                     let per_second = args.events as f64 / elapsed.as_secs_f64();
@@ -614,7 +653,13 @@ async fn main() {
                         per_second,
                         elapsed.as_secs_f64()
                     );
-                    samples.push(Sample { round, sync, workload, driver, per_second });
+                    samples.push(Sample {
+                        round,
+                        sync,
+                        workload,
+                        driver,
+                        per_second,
+                    });
                 }
             }
         }
@@ -622,11 +667,30 @@ async fn main() {
     report(&args, &samples);
 }
 
+/// One timed run. Tandem's pipeline awaits its store from spawned tasks, on
+/// the runtime's worker threads: the default here. `--caller main` awaits
+/// from the main thread's `block_on` instead.
+async fn run_once(
+    driver: Driver,
+    path: PathBuf,
+    sync: Sync,
+    workload: Workload,
+    events: u64,
+    batch: u64,
+) -> Duration {
+    match driver {
+        Driver::Rusqlite => with_rusqlite::run(&path, sync, workload, events, batch).await,
+        Driver::Sqlx => with_sqlx::run(&path, sync, workload, events, batch).await,
+    }
+}
+
 fn report(args: &Args, samples: &[Sample]) {
     let rate = |round: usize, sync: Sync, workload: Workload, driver: Driver| {
         samples
             .iter()
-            .find(|s| s.round == round && s.sync == sync && s.workload == workload && s.driver == driver)
+            .find(|s| {
+                s.round == round && s.sync == sync && s.workload == workload && s.driver == driver
+            })
             .map(|s| s.per_second)
     };
     println!();
@@ -636,17 +700,29 @@ fn report(args: &Args, samples: &[Sample]) {
         for &workload in &args.workloads {
             let mut medians = Vec::new();
             for driver in [Driver::Rusqlite, Driver::Sqlx] {
-                let mut rates: Vec<f64> =
-                    (0..args.rounds).filter_map(|r| rate(r, sync, workload, driver)).collect();
-                medians.push(if rates.is_empty() { f64::NAN } else { median(&mut rates) });
+                let mut rates: Vec<f64> = (0..args.rounds)
+                    .filter_map(|r| rate(r, sync, workload, driver))
+                    .collect();
+                medians.push(if rates.is_empty() {
+                    f64::NAN
+                } else {
+                    median(&mut rates)
+                });
             }
             let mut ratios: Vec<f64> = (0..args.rounds)
                 .filter_map(|r| {
-                    Some(rate(r, sync, workload, Driver::Rusqlite)? / rate(r, sync, workload, Driver::Sqlx)?)
+                    Some(
+                        rate(r, sync, workload, Driver::Rusqlite)?
+                            / rate(r, sync, workload, Driver::Sqlx)?,
+                    )
                 })
                 .collect();
             let listed: Vec<String> = ratios.iter().map(|ratio| format!("{ratio:.2}")).collect();
-            let ratio = if ratios.is_empty() { f64::NAN } else { median(&mut ratios) };
+            let ratio = if ratios.is_empty() {
+                f64::NAN
+            } else {
+                median(&mut ratios)
+            };
             println!(
                 "| {} | {:?} | {:.0} | {:.0} | {:.2} | {} |",
                 sync.pragma(),
