@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tandem::store::{Store, StoreError};
+use tandem::store::Store;
 use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -84,14 +84,7 @@ impl From<AppError> for Problem {
             AppError::AlreadyExists(_) | AppError::Concurrent(_) => {
                 Problem::conflict(error.to_string())
             }
-            AppError::Store(StoreError::Unavailable(detail)) => {
-                tracing::warn!(%detail, "store unavailable");
-                Problem::unavailable("the customer database is unavailable")
-            }
-            AppError::Store(error) => {
-                tracing::error!(%error, "store error");
-                Problem::internal()
-            }
+            AppError::Store(error) => Problem::from_store(error, "customer database"),
         }
     }
 }
@@ -215,14 +208,9 @@ pub fn router<S: Store>(customers: Customers<S>) -> Router {
         )
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(customers)
-        .merge(tandem_service::probes::router(move || {
-            let store = ready_store.clone();
-            async move {
-                store
-                    .read(|tx| tx.query("SELECT 1", &[]).map(|_| ()))
-                    .await
-                    .map_err(|error: StoreError| format!("customer database: {error}"))
-            }
-        }));
+        .merge(tandem_service::probes::for_store(
+            ready_store,
+            "customer database",
+        ));
     tandem_service::with_defaults(routes)
 }

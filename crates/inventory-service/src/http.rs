@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tandem::store::{Store, StoreError};
+use tandem::store::Store;
 use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -95,14 +95,7 @@ impl From<AppError> for Problem {
                 Problem::conflict(error.to_string()).with_field(field)
             }
             AppError::Concurrent(_) => Problem::conflict(error.to_string()),
-            AppError::Store(StoreError::Unavailable(detail)) => {
-                tracing::warn!(%detail, "store unavailable");
-                Problem::unavailable("the inventory database is unavailable")
-            }
-            AppError::Store(error) => {
-                tracing::error!(%error, "store error");
-                Problem::internal()
-            }
+            AppError::Store(error) => Problem::from_store(error, "inventory database"),
         }
     }
 }
@@ -204,14 +197,9 @@ pub fn router<S: Store>(products: Products<S>) -> Router {
         .route("/products/{id}/stock-adjustments", post(adjust_stock::<S>))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(products)
-        .merge(tandem_service::probes::router(move || {
-            let store = ready_store.clone();
-            async move {
-                store
-                    .read(|tx| tx.query("SELECT 1", &[]).map(|_| ()))
-                    .await
-                    .map_err(|error: StoreError| format!("inventory database: {error}"))
-            }
-        }));
+        .merge(tandem_service::probes::for_store(
+            ready_store,
+            "inventory database",
+        ));
     tandem_service::with_defaults(routes)
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tandem::store::{Store, StoreError};
+use tandem::store::Store;
 use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -148,14 +148,7 @@ impl From<AppError> for Problem {
             )
             .with_field("Idempotency-Key"),
             AppError::Concurrent(_) => Problem::conflict(error.to_string()),
-            AppError::Store(StoreError::Unavailable(detail)) => {
-                tracing::warn!(%detail, "store unavailable");
-                Problem::unavailable("the order database is unavailable")
-            }
-            AppError::Store(error) => {
-                tracing::error!(%error, "store error");
-                Problem::internal()
-            }
+            AppError::Store(error) => Problem::from_store(error, "order database"),
         }
     }
 }
@@ -334,14 +327,9 @@ pub fn router<S: Store>(orders: Orders<S>) -> Router {
         .route("/products/{id}", get(get_local_product::<S>))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(orders)
-        .merge(tandem_service::probes::router(move || {
-            let store = ready_store.clone();
-            async move {
-                store
-                    .read(|tx| tx.query("SELECT 1", &[]).map(|_| ()))
-                    .await
-                    .map_err(|error: StoreError| format!("order database: {error}"))
-            }
-        }));
+        .merge(tandem_service::probes::for_store(
+            ready_store,
+            "order database",
+        ));
     tandem_service::with_defaults(routes)
 }

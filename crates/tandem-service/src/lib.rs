@@ -75,6 +75,21 @@ impl Problem {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
     }
 
+    /// The problem for a failure of the service's own database, logged:
+    /// 503 while it is unavailable (retry later), 500 otherwise.
+    pub fn from_store(error: tandem::StoreError, database: &str) -> Self {
+        match error {
+            tandem::StoreError::Unavailable(detail) => {
+                tracing::warn!(%detail, database, "store unavailable");
+                Problem::unavailable(format!("the {database} is unavailable"))
+            }
+            error => {
+                tracing::error!(%error, database, "store error");
+                Problem::internal()
+            }
+        }
+    }
+
     /// 500, for errors whose detail must not leak; log the cause.
     pub fn internal() -> Self {
         Self::new(
@@ -254,6 +269,19 @@ pub mod probes {
     use axum::{Json, Router};
 
     use crate::Problem;
+
+    /// Probes of a service that is ready when its own database answers.
+    pub fn for_store<S: tandem::Store>(store: S, database: &'static str) -> Router {
+        router(move || {
+            let store = store.clone();
+            async move {
+                store
+                    .read(|tx| tx.query("SELECT 1", &[]).map(|_| ()))
+                    .await
+                    .map_err(|error: tandem::StoreError| format!("{database}: {error}"))
+            }
+        })
+    }
 
     pub fn router<F, Fut>(ready: F) -> Router
     where
