@@ -15,6 +15,8 @@ use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use tandem::store::{Store, StoreError, Tx};
 use tandem::{params, Envelope, EventPayload, Handler, HandlerError};
 
+pub mod conformance;
+
 pub const TOPIC: &str = "ledger";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

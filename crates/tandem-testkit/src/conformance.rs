@@ -1,0 +1,1106 @@
+//! Conformance suites for the two ports, `Bus` and `Store`.
+//!
+//! Each check is a generic async function that relies only on the traits
+//! (`Bus`/`Subscription`, `Store`/`Tx`) and the toolkit's own functions
+//! (`tandem::outbox`, `tandem::consumer`, `tandem::dead_letter`), with
+//! portable SQL (`$1` placeholders, types both SQLite and PostgreSQL read).
+//! The macros `bus_conformance!` and `store_conformance!` expand every check
+//! into one `#[tokio::test]` inside a module named after the engine, so an
+//! engine joins the suite with one line:
+//!
+//! ```ignore
+//! tandem_testkit::bus_conformance!(embedded, embedded_log());
+//! tandem_testkit::store_conformance!(sqlite, sqlite_store());
+//! ```
+//!
+//! Every engine crate runs the very same checks from its own
+//! `tests/conformance.rs`; the test binary needs `tokio` with the
+//! `macros` and `rt-multi-thread` features.
+//!
+//! The factory expression is evaluated once per test and must yield a
+//! future of a [`Fresh`] engine: empty, owned by that test alone.
+
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::Duration;
+
+use tandem::bus::{Bus, BusError, Delivery, OutgoingRecord, Record, Subscription, TopicPartition};
+use tandem::store::{Store, StoreError, Tx};
+
+/// How long a check waits for records that were published before it gives up.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A fresh engine, and whatever keeps its storage alive (a temporary
+/// directory, a scratch database, a namespace on a broker).
+pub struct Fresh<E> {
+    pub engine: E,
+    _keep_alive: Box<dyn Any + Send + Sync>,
+}
+
+impl<E> Fresh<E> {
+    pub fn new(engine: E, keep_alive: impl Any + Send + Sync) -> Self {
+        Self {
+            engine,
+            _keep_alive: Box::new(keep_alive),
+        }
+    }
+}
+
+/// A name no other test uses, for topics and groups on shared brokers.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! conformance_tests {
+    ($engine:ident, $factory:expr, $suite:ident, [$($check:ident),+ $(,)?]) => {
+        mod $engine {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    $crate::conformance::$suite::$check(|| $factory).await;
+                }
+            )+
+        }
+    };
+}
+
+/// One `#[tokio::test]` per bus check, in `mod $engine`; `$factory` is an
+/// expression yielding a future of `Fresh<impl Bus>`.
+#[macro_export]
+macro_rules! bus_conformance {
+    ($engine:ident, $factory:expr) => {
+        $crate::conformance_tests!(
+            $engine,
+            $factory,
+            bus_checks,
+            [
+                records_of_one_key_come_back_in_publish_order_with_dense_offsets,
+                first_delivery_assigns_every_partition_of_the_subscribed_topics,
+                seek_redelivers_from_the_given_offset,
+                end_offsets_count_the_records_of_each_partition,
+                one_publish_to_several_topics_lands_each_record_in_its_topic,
+                a_waiting_subscriber_is_woken_by_a_publish,
+                publishing_to_an_empty_topic_name_is_an_error,
+                an_empty_publish_changes_nothing,
+                the_same_key_always_maps_to_the_same_partition,
+            ]
+        );
+    };
+}
+
+/// One `#[tokio::test]` per store check, in `mod $engine`; `$factory` is an
+/// expression yielding a future of `Fresh<impl Store>` whose toolkit tables
+/// are installed.
+#[macro_export]
+macro_rules! store_conformance {
+    ($engine:ident, $factory:expr) => {
+        $crate::conformance_tests!(
+            $engine,
+            $factory,
+            store_checks,
+            [
+                a_write_whose_closure_fails_leaves_no_trace,
+                committed_writes_are_visible_to_read,
+                a_unique_violation_is_a_conflict,
+                rolling_back_to_a_savepoint_undoes_only_the_inner_part,
+                a_failed_statement_undone_by_a_savepoint_leaves_the_transaction_usable,
+                concurrent_writes_are_serialised,
+                outbox_sequences_are_gap_free_per_aggregate_from_one,
+                a_stale_expected_sequence_is_a_conflict_and_writes_nothing,
+                outbox_read_after_returns_events_in_position_order,
+                an_outbox_commit_bumps_the_outbox_signal,
+                toolkit_tables_exist_after_open,
+            ]
+        );
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Bus checks.
+
+pub mod bus_checks {
+    use super::*;
+
+    fn record(topic: &str, key: &str, payload: impl Into<Vec<u8>>) -> OutgoingRecord {
+        OutgoingRecord {
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Subscribes and takes the first delivery, which must be the assignment;
+    /// seeks every assigned partition to 0. Returns the assigned partitions.
+    async fn subscribe_from_start(
+        bus: &dyn Bus,
+        group: &str,
+        topics: &[String],
+    ) -> (Box<dyn Subscription>, Vec<TopicPartition>) {
+        let mut subscription = bus.subscribe(group, topics).await.expect("subscribe");
+        let first = subscription
+            .next(100, DEADLINE)
+            .await
+            .expect("first delivery");
+        let Some(Delivery::Assigned(assigned)) = first else {
+            panic!("the first delivery must be the assignment, got {first:?}");
+        };
+        for partition in &assigned {
+            subscription
+                .seek(partition, 0)
+                .await
+                .expect("seek assigned partition");
+        }
+        (subscription, assigned)
+    }
+
+    /// Reads until `count` records arrived (failing past the deadline, or if
+    /// more than `count` arrive), checking that every delivery keeps offset
+    /// order within each partition.
+    async fn read_records(subscription: &mut dyn Subscription, count: usize) -> Vec<Record> {
+        let give_up = tokio::time::Instant::now() + DEADLINE;
+        let mut records: Vec<Record> = Vec::new();
+        while records.len() < count {
+            let now = tokio::time::Instant::now();
+            assert!(
+                now < give_up,
+                "timed out with {} of {count} records read",
+                records.len()
+            );
+            let wait = (give_up - now).min(Duration::from_secs(1));
+            match subscription.next(64, wait).await.expect("next") {
+                None => {}
+                Some(Delivery::Records(batch)) => {
+                    let mut last: BTreeMap<(String, u32), u64> = BTreeMap::new();
+                    for record in &batch {
+                        let place = (record.topic.clone(), record.partition);
+                        if let Some(previous) = last.insert(place, record.offset) {
+                            assert!(
+                                record.offset > previous,
+                                "a delivery must keep offset order within a partition: {batch:?}"
+                            );
+                        }
+                    }
+                    records.extend(batch);
+                }
+                Some(other) => panic!("unexpected delivery while reading: {other:?}"),
+            }
+        }
+        assert_eq!(records.len(), count, "more records than were published");
+        records
+    }
+
+    fn partition_count(ends: &[(u32, u64)]) -> usize {
+        let partitions: BTreeSet<u32> = ends.iter().map(|(partition, _)| *partition).collect();
+        assert_eq!(
+            partitions.len(),
+            ends.len(),
+            "end_offsets lists a partition twice: {ends:?}"
+        );
+        partitions.len()
+    }
+
+    pub async fn records_of_one_key_come_back_in_publish_order_with_dense_offsets<B, F, Fut>(
+        make: F,
+    ) where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topic = unique("order");
+        let keys: Vec<String> = (0..12).map(|index| format!("key-{index}")).collect();
+        let mut published: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut total = 0;
+        // Several publishes, each interleaving the keys.
+        for round in 0..5 {
+            let batch: Vec<OutgoingRecord> = (0..keys.len() * 3)
+                .map(|index| {
+                    let key = &keys[(index * 7 + round) % keys.len()];
+                    let payload = format!("{key}/{round}/{index}").into_bytes();
+                    published
+                        .entry(key.clone())
+                        .or_default()
+                        .push(payload.clone());
+                    record(&topic, key, payload)
+                })
+                .collect();
+            total += batch.len();
+            bus.publish(&batch).await.expect("publish");
+        }
+        let (mut subscription, _) =
+            subscribe_from_start(bus, &unique("group"), std::slice::from_ref(&topic)).await;
+        let records = read_records(&mut *subscription, total).await;
+
+        let mut offsets: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut received: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for record in &records {
+            assert_eq!(record.topic, topic);
+            offsets
+                .entry(record.partition)
+                .or_default()
+                .push(record.offset);
+            received
+                .entry(record.key.clone())
+                .or_default()
+                .push(record.payload.clone());
+        }
+        for (partition, offsets) in &offsets {
+            let dense: Vec<u64> = (0..offsets.len() as u64).collect();
+            assert_eq!(
+                offsets, &dense,
+                "partition {partition}: offsets must be dense from 0, in order"
+            );
+        }
+        assert_eq!(
+            received, published,
+            "each key's records must come back in publish order"
+        );
+    }
+
+    pub async fn first_delivery_assigns_every_partition_of_the_subscribed_topics<B, F, Fut>(make: F)
+    where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topics = vec![unique("first"), unique("second")];
+        let other = unique("not-subscribed");
+        for topic in topics.iter().chain([&other]) {
+            let batch: Vec<OutgoingRecord> = (0..8)
+                .map(|index| record(topic, &format!("k{index}"), b"x".to_vec()))
+                .collect();
+            bus.publish(&batch).await.expect("publish");
+        }
+        let mut expected = BTreeSet::new();
+        for topic in &topics {
+            let ends = bus.end_offsets(topic).await.expect("end offsets");
+            assert!(!ends.is_empty(), "topic {topic} has no partitions");
+            for (partition, _) in ends {
+                expected.insert(TopicPartition::new(topic.clone(), partition));
+            }
+        }
+        let mut subscription = bus
+            .subscribe(&unique("group"), &topics)
+            .await
+            .expect("subscribe");
+        let first = subscription
+            .next(100, DEADLINE)
+            .await
+            .expect("first delivery");
+        let Some(Delivery::Assigned(assigned)) = first else {
+            panic!("the first delivery must be the assignment, got {first:?}");
+        };
+        let assigned_set: BTreeSet<TopicPartition> = assigned.iter().cloned().collect();
+        assert_eq!(
+            assigned_set.len(),
+            assigned.len(),
+            "a partition was assigned twice: {assigned:?}"
+        );
+        assert_eq!(
+            assigned_set, expected,
+            "every partition of the subscribed topics, and only those"
+        );
+    }
+
+    pub async fn seek_redelivers_from_the_given_offset<B, F, Fut>(make: F)
+    where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topic = unique("seek");
+        let batch: Vec<OutgoingRecord> = (0..10)
+            .map(|index| record(&topic, "one-key", format!("payload-{index}")))
+            .collect();
+        bus.publish(&batch).await.expect("publish");
+        let (mut subscription, _) =
+            subscribe_from_start(bus, &unique("group"), std::slice::from_ref(&topic)).await;
+        let first_pass = read_records(&mut *subscription, 10).await;
+        let partition = TopicPartition::new(topic.clone(), first_pass[0].partition);
+
+        subscription.seek(&partition, 4).await.expect("seek to 4");
+        let second_pass = read_records(&mut *subscription, 6).await;
+        assert_eq!(
+            second_pass,
+            first_pass[4..].to_vec(),
+            "after a seek to 4, records 4.. come again, unchanged"
+        );
+
+        subscription.seek(&partition, 0).await.expect("seek to 0");
+        let third_pass = read_records(&mut *subscription, 10).await;
+        assert_eq!(
+            third_pass, first_pass,
+            "a seek back to 0 replays everything"
+        );
+    }
+
+    pub async fn end_offsets_count_the_records_of_each_partition<B, F, Fut>(make: F)
+    where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topic = unique("ends");
+        let before = bus.end_offsets(&topic).await.expect("end offsets");
+        assert!(
+            before.iter().all(|(_, end)| *end == 0),
+            "a topic nobody wrote to is empty: {before:?}"
+        );
+        let mut total = 0;
+        for round in 1..=3 {
+            let batch: Vec<OutgoingRecord> = (0..round * 9)
+                .map(|index| record(&topic, &format!("k{}", index % 11), b"x".to_vec()))
+                .collect();
+            total += batch.len();
+            bus.publish(&batch).await.expect("publish");
+        }
+        let ends = bus.end_offsets(&topic).await.expect("end offsets");
+        let partitions = partition_count(&ends);
+        let (mut subscription, assigned) =
+            subscribe_from_start(bus, &unique("group"), std::slice::from_ref(&topic)).await;
+        assert_eq!(assigned.len(), partitions);
+        let records = read_records(&mut *subscription, total).await;
+        let mut counted: BTreeMap<u32, u64> =
+            ends.iter().map(|(partition, _)| (*partition, 0)).collect();
+        for record in &records {
+            *counted
+                .get_mut(&record.partition)
+                .unwrap_or_else(|| panic!("record in unlisted partition {}", record.partition)) +=
+                1;
+        }
+        let ends: BTreeMap<u32, u64> = ends.into_iter().collect();
+        assert_eq!(ends, counted, "end offset = records in the partition");
+        assert_eq!(ends.values().sum::<u64>(), total as u64);
+    }
+
+    pub async fn one_publish_to_several_topics_lands_each_record_in_its_topic<B, F, Fut>(make: F)
+    where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topics = [unique("alpha"), unique("beta"), unique("gamma")];
+        let batch: Vec<OutgoingRecord> = (0..30)
+            .map(|index| {
+                let topic = &topics[index % topics.len()];
+                record(
+                    topic,
+                    &format!("k{}", index % 4),
+                    format!("{topic}/{index}").into_bytes(),
+                )
+            })
+            .collect();
+        bus.publish(&batch).await.expect("publish");
+        for topic in &topics {
+            let expected: Vec<&OutgoingRecord> = batch
+                .iter()
+                .filter(|record| &record.topic == topic)
+                .collect();
+            let ends = bus.end_offsets(topic).await.expect("end offsets");
+            assert_eq!(
+                ends.iter().map(|(_, end)| *end).sum::<u64>(),
+                expected.len() as u64,
+                "records of {topic}"
+            );
+            let (mut subscription, _) =
+                subscribe_from_start(bus, &unique("group"), std::slice::from_ref(topic)).await;
+            let records = read_records(&mut *subscription, expected.len()).await;
+            let mut received: Vec<(String, String, Vec<u8>)> = records
+                .into_iter()
+                .map(|record| (record.topic, record.key, record.payload))
+                .collect();
+            let mut wanted: Vec<(String, String, Vec<u8>)> = expected
+                .into_iter()
+                .map(|record| {
+                    (
+                        record.topic.clone(),
+                        record.key.clone(),
+                        record.payload.clone(),
+                    )
+                })
+                .collect();
+            received.sort();
+            wanted.sort();
+            assert_eq!(received, wanted, "topic {topic} holds exactly its records");
+        }
+    }
+
+    pub async fn a_waiting_subscriber_is_woken_by_a_publish<B, F, Fut>(make: F)
+    where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topic = unique("wake");
+        let (mut subscription, _) =
+            subscribe_from_start(bus, &unique("group"), std::slice::from_ref(&topic)).await;
+        let max_wait = Duration::from_secs(10);
+        let mut waiting = subscription.next(100, max_wait);
+        // Nothing was published: the subscriber is still waiting a moment later.
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut waiting).await;
+        assert!(
+            early.is_err(),
+            "next returned before anything was published: {early:?}"
+        );
+        let wake = [record(&topic, "k", b"wake up".to_vec())];
+        let started = tokio::time::Instant::now();
+        let (delivery, published) = tokio::join!(&mut waiting, bus.publish(&wake));
+        let elapsed = started.elapsed();
+        published.expect("publish");
+        let delivery = delivery.expect("next");
+        let Some(Delivery::Records(records)) = delivery else {
+            panic!("the waiting subscriber must get the record, got {delivery:?}");
+        };
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].payload, b"wake up");
+        assert!(
+            elapsed < Duration::from_secs(5),
+            "woken after {elapsed:?}, not by the publish (max_wait {max_wait:?})"
+        );
+    }
+
+    pub async fn publishing_to_an_empty_topic_name_is_an_error<B, F, Fut>(make: F)
+    where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let result = bus.publish(&[record("", "k", b"x".to_vec())]).await;
+        assert!(
+            matches!(result, Err(BusError::Invalid(_))),
+            "an empty topic name must be refused as invalid: {result:?}"
+        );
+    }
+
+    pub async fn an_empty_publish_changes_nothing<B, F, Fut>(make: F)
+    where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topic = unique("empty");
+        bus.publish(&[record(&topic, "k", b"x".to_vec())])
+            .await
+            .expect("publish");
+        let before = bus.end_offsets(&topic).await.expect("end offsets");
+        bus.publish(&[]).await.expect("an empty publish succeeds");
+        let after = bus.end_offsets(&topic).await.expect("end offsets");
+        assert_eq!(before, after);
+        assert_eq!(after.iter().map(|(_, end)| *end).sum::<u64>(), 1);
+    }
+
+    pub async fn the_same_key_always_maps_to_the_same_partition<B, F, Fut>(make: F)
+    where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topic = unique("keys");
+        let keys: Vec<String> = (0..40).map(|index| format!("aggregate-{index}")).collect();
+        let mut total = 0;
+        // The same keys in several publishes, in a different order each time.
+        for round in 0..4 {
+            let batch: Vec<OutgoingRecord> = (0..keys.len())
+                .map(|index| {
+                    let key = &keys[(index * (2 * round + 1) + round) % keys.len()];
+                    record(&topic, key, format!("{round}").into_bytes())
+                })
+                .collect();
+            total += batch.len();
+            bus.publish(&batch).await.expect("publish");
+        }
+        let (mut subscription, assigned) =
+            subscribe_from_start(bus, &unique("group"), std::slice::from_ref(&topic)).await;
+        let records = read_records(&mut *subscription, total).await;
+        let mut partitions_of: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        for record in &records {
+            partitions_of
+                .entry(record.key.clone())
+                .or_default()
+                .insert(record.partition);
+        }
+        assert_eq!(partitions_of.len(), keys.len());
+        for (key, partitions) in &partitions_of {
+            assert_eq!(
+                partitions.len(),
+                1,
+                "key {key} landed in partitions {partitions:?}"
+            );
+        }
+        // With more than one partition, forty keys do not all share one.
+        if assigned.len() > 1 {
+            let used: BTreeSet<u32> = partitions_of.values().flatten().copied().collect();
+            assert!(
+                used.len() > 1,
+                "forty keys all landed in partition {used:?} of {}",
+                assigned.len()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Store checks.
+
+pub mod store_checks {
+    use super::*;
+    use tandem::{consumer, dead_letter, outbox, params, NewEvent};
+
+    const TABLE: &str = "CREATE TABLE conformance_items (
+        id     TEXT   PRIMARY KEY,
+        amount BIGINT NOT NULL,
+        note   TEXT,
+        ratio  DOUBLE PRECISION
+    )";
+
+    async fn with_table<S: Store>(store: &S) {
+        store
+            .write(|tx| tx.execute_batch(TABLE))
+            .await
+            .expect("create conformance_items");
+    }
+
+    fn insert(tx: &mut dyn Tx, id: &str, amount: i64) -> Result<u64, StoreError> {
+        tx.execute(
+            "INSERT INTO conformance_items (id, amount) VALUES ($1, $2)",
+            params![id, amount],
+        )
+    }
+
+    async fn items<S: Store>(store: &S) -> Vec<(String, i64)> {
+        store
+            .read(|tx| -> Result<Vec<(String, i64)>, StoreError> {
+                tx.query("SELECT id, amount FROM conformance_items ORDER BY id", &[])?
+                    .iter()
+                    .map(|row| Ok((row.text(0)?.to_owned(), row.i64(1)?)))
+                    .collect()
+            })
+            .await
+            .expect("read items")
+    }
+
+    fn deposit(subject: &str, amount: i64) -> NewEvent {
+        NewEvent::new(
+            subject,
+            &crate::Deposited {
+                account_id: subject.to_owned(),
+                amount_cents: amount,
+            },
+        )
+        .expect("event")
+    }
+
+    async fn all_events<S: Store>(store: &S) -> Vec<outbox::StoredEvent> {
+        store
+            .read(|tx| outbox::read_after(tx, 0, 10_000))
+            .await
+            .expect("read outbox")
+    }
+
+    pub async fn a_write_whose_closure_fails_leaves_no_trace<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        let result: Result<(), StoreError> = store
+            .write(|tx| {
+                insert(tx, "ghost", 1)?;
+                outbox::append(tx, "conformance", deposit("ghost", 1))?;
+                Err(StoreError::Engine("the business rule said no".into()))
+            })
+            .await;
+        match result {
+            Err(StoreError::Engine(message)) => assert_eq!(message, "the business rule said no"),
+            other => panic!("the closure's own error must come back: {other:?}"),
+        }
+        assert!(items(store).await.is_empty(), "the row was rolled back");
+        assert!(
+            all_events(store).await.is_empty(),
+            "the event was rolled back"
+        );
+        // The aggregate's sequence was not taken either.
+        let envelope = store
+            .write(|tx| outbox::append(tx, "conformance", deposit("ghost", 2)))
+            .await
+            .expect("append");
+        assert_eq!(envelope.sequence, 1);
+    }
+
+    pub async fn committed_writes_are_visible_to_read<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        let changed = store
+            .write(|tx| -> Result<u64, StoreError> {
+                let mut changed = insert(tx, "a", 1)?;
+                changed += tx.execute(
+                    "INSERT INTO conformance_items (id, amount, note, ratio) VALUES ($1, $2, $3, $4)",
+                    params!["b", -7_i64, "héllo 'quoted' $1", 0.5_f64],
+                )?;
+                changed += tx.execute(
+                    "INSERT INTO conformance_items (id, amount, note, ratio) VALUES ($1, $2, $3, $4)",
+                    params!["c", i64::MAX, None::<&str>, None::<f64>],
+                )?;
+                Ok(changed)
+            })
+            .await
+            .expect("write");
+        assert_eq!(changed, 3, "execute reports the rows it changed");
+        let updated = store
+            .write(|tx| {
+                tx.execute(
+                    "UPDATE conformance_items SET amount = amount + $1 WHERE id <> $2",
+                    params![10_i64, "c"],
+                )
+            })
+            .await
+            .expect("update");
+        assert_eq!(updated, 2);
+        let rows = store
+            .read(|tx| {
+                tx.query(
+                    "SELECT id, amount, note, ratio FROM conformance_items ORDER BY id",
+                    &[],
+                )
+            })
+            .await
+            .expect("read");
+        use tandem::store::Value;
+        let values: Vec<Vec<Value>> = rows.into_iter().map(|row| row.values).collect();
+        assert_eq!(
+            values,
+            vec![
+                vec![
+                    Value::Text("a".into()),
+                    Value::Int(11),
+                    Value::Null,
+                    Value::Null
+                ],
+                vec![
+                    Value::Text("b".into()),
+                    Value::Int(3),
+                    Value::Text("héllo 'quoted' $1".into()),
+                    Value::Real(0.5)
+                ],
+                vec![
+                    Value::Text("c".into()),
+                    Value::Int(i64::MAX),
+                    Value::Null,
+                    Value::Null
+                ],
+            ]
+        );
+        let missing = store
+            .read(|tx| {
+                tx.query_opt(
+                    "SELECT id FROM conformance_items WHERE id = $1",
+                    params!["zzz"],
+                )
+            })
+            .await
+            .expect("read");
+        assert_eq!(missing, None);
+    }
+
+    pub async fn a_unique_violation_is_a_conflict<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        store
+            .write(|tx| insert(tx, "dup", 1))
+            .await
+            .expect("first insert");
+        let error = store
+            .write(|tx| {
+                insert(tx, "other", 2)?;
+                insert(tx, "dup", 3)
+            })
+            .await
+            .expect_err("a second row with the same key");
+        assert!(
+            matches!(error, StoreError::Conflict(_)),
+            "a unique violation must be a Conflict: {error:?}"
+        );
+        assert_eq!(items(store).await, vec![("dup".to_owned(), 1)]);
+    }
+
+    pub async fn rolling_back_to_a_savepoint_undoes_only_the_inner_part<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        store
+            .write(|tx| -> Result<(), StoreError> {
+                insert(tx, "outer-before", 1)?;
+                tx.savepoint("inner")?;
+                insert(tx, "inner", 2)?;
+                tx.execute(
+                    "UPDATE conformance_items SET amount = 100 WHERE id = $1",
+                    params!["outer-before"],
+                )?;
+                tx.rollback_to_savepoint("inner")?;
+                insert(tx, "outer-after", 3)?;
+                // A released savepoint keeps its work.
+                tx.savepoint("kept")?;
+                insert(tx, "kept", 4)?;
+                tx.release_savepoint("kept")?;
+                // The same name can be used again after a rollback.
+                tx.savepoint("inner")?;
+                insert(tx, "inner-again", 5)?;
+                tx.rollback_to_savepoint("inner")?;
+                Ok(())
+            })
+            .await
+            .expect("write");
+        assert_eq!(
+            items(store).await,
+            vec![
+                ("kept".to_owned(), 4),
+                ("outer-after".to_owned(), 3),
+                ("outer-before".to_owned(), 1),
+            ]
+        );
+    }
+
+    pub async fn a_failed_statement_undone_by_a_savepoint_leaves_the_transaction_usable<S, F, Fut>(
+        make: F,
+    ) where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        // The consumer's pattern: a handler fails inside a savepoint, the
+        // savepoint is rolled back, the transaction goes on and commits.
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        store
+            .write(|tx| insert(tx, "taken", 1))
+            .await
+            .expect("seed");
+        store
+            .write(|tx| -> Result<(), StoreError> {
+                insert(tx, "before", 2)?;
+                tx.savepoint("handler")?;
+                insert(tx, "inside", 3)?;
+                let error = insert(tx, "taken", 4).expect_err("duplicate key");
+                assert!(matches!(error, StoreError::Conflict(_)), "{error:?}");
+                tx.rollback_to_savepoint("handler")?;
+                insert(tx, "after", 5)?;
+                Ok(())
+            })
+            .await
+            .expect("the transaction commits after the savepoint rollback");
+        assert_eq!(
+            items(store).await,
+            vec![
+                ("after".to_owned(), 5),
+                ("before".to_owned(), 2),
+                ("taken".to_owned(), 1),
+            ]
+        );
+    }
+
+    pub async fn concurrent_writes_are_serialised<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        store
+            .write(|tx| insert(tx, "counter", 0))
+            .await
+            .expect("seed");
+        // Read-modify-write from many tasks at once: lost updates would show.
+        let writers: Vec<_> = (0..32)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .write(|tx| -> Result<(), StoreError> {
+                            let row = tx
+                                .query_opt(
+                                    "SELECT amount FROM conformance_items WHERE id = $1",
+                                    params!["counter"],
+                                )?
+                                .ok_or_else(|| StoreError::Decode("no counter row".into()))?;
+                            let value = row.i64(0)?;
+                            tx.execute(
+                                "UPDATE conformance_items SET amount = $1 WHERE id = $2",
+                                params![value + 1, "counter"],
+                            )?;
+                            Ok(())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.expect("writer task").expect("write");
+        }
+        assert_eq!(items(store).await, vec![("counter".to_owned(), 32)]);
+    }
+
+    pub async fn outbox_sequences_are_gap_free_per_aggregate_from_one<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        let mut returned: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+        // Three aggregates in two topics, over several transactions.
+        for round in 0..4 {
+            let envelopes = store
+                .write(move |tx| -> Result<Vec<tandem::Envelope>, StoreError> {
+                    let mut envelopes = Vec::new();
+                    for index in 0..(round + 2) {
+                        let subject = ["a", "b", "c"][(index + round) % 3];
+                        envelopes.push(outbox::append(tx, "orders", deposit(subject, 1))?);
+                    }
+                    envelopes.push(outbox::append(tx, "payments", deposit("a", 1))?);
+                    Ok(envelopes)
+                })
+                .await
+                .expect("append");
+            for envelope in envelopes {
+                returned
+                    .entry((envelope.source.clone(), envelope.subject.clone()))
+                    .or_default()
+                    .push(envelope.sequence);
+            }
+        }
+        assert_eq!(returned.len(), 4, "{returned:?}");
+        for (aggregate, sequences) in &returned {
+            let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
+            assert_eq!(
+                sequences, &expected,
+                "aggregate {aggregate:?}: sequences 1..=n in append order"
+            );
+        }
+        // The stored envelopes say the same.
+        let mut stored: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+        for event in all_events(store).await {
+            let envelope = tandem::Envelope::decode(&event.envelope).expect("stored envelope");
+            assert_eq!(envelope.source, event.topic);
+            assert_eq!(envelope.subject, event.subject);
+            stored
+                .entry((event.topic, event.subject))
+                .or_default()
+                .push(envelope.sequence);
+        }
+        assert_eq!(stored, returned);
+    }
+
+    pub async fn a_stale_expected_sequence_is_a_conflict_and_writes_nothing<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        let first = store
+            .write(|tx| outbox::append(tx, "orders", deposit("a", 1).expect_sequence(0)))
+            .await
+            .expect("a new aggregate expects 0");
+        assert_eq!(first.sequence, 1);
+
+        for (subject, expected) in [("a", 0_u64), ("a", 5), ("new", 3)] {
+            let error = store
+                .write(move |tx| -> Result<(), StoreError> {
+                    insert(tx, &format!("side-effect-{subject}-{expected}"), 1)?;
+                    outbox::append(tx, "orders", deposit(subject, 2).expect_sequence(expected))?;
+                    Ok(())
+                })
+                .await
+                .expect_err("a wrong expected sequence");
+            assert!(
+                matches!(error, StoreError::Conflict(_)),
+                "{subject} expecting {expected}: {error:?}"
+            );
+        }
+        assert!(items(store).await.is_empty(), "the failed writes left rows");
+        let events = all_events(store).await;
+        assert_eq!(events.len(), 1, "only the first event is stored");
+
+        let second = store
+            .write(|tx| outbox::append(tx, "orders", deposit("a", 3).expect_sequence(1)))
+            .await
+            .expect("the right expected sequence");
+        assert_eq!(second.sequence, 2);
+        let fresh_aggregate = store
+            .write(|tx| outbox::append(tx, "orders", deposit("new", 1).expect_sequence(0)))
+            .await
+            .expect("the failed write did not create the aggregate");
+        assert_eq!(fresh_aggregate.sequence, 1);
+    }
+
+    pub async fn outbox_read_after_returns_events_in_position_order<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        let mut appended = Vec::new();
+        for round in 0..3_i64 {
+            let envelopes = store
+                .write(move |tx| -> Result<Vec<tandem::Envelope>, StoreError> {
+                    (0..4_i64)
+                        .map(|index| {
+                            let subject = format!("s{}", (index + round) % 3);
+                            outbox::append(tx, "orders", deposit(&subject, round * 10 + index))
+                        })
+                        .collect()
+                })
+                .await
+                .expect("append");
+            appended.extend(envelopes);
+        }
+        let events = all_events(store).await;
+        assert_eq!(events.len(), appended.len());
+        for pair in events.windows(2) {
+            assert!(
+                pair[0].position < pair[1].position,
+                "positions must increase: {} then {}",
+                pair[0].position,
+                pair[1].position
+            );
+        }
+        for (event, envelope) in events.iter().zip(&appended) {
+            let decoded = tandem::Envelope::decode(&event.envelope).expect("stored envelope");
+            assert_eq!(&decoded, envelope, "events come back in append order");
+            assert_eq!(event.topic, "orders");
+            assert_eq!(event.subject, envelope.subject);
+        }
+        let cut = events[4].position;
+        let rest = store
+            .read(move |tx| outbox::read_after(tx, cut, 10_000))
+            .await
+            .expect("read after");
+        assert_eq!(rest, events[5..].to_vec(), "strictly after the position");
+        let first_three = store
+            .read(|tx| outbox::read_after(tx, 0, 3))
+            .await
+            .expect("read with a limit");
+        assert_eq!(first_three, events[..3].to_vec(), "the limit is respected");
+        let last = events.last().expect("events").position;
+        let none = store
+            .read(move |tx| outbox::read_after(tx, last, 10))
+            .await
+            .expect("read past the end");
+        assert!(none.is_empty());
+    }
+
+    pub async fn an_outbox_commit_bumps_the_outbox_signal<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        let mut signal = store.outbox_signal();
+        signal.borrow_and_update();
+        store
+            .write(|tx| insert(tx, "no-events", 1))
+            .await
+            .expect("write");
+        let _ = store
+            .write(|tx| -> Result<(), StoreError> {
+                outbox::append(tx, "orders", deposit("a", 1))?;
+                Err(StoreError::Engine("rolled back".into()))
+            })
+            .await;
+        assert!(
+            !signal.has_changed().expect("signal open"),
+            "no outbox append committed yet"
+        );
+        store
+            .write(|tx| outbox::append(tx, "orders", deposit("a", 1)))
+            .await
+            .expect("append");
+        tokio::time::timeout(DEADLINE, signal.changed())
+            .await
+            .expect("signal bumped after an outbox commit")
+            .expect("signal open");
+    }
+
+    pub async fn toolkit_tables_exist_after_open<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        let letters = dead_letter::list(store, None, true)
+            .await
+            .expect("dead letters table");
+        assert!(letters.is_empty(), "{letters:?}");
+        assert_eq!(
+            dead_letter::depth(store, "anyone")
+                .await
+                .expect("dead letter depth"),
+            0
+        );
+        assert!(dead_letter::get(store, 1).await.expect("get").is_none());
+        let positions = consumer::positions(store, "anyone")
+            .await
+            .expect("consumer positions table");
+        assert!(positions.is_empty(), "{positions:?}");
+        assert!(all_events(store).await.is_empty(), "outbox starts empty");
+        // A request can be recorded for a consumer that is not running.
+        dead_letter::request_replay(store, "anyone")
+            .await
+            .expect("consumer requests table");
+    }
+}
