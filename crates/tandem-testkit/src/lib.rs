@@ -63,9 +63,9 @@ pub fn install_ledger(tx: &mut dyn Tx) -> Result<(), StoreError> {
     tx.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS ledger (
             account_id    TEXT PRIMARY KEY,
-            balance_cents INTEGER NOT NULL,
-            applied       INTEGER NOT NULL,
-            last_sequence INTEGER NOT NULL
+            balance_cents BIGINT  NOT NULL,
+            applied       BIGINT  NOT NULL,
+            last_sequence BIGINT  NOT NULL
         ){clustered}"
     ))
 }

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use crate::envelope::{Envelope, EventPayload};
 use crate::params;
 use crate::schema::now_micros;
-use crate::store::{Param, StoreError, Tx};
+use crate::store::{Dialect, Param, StoreError, Tx};
 
 /// Tracing and causality attributes carried with an event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -167,32 +167,213 @@ pub fn publish<T: EventPayload>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
     pub position: i64,
+    /// The transaction that wrote the row (PostgreSQL); 0 on SQLite.
+    pub xid: i64,
     pub topic: String,
     pub subject: String,
     pub envelope: Vec<u8>,
     pub committed_at_micros: i64,
 }
 
-/// Events after `position`, in position order.
+impl StoredEvent {
+    /// Where this event stands in commit order.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            xid: self.xid,
+            position: self.position,
+        }
+    }
+}
+
+/// A relay's place in the outbox, in commit order: `(xid, position)`
+/// compared as a pair. On SQLite `xid` is always 0 and `position` alone
+/// orders commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Cursor {
+    pub xid: i64,
+    pub position: i64,
+}
+
+impl Cursor {
+    /// Before every event.
+    pub const START: Cursor = Cursor {
+        xid: 0,
+        position: 0,
+    };
+}
+
+/// The columns of a [`StoredEvent`], in its dialect.
+fn event_columns(tx: &dyn Tx) -> &'static str {
+    match tx.dialect() {
+        Dialect::Sqlite => "position, 0, topic, subject, envelope, committed_at",
+        Dialect::Postgres => "position, xid, topic, subject, envelope, committed_at",
+    }
+}
+
+fn stored_event(row: &crate::store::Row) -> Result<StoredEvent, StoreError> {
+    Ok(StoredEvent {
+        position: row.i64(0)?,
+        xid: row.i64(1)?,
+        topic: row.text(2)?.to_owned(),
+        subject: row.text(3)?.to_owned(),
+        envelope: row.bytes(4)?.to_vec(),
+        committed_at_micros: row.i64(5)?,
+    })
+}
+
+/// Events after `position`, in position order: the event store's order of
+/// insertion. On PostgreSQL this is not commit order; relays use
+/// [`read_committed_after`].
 pub fn read_after(
     tx: &mut dyn Tx,
     position: i64,
     limit: usize,
 ) -> Result<Vec<StoredEvent>, StoreError> {
-    let rows = tx.query(
-        "SELECT position, topic, subject, envelope, committed_at FROM tandem_outbox
-         WHERE position > $1 ORDER BY position LIMIT $2",
-        params![position, limit as u64],
-    )?;
-    rows.into_iter()
-        .map(|row| {
-            Ok(StoredEvent {
-                position: row.i64(0)?,
-                topic: row.text(1)?.to_owned(),
-                subject: row.text(2)?.to_owned(),
-                envelope: row.bytes(3)?.to_vec(),
-                committed_at_micros: row.i64(4)?,
-            })
-        })
-        .collect()
+    let sql = format!(
+        "SELECT {} FROM tandem_outbox WHERE position > $1 ORDER BY position LIMIT $2",
+        event_columns(tx)
+    );
+    let rows = tx.query(&sql, params![position, limit as u64])?;
+    rows.iter().map(stored_event).collect()
+}
+
+/// What [`read_committed_after`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxBatch {
+    /// The events to publish, in commit order, except that the events of
+    /// one aggregate are in sequence order.
+    pub events: Vec<StoredEvent>,
+    /// The cursor after this batch (the `after` given when it is empty).
+    pub end: Cursor,
+    /// Whether rows beyond the batch exist that are not final yet (their
+    /// transaction, or an older one, may still be running): look again
+    /// soon rather than waiting for a signal.
+    pub held_back: bool,
+}
+
+/// The next events after `after` whose order is final: a relay that moves
+/// its cursor to [`OutboxBatch::end`] never passes over an event that
+/// commits later.
+///
+/// - SQLite: writers commit one at a time, so `position` order is commit
+///   order and everything visible is final.
+/// - PostgreSQL: `position` (a sequence) is taken at insert, not at commit,
+///   so `position > cursor` could skip a row whose transaction commits
+///   later with a lower position. Each row records the id of its
+///   transaction (`xid`), and only rows of transactions older than the
+///   snapshot's `xmin` (the oldest transaction still running, in the whole
+///   cluster) are read, in `(xid, position)` order: those are final, and any
+///   transaction still running or yet to write has an `xid` at or above
+///   `xmin`, so nothing can later appear behind the cursor. A long-running
+///   write transaction anywhere in the cluster therefore holds the relay
+///   back until it ends. Run it in one statement of a snapshot (a
+///   `Store::read`).
+///
+/// Within the batch, events of one aggregate are put in sequence order (a
+/// transaction with a lower `xid` can take an aggregate's row lock after
+/// one with a higher `xid`), so one batch never publishes an aggregate
+/// backwards.
+pub fn read_committed_after(
+    tx: &mut dyn Tx,
+    after: Cursor,
+    limit: usize,
+) -> Result<OutboxBatch, StoreError> {
+    let limit = limit.max(1) as u64;
+    let (events, held_back) = match tx.dialect() {
+        Dialect::Sqlite => {
+            let rows = tx.query(
+                "SELECT position, 0, topic, subject, envelope, committed_at FROM tandem_outbox
+                 WHERE position > $1 ORDER BY position LIMIT $2",
+                params![after.position, limit],
+            )?;
+            (
+                rows.iter()
+                    .map(stored_event)
+                    .collect::<Result<Vec<_>, _>>()?,
+                false,
+            )
+        }
+        Dialect::Postgres => {
+            // One statement, so the rows and the horizon come from one
+            // snapshot; the last column tells whether rows wait beyond it.
+            let rows = tx.query(
+                "WITH horizon AS (
+                   SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin
+                 ), batch AS (
+                   SELECT position, xid, topic, subject, envelope, committed_at
+                   FROM tandem_outbox, horizon
+                   WHERE (xid, position) > ($1, $2) AND xid < horizon.xmin
+                   ORDER BY xid, position LIMIT $3
+                 )
+                 SELECT position, xid, topic, subject, envelope, committed_at, NULL
+                 FROM batch
+                 UNION ALL
+                 SELECT NULL, NULL, NULL, NULL, NULL, NULL,
+                   CASE WHEN EXISTS (SELECT 1 FROM tandem_outbox, horizon
+                                     WHERE (xid, position) > ($1, $2) AND xid >= horizon.xmin)
+                        THEN 1 ELSE 0 END
+                 ORDER BY 2, 1",
+                params![after.xid, after.position, limit],
+            )?;
+            let mut events = Vec::with_capacity(rows.len());
+            let mut held_back = false;
+            for row in &rows {
+                match row.opt_i64(6)? {
+                    Some(flag) => held_back = flag != 0,
+                    None => events.push(stored_event(row)?),
+                }
+            }
+            (events, held_back)
+        }
+    };
+    let end = events.last().map_or(after, StoredEvent::cursor);
+    Ok(OutboxBatch {
+        events: in_sequence_per_aggregate(events),
+        end,
+        held_back,
+    })
+}
+
+/// Keeps the batch's order, except that the slots taken by one aggregate's
+/// events get those events in `sequence` order (read from the envelope;
+/// an event whose envelope does not decode keeps its place).
+fn in_sequence_per_aggregate(mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
+    use std::collections::HashMap;
+    let sequence_of = |event: &StoredEvent| -> Option<u64> {
+        #[derive(serde::Deserialize)]
+        struct Sequence {
+            sequence: u64,
+        }
+        serde_json::from_slice::<Sequence>(&event.envelope)
+            .ok()
+            .map(|found| found.sequence)
+    };
+    let mut slots: HashMap<(&str, &str), Vec<(usize, u64)>> = HashMap::new();
+    for (index, event) in events.iter().enumerate() {
+        if let Some(sequence) = sequence_of(event) {
+            slots
+                .entry((event.topic.as_str(), event.subject.as_str()))
+                .or_default()
+                .push((index, sequence));
+        }
+    }
+    let mut moves: Vec<(usize, usize)> = Vec::new();
+    for (_, members) in slots {
+        if members.windows(2).all(|pair| pair[0].1 <= pair[1].1) {
+            continue;
+        }
+        let mut sorted = members.clone();
+        sorted.sort_by_key(|&(_, sequence)| sequence);
+        for ((slot, _), (source, _)) in members.iter().zip(&sorted) {
+            moves.push((*slot, *source));
+        }
+    }
+    if moves.is_empty() {
+        return events;
+    }
+    let original = events.clone();
+    for (slot, source) in moves {
+        events[slot] = original[source].clone();
+    }
+    events
 }

@@ -6,9 +6,16 @@
 //! last batch; consumers drop the duplicates by sequence. A bus that is
 //! down stalls only the relay: the service's writes keep committing.
 //!
-//! Commit order equals `position` order on SQLite, whose writers are
-//! serialised. Engines where ids can commit out of order (PostgreSQL) need
-//! their own cursor rule before they use this relay.
+//! The cursor is a [`Cursor`] `(xid, position)`: on SQLite, whose writers
+//! are serialised, `position` order is commit order; on PostgreSQL the relay
+//! reads only rows whose order is final (see
+//! [`outbox::read_committed_after`]).
+//!
+//! [`Relay::run`] publishes only while it holds the store's lease named
+//! after the relay ([`Store::try_lead`]): of several instances of a service
+//! sharing one database, one publishes and the others stand by, trying
+//! again every [`RelayConfig::lead_retry`]; a leader that loses its lease
+//! stops before its next batch.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, OutgoingRecord};
 use crate::fault;
-use crate::outbox;
+use crate::outbox::{self, Cursor};
 use crate::params;
 use crate::schema::now_micros;
-use crate::store::{Store, StoreError, StoreFuture};
+use crate::store::{Lease, Store, StoreError, StoreFuture};
 
 /// How a relay runs.
 #[derive(Debug, Clone)]
@@ -32,6 +39,11 @@ pub struct RelayConfig {
     pub idle_wait: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// How often a relay that is not the leader tries to take the lease.
+    pub lead_retry: Duration,
+    /// Longest time a leader goes without checking that it still holds
+    /// the lease (it also checks before every batch).
+    pub lead_check: Duration,
 }
 
 impl Default for RelayConfig {
@@ -42,6 +54,8 @@ impl Default for RelayConfig {
             idle_wait: Duration::from_millis(500),
             retry_initial: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
+            lead_retry: Duration::from_secs(1),
+            lead_check: Duration::from_millis(500),
         }
     }
 }
@@ -61,50 +75,62 @@ pub struct Relay<S: Store> {
     config: RelayConfig,
 }
 
+/// Why a leader stopped leading.
+enum Stopped {
+    Shutdown,
+    LeaseLost,
+}
+
 impl<S: Store> Relay<S> {
     pub fn new(store: S, bus: Arc<dyn Bus>, config: RelayConfig) -> Self {
         Self { store, bus, config }
     }
 
     /// Publishes the next batch, if any; returns how many events it moved.
-    /// Reads the cursor first and records it before returning.
+    /// Reads the cursor first and records it before returning. Takes no
+    /// lease: the caller makes sure no other relay of this name runs.
     pub async fn publish_once(&self) -> Result<usize, RelayError> {
         let cursor = self.load_cursor().await?;
-        let (moved, position) = self.publish_after(cursor).await?;
+        let (moved, end, _) = self.publish_after(cursor).await?;
         if moved > 0 {
-            self.save_cursor(position).await?;
+            self.save_cursor(end).await?;
         }
         Ok(moved)
     }
 
-    async fn load_cursor(&self) -> Result<i64, StoreError> {
+    async fn load_cursor(&self) -> Result<Cursor, StoreError> {
         let name = self.config.name.clone();
         self.store
-            .read(move |tx| -> Result<i64, StoreError> {
-                Ok(tx
-                    .query_opt(
-                        "SELECT position FROM tandem_relay_positions WHERE relay = $1",
-                        params![&name],
-                    )?
-                    .map(|row| row.i64(0))
-                    .transpose()?
-                    .unwrap_or(0))
+            .read(move |tx| -> Result<Cursor, StoreError> {
+                tx.query_opt(
+                    "SELECT xid, position FROM tandem_relay_positions WHERE relay = $1",
+                    params![&name],
+                )?
+                .map(|row| {
+                    Ok(Cursor {
+                        xid: row.i64(0)?,
+                        position: row.i64(1)?,
+                    })
+                })
+                .transpose()
+                .map(|cursor| cursor.unwrap_or(Cursor::START))
             })
             .await
     }
 
-    /// Publishes the batch after `cursor`; returns how many events moved and
-    /// the position of the last one (the new cursor).
-    async fn publish_after(&self, cursor: i64) -> Result<(usize, i64), RelayError> {
+    /// Publishes the batch after `cursor`; returns how many events moved,
+    /// the new cursor, and whether rows beyond it are not final yet.
+    async fn publish_after(&self, cursor: Cursor) -> Result<(usize, Cursor, bool), RelayError> {
         let batch_size = self.config.batch_size;
-        let events = self
+        let batch = self
             .store
-            .read(move |tx| outbox::read_after(tx, cursor, batch_size))
+            .read(move |tx| outbox::read_committed_after(tx, cursor, batch_size))
             .await?;
-        let Some(last) = events.last().map(|event| event.position) else {
-            return Ok((0, cursor));
-        };
-        let records: Vec<OutgoingRecord> = events
+        if batch.events.is_empty() {
+            return Ok((0, cursor, batch.held_back));
+        }
+        let records: Vec<OutgoingRecord> = batch
+            .events
             .into_iter()
             .map(|event| OutgoingRecord {
                 topic: event.topic,
@@ -115,20 +141,24 @@ impl<S: Store> Relay<S> {
         fault::point("relay.before_publish");
         self.bus.publish(&records).await?;
         fault::point("relay.after_publish");
-        Ok((records.len(), last))
+        Ok((records.len(), batch.end, batch.held_back))
     }
 
-    fn save_cursor(&self, position: i64) -> StoreFuture<(), StoreError> {
+    fn save_cursor(&self, cursor: Cursor) -> StoreFuture<(), StoreError> {
         let name = self.config.name.clone();
         self.store.write(move |tx| -> Result<_, StoreError> {
             tx.execute(
-                "INSERT INTO tandem_relay_positions (relay, position, updated_at)
-                 VALUES ($1, $2, $3)
+                "INSERT INTO tandem_relay_positions (relay, xid, position, updated_at)
+                 VALUES ($1, $2, $3, $4)
                  ON CONFLICT (relay) DO UPDATE SET
-                   position = CASE WHEN excluded.position > tandem_relay_positions.position
+                   xid = CASE WHEN (excluded.xid, excluded.position)
+                                   > (tandem_relay_positions.xid, tandem_relay_positions.position)
+                              THEN excluded.xid ELSE tandem_relay_positions.xid END,
+                   position = CASE WHEN (excluded.xid, excluded.position)
+                                   > (tandem_relay_positions.xid, tandem_relay_positions.position)
                                    THEN excluded.position ELSE tandem_relay_positions.position END,
                    updated_at = excluded.updated_at",
-                params![&name, position, now_micros()],
+                params![&name, cursor.xid, cursor.position, now_micros()],
             )?;
             Ok(())
         })
@@ -136,54 +166,124 @@ impl<S: Store> Relay<S> {
 
     /// Relays until `shutdown` fires; retries failures with backoff.
     ///
+    /// Publishes only while holding the lease named after the relay
+    /// ([`RelayConfig::name`]); without it, tries to take it every
+    /// [`RelayConfig::lead_retry`]. A leader checks its lease before every
+    /// batch and at least every [`RelayConfig::lead_check`]; when the lease
+    /// is lost it stops publishing, and stands by again.
+    ///
     /// The cursor is kept in memory and written behind the publishes: at
     /// most every [`CURSOR_SAVE_INTERVAL`] while busy, at once when the outbox
     /// is drained, and on shutdown, one write in flight at most. Its commit
     /// (an fsync) is thus off the critical path; a crash republishes what the
     /// last written cursor does not cover, and consumers drop the duplicates.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        loop {
+            let Some(mut lease) = self.wait_for_lease(&shutdown).await else {
+                return Ok(());
+            };
+            tracing::debug!(relay = %self.config.name, "leading");
+            match self.lead(&shutdown, lease.as_mut()).await? {
+                Stopped::Shutdown => return Ok(()),
+                Stopped::LeaseLost => {
+                    tracing::warn!(relay = %self.config.name, "lease lost; standing by");
+                }
+            }
+        }
+    }
+
+    /// Takes the lease, trying again every `lead_retry`; `None` on shutdown.
+    async fn wait_for_lease(&self, shutdown: &CancellationToken) -> Option<Box<dyn Lease>> {
+        let mut logged = false;
+        while !shutdown.is_cancelled() {
+            match self.store.try_lead(&self.config.name).await {
+                Ok(Some(lease)) => return Some(lease),
+                Ok(None) => {
+                    if !logged {
+                        tracing::info!(relay = %self.config.name, "another instance leads; standing by");
+                        logged = true;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(relay = %self.config.name, %error, "cannot take the relay lease");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(self.config.lead_retry) => {}
+            }
+        }
+        None
+    }
+
+    /// Publishes while `lease` holds.
+    async fn lead(
+        &self,
+        shutdown: &CancellationToken,
+        lease: &mut dyn Lease,
+    ) -> Result<Stopped, RelayError> {
         let mut signal = self.store.outbox_signal();
         let mut external = self.store.external_changes()?;
         let mut retry = self.config.retry_initial;
-        let mut cursor: Option<i64> = None;
-        let mut saved_cursor: i64 = -1;
+        let mut cursor: Option<Cursor> = None;
+        let mut saved_cursor: Option<Cursor> = None;
         let mut last_save = tokio::time::Instant::now();
         let mut saving: Option<StoreFuture<(), StoreError>> = None;
-        while !shutdown.is_cancelled() {
+        let idle_wait = self.config.idle_wait.min(self.config.lead_check);
+        let mut held_back_pause = HELD_BACK_PAUSE;
+        let stopped = loop {
+            if shutdown.is_cancelled() {
+                break Stopped::Shutdown;
+            }
+            if !lease.held() {
+                break Stopped::LeaseLost;
+            }
             signal.borrow_and_update();
             external.changed()?;
             let attempt = async {
                 let after = match cursor {
-                    Some(position) => position,
+                    Some(cursor) => cursor,
                     None => {
                         let stored = self.load_cursor().await?;
-                        saved_cursor = stored;
+                        saved_cursor = Some(stored);
                         stored
                     }
                 };
                 cursor = Some(after);
-                let (moved, position) = self.publish_after(after).await?;
-                cursor = Some(position);
+                let (moved, end, held_back) = self.publish_after(after).await?;
+                cursor = Some(end);
                 let due = moved == 0 || last_save.elapsed() >= CURSOR_SAVE_INTERVAL;
-                if due && position != saved_cursor {
+                if due && Some(end) != saved_cursor {
                     if let Some(previous) = saving.take() {
                         previous.await?;
                     }
-                    saving = Some(self.save_cursor(position));
-                    saved_cursor = position;
+                    saving = Some(self.save_cursor(end));
+                    saved_cursor = Some(end);
                     last_save = tokio::time::Instant::now();
                 }
-                Ok::<usize, RelayError>(moved)
+                Ok::<(usize, bool), RelayError>((moved, held_back))
             };
             match attempt.await {
-                Ok(moved) if moved > 0 => {
+                Ok((moved, _)) if moved > 0 => {
                     retry = self.config.retry_initial;
+                    held_back_pause = HELD_BACK_PAUSE;
+                }
+                Ok((_, true)) => {
+                    // Committed rows wait behind a transaction still
+                    // running: look again shortly.
+                    retry = self.config.retry_initial;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break Stopped::Shutdown,
+                        _ = tokio::time::sleep(held_back_pause) => {}
+                    }
+                    held_back_pause = (held_back_pause * 2).min(LONGEST_HELD_BACK_PAUSE);
                 }
                 Ok(_) => {
                     retry = self.config.retry_initial;
+                    held_back_pause = HELD_BACK_PAUSE;
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), self.config.idle_wait, crate::wait::LONGEST_RELAY_POLL) => { waited?; }
+                        _ = shutdown.cancelled() => break Stopped::Shutdown,
+                        waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), idle_wait, crate::wait::LONGEST_RELAY_POLL) => { waited?; }
                     }
                 }
                 Err(error) => {
@@ -192,27 +292,35 @@ impl<S: Store> Relay<S> {
                     saving = None;
                     tracing::warn!(relay = %self.config.name, %error, retry_in_ms = retry.as_millis() as u64, "relay batch failed");
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(crate::consumer::jitter(retry)) => {}
+                        _ = shutdown.cancelled() => break Stopped::Shutdown,
+                        _ = tokio::time::sleep(crate::consumer::jitter(retry).min(self.config.lead_check)) => {}
                     }
                     retry = (retry * 2).min(self.config.retry_max);
                 }
             }
-        }
+        };
         if let Some(previous) = saving.take() {
             previous.await?;
         }
-        if let Some(position) = cursor {
-            if position != saved_cursor {
-                self.save_cursor(position).await?;
+        // The cursor only moves forward in the table, so writing it after
+        // the lease was lost never undoes a newer leader's progress.
+        if let Some(cursor) = cursor {
+            if Some(cursor) != saved_cursor {
+                self.save_cursor(cursor).await?;
             }
         }
-        Ok(())
+        Ok(stopped)
     }
 }
 
 /// Longest time a busy relay goes without writing its cursor.
 pub const CURSOR_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The pause before looking again at rows held back behind a transaction
+/// still running (PostgreSQL), doubling up to the longest while they stay
+/// held back (a long transaction elsewhere in the cluster).
+const HELD_BACK_PAUSE: Duration = Duration::from_millis(2);
+const LONGEST_HELD_BACK_PAUSE: Duration = Duration::from_millis(100);
 
 /// Events committed but not yet relayed, and the age of the oldest, in
 /// microseconds.
@@ -220,13 +328,21 @@ pub async fn backlog<S: Store>(store: &S, relay: &str) -> Result<(u64, i64), Sto
     let relay = relay.to_owned();
     store
         .read(move |tx| -> Result<_, StoreError> {
-            let row = tx
-                .query_opt(
+            let sql = match tx.dialect() {
+                crate::store::Dialect::Sqlite => {
                     "SELECT COUNT(*), MIN(committed_at) FROM tandem_outbox
                      WHERE position > COALESCE(
-                       (SELECT position FROM tandem_relay_positions WHERE relay = $1), 0)",
-                    params![&relay],
-                )?
+                       (SELECT position FROM tandem_relay_positions WHERE relay = $1), 0)"
+                }
+                crate::store::Dialect::Postgres => {
+                    "SELECT COUNT(*), MIN(committed_at) FROM tandem_outbox
+                     WHERE (xid, position) > COALESCE(
+                       (SELECT (xid, position) FROM tandem_relay_positions WHERE relay = $1),
+                       (0::bigint, 0::bigint))"
+                }
+            };
+            let row = tx
+                .query_opt(sql, params![&relay])?
                 .ok_or_else(|| StoreError::Decode("count returned nothing".into()))?;
             let count = u64::try_from(row.i64(0)?).unwrap_or(0);
             let age = row

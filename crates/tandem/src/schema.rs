@@ -1,13 +1,17 @@
 //! The toolkit's own tables in a service's database. Installed by every
 //! store when it opens; each statement is idempotent.
 //!
-//! - `tandem_outbox`: the event store and outbox; `position` is the relay's
-//!   cursor.
+//! - `tandem_outbox`: the event store and outbox. On SQLite `position` is
+//!   the relay's cursor (writers commit in position order); on PostgreSQL
+//!   each row also records the id of the transaction that wrote it (`xid`),
+//!   and the relay reads in `(xid, position)` order up to the oldest
+//!   transaction still running (see [`crate::outbox::read_committed_after`]).
 //! - `tandem_aggregates`: the last sequence given to each aggregate. Its row
 //!   serialises writers of one aggregate, which is what keeps
 //!   `(topic, subject, sequence)` unique in the outbox (no index needed), and
 //!   sequences stay gap-free even after published rows are pruned.
-//! - `tandem_relay_positions`: how far each relay has published.
+//! - `tandem_relay_positions`: how far each relay has published, as
+//!   `(xid, position)` (`xid` is 0 on SQLite).
 //! - `tandem_consumer_positions`: next offset per consumer and partition.
 //! - `tandem_consumer_aggregates`: last sequence applied per consumer and
 //!   aggregate (the dedup and ordering record).
@@ -42,7 +46,8 @@ CREATE TABLE IF NOT EXISTS tandem_aggregates (
 CREATE TABLE IF NOT EXISTS tandem_relay_positions (
     relay      TEXT    PRIMARY KEY,
     position   INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    xid        INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tandem_consumer_positions (
     consumer    TEXT    NOT NULL,
@@ -111,8 +116,12 @@ CREATE TABLE IF NOT EXISTS tandem_outbox (
     event_id     TEXT    NOT NULL,
     event_type   TEXT    NOT NULL,
     envelope     BYTEA   NOT NULL,
-    committed_at BIGINT  NOT NULL
+    committed_at BIGINT  NOT NULL,
+    xid          BIGINT  NOT NULL DEFAULT (pg_current_xact_id()::text::bigint)
 );
+ALTER TABLE tandem_outbox
+    ADD COLUMN IF NOT EXISTS xid BIGINT NOT NULL DEFAULT (pg_current_xact_id()::text::bigint);
+CREATE INDEX IF NOT EXISTS tandem_outbox_commit_order ON tandem_outbox (xid, position);
 CREATE TABLE IF NOT EXISTS tandem_aggregates (
     topic    TEXT   NOT NULL,
     subject  TEXT   NOT NULL,
@@ -122,8 +131,10 @@ CREATE TABLE IF NOT EXISTS tandem_aggregates (
 CREATE TABLE IF NOT EXISTS tandem_relay_positions (
     relay      TEXT   PRIMARY KEY,
     position   BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL
+    updated_at BIGINT NOT NULL,
+    xid        BIGINT NOT NULL DEFAULT 0
 );
+ALTER TABLE tandem_relay_positions ADD COLUMN IF NOT EXISTS xid BIGINT NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS tandem_consumer_positions (
     consumer    TEXT   NOT NULL,
     topic       TEXT   NOT NULL,
@@ -185,7 +196,23 @@ CREATE INDEX IF NOT EXISTS tandem_dead_letters_consumer
 /// Creates the toolkit's tables if they do not exist yet.
 pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
     match tx.dialect() {
-        Dialect::Sqlite => tx.execute_batch(SQLITE),
+        Dialect::Sqlite => {
+            tx.execute_batch(SQLITE)?;
+            // Files made before relay cursors had an `xid` (always 0 on
+            // SQLite, whose writers commit in position order).
+            let has_xid = tx
+                .query_opt(
+                    "SELECT 1 FROM pragma_table_info('tandem_relay_positions') WHERE name = 'xid'",
+                    &[],
+                )?
+                .is_some();
+            if !has_xid {
+                tx.execute_batch(
+                    "ALTER TABLE tandem_relay_positions ADD COLUMN xid INTEGER NOT NULL DEFAULT 0",
+                )?;
+            }
+            Ok(())
+        }
         Dialect::Postgres => tx.execute_batch(POSTGRES),
     }
 }

@@ -17,7 +17,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{oneshot, watch};
 
 use crate::store::{
-    Dialect, ExternalChanges, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
+    Dialect, ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
 };
 
 /// SQLite's `synchronous` pragma, in WAL mode.
@@ -636,6 +636,83 @@ impl Store for SqliteStore {
             &self.shared.path,
             &self.shared.options,
         )?))
+    }
+
+    /// An exclusive `flock` on `<database file>.<name>.lease`: one holder
+    /// among every process (and every store handle) opening that file; the
+    /// kernel releases it when the holder closes it or dies.
+    fn try_lead(&self, name: &str) -> StoreFuture<Option<Box<dyn Lease>>, StoreError> {
+        let path = lease_path(&self.shared.path, name);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || FileLease::try_acquire(&path))
+                .await
+                .map_err(|error| StoreError::Engine(format!("lease task failed: {error}")))?
+                .map(|lease| lease.map(|lease| Box::new(lease) as Box<dyn Lease>))
+        })
+    }
+}
+
+/// The lock file of lease `name` beside the database at `path`; names are
+/// reduced to characters safe in a file name.
+fn lease_path(path: &Path, name: &str) -> PathBuf {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut file = path.as_os_str().to_owned();
+    file.push(format!(".{safe}.lease"));
+    PathBuf::from(file)
+}
+
+/// A lease held as an exclusive `flock` on an open file.
+struct FileLease {
+    // Closing the file releases the lock.
+    _file: std::fs::File,
+}
+
+impl FileLease {
+    fn try_acquire(path: &Path) -> Result<Option<Self>, StoreError> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|error| {
+                StoreError::Unavailable(format!(
+                    "cannot open lease file {}: {error}",
+                    path.display()
+                ))
+            })?;
+        // SAFETY: flock on a file descriptor this function owns and keeps
+        // open for as long as the lock is meant to last.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked == 0 {
+            return Ok(Some(Self { _file: file }));
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "cannot lock lease file {}: {error}",
+                path.display()
+            )))
+        }
+    }
+}
+
+impl Lease for FileLease {
+    /// A file lock cannot be taken away while the file stays open.
+    fn held(&mut self) -> bool {
+        true
     }
 }
 

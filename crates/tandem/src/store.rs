@@ -242,6 +242,22 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// `PRAGMA data_version` on a connection of its own). Each caller gets
     /// its own watcher.
     fn external_changes(&self) -> Result<Box<dyn ExternalChanges>, StoreError>;
+
+    /// Tries to become the one leader named `name` among every process
+    /// sharing this database (relays use it so that one instance of a
+    /// service publishes). `Ok(None)`: another holder has it now. The lease
+    /// is released when dropped, and by the engine when the holding process
+    /// dies (PostgreSQL: a session advisory lock on a connection of its own;
+    /// SQLite: an OS file lock beside the database file).
+    fn try_lead(&self, name: &str) -> StoreFuture<Option<Box<dyn Lease>>, StoreError>;
+}
+
+/// A leadership held by this process; released on drop.
+pub trait Lease: Send {
+    /// Whether the lease is still held. Cheap and never blocks: an engine
+    /// whose lease can be lost (a connection that died) watches it on a
+    /// thread of its own and reports the loss here within about a second.
+    fn held(&mut self) -> bool;
 }
 
 /// Tells whether other processes may have committed since the last call.

@@ -1,0 +1,399 @@
+//! The relay on PostgreSQL: commit order (ids are taken at insert, not at
+//! commit) and leader election among relays sharing one database. Real
+//! PostgreSQL (`TANDEM_TEST_POSTGRES`, default 127.0.0.1:5432), a scratch
+//! database per test; the bus is the embedded log in a temporary directory.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem::bus::{Bus, BusError, Delivery, OutgoingRecord, Subscription};
+use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
+use tandem::outbox::{self, NewEvent};
+use tandem::relay::{Relay, RelayConfig};
+use tandem::store::Store;
+use tandem::Envelope;
+use tandem_postgres::testing::{base_url, connect_raw, with_raw_tx, ScratchDatabase};
+use tandem_postgres::PostgresStore;
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "orders";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn scratch(label: &str) -> ScratchDatabase {
+    let base = base_url();
+    ScratchDatabase::create_blocking(&base, label).unwrap_or_else(|error| {
+        panic!("PostgreSQL not reachable at {base}: start it with scripts/engines up ({error})")
+    })
+}
+
+fn event(subject: &str, amount: i64) -> NewEvent {
+    NewEvent {
+        subject: subject.to_owned(),
+        event_type: "Deposited".into(),
+        dataschema: "urn:test:deposited:1".into(),
+        data: serde_json::json!({ "amount": amount }),
+        expected_sequence: None,
+        context: Default::default(),
+    }
+}
+
+async fn embedded_log(dir: &tempfile::TempDir) -> EmbeddedLog {
+    EmbeddedLog::open(
+        dir.path().join("bus.db"),
+        EmbeddedOptions {
+            synchronous: tandem::sqlite::Synchronous::Normal,
+            partitions: 1,
+        },
+    )
+    .await
+    .expect("open embedded log")
+}
+
+/// Every record of `topic` on the bus, in offset order (one partition).
+async fn published(bus: &dyn Bus) -> Vec<Envelope> {
+    let total: u64 = bus
+        .end_offsets(TOPIC)
+        .await
+        .expect("end offsets")
+        .iter()
+        .map(|(_, end)| end)
+        .sum();
+    let mut subscription = bus
+        .subscribe(&format!("check-{}", uuid_like()), &[TOPIC.to_owned()])
+        .await
+        .expect("subscribe");
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while (records.len() as u64) < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "records did not come back"
+        );
+        match subscription
+            .next(1000, Duration::from_millis(200))
+            .await
+            .expect("next")
+        {
+            Some(Delivery::Assigned(partitions)) => {
+                for partition in &partitions {
+                    subscription.seek(partition, 0).await.expect("seek");
+                }
+            }
+            Some(Delivery::Records(batch)) => records.extend(batch),
+            _ => {}
+        }
+    }
+    records.sort_by_key(|record| (record.partition, record.offset));
+    records
+        .iter()
+        .map(|record| Envelope::decode(&record.payload).expect("envelope"))
+        .collect()
+}
+
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn ids(envelopes: &[Envelope]) -> Vec<String> {
+    envelopes
+        .iter()
+        .map(|envelope| envelope.id.to_string())
+        .collect()
+}
+
+/// The pitfall, shown and avoided. T1 appends first (lower `position`), T2
+/// appends and commits first. A relay reading `position > cursor` would
+/// publish T2's event and move its cursor past T1's position; when T1
+/// commits, its event sits behind the cursor and is never published. The
+/// relay reads in `(xid, position)` order below the snapshot's xmin: while
+/// T1 runs it publishes nothing, and after T1's commit it publishes both,
+/// each once.
+#[test]
+fn an_event_committed_after_a_later_insert_is_relayed_exactly_once() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let database = scratch("out_of_order");
+    let store = runtime.block_on(database.store()).expect("store");
+    let dir = tempfile::tempdir().unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(runtime.block_on(embedded_log(&dir)));
+    let relay = Relay::new(store.clone(), Arc::clone(&bus), RelayConfig::default());
+
+    // Raw connections: they do not take the store's writer lock, as a
+    // second writer process without it (or any writer whose commit is
+    // slow) would not be serialised in insert order.
+    let mut first = connect_raw(database.url()).expect("raw connection");
+    let mut second = connect_raw(database.url()).expect("raw connection");
+    let mut t1 = first.transaction().expect("begin t1");
+    let e1 = with_raw_tx(&mut t1, |tx| outbox::append(tx, TOPIC, event("a", 1))).expect("t1");
+    let mut t2 = second.transaction().expect("begin t2");
+    let e2 = with_raw_tx(&mut t2, |tx| outbox::append(tx, TOPIC, event("b", 2))).expect("t2");
+    t2.commit().expect("commit t2");
+
+    // What a naive relay would see: only T2's event, at the higher position.
+    let naive = runtime
+        .block_on(store.read(|tx| outbox::read_after(tx, 0, 100)))
+        .expect("read");
+    assert_eq!(naive.len(), 1, "only T2 has committed");
+    let naive_cursor = naive[0].position;
+
+    let moved = runtime.block_on(relay.publish_once()).expect("relay round");
+    assert_eq!(moved, 0, "nothing is final while T1 (older xid) runs");
+    assert!(runtime.block_on(published(bus.as_ref())).is_empty());
+
+    t1.commit().expect("commit t1");
+    let behind = runtime
+        .block_on(store.read(move |tx| outbox::read_after(tx, naive_cursor, 100)))
+        .expect("read");
+    assert!(
+        behind.is_empty(),
+        "T1's event is behind the naive cursor: a position relay would lose it"
+    );
+
+    let moved = runtime.block_on(relay.publish_once()).expect("relay round");
+    assert_eq!(moved, 2);
+    assert_eq!(
+        runtime.block_on(relay.publish_once()).expect("relay round"),
+        0
+    );
+    let on_bus = runtime.block_on(published(bus.as_ref()));
+    assert_eq!(
+        ids(&on_bus),
+        ids(&[e1, e2]),
+        "each committed event once, in commit order"
+    );
+    let (backlog, _) = runtime
+        .block_on(tandem::relay::backlog(&store, "relay"))
+        .expect("backlog");
+    assert_eq!(backlog, 0);
+}
+
+/// T1 (older xid) takes aggregate `a`'s row only after T2 appended `a`#1
+/// and committed: T1's `a`#2 comes first in xid order. The batch puts the
+/// aggregate back in sequence order. A transaction rolled back publishes
+/// nothing, and a relay running meanwhile publishes only what is final.
+#[test]
+fn one_batch_never_publishes_an_aggregate_backwards() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let database = scratch("aggregate_order");
+    let store = runtime.block_on(database.store()).expect("store");
+    let dir = tempfile::tempdir().unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(runtime.block_on(embedded_log(&dir)));
+    let relay = Relay::new(store.clone(), Arc::clone(&bus), RelayConfig::default());
+
+    let before = runtime
+        .block_on(store.write(|tx| outbox::append(tx, TOPIC, event("z", 0))))
+        .expect("append");
+    let mut first = connect_raw(database.url()).expect("raw connection");
+    let mut second = connect_raw(database.url()).expect("raw connection");
+    let mut third = connect_raw(database.url()).expect("raw connection");
+    let mut t1 = first.transaction().expect("begin t1");
+    t1.query_one("SELECT pg_current_xact_id()::text", &[])
+        .expect("t1 takes its xid now");
+    let mut rolled_back = third.transaction().expect("begin t3");
+    with_raw_tx(&mut rolled_back, |tx| {
+        outbox::append(tx, TOPIC, event("c", 9))
+    })
+    .expect("t3");
+    let mut t2 = second.transaction().expect("begin t2");
+    let a1 = with_raw_tx(&mut t2, |tx| outbox::append(tx, TOPIC, event("a", 1))).expect("t2");
+    t2.commit().expect("commit t2");
+
+    // Only the event committed before T1 began is final.
+    assert_eq!(runtime.block_on(relay.publish_once()).expect("round"), 1);
+
+    let a2 = with_raw_tx(&mut t1, |tx| outbox::append(tx, TOPIC, event("a", 2))).expect("t1");
+    assert_eq!((a1.sequence, a2.sequence), (1, 2));
+    t1.commit().expect("commit t1");
+    rolled_back.rollback().expect("rollback t3");
+
+    assert_eq!(runtime.block_on(relay.publish_once()).expect("round"), 2);
+    let on_bus = runtime.block_on(published(bus.as_ref()));
+    assert_eq!(ids(&on_bus), ids(&[before, a1, a2]));
+}
+
+/// Counts the records a relay handed to the bus.
+struct Counting {
+    inner: Arc<dyn Bus>,
+    published: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Bus for Counting {
+    async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
+        self.inner.publish(records).await?;
+        self.published.fetch_add(records.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        self.inner.subscribe(group, topics).await
+    }
+
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        self.inner.end_offsets(topic).await
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn quick_relay(store: PostgresStore, bus: Arc<dyn Bus>) -> Relay<PostgresStore> {
+    Relay::new(
+        store,
+        bus,
+        RelayConfig {
+            name: TOPIC.into(),
+            lead_retry: Duration::from_millis(200),
+            lead_check: Duration::from_millis(200),
+            ..RelayConfig::default()
+        },
+    )
+}
+
+async fn append(store: &PostgresStore, subject: &str) -> Envelope {
+    let subject = subject.to_owned();
+    store
+        .write(move |tx| outbox::append(tx, TOPIC, event(&subject, 1)))
+        .await
+        .expect("append")
+}
+
+/// Two relays (two stores, as two processes would have) on one database:
+/// one publishes; when the leader goes away the standby takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_leads_and_a_standby_takes_over() {
+    let database = ScratchDatabase::create(&base_url(), "leader")
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "PostgreSQL not reachable at {}: start it with scripts/engines up ({error})",
+                base_url()
+            )
+        });
+    let dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn Bus> = Arc::new(embedded_log(&dir).await);
+    let store_a = database.store().await.expect("store a");
+    let store_b = database.store().await.expect("store b");
+    let bus_a = Arc::new(Counting {
+        inner: Arc::clone(&log),
+        published: AtomicUsize::new(0),
+    });
+    let bus_b = Arc::new(Counting {
+        inner: Arc::clone(&log),
+        published: AtomicUsize::new(0),
+    });
+    let shutdown = CancellationToken::new();
+
+    let relay_a = quick_relay(store_a.clone(), Arc::clone(&bus_a) as Arc<dyn Bus>);
+    let token = shutdown.clone();
+    let leader = tokio::spawn(async move { relay_a.run(token).await });
+    let mut appended = vec![append(&store_a, "x").await];
+    wait_until("the first relay publishes", || async {
+        bus_a.published.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    let relay_b = quick_relay(store_b.clone(), Arc::clone(&bus_b) as Arc<dyn Bus>);
+    let token = shutdown.clone();
+    let standby = tokio::spawn(async move { relay_b.run(token).await });
+    for index in 0..10 {
+        let store = if index % 2 == 0 { &store_a } else { &store_b };
+        appended.push(append(store, &format!("s{index}")).await);
+    }
+    wait_until("the leader publishes everything", || async {
+        bus_a.published.load(Ordering::SeqCst) == appended.len()
+    })
+    .await;
+    assert_eq!(
+        bus_b.published.load(Ordering::SeqCst),
+        0,
+        "the standby published"
+    );
+    assert!(
+        store_b.try_lead(TOPIC).await.expect("try lead").is_none(),
+        "the lease is held by the leader"
+    );
+
+    // The leader's process goes away: its task and its store with it.
+    leader.abort();
+    let _ = leader.await;
+    drop(store_a);
+    appended.push(append(&store_b, "after").await);
+    wait_until("the standby takes over", || async {
+        bus_b.published.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    wait_until("the standby publishes the rest", || async {
+        let on_bus = published(log.as_ref()).await;
+        ids(&on_bus)
+            .iter()
+            .any(|id| *id == appended.last().unwrap().id.to_string())
+    })
+    .await;
+
+    // Every event is on the bus; the only duplicates a takeover may cause
+    // are a batch whose cursor the old leader had not written yet.
+    let on_bus = published(log.as_ref()).await;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for id in ids(&on_bus) {
+        *counts.entry(id).or_default() += 1;
+    }
+    for envelope in &appended {
+        assert!(
+            counts.contains_key(&envelope.id.to_string()),
+            "lost {}",
+            envelope.id
+        );
+    }
+    shutdown.cancel();
+    standby.await.expect("join").expect("standby relay");
+}
+
+/// The lease itself: one holder per name and database; released on drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_has_one_holder_and_is_released_on_drop() {
+    let database = ScratchDatabase::create(&base_url(), "lease")
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "PostgreSQL not reachable at {}: start it with scripts/engines up ({error})",
+                base_url()
+            )
+        });
+    let first = database.store().await.expect("store");
+    let second = database.store().await.expect("store");
+    let mut lease = first
+        .try_lead("r")
+        .await
+        .expect("try")
+        .expect("first takes it");
+    assert!(lease.held());
+    assert!(second.try_lead("r").await.expect("try").is_none());
+    let other = second.try_lead("other").await.expect("try");
+    assert!(other.is_some(), "names are independent");
+    drop(lease);
+    wait_until("the lease is free again", || async {
+        second.try_lead("r").await.expect("try").is_some()
+    })
+    .await;
+}
