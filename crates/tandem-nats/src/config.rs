@@ -1,0 +1,348 @@
+//! `nats://` URLs and the settings they carry.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tandem::bus::BusError;
+
+/// Everything [`crate::NatsBus`] needs to connect and to shape its streams
+/// and consumers. [`NatsConfig::from_url`] reads it from a URL; the fields
+/// can also be set directly before [`crate::NatsBus::connect_with`].
+#[derive(Clone)]
+pub struct NatsConfig {
+    /// `host:port` of the server (default port 4222).
+    pub server: String,
+    /// User and password from the URL's user-info part.
+    pub user_password: Option<(String, String)>,
+    /// A token (`token=` option or `TANDEM_NATS_TOKEN`).
+    pub token: Option<String>,
+    /// A `.creds` file (`creds=` option or `TANDEM_NATS_CREDS`).
+    pub creds: Option<PathBuf>,
+    /// Require TLS (`tls=true`, or a `tls://` URL).
+    pub tls: bool,
+    /// A CA certificate file for TLS (`tls_ca=`).
+    pub tls_ca: Option<PathBuf>,
+    /// First token of every subject, and prefix of every stream name
+    /// (`prefix=`, default `tandem`).
+    pub prefix: String,
+    /// Stream replicas (`replicas=`, default 1).
+    pub replicas: usize,
+    /// The window in which the server drops a publish whose `Nats-Msg-Id`
+    /// it has seen (`duplicate_window_ms=`, default 2 minutes).
+    pub duplicate_window: Duration,
+    /// How long a delivered, unacknowledged message waits before its first
+    /// redelivery (`ack_wait_ms=`, default 2 s). See the crate docs for why
+    /// this is short, and how it relates to the consumer's `gap_timeout`.
+    pub ack_wait: Duration,
+    /// Waits before the later redeliveries (`backoff_ms=5000,30000`,
+    /// default 5 s then 30 s). The consumer's NATS `BackOff` is
+    /// `[ack_wait, backoff...]`.
+    pub backoff: Vec<Duration>,
+    /// Most messages a durable consumer hands out unacknowledged, over all
+    /// members of a group (`max_ack_pending=`, default 20 000).
+    pub max_ack_pending: i64,
+    /// Messages a subscription asks the server for at a time
+    /// (`fetch_batch=`, default 500).
+    pub fetch_batch: usize,
+    /// Give up connecting after this long (`connect_timeout_ms=`, default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets stay out of logs.
+        formatter
+            .debug_struct("NatsConfig")
+            .field("server", &self.server)
+            .field("user", &self.user_password.as_ref().map(|(user, _)| user))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("creds", &self.creds)
+            .field("tls", &self.tls)
+            .field("tls_ca", &self.tls_ca)
+            .field("prefix", &self.prefix)
+            .field("replicas", &self.replicas)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("ack_wait", &self.ack_wait)
+            .field("backoff", &self.backoff)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("fetch_batch", &self.fetch_batch)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            server: "127.0.0.1:4222".into(),
+            user_password: None,
+            token: None,
+            creds: None,
+            tls: false,
+            tls_ca: None,
+            prefix: "tandem".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(2),
+            backoff: vec![Duration::from_secs(5), Duration::from_secs(30)],
+            max_ack_pending: 20_000,
+            fetch_batch: 500,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn invalid(message: String) -> BusError {
+    BusError::Invalid(message)
+}
+
+fn percent_decode(text: &str) -> Result<String, BusError> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = text
+                .get(index + 1..index + 3)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| invalid(format!("bad percent escape in NATS URL near {index}")))?;
+            out.push(hex);
+            index += 3;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| invalid("NATS URL is not UTF-8 once decoded".into()))
+}
+
+fn millis(name: &str, value: &str) -> Result<Duration, BusError> {
+    value
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| {
+            invalid(format!(
+                "NATS URL option {name}={value}: milliseconds expected"
+            ))
+        })
+}
+
+fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, BusError> {
+    value
+        .parse::<T>()
+        .map_err(|_| invalid(format!("NATS URL option {name}={value}: a number expected")))
+}
+
+/// Whether `text` is usable as one or more subject tokens.
+pub(crate) fn valid_subject_part(text: &str) -> bool {
+    !text.is_empty()
+        && text.split('.').all(|token| {
+            !token.is_empty()
+                && !token
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
+        })
+}
+
+impl NatsConfig {
+    /// Reads `nats://[user:pass@]host[:port][?options]` (or `tls://…`,
+    /// which implies `tls=true`). Options: `creds`, `token`, `tls`,
+    /// `tls_ca`, `prefix`, `replicas`, `duplicate_window_ms`, `ack_wait_ms`,
+    /// `backoff_ms` (comma-separated), `max_ack_pending`, `fetch_batch`,
+    /// `connect_timeout_ms`. Without `creds`/`token` in the URL, the
+    /// environment variables `TANDEM_NATS_CREDS` and `TANDEM_NATS_TOKEN`
+    /// are used when set.
+    pub fn from_url(url: &str) -> Result<NatsConfig, BusError> {
+        let mut config = NatsConfig::default();
+        let rest = if let Some(rest) = url.strip_prefix("nats://") {
+            rest
+        } else if let Some(rest) = url.strip_prefix("tls://") {
+            config.tls = true;
+            rest
+        } else {
+            return Err(invalid(format!(
+                "not a NATS URL (nats://host:port expected): {}",
+                redact(url)
+            )));
+        };
+        let (authority, query) = match rest.split_once('?') {
+            Some((authority, query)) => (authority, Some(query)),
+            None => (rest, None),
+        };
+        let authority = authority.trim_end_matches('/');
+        let host_port = match authority.rsplit_once('@') {
+            Some((user_info, host_port)) => {
+                let (user, pass) = user_info.split_once(':').unwrap_or((user_info, ""));
+                let user = percent_decode(user)?;
+                let pass = percent_decode(pass)?;
+                if pass.is_empty() {
+                    // `nats://token@host` is NATS's own spelling of a token.
+                    config.token = Some(user);
+                } else {
+                    config.user_password = Some((user, pass));
+                }
+                host_port
+            }
+            None => authority,
+        };
+        if host_port.is_empty() {
+            return Err(invalid("NATS URL names no host".into()));
+        }
+        config.server = if host_port.starts_with('[') {
+            if host_port.contains("]:") {
+                host_port.to_owned()
+            } else {
+                format!("{host_port}:4222")
+            }
+        } else if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:4222")
+        };
+        for pair in query
+            .unwrap_or("")
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+        {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value)?;
+            match name {
+                "creds" => config.creds = Some(PathBuf::from(value)),
+                "token" => config.token = Some(value),
+                "tls" => {
+                    config.tls = match value.as_str() {
+                        "true" | "1" | "" => true,
+                        "false" | "0" => false,
+                        other => {
+                            return Err(invalid(format!(
+                                "NATS URL option tls={other}: true or false expected"
+                            )))
+                        }
+                    }
+                }
+                "tls_ca" => {
+                    config.tls_ca = Some(PathBuf::from(value));
+                    config.tls = true;
+                }
+                "prefix" => {
+                    if !valid_subject_part(&value) {
+                        return Err(invalid(format!(
+                            "NATS URL option prefix={value}: subject tokens expected"
+                        )));
+                    }
+                    config.prefix = value;
+                }
+                "replicas" => config.replicas = number(name, &value)?,
+                "duplicate_window_ms" => config.duplicate_window = millis(name, &value)?,
+                "ack_wait_ms" => config.ack_wait = millis(name, &value)?,
+                "backoff_ms" => {
+                    config.backoff = value
+                        .split(',')
+                        .filter(|part| !part.is_empty())
+                        .map(|part| millis(name, part))
+                        .collect::<Result<_, _>>()?
+                }
+                "max_ack_pending" => config.max_ack_pending = number(name, &value)?,
+                "fetch_batch" => config.fetch_batch = number::<usize>(name, &value)?.max(1),
+                "connect_timeout_ms" => config.connect_timeout = millis(name, &value)?,
+                other => {
+                    return Err(invalid(format!("unknown NATS URL option {other:?}")));
+                }
+            }
+        }
+        if config.ack_wait.is_zero() {
+            return Err(invalid(
+                "NATS URL option ack_wait_ms must be above 0".into(),
+            ));
+        }
+        if config.creds.is_none() {
+            if let Some(path) = std::env::var_os("TANDEM_NATS_CREDS").filter(|v| !v.is_empty()) {
+                config.creds = Some(PathBuf::from(path));
+            }
+        }
+        if config.token.is_none() && config.user_password.is_none() {
+            if let Ok(token) = std::env::var("TANDEM_NATS_TOKEN") {
+                if !token.is_empty() {
+                    config.token = Some(token);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// The server's address for messages: `nats://host:port`, no secrets.
+    pub fn display_url(&self) -> String {
+        let scheme = if self.tls { "tls" } else { "nats" };
+        format!("{scheme}://{}", self.server)
+    }
+
+    /// NATS `BackOff` of the durable consumers: `[ack_wait, backoff...]`.
+    pub(crate) fn backoff_list(&self) -> Vec<Duration> {
+        let mut list = vec![self.ack_wait];
+        list.extend(self.backoff.iter().copied());
+        list
+    }
+}
+
+/// `url` without user-info and query (which may hold secrets).
+fn redact(url: &str) -> String {
+    let without_query = url.split('?').next().unwrap_or("");
+    match (without_query.find("://"), without_query.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!(
+                "{}{}",
+                &without_query[..scheme_end + 3],
+                &without_query[at + 1..]
+            )
+        }
+        _ => without_query.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_user_info_options_and_defaults() {
+        let config = NatsConfig::from_url(
+            "nats://al%40ice:s3cret@example.org?prefix=acme.prod&replicas=3&duplicate_window_ms=60000&ack_wait_ms=1500&backoff_ms=4000,9000",
+        )
+        .unwrap();
+        assert_eq!(config.server, "example.org:4222");
+        assert_eq!(
+            config.user_password,
+            Some(("al@ice".to_owned(), "s3cret".to_owned()))
+        );
+        assert_eq!(config.prefix, "acme.prod");
+        assert_eq!(config.replicas, 3);
+        assert_eq!(config.duplicate_window, Duration::from_secs(60));
+        assert_eq!(
+            config.backoff_list(),
+            vec![
+                Duration::from_millis(1500),
+                Duration::from_secs(4),
+                Duration::from_secs(9)
+            ]
+        );
+        assert_eq!(config.display_url(), "nats://example.org:4222");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn tls_token_creds_and_errors() {
+        let config =
+            NatsConfig::from_url("nats://h:5222?tls=true&tls_ca=/ca.pem&token=abc&creds=/x.creds")
+                .unwrap();
+        assert!(config.tls);
+        assert_eq!(config.token.as_deref(), Some("abc"));
+        assert_eq!(config.creds, Some(PathBuf::from("/x.creds")));
+        assert_eq!(config.display_url(), "tls://h:5222");
+        assert!(NatsConfig::from_url("kafka://h").is_err());
+        assert!(NatsConfig::from_url("nats://h?bogus=1").is_err());
+        assert!(NatsConfig::from_url("nats://h?prefix=a.*").is_err());
+        assert!(NatsConfig::from_url("nats://h?replicas=x").is_err());
+        let error = NatsConfig::from_url("redis://u:pw@h?token=t").unwrap_err();
+        assert!(!error.to_string().contains("pw"), "{error}");
+    }
+}
