@@ -1,0 +1,273 @@
+//! `kafka://` URLs and `TANDEM_KAFKA_*` environment variables to settings.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tandem::bus::BusError;
+
+/// The environment variables' prefix: `TANDEM_KAFKA_SASL_PASSWORD` sets the
+/// librdkafka property `sasl.password`.
+pub const ENV_PREFIX: &str = "TANDEM_KAFKA_";
+
+/// Settings of a [`KafkaBus`](crate::KafkaBus), read from a URL.
+///
+/// Everything but the options listed here passes through to librdkafka,
+/// for the producer, the consumers and the admin client alike (TLS, SASL,
+/// timeouts, compression, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: the comma-separated `host:port` list of the URL.
+    pub brokers: String,
+    /// Partitions of the topics this bus creates (option `partitions`,
+    /// default 4).
+    pub partitions: i32,
+    /// Replication factor of the topics this bus creates (option
+    /// `replication`, default 1).
+    pub replication: i32,
+    /// How long [`KafkaBus::connect`](crate::KafkaBus::connect) waits for
+    /// the cluster's metadata (option `connect_timeout_ms`, default 8000).
+    pub connect_timeout: Duration,
+    /// librdkafka properties, applied after this crate's defaults.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// Parses `kafka://host:port[,host:port]?option=value&...`, with
+    /// `TANDEM_KAFKA_*` variables from the process environment underneath
+    /// (the URL wins over the environment).
+    pub fn from_url(url: &str) -> Result<Self, BusError> {
+        Self::from_url_and_env(url, std::env::vars())
+    }
+
+    /// [`from_url`](Self::from_url) with the environment given explicitly.
+    pub fn from_url_and_env(
+        url: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, BusError> {
+        let invalid = |why: String| BusError::Invalid(format!("{}: {why}", redact(url)));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("not a URL (expected kafka://host:port)".into()))?;
+        if !scheme.eq_ignore_ascii_case("kafka") {
+            return Err(invalid(format!("scheme {scheme} is not kafka")));
+        }
+        let (authority, query) = match rest.split_once('?') {
+            Some((authority, query)) => (authority, Some(query)),
+            None => (rest, None),
+        };
+        let authority = authority.trim_end_matches('/');
+        if authority.contains('/') || authority.contains('@') {
+            return Err(invalid(
+                "expected kafka://host:port[,host:port] with no path or user \
+                 (credentials go in sasl.username/sasl.password options or TANDEM_KAFKA_* variables)"
+                    .into(),
+            ));
+        }
+        let brokers: Vec<&str> = authority.split(',').map(str::trim).collect();
+        if brokers.iter().any(|broker| broker.is_empty()) {
+            return Err(invalid("no broker host:port".into()));
+        }
+
+        let mut options: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in env {
+            if let Some(property) = name.strip_prefix(ENV_PREFIX) {
+                if property.is_empty() {
+                    continue;
+                }
+                options.insert(property.to_ascii_lowercase().replace('_', "."), value);
+            }
+        }
+        for pair in query.into_iter().flat_map(|query| query.split('&')) {
+            if pair.is_empty() {
+                continue;
+            }
+            let (name, value) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("option {pair} has no value")))?;
+            let name = percent_decode(name).map_err(&invalid)?;
+            let value = percent_decode(value).map_err(&invalid)?;
+            options.insert(name, value);
+        }
+
+        let mut config = KafkaConfig {
+            brokers: brokers.join(","),
+            partitions: 4,
+            replication: 1,
+            connect_timeout: Duration::from_secs(8),
+            properties: BTreeMap::new(),
+        };
+        for (name, value) in options {
+            match name.as_str() {
+                "partitions" => {
+                    config.partitions = value
+                        .parse()
+                        .ok()
+                        .filter(|partitions| *partitions >= 1)
+                        .ok_or_else(|| {
+                            invalid(format!("partitions={value}: need an integer >= 1"))
+                        })?;
+                }
+                "replication" => {
+                    config.replication = value
+                        .parse()
+                        .ok()
+                        .filter(|replication| *replication >= 1)
+                        .ok_or_else(|| {
+                            invalid(format!("replication={value}: need an integer >= 1"))
+                        })?;
+                }
+                "connect_timeout_ms" => {
+                    let millis: u64 = value.parse().map_err(|_| {
+                        invalid(format!("connect_timeout_ms={value}: need milliseconds"))
+                    })?;
+                    config.connect_timeout = Duration::from_millis(millis.max(1));
+                }
+                "bootstrap.servers" | "metadata.broker.list" => {
+                    return Err(invalid(format!(
+                        "{name}: the brokers are the URL's host:port list"
+                    )))
+                }
+                "group.id" => {
+                    return Err(invalid(
+                        "group.id: consumer groups are named by the subscriber".into(),
+                    ))
+                }
+                _ => {
+                    config.properties.insert(name, value);
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// The URL with the values of secret-looking options masked.
+pub fn redact(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let options: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if is_secret(name) => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", options.join("&"))
+}
+
+/// Whether a property's value must not be printed.
+pub fn is_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains("password") || name.contains("secret") || name.ends_with(".pem")
+}
+
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' => {
+                let hex = text
+                    .get(index + 1..index + 3)
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .ok_or_else(|| format!("bad percent escape in {text}"))?;
+                out.push(hex);
+                index += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                index += 1;
+            }
+            byte => {
+                out.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{text} is not UTF-8 once decoded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str, env: &[(&str, &str)]) -> Result<KafkaConfig, BusError> {
+        KafkaConfig::from_url_and_env(
+            url,
+            env.iter()
+                .map(|(name, value)| (name.to_string(), value.to_string())),
+        )
+    }
+
+    #[test]
+    fn brokers_options_and_pass_through() {
+        let config = parse(
+            "kafka://10.0.0.1:9092,10.0.0.2:9093?partitions=8&replication=3&security.protocol=SASL_SSL&sasl.password=p%26ss",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.brokers, "10.0.0.1:9092,10.0.0.2:9093");
+        assert_eq!(config.partitions, 8);
+        assert_eq!(config.replication, 3);
+        assert_eq!(config.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(config.properties["sasl.password"], "p&ss");
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse("kafka://127.0.0.1:19092", &[]).unwrap();
+        assert_eq!(config.partitions, 4);
+        assert_eq!(config.replication, 1);
+        assert!(config.properties.is_empty());
+        assert_eq!(config.connect_timeout, Duration::from_secs(8));
+    }
+
+    #[test]
+    fn environment_underneath_the_url() {
+        let config = parse(
+            "kafka://h:1?sasl.username=from-url",
+            &[
+                ("TANDEM_KAFKA_SASL_PASSWORD", "secret"),
+                ("TANDEM_KAFKA_SASL_USERNAME", "from-env"),
+                ("TANDEM_KAFKA_PARTITIONS", "2"),
+                ("TANDEM_TEST_KAFKA", "kafka://elsewhere:1"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.properties["sasl.password"], "secret");
+        assert_eq!(config.properties["sasl.username"], "from-url");
+        assert_eq!(config.partitions, 2);
+        assert_eq!(config.properties.len(), 2);
+    }
+
+    #[test]
+    fn bad_urls_are_invalid() {
+        for url in [
+            "nats://h:1",
+            "kafka://",
+            "kafka://h:1,",
+            "kafka://user:pw@h:1",
+            "kafka://h:1/path",
+            "kafka://h:1?partitions=0",
+            "kafka://h:1?partitions",
+            "kafka://h:1?group.id=x",
+            "h:1",
+        ] {
+            assert!(
+                matches!(parse(url, &[]), Err(BusError::Invalid(_))),
+                "{url} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(
+            redact("kafka://h:1?sasl.password=x&partitions=2"),
+            "kafka://h:1?sasl.password=***&partitions=2"
+        );
+    }
+}
