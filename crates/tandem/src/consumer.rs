@@ -99,6 +99,8 @@ pub struct ConsumerConfig {
     pub max_attempts: u32,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Longest pause between attempts to rejoin an unreachable bus or store.
+    pub retry_outage_max: Duration,
     /// How long an event ahead of a gap waits for the missing sequence.
     pub gap_timeout: Duration,
     /// How often requests (redrive, discard, replay) and gaps are checked.
@@ -114,6 +116,7 @@ impl ConsumerConfig {
             max_attempts: 5,
             retry_initial: Duration::from_millis(20),
             retry_max: Duration::from_secs(2),
+            retry_outage_max: Duration::from_secs(5),
             gap_timeout: Duration::from_secs(5),
             housekeeping_interval: Duration::from_millis(100),
         }
@@ -126,6 +129,24 @@ pub enum ConsumerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+/// `topic/partition` list for logs.
+fn describe(partitions: &[TopicPartition]) -> String {
+    partitions
+        .iter()
+        .map(|partition| format!("{}/{}", partition.topic, partition.partition))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether `error` is an engine being away for a while rather than a fault.
+fn is_outage(error: &ConsumerError) -> bool {
+    matches!(
+        error,
+        ConsumerError::Bus(BusError::Unavailable(_))
+            | ConsumerError::Store(StoreError::Unavailable(_))
+    )
 }
 
 /// Exponential backoff's jitter: a uniform pick in [d/2, d].
@@ -798,7 +819,43 @@ impl<S: Store> Consumer<S> {
 
     /// Consumes until `shutdown` fires. The batch in flight then commits or
     /// rolls back as a whole; nothing is half-applied.
+    ///
+    /// An engine that becomes unreachable (a bus or store error of kind
+    /// `Unavailable`) is waited out: the consumer drops its subscription,
+    /// backs off exponentially with jitter up to `retry_outage_max`, and
+    /// joins its group again, which seeks every assigned partition back to
+    /// the position stored with the effects; nothing is lost or applied
+    /// twice. Any other error ends `run`.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let mut delay = self.config.retry_initial;
+        loop {
+            let started = Instant::now();
+            let error = match self.run_subscribed(&shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(error) if is_outage(&error) => error,
+                Err(error) => return Err(error),
+            };
+            // A subscription that worked for a while starts the backoff over.
+            if started.elapsed() > self.config.retry_outage_max * 2 {
+                delay = self.config.retry_initial;
+            }
+            let pause = jitter(delay);
+            tracing::warn!(
+                consumer = %self.config.name,
+                %error,
+                retry_in_ms = pause.as_millis() as u64,
+                "engine unavailable; joining the group again after a pause"
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+            delay = (delay * 2).min(self.config.retry_outage_max);
+        }
+    }
+
+    async fn run_subscribed(&self, shutdown: &CancellationToken) -> Result<(), ConsumerError> {
+        let shutdown = shutdown.clone();
         let mut subscription = self
             .bus
             .subscribe(&self.config.name, &self.config.topics)
@@ -832,6 +889,11 @@ impl<S: Store> Consumer<S> {
                 match delivery {
                     None => continue,
                     Some(Delivery::Assigned(partitions)) => {
+                        tracing::info!(
+                            consumer = %self.config.name,
+                            partitions = %describe(&partitions),
+                            "partitions assigned"
+                        );
                         let saved = positions(&self.store, &self.config.name).await?;
                         for partition in &partitions {
                             let offset = saved.get(partition).copied().unwrap_or(0);
@@ -842,6 +904,11 @@ impl<S: Store> Consumer<S> {
                         continue;
                     }
                     Some(Delivery::Revoked(partitions)) => {
+                        tracing::info!(
+                            consumer = %self.config.name,
+                            partitions = %describe(&partitions),
+                            "partitions revoked"
+                        );
                         assigned.retain(|partition| !partitions.contains(partition));
                         buffer.retain(|record| {
                             !partitions.contains(&TopicPartition::new(

@@ -1,7 +1,8 @@
-//! Engines chosen by URL: `sqlite:///path/bus.db` for the embedded bus,
-//! `sqlite:///path/service.db` for a service's store. Kafka, NATS and
-//! PostgreSQL URLs are recognised and refused with a clear message until
-//! their engines land.
+//! The embedded engines chosen by URL: `sqlite:///path/bus.db` for the
+//! embedded bus, `sqlite:///path/service.db` for a service's store. This
+//! crate knows only its own engines; `tandem-engines` opens every engine
+//! (Kafka, NATS JetStream, PostgreSQL too) by URL and delegates `sqlite`
+//! URLs here. Any other scheme is refused here by name.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ pub enum UrlError {
     MissingPath { url: String },
     #[error("{url}: unknown option {option} (known: synchronous=full|normal|off, partitions=N)")]
     UnknownOption { url: String, option: String },
-    #[error("{url}: the {scheme} engine is not available in this build (available: sqlite)")]
+    #[error("{url}: the {scheme} engine is not known to the tandem crate (it opens sqlite; tandem-engines opens kafka, nats and postgres)")]
     Unsupported { url: String, scheme: String },
 }
 
