@@ -72,7 +72,10 @@
 //! CreateTopics of one topic corrupt its state (this bus creates topics one
 //! request at a time); and its latency grows with the size of its database,
 //! so use a fresh file per test session. The `memory://` engine reports
-//! wrong high-water marks and fails the conformance suite.
+//! wrong high-water marks and fails the conformance suite. Unpatched, a
+//! group whose leader is killed (no LeaveGroup) never rebalances its
+//! partitions to the survivors; `scripts/engines` builds tansu with
+//! `scripts/tansu-group-expiry.patch`, which fixes that.
 
 #![warn(missing_docs)]
 
