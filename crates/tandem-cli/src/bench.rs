@@ -1,9 +1,12 @@
 //! `tandem bench pipeline`: how fast events move through the whole pipeline
-//! with durable commits, beside the raw rate of batched SQLite inserts of
-//! the same payload size on the same disk, measured in the same run.
+//! with durable commits, beside a raw rate measured in the same run: on the
+//! embedded default, batched SQLite inserts of the same payload size on the
+//! same disk; with `--bus URL` (Kafka, NATS), a plain producer/consumer loop
+//! of the same payloads against the same broker.
 //!
 //! Phases:
-//! 1. raw: `batch`-row transactions of envelope-sized blobs into a plain table;
+//! 1. raw: `batch`-row transactions of envelope-sized blobs into a plain
+//!    table, or `batch`-record publishes read back by one subscriber;
 //! 2. throughput: a producer commits `events` deposits in transactions of
 //!    `batch` while the relay and the consumer run; the clock stops when the
 //!    read model has applied the last one;
@@ -20,12 +23,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde::Serialize;
+use tandem::bus::{Delivery, OutgoingRecord};
 use tandem::consumer::{CommittedBatch, Consumer, ConsumerConfig, ConsumerObserver};
 use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
 use tandem::relay::{Relay, RelayConfig};
 use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use tandem::store::{Param, Store, StoreError};
 use tandem::{Bus, Handler};
+use tandem_engines::AnyStore;
 use tandem_testkit::{install_ledger, Deposited, Ledger, TOPIC};
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +66,16 @@ pub struct PipelineArgs {
     /// Where the database files go (default: a fresh temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The bus (default: an embedded log in --dir), e.g. kafka://127.0.0.1:19092
+    /// or nats://127.0.0.1:4222. The raw baseline is then this broker's own
+    /// produce/consume rate.
+    #[arg(long)]
+    bus: Option<String>,
+    /// The service databases (default: SQLite files in --dir). A postgres://
+    /// URL names a server: the bench creates its producer and reader
+    /// databases there and drops them afterwards.
+    #[arg(long)]
+    db: Option<String>,
     /// Print exactly one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -68,6 +83,11 @@ pub struct PipelineArgs {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    bus: String,
+    db: String,
+    /// What `raw_inserts_per_sec` measured: `sqlite-inserts` or
+    /// `bus-produce-consume`.
+    raw_kind: &'static str,
     events: u64,
     batch: usize,
     aggregates: u64,
@@ -196,20 +216,87 @@ async fn raw_inserts(
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The broker's own rate: `events` records of `payload_bytes` published in
+/// batches of `batch` while one subscriber reads them back; the clock
+/// stops when the last one is read.
+async fn raw_bus(
+    bus: &Arc<dyn Bus>,
+    events: u64,
+    batch: usize,
+    aggregates: u64,
+    payload_bytes: usize,
+) -> anyhow::Result<f64> {
+    let topic = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
+    let mut subscription = bus
+        .subscribe(&format!("{topic}-reader"), std::slice::from_ref(&topic))
+        .await?;
+    let started = Instant::now();
+    let publisher = {
+        let bus = Arc::clone(bus);
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut first = 0;
+            while first < events {
+                let end = (first + batch as u64).min(events);
+                // Distinct payloads: brokers that de-duplicate by content
+                // must not drop any.
+                let records: Vec<OutgoingRecord> = (first..end)
+                    .map(|number| OutgoingRecord {
+                        topic: topic.clone(),
+                        key: format!("acct-{}", number % aggregates),
+                        payload: format!("{number:0payload_bytes$}").into_bytes(),
+                    })
+                    .collect();
+                bus.publish(&records).await?;
+                first = end;
+            }
+            Ok::<_, tandem::bus::BusError>(())
+        })
+    };
+    let mut received = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while received < events {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "raw loop: only {received} of {events} records came back within 600 s"
+        );
+        if publisher.is_finished() && received == 0 && started.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("raw loop: nothing came back within 60 s of publishing");
+        }
+        match subscription.next(batch, Duration::from_millis(500)).await? {
+            Some(Delivery::Assigned(partitions)) => {
+                for partition in &partitions {
+                    subscription.seek(partition, 0).await?;
+                }
+            }
+            Some(Delivery::Records(records)) => {
+                received += records.len() as u64;
+                subscription.ack(&records).await?;
+            }
+            Some(Delivery::Revoked(_)) | None => {}
+        }
+    }
+    let elapsed = started.elapsed();
+    publisher.await.context("raw publisher task")??;
+    Ok(events as f64 / elapsed.as_secs_f64())
+}
+
 /// Commits `count` deposits starting at number `first`, in one transaction.
-async fn produce(
-    store: &SqliteStore,
+async fn produce<S: Store>(
+    store: &S,
+    topic: &str,
     first: u64,
     count: u64,
     aggregates: u64,
 ) -> Result<(), StoreError> {
+    let topic = topic.to_owned();
     store
         .write(move |tx| -> Result<(), StoreError> {
             for number in first..first + count {
                 let account_id = format!("acct-{}", number % aggregates);
                 tandem::outbox::publish(
                     tx,
-                    TOPIC,
+                    &topic,
                     &account_id,
                     &Deposited {
                         account_id: account_id.clone(),
@@ -252,25 +339,67 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         dir.display()
     );
 
-    progress("[1/3] raw batched SQLite inserts ...");
-    let raw_per_sec = raw_inserts(&dir, &options, args.events, args.batch, payload_bytes).await?;
-    progress(&format!(
-        "[1/3] raw batched SQLite inserts: {raw_per_sec:.0}/s\n"
-    ));
-
-    let producer = SqliteStore::open(dir.join("producer.db"), options.clone()).await?;
-    let reader = SqliteStore::open(dir.join("reader.db"), options.clone()).await?;
-    reader.write(install_ledger).await?;
-    let bus: Arc<dyn Bus> = Arc::new(
-        EmbeddedLog::open(
-            dir.join("bus.db"),
-            EmbeddedOptions {
-                synchronous,
-                partitions: 1,
-            },
+    let bus_url = args.bus.clone();
+    let bus: Arc<dyn Bus> = match &bus_url {
+        Some(url) => tandem_engines::open_bus(url).await?,
+        None => Arc::new(
+            EmbeddedLog::open(
+                dir.join("bus.db"),
+                EmbeddedOptions {
+                    synchronous,
+                    partitions: 1,
+                },
+            )
+            .await?,
+        ),
+    };
+    let (raw_kind, raw_per_sec) = if bus_url.is_some() {
+        progress("[1/3] raw produce/consume loop on the bus ...");
+        let rate = raw_bus(
+            &bus,
+            args.events,
+            args.batch,
+            args.aggregates,
+            payload_bytes,
         )
-        .await?,
-    );
+        .await?;
+        progress(&format!(
+            "[1/3] raw produce/consume loop on the bus: {rate:.0}/s\n"
+        ));
+        ("bus-produce-consume", rate)
+    } else {
+        progress("[1/3] raw batched SQLite inserts ...");
+        let rate = raw_inserts(&dir, &options, args.events, args.batch, payload_bytes).await?;
+        progress(&format!("[1/3] raw batched SQLite inserts: {rate:.0}/s\n"));
+        ("sqlite-inserts", rate)
+    };
+
+    let (producer, reader, _scratch) = match &args.db {
+        Some(url) if !url.starts_with("sqlite:") => {
+            let producer = tandem_postgres::testing::ScratchDatabase::create(url, "bench_producer")
+                .await
+                .context("cannot create the producer's database")?;
+            let reader = tandem_postgres::testing::ScratchDatabase::create(url, "bench_reader")
+                .await
+                .context("cannot create the reader's database")?;
+            (
+                tandem_engines::open_store(producer.url()).await?,
+                tandem_engines::open_store(reader.url()).await?,
+                Some((producer, reader)),
+            )
+        }
+        _ => (
+            AnyStore::Sqlite(SqliteStore::open(dir.join("producer.db"), options.clone()).await?),
+            AnyStore::Sqlite(SqliteStore::open(dir.join("reader.db"), options.clone()).await?),
+            None,
+        ),
+    };
+    reader.write(install_ledger).await?;
+    // A topic of its own, so a shared broker's earlier runs do not count.
+    let topic = match &bus_url {
+        Some(_) => format!("{TOPIC}-{}", uuid::Uuid::now_v7().simple()),
+        None => TOPIC.to_owned(),
+    };
     let recorder = Arc::new(Recorder::default());
     let shutdown = CancellationToken::new();
     let relay = Relay::new(
@@ -281,7 +410,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             ..RelayConfig::default()
         },
     );
-    let mut config = ConsumerConfig::new("bench-ledger", &[TOPIC]);
+    let mut config = ConsumerConfig::new("bench-ledger", &[topic.as_str()]);
     config.batch_size = args.batch;
     let consumer = Consumer::new(
         reader.clone(),
@@ -304,11 +433,12 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let producer_task = {
         let producer = producer.clone();
         let (events, batch, aggregates) = (args.events, args.batch as u64, args.aggregates);
+        let topic = topic.clone();
         tokio::spawn(async move {
             let mut first = 0;
             while first < events {
                 let count = batch.min(events - first);
-                produce(&producer, first, count, aggregates).await?;
+                produce(&producer, &topic, first, count, aggregates).await?;
                 first += count;
             }
             Ok::<_, StoreError>(())
@@ -357,7 +487,14 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     while latency_started.elapsed() < Duration::from_secs(args.latency_seconds) {
         interval.tick().await;
         let start = tandem::schema::now_micros();
-        produce(&producer, args.events + produced, per_tick, args.aggregates).await?;
+        produce(
+            &producer,
+            &topic,
+            args.events + produced,
+            per_tick,
+            args.aggregates,
+        )
+        .await?;
         transactions.push((start, tandem::schema::now_micros()));
         produced += per_tick;
     }
@@ -421,6 +558,14 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     );
 
     let report = Report {
+        bus: bus_url
+            .as_deref()
+            .map_or_else(|| "embedded".to_owned(), tandem_engines::redact),
+        db: args
+            .db
+            .as_deref()
+            .map_or_else(|| "sqlite".to_owned(), tandem_engines::redact),
+        raw_kind,
         events: args.events,
         batch: args.batch,
         aggregates: args.aggregates,
@@ -439,10 +584,17 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     };
     println!();
     println!("pipeline      {:>10.0} events/s", report.events_per_sec);
-    println!(
-        "raw inserts   {:>10.0} rows/s (same payload size, same disk)",
-        report.raw_inserts_per_sec
-    );
+    if raw_kind == "sqlite-inserts" {
+        println!(
+            "raw inserts   {:>10.0} rows/s (same payload size, same disk)",
+            report.raw_inserts_per_sec
+        );
+    } else {
+        println!(
+            "raw bus       {:>10.0} records/s (plain produce/consume, same payload size, same broker)",
+            report.raw_inserts_per_sec
+        );
+    }
     println!("ratio         {:>10.3}", report.ratio);
     println!(
         "propagation   commit to visible p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms at {:.0} events/s",

@@ -15,7 +15,8 @@ pub enum EventsCommand {
 
 #[derive(Debug, Args)]
 pub struct TailArgs {
-    /// The event bus, e.g. sqlite:///data/bus.db
+    /// The event bus: sqlite:///data/bus.db, kafka://host:9092 or
+    /// nats://host:4222 (see README, Running at scale)
     #[arg(long, env = "TANDEM_BUS")]
     bus: String,
     /// Only this topic (repeatable); default: customer, inventory, order.
@@ -34,7 +35,7 @@ pub struct TailArgs {
 
 pub async fn run(command: EventsCommand) -> anyhow::Result<()> {
     let EventsCommand::Tail(args) = command;
-    let bus = tandem::engine::open_bus(&args.bus).await?;
+    let bus = tandem_engines::open_bus(&args.bus).await?;
     let topics = if args.topics.is_empty() {
         vec![
             "customer".to_owned(),

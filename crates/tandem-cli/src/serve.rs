@@ -42,17 +42,19 @@ pub struct ServeArgs {
     /// is printed).
     #[arg(long, env = "TANDEM_LISTEN")]
     listen: Option<SocketAddr>,
-    /// The service's own database, e.g. sqlite:///data/customer.db
+    /// The service's own database: sqlite:///data/customer.db or
+    /// postgres://user@host:5432/customer?sslmode=require
     #[arg(long, env = "TANDEM_DB")]
     db: String,
-    /// The event bus, e.g. sqlite:///data/bus.db
+    /// The event bus: sqlite:///data/bus.db, kafka://host:9092 or
+    /// nats://host:4222 (see README, Running at scale)
     #[arg(long, env = "TANDEM_BUS")]
     bus: String,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let store = tandem::engine::open_sqlite_store(&args.db).await?;
-    let bus = tandem::engine::open_bus(&args.bus).await?;
+    let store = tandem_engines::open_store(&args.db).await?;
+    let bus = tandem_engines::open_bus(&args.bus).await?;
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.service.default_port())));

@@ -1,6 +1,8 @@
-//! The commerce system as OS processes: one `tandem serve` child per
-//! service, all on the embedded engines in one data directory. Used by
-//! `tandem up` and `tandem demo`.
+//! The commerce system as OS processes: `tandem serve` children, by
+//! default one per service on the embedded engines in one data directory.
+//! Used by `tandem up`, `tandem demo` and the end-to-end tests, which also
+//! run it on other engines ([`System::with_engines`]) and with several
+//! instances of a service ([`System::start_instance`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,12 +25,18 @@ struct Running {
 pub struct System {
     data_dir: PathBuf,
     executable: PathBuf,
-    /// The address of each service, fixed at its first start so restarts
-    /// keep their URL.
-    addresses: BTreeMap<&'static str, String>,
+    /// The address of each instance of each service, fixed at its first
+    /// start so restarts keep their URL.
+    addresses: BTreeMap<(&'static str, usize), String>,
     base_port: u16,
-    running: BTreeMap<&'static str, Running>,
+    running: BTreeMap<(&'static str, usize), Running>,
     http: reqwest::Client,
+    /// Engine URLs other than the embedded default.
+    bus: Option<String>,
+    dbs: BTreeMap<&'static str, String>,
+    /// Where each instance's log goes, and its filter (default: inherited
+    /// stderr and the process's own `TANDEM_LOG`).
+    logs: Option<(PathBuf, String)>,
 }
 
 impl System {
@@ -44,6 +52,9 @@ impl System {
             addresses: BTreeMap::new(),
             base_port,
             running: BTreeMap::new(),
+            bus: None,
+            dbs: BTreeMap::new(),
+            logs: None,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -58,15 +69,47 @@ impl System {
         self
     }
 
+    /// Runs the services on the bus `bus` with the databases `dbs` (one URL
+    /// per service; a service not named keeps its SQLite file).
+    pub fn with_engines(mut self, bus: impl Into<String>, dbs: &[(Service, String)]) -> Self {
+        self.bus = Some(bus.into());
+        self.dbs = dbs
+            .iter()
+            .map(|(service, url)| (service.name(), url.clone()))
+            .collect();
+        self
+    }
+
+    /// Writes each instance's log to `<data dir>/<service>-<instance>.log`
+    /// with the `TANDEM_LOG` filter `filter` instead of this process's
+    /// stderr.
+    pub fn with_log_files(mut self, filter: impl Into<String>) -> Self {
+        self.logs = Some((self.data_dir.clone(), filter.into()));
+        self
+    }
+
+    /// The log file of an instance (see [`System::with_log_files`]).
+    pub fn log_file(&self, service: Service, instance: usize) -> Option<PathBuf> {
+        self.logs
+            .as_ref()
+            .map(|(dir, _)| dir.join(format!("{}-{instance}.log", service.name())))
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
     pub fn bus_url(&self) -> String {
-        format!("sqlite://{}", self.data_dir.join("bus.db").display())
+        match &self.bus {
+            Some(bus) => bus.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("bus.db").display()),
+        }
     }
 
     pub fn db_url(&self, service: Service) -> String {
+        if let Some(url) = self.dbs.get(service.name()) {
+            return url.clone();
+        }
         format!(
             "sqlite://{}",
             self.data_dir
@@ -79,16 +122,27 @@ impl System {
         &self.http
     }
 
-    /// The service's base URL, e.g. `http://127.0.0.1:8083`.
+    /// The service's base URL, e.g. `http://127.0.0.1:8083` (its first
+    /// instance's).
     pub fn url(&self, service: Service) -> anyhow::Result<String> {
+        self.instance_url(service, 0)
+    }
+
+    /// The base URL of one instance of a service.
+    pub fn instance_url(&self, service: Service, instance: usize) -> anyhow::Result<String> {
         self.addresses
-            .get(service.name())
+            .get(&(service.name(), instance))
             .map(|address| format!("http://{address}"))
-            .with_context(|| format!("{} service was never started", service.name()))
+            .with_context(|| {
+                format!(
+                    "{} service instance {instance} was never started",
+                    service.name()
+                )
+            })
     }
 
     pub fn is_running(&self, service: Service) -> bool {
-        self.running.contains_key(service.name())
+        self.running.contains_key(&(service.name(), 0))
     }
 
     /// Starts every service and waits until each is ready.
@@ -101,23 +155,44 @@ impl System {
 
     /// Starts one service (again) and waits until it is ready.
     pub async fn start(&mut self, service: Service) -> anyhow::Result<()> {
-        if self.is_running(service) {
+        self.start_instance(service, 0).await
+    }
+
+    /// Starts instance `instance` of a service (again) and waits until it
+    /// is ready. Instances of one service share its database and the bus.
+    pub async fn start_instance(
+        &mut self,
+        service: Service,
+        instance: usize,
+    ) -> anyhow::Result<()> {
+        let key = (service.name(), instance);
+        if self.running.contains_key(&key) {
             return Ok(());
         }
-        let listen = match self.addresses.get(service.name()) {
+        let listen = match self.addresses.get(&key) {
             Some(address) => address.clone(),
-            None if self.base_port == 0 => "127.0.0.1:0".to_owned(),
+            None if self.base_port == 0 || instance > 0 => "127.0.0.1:0".to_owned(),
             None => {
                 let offset = service.default_port() - Service::Customer.default_port();
                 format!("127.0.0.1:{}", self.base_port + offset)
             }
         };
-        let mut child = Command::new(&self.executable)
+        let mut command = Command::new(&self.executable);
+        command
             .args(["serve", service.name(), "--listen", &listen])
             .args(["--db", &self.db_url(service), "--bus", &self.bus_url()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        if let (Some((_, filter)), Some(path)) = (&self.logs, self.log_file(service, instance)) {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            command.stderr(file).env("TANDEM_LOG", filter);
+        }
+        let mut child = command
             .spawn()
             .with_context(|| format!("cannot start the {} service", service.name()))?;
         let stdout = child.stdout.take().context("child stdout")?;
@@ -146,13 +221,13 @@ impl System {
             .to_owned();
         // Keep draining its stdout so the pipe never fills.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        self.addresses.insert(service.name(), address);
-        self.running.insert(service.name(), Running { child });
-        self.wait_ready(service).await
+        self.addresses.insert(key, address);
+        self.running.insert(key, Running { child });
+        self.wait_ready(service, instance).await
     }
 
-    async fn wait_ready(&self, service: Service) -> anyhow::Result<()> {
-        let url = format!("{}/ready", self.url(service)?);
+    async fn wait_ready(&self, service: Service, instance: usize) -> anyhow::Result<()> {
+        let url = format!("{}/ready", self.instance_url(service, instance)?);
         let deadline = tokio::time::Instant::now() + START_DEADLINE;
         loop {
             if let Ok(response) = self.http.get(&url).send().await {
@@ -172,7 +247,12 @@ impl System {
 
     /// Kills a service with SIGKILL, as a crash would.
     pub async fn kill(&mut self, service: Service) -> anyhow::Result<()> {
-        if let Some(mut running) = self.running.remove(service.name()) {
+        self.kill_instance(service, 0).await
+    }
+
+    /// Kills one instance of a service with SIGKILL.
+    pub async fn kill_instance(&mut self, service: Service, instance: usize) -> anyhow::Result<()> {
+        if let Some(mut running) = self.running.remove(&(service.name(), instance)) {
             running.child.kill().await?;
         }
         Ok(())
@@ -182,16 +262,22 @@ impl System {
     pub fn exited(&mut self) -> Vec<(Service, std::process::ExitStatus)> {
         let mut exited = Vec::new();
         for service in Service::ALL {
-            if let Some(running) = self.running.get_mut(service.name()) {
+            for (key, running) in self.running.iter_mut() {
+                if key.0 != service.name() {
+                    continue;
+                }
                 if let Ok(Some(status)) = running.child.try_wait() {
-                    exited.push((service, status));
+                    exited.push((service, key.1, status));
                 }
             }
         }
-        for (service, _) in &exited {
-            self.running.remove(service.name());
+        for (service, instance, _) in &exited {
+            self.running.remove(&(service.name(), *instance));
         }
         exited
+            .into_iter()
+            .map(|(service, _, status)| (service, status))
+            .collect()
     }
 
     /// Stops every service with SIGTERM (SIGKILL after 10 s).
@@ -202,7 +288,7 @@ impl System {
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }
         }
-        for (name, mut running) in std::mem::take(&mut self.running) {
+        for ((name, _), mut running) in std::mem::take(&mut self.running) {
             match tokio::time::timeout(Duration::from_secs(10), running.child.wait()).await {
                 Ok(_) => {}
                 Err(_) => {

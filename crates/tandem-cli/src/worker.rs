@@ -22,6 +22,10 @@ pub enum WorkerCommand {
     Produce {
         #[arg(long)]
         db: String,
+        /// The topic (default: the ledger's); tests on shared brokers use
+        /// one of their own.
+        #[arg(long, default_value = TOPIC)]
+        topic: String,
         #[arg(long)]
         count: u64,
         #[arg(long, default_value_t = 50)]
@@ -42,6 +46,13 @@ pub enum WorkerCommand {
         db: String,
         #[arg(long)]
         bus: String,
+        /// The topic (default: the ledger's); tests on shared brokers use
+        /// one of their own.
+        #[arg(long, default_value = TOPIC)]
+        topic: String,
+        /// The consumer's name, which is also its group on the bus.
+        #[arg(long, default_value = "ledger-view")]
+        group: String,
         #[arg(long)]
         expect: i64,
         #[arg(long, default_value_t = 100)]
@@ -69,14 +80,21 @@ pub fn deposit_number(number: u64) -> (String, i64) {
 
 pub async fn run(command: WorkerCommand) -> anyhow::Result<()> {
     match command {
-        WorkerCommand::Produce { db, count, batch } => produce(&db, count, batch).await,
+        WorkerCommand::Produce {
+            db,
+            topic,
+            count,
+            batch,
+        } => produce(&db, &topic, count, batch).await,
         WorkerCommand::Relay { db, bus, batch } => relay(&db, &bus, batch).await,
         WorkerCommand::Consume {
             db,
             bus,
+            topic,
+            group,
             expect,
             batch,
-        } => consume(&db, &bus, expect, batch).await,
+        } => consume(&db, &bus, &topic, &group, expect, batch).await,
         WorkerCommand::Append {
             bus,
             topic,
@@ -87,17 +105,18 @@ pub async fn run(command: WorkerCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn produce(db: &str, count: u64, batch: u64) -> anyhow::Result<()> {
-    let store = tandem::engine::open_sqlite_store(db).await?;
+async fn produce(db: &str, topic: &str, count: u64, batch: u64) -> anyhow::Result<()> {
+    let store = tandem_engines::open_store(db).await?;
     store
         .write(|tx| {
             tx.execute_batch(
-                "CREATE TABLE IF NOT EXISTS worker_progress (id INTEGER PRIMARY KEY, next INTEGER NOT NULL);
-                 INSERT OR IGNORE INTO worker_progress (id, next) VALUES (1, 0);",
+                "CREATE TABLE IF NOT EXISTS worker_progress (id BIGINT PRIMARY KEY, next BIGINT NOT NULL);
+                 INSERT INTO worker_progress (id, next) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;",
             )
         })
         .await?;
     loop {
+        let topic = topic.to_owned();
         let done = store
             .write(move |tx| -> Result<bool, StoreError> {
                 let next = tx
@@ -113,7 +132,7 @@ async fn produce(db: &str, count: u64, batch: u64) -> anyhow::Result<()> {
                     let (account_id, amount_cents) = deposit_number(number);
                     tandem::outbox::publish(
                         tx,
-                        TOPIC,
+                        &topic,
                         &account_id,
                         &Deposited {
                             account_id: account_id.clone(),
@@ -137,8 +156,8 @@ async fn produce(db: &str, count: u64, batch: u64) -> anyhow::Result<()> {
 }
 
 async fn relay(db: &str, bus: &str, batch: usize) -> anyhow::Result<()> {
-    let store = tandem::engine::open_sqlite_store(db).await?;
-    let bus = tandem::engine::open_bus(bus).await?;
+    let store = tandem_engines::open_store(db).await?;
+    let bus = tandem_engines::open_bus(bus).await?;
     let relay = Relay::new(
         store,
         bus,
@@ -151,11 +170,18 @@ async fn relay(db: &str, bus: &str, batch: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn consume(db: &str, bus: &str, expect: i64, batch: usize) -> anyhow::Result<()> {
-    let store = tandem::engine::open_sqlite_store(db).await?;
+async fn consume(
+    db: &str,
+    bus: &str,
+    topic: &str,
+    group: &str,
+    expect: i64,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let store = tandem_engines::open_store(db).await?;
     store.write(install_ledger).await?;
-    let bus = tandem::engine::open_bus(bus).await?;
-    let mut config = ConsumerConfig::new("ledger-view", &[TOPIC]);
+    let bus = tandem_engines::open_bus(bus).await?;
+    let mut config = ConsumerConfig::new(group, &[topic]);
     config.batch_size = batch;
     let consumer = Consumer::new(
         store.clone(),
@@ -202,7 +228,7 @@ async fn consume(db: &str, bus: &str, expect: i64, batch: usize) -> anyhow::Resu
 }
 
 async fn append(bus: &str, topic: &str, writer: u32, count: u64, batch: u64) -> anyhow::Result<()> {
-    let bus = tandem::engine::open_bus(bus).await?;
+    let bus = tandem_engines::open_bus(bus).await?;
     let mut number = 0;
     while number < count {
         let end = (number + batch).min(count);

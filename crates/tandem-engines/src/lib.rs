@@ -1,0 +1,395 @@
+//! Engines chosen by URL, the one place that knows every engine crate.
+//!
+//! | URL | engine |
+//! |---|---|
+//! | `sqlite:///path/bus.db[?partitions=N&synchronous=…]` | the embedded log ([`tandem::embedded`]) |
+//! | `kafka://host:port[,host:port]?…` | Kafka ([`tandem_kafka`]) |
+//! | `nats://[user:pass@]host:port?…` | NATS JetStream ([`tandem_nats`]) |
+//! | `sqlite:///path/service.db[?synchronous=…]` | a SQLite store ([`tandem::sqlite`]) |
+//! | `postgres://user@host:port/db?sslmode=…` | a PostgreSQL store ([`tandem_postgres`]) |
+//!
+//! [`open_bus`] gives an `Arc<dyn Bus>`. The `Store` trait has generic
+//! methods, so it cannot be a trait object: [`AnyStore`] is an enum of the
+//! store engines that implements `Store` by delegating to the one it holds.
+//! A URL naming an unreachable engine fails here, with a message naming it.
+
+use std::sync::Arc;
+
+use tandem::bus::{Bus, BusError, Delivery, OutgoingRecord, Record, Subscription, TopicPartition};
+use tandem::sqlite::SqliteStore;
+use tandem::store::{ExternalChanges, Lease, Store, StoreError, StoreFuture, Tx};
+use tandem_postgres::PostgresStore;
+
+/// Why an engine URL could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Url(#[from] tandem::engine::UrlError),
+    #[error("{0}")]
+    Engine(String),
+}
+
+/// The URL's scheme, lower-cased; a URL without one is refused.
+fn scheme(url: &str) -> Result<String, OpenError> {
+    url.split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .ok_or_else(|| tandem::engine::UrlError::Malformed { url: url.into() }.into())
+}
+
+/// Opens the bus a URL names. The option `namespace=NAME`, on any bus,
+/// puts every topic and consumer group under `NAME-` (see [`Namespaced`]).
+pub async fn open_bus(url: &str) -> Result<Arc<dyn Bus>, OpenError> {
+    let (url, namespace) = take_option(url, "namespace");
+    let bus = open_engine_bus(&url).await?;
+    Ok(match namespace {
+        Some(namespace) if !namespace.is_empty() => Arc::new(Namespaced::new(bus, &namespace)),
+        _ => bus,
+    })
+}
+
+/// Removes `name=value` from a URL's query; returns the URL and the value.
+fn take_option(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut value = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|option| match option.split_once('=') {
+            Some((key, found)) if key == name => {
+                value = Some(found.to_owned());
+                false
+            }
+            _ => !option.is_empty(),
+        })
+        .collect();
+    if kept.is_empty() {
+        (base.to_owned(), value)
+    } else {
+        (format!("{base}?{}", kept.join("&")), value)
+    }
+}
+
+async fn open_engine_bus(url: &str) -> Result<Arc<dyn Bus>, OpenError> {
+    match scheme(url)?.as_str() {
+        "sqlite" => tandem::engine::open_bus(url)
+            .await
+            .map_err(|error| OpenError::Engine(error.to_string())),
+        "kafka" => Ok(Arc::new(
+            tandem_kafka::KafkaBus::connect(url)
+                .await
+                .map_err(|error| bus_error(url, error))?,
+        )),
+        "nats" | "tls" => Ok(Arc::new(
+            tandem_nats::NatsBus::connect(url)
+                .await
+                .map_err(|error| bus_error(url, error))?,
+        )),
+        other => Err(OpenError::Engine(format!(
+            "{}: unknown bus scheme {other}: (known: sqlite, kafka, nats)",
+            redact(url)
+        ))),
+    }
+}
+
+fn bus_error(url: &str, error: BusError) -> OpenError {
+    OpenError::Engine(format!("cannot open bus {}: {error}", redact(url)))
+}
+
+/// Opens the store a URL names.
+pub async fn open_store(url: &str) -> Result<AnyStore, OpenError> {
+    match scheme(url)?.as_str() {
+        "sqlite" => tandem::engine::open_sqlite_store(url)
+            .await
+            .map(AnyStore::Sqlite)
+            .map_err(|error| OpenError::Engine(error.to_string())),
+        "postgres" | "postgresql" => PostgresStore::connect(url)
+            .await
+            .map(AnyStore::Postgres)
+            .map_err(|error| {
+                OpenError::Engine(format!("cannot open store {}: {error}", redact(url)))
+            }),
+        other => Err(OpenError::Engine(format!(
+            "{}: unknown store scheme {other}: (known: sqlite, postgres)",
+            redact(url)
+        ))),
+    }
+}
+
+/// A bus whose topics and groups live under a prefix: `order` is
+/// `NAME-order` on the engine, and group `inventory-reservations` is
+/// `NAME-inventory-reservations`. Several systems (environments, test runs)
+/// can thus share one broker without reading each other's events. Services
+/// see their plain topic names.
+pub struct Namespaced {
+    inner: Arc<dyn Bus>,
+    prefix: String,
+}
+
+impl Namespaced {
+    pub fn new(inner: Arc<dyn Bus>, namespace: &str) -> Self {
+        Self {
+            inner,
+            prefix: format!("{namespace}-"),
+        }
+    }
+}
+
+fn strip(prefix: &str, topic: String) -> String {
+    match topic.strip_prefix(prefix) {
+        Some(plain) => plain.to_owned(),
+        None => topic,
+    }
+}
+
+fn strip_partitions(prefix: &str, partitions: Vec<TopicPartition>) -> Vec<TopicPartition> {
+    partitions
+        .into_iter()
+        .map(|partition| TopicPartition::new(strip(prefix, partition.topic), partition.partition))
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl Bus for Namespaced {
+    async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
+        let records: Vec<OutgoingRecord> = records
+            .iter()
+            .map(|record| OutgoingRecord {
+                topic: format!("{}{}", self.prefix, record.topic),
+                key: record.key.clone(),
+                payload: record.payload.clone(),
+            })
+            .collect();
+        self.inner.publish(&records).await
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Box<dyn Subscription>, BusError> {
+        let topics: Vec<String> = topics
+            .iter()
+            .map(|topic| format!("{}{topic}", self.prefix))
+            .collect();
+        let inner = self
+            .inner
+            .subscribe(&format!("{}{group}", self.prefix), &topics)
+            .await?;
+        Ok(Box::new(NamespacedSubscription {
+            inner,
+            prefix: self.prefix.clone(),
+        }))
+    }
+
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        self.inner
+            .end_offsets(&format!("{}{topic}", self.prefix))
+            .await
+    }
+}
+
+struct NamespacedSubscription {
+    inner: Box<dyn Subscription>,
+    prefix: String,
+}
+
+#[async_trait::async_trait]
+impl Subscription for NamespacedSubscription {
+    async fn next(
+        &mut self,
+        max_records: usize,
+        max_wait: std::time::Duration,
+    ) -> Result<Option<Delivery>, BusError> {
+        let prefix = &self.prefix;
+        Ok(match self.inner.next(max_records, max_wait).await? {
+            Some(Delivery::Assigned(partitions)) => {
+                Some(Delivery::Assigned(strip_partitions(prefix, partitions)))
+            }
+            Some(Delivery::Revoked(partitions)) => {
+                Some(Delivery::Revoked(strip_partitions(prefix, partitions)))
+            }
+            Some(Delivery::Records(records)) => Some(Delivery::Records(
+                records
+                    .into_iter()
+                    .map(|mut record| {
+                        record.topic = strip(prefix, std::mem::take(&mut record.topic));
+                        record
+                    })
+                    .collect(),
+            )),
+            None => None,
+        })
+    }
+
+    async fn seek(&mut self, partition: &TopicPartition, offset: u64) -> Result<(), BusError> {
+        let prefixed = TopicPartition::new(
+            format!("{}{}", self.prefix, partition.topic),
+            partition.partition,
+        );
+        self.inner.seek(&prefixed, offset).await
+    }
+
+    async fn ack(&mut self, records: &[Record]) -> Result<(), BusError> {
+        let records: Vec<Record> = records
+            .iter()
+            .map(|record| Record {
+                topic: format!("{}{}", self.prefix, record.topic),
+                ..record.clone()
+            })
+            .collect();
+        self.inner.ack(&records).await
+    }
+}
+
+/// The URL with any password replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(index) => rest.split_at(index),
+        None => (rest, ""),
+    };
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    let hidden = if userinfo.contains(':') { ":***" } else { "" };
+    format!("{scheme}://{user}{hidden}@{host}{tail}")
+}
+
+/// A store of any engine of this build.
+#[derive(Clone)]
+pub enum AnyStore {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+macro_rules! delegate {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sqlite($store) => $call,
+            AnyStore::Postgres($store) => $call,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    fn write<R, E, F>(&self, work: F) -> StoreFuture<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+    {
+        delegate!(self, store => store.write(work))
+    }
+
+    fn read<R, E, F>(&self, work: F) -> StoreFuture<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
+    {
+        delegate!(self, store => store.read(work))
+    }
+
+    fn outbox_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        delegate!(self, store => store.outbox_signal())
+    }
+
+    fn external_changes(&self) -> Result<Box<dyn ExternalChanges>, StoreError> {
+        delegate!(self, store => store.external_changes())
+    }
+
+    fn try_lead(&self, name: &str) -> StoreFuture<Option<Box<dyn Lease>>, StoreError> {
+        delegate!(self, store => store.try_lead(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("postgres://app:secret@db:5432/orders?sslmode=require"),
+            "postgres://app:***@db:5432/orders?sslmode=require"
+        );
+        assert_eq!(
+            redact("nats://alice@127.0.0.1:4222"),
+            "nats://alice@127.0.0.1:4222"
+        );
+        assert_eq!(redact("kafka://127.0.0.1:19092"), "kafka://127.0.0.1:19092");
+    }
+
+    #[test]
+    fn the_namespace_option_leaves_the_rest_of_the_url() {
+        assert_eq!(
+            take_option(
+                "kafka://h:1?partitions=4&namespace=t1&acks=all",
+                "namespace"
+            ),
+            (
+                "kafka://h:1?partitions=4&acks=all".to_owned(),
+                Some("t1".to_owned())
+            )
+        );
+        assert_eq!(
+            take_option("nats://h:1?namespace=t1", "namespace"),
+            ("nats://h:1".to_owned(), Some("t1".to_owned()))
+        );
+        assert_eq!(
+            take_option("nats://h:1", "namespace"),
+            ("nats://h:1".to_owned(), None)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_namespace_hides_other_namespaces_topics() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("bus.db").display());
+        let first = open_bus(&format!("{url}?namespace=a")).await.unwrap();
+        let second = open_bus(&format!("{url}?namespace=b")).await.unwrap();
+        let record = OutgoingRecord {
+            topic: "order".into(),
+            key: "o-1".into(),
+            payload: b"x".to_vec(),
+        };
+        first.publish(&[record.clone(), record]).await.unwrap();
+        assert_eq!(first.end_offsets("order").await.unwrap(), vec![(0, 2)]);
+        assert_eq!(second.end_offsets("order").await.unwrap(), vec![(0, 0)]);
+        let mut subscription = first.subscribe("g", &["order".to_owned()]).await.unwrap();
+        let mut records = Vec::new();
+        while records.len() < 2 {
+            match subscription
+                .next(10, std::time::Duration::from_secs(5))
+                .await
+                .unwrap()
+            {
+                Some(Delivery::Assigned(partitions)) => {
+                    assert_eq!(partitions, vec![TopicPartition::new("order", 0)]);
+                    subscription.seek(&partitions[0], 0).await.unwrap();
+                }
+                Some(Delivery::Records(batch)) => records.extend(batch),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(records.iter().all(|record| record.topic == "order"));
+    }
+
+    #[tokio::test]
+    async fn unknown_schemes_are_refused_by_name() {
+        let error = open_bus("amqp://127.0.0.1:5672").await.err().unwrap();
+        assert!(
+            error.to_string().contains("unknown bus scheme amqp"),
+            "{error}"
+        );
+        let error = open_store("mysql://127.0.0.1/x").await.err().unwrap();
+        assert!(
+            error.to_string().contains("unknown store scheme mysql"),
+            "{error}"
+        );
+    }
+}
