@@ -92,3 +92,41 @@ fn the_toolkit_knows_no_domain() {
         "contracts name an engine"
     );
 }
+
+/// Engine crates Tandem ships, and the drivers they wrap.
+const ENGINE_CRATES: [&str; 4] = [
+    "tandem-postgres",
+    "tandem-kafka",
+    "tandem-nats",
+    "tandem-engines",
+];
+const DRIVERS: [&str; 4] = ["postgres", "tokio-postgres", "rdkafka", "async-nats"];
+
+#[test]
+fn engines_are_chosen_in_one_place() {
+    let graph = dependencies();
+    for (crate_name, deps) in &graph {
+        for engine in ENGINE_CRATES {
+            let allowed = match engine {
+                // The one crate that opens engines by URL, and the binary.
+                "tandem-engines" => crate_name == "tandem-cli",
+                _ => crate_name == "tandem-engines" || crate_name == "tandem-cli",
+            };
+            assert!(
+                allowed || !deps.contains(engine),
+                "{crate_name} depends on {engine}: only tandem-engines (and the tandem binary) choose engines"
+            );
+        }
+        for driver in DRIVERS {
+            let owner = match driver {
+                "postgres" | "tokio-postgres" => "tandem-postgres",
+                "rdkafka" => "tandem-kafka",
+                _ => "tandem-nats",
+            };
+            assert!(
+                crate_name == owner || !deps.contains(driver),
+                "{crate_name} names the driver {driver}, which only {owner} wraps"
+            );
+        }
+    }
+}

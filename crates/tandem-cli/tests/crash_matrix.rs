@@ -2,8 +2,10 @@
 //! SIGKILL at named crash points (producer before and after commit, relay
 //! before and after publishing, consumer in the middle of a batch). After
 //! restarting, every committed event is applied exactly once and no
-//! rolled-back one appears. Also: several processes appending to the
-//! embedded log at once, one of them killed mid-way.
+//! rolled-back one appears. The matrix runs on every pair of engines:
+//! embedded log + SQLite, Kafka + PostgreSQL, NATS JetStream + PostgreSQL
+//! (`scripts/engines up` starts the servers). Also: several processes
+//! appending to the embedded log at once, one of them killed mid-way.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -83,84 +85,118 @@ fn run_worker_until_killed(fault: &str, args: &[&str]) {
     assert!(!status.success(), "a killed worker cannot succeed");
 }
 
-/// (account, balance, applied, last sequence) per account, as built by
-/// `tandem worker consume`.
-fn ledger(dir: &Path) -> Vec<(String, i64, i64, i64)> {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = tandem::engine::open_sqlite_store(&url(dir, "reader.db"))
-            .await
-            .unwrap();
-        store.write(tandem_testkit::install_ledger).await.unwrap();
-        tandem_testkit::ledger_rows(&store).await
-    })
-}
-
-/// What the ledger must hold after `EVENTS` deposits, each applied once.
-fn expected_ledger() -> Vec<(String, i64, i64, i64)> {
-    let mut accounts = std::collections::BTreeMap::<String, (i64, i64)>::new();
-    for number in 0..EVENTS {
-        let account = format!("acct-{}", number % 17);
-        let entry = accounts.entry(account).or_default();
-        entry.0 += number as i64 + 1;
-        entry.1 += 1;
-    }
-    accounts
-        .into_iter()
-        .map(|(account, (balance, count))| (account, balance, count, count))
-        .collect()
-}
-
-fn outbox_count(dir: &Path) -> i64 {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = tandem::engine::open_sqlite_store(&url(dir, "producer.db"))
-            .await
-            .unwrap();
-        store
-            .read(|tx| -> Result<i64, StoreError> {
-                tx.query_opt("SELECT COUNT(*) FROM tandem_outbox", &[])?
-                    .unwrap()
-                    .i64(0)
-            })
-            .await
-            .unwrap()
-    })
-}
-
-fn log_length(dir: &Path) -> u64 {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let bus = tandem::engine::open_bus(&url(dir, "bus.db")).await.unwrap();
-        bus.end_offsets("ledger")
-            .await
-            .unwrap()
-            .iter()
-            .map(|(_, end)| end)
-            .sum()
-    })
-}
-
-struct Files {
-    _dir: tempfile::TempDir,
+/// Where one crash test runs: the two service databases, the bus, and a
+/// topic and consumer group of its own (brokers are shared by tests).
+struct Setup {
     producer: String,
     reader: String,
     bus: String,
+    topic: String,
+    group: String,
+    /// Whether a batch published twice (relay killed after publishing)
+    /// shows twice on the log. NATS drops the second copy by message id.
+    republished_batch_shows: bool,
+    _keep_alive: Vec<Box<dyn std::any::Any>>,
 }
 
-impl Files {
-    fn new() -> Self {
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// A scratch PostgreSQL database for one test, dropped with the guard.
+fn scratch_postgres(label: &str) -> (String, Box<dyn std::any::Any>) {
+    let base = std::env::var("TANDEM_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let database = runtime()
+        .block_on(tandem_postgres::testing::ScratchDatabase::create(
+            &base, label,
+        ))
+        .unwrap_or_else(|error| {
+            panic!("PostgreSQL not reachable at {base}: start it with scripts/engines up ({error})")
+        });
+    (database.url().to_owned(), Box::new(database))
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+impl Setup {
+    fn embedded() -> Self {
         let dir = tempfile::tempdir().unwrap();
         Self {
             producer: url(dir.path(), "producer.db"),
             reader: url(dir.path(), "reader.db"),
             bus: url(dir.path(), "bus.db"),
-            _dir: dir,
+            topic: tandem_testkit::TOPIC.into(),
+            group: "ledger-view".into(),
+            republished_batch_shows: true,
+            _keep_alive: vec![Box::new(dir)],
         }
     }
 
-    fn path(&self) -> &Path {
-        self._dir.path()
+    fn on_postgres(bus: String, republished_batch_shows: bool) -> Self {
+        let (producer, producer_guard) = scratch_postgres("crash_producer");
+        let (reader, reader_guard) = scratch_postgres("crash_reader");
+        Self {
+            producer,
+            reader,
+            bus,
+            topic: unique("ledger"),
+            group: unique("ledger-view"),
+            republished_batch_shows,
+            _keep_alive: vec![producer_guard, reader_guard],
+        }
+    }
+
+    fn kafka_postgres() -> Self {
+        let bus =
+            std::env::var("TANDEM_TEST_KAFKA").unwrap_or_else(|_| "kafka://127.0.0.1:19092".into());
+        // A new producer process is a new idempotent-producer session:
+        // Kafka keeps both copies of a republished batch.
+        Self::on_postgres(bus, true)
+    }
+
+    fn nats_postgres() -> Self {
+        let bus =
+            std::env::var("TANDEM_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        Self::on_postgres(bus, false)
+    }
+
+    /// (account, balance, applied, last sequence) per account, as built by
+    /// `tandem worker consume`.
+    fn ledger(&self) -> Vec<(String, i64, i64, i64)> {
+        runtime().block_on(async {
+            let store = tandem_engines::open_store(&self.reader).await.unwrap();
+            store.write(tandem_testkit::install_ledger).await.unwrap();
+            tandem_testkit::ledger_rows(&store).await
+        })
+    }
+
+    fn outbox_count(&self) -> i64 {
+        runtime().block_on(async {
+            let store = tandem_engines::open_store(&self.producer).await.unwrap();
+            store
+                .read(|tx| -> Result<i64, StoreError> {
+                    tx.query_opt("SELECT COUNT(*) FROM tandem_outbox", &[])?
+                        .unwrap()
+                        .i64(0)
+                })
+                .await
+                .unwrap()
+        })
+    }
+
+    fn log_length(&self) -> u64 {
+        runtime().block_on(async {
+            let bus = tandem_engines::open_bus(&self.bus).await.unwrap();
+            bus.end_offsets(&self.topic)
+                .await
+                .unwrap()
+                .iter()
+                .map(|(_, end)| end)
+                .sum()
+        })
     }
 
     fn produce(&self) -> Vec<&str> {
@@ -168,6 +204,8 @@ impl Files {
             "produce",
             "--db",
             &self.producer,
+            "--topic",
+            &self.topic,
             "--count",
             "400",
             "--batch",
@@ -187,109 +225,189 @@ impl Files {
         ]
     }
 
-    fn consume(&self) -> Vec<&str> {
+    fn consume_expecting<'a>(&'a self, expect: &'a str, batch: &'a str) -> Vec<&'a str> {
         vec![
             "consume",
             "--db",
             &self.reader,
             "--bus",
             &self.bus,
+            "--topic",
+            &self.topic,
+            "--group",
+            &self.group,
             "--expect",
-            "400",
+            expect,
             "--batch",
-            BATCH,
+            batch,
         ]
+    }
+
+    fn consume(&self) -> Vec<&str> {
+        self.consume_expecting("400", BATCH)
     }
 
     fn assert_exactly_once(&self) {
         assert_eq!(
-            outbox_count(self.path()),
+            self.outbox_count(),
             EVENTS as i64,
             "committed events in the outbox"
         );
         assert_eq!(
-            ledger(self.path()),
+            self.ledger(),
             expected_ledger(),
             "read model after recovery"
         );
     }
 }
 
-#[test]
-fn producer_killed_before_commit_loses_nothing_and_publishes_no_rolled_back_event() {
-    let files = Files::new();
-    run_worker_until_killed("producer.before_commit", &files.produce());
+/// What the ledger must hold after `EVENTS` deposits, each applied once.
+fn expected_ledger() -> Vec<(String, i64, i64, i64)> {
+    let mut accounts = std::collections::BTreeMap::<String, (i64, i64)>::new();
+    for number in 0..EVENTS {
+        let account = format!("acct-{}", number % 17);
+        let entry = accounts.entry(account).or_default();
+        entry.0 += number as i64 + 1;
+        entry.1 += 1;
+    }
+    accounts
+        .into_iter()
+        .map(|(account, (balance, count))| (account, balance, count, count))
+        .collect()
+}
+
+fn producer_killed_before_commit_loses_nothing_and_publishes_no_rolled_back_event(setup: Setup) {
+    run_worker_until_killed("producer.before_commit", &setup.produce());
     assert_eq!(
-        outbox_count(files.path()),
+        setup.outbox_count(),
         0,
         "the open transaction must roll back"
     );
-    run_worker(&files.produce());
-    run_worker(&files.relay());
-    run_worker(&files.consume());
-    files.assert_exactly_once();
-    assert_eq!(log_length(files.path()), EVENTS);
+    run_worker(&setup.produce());
+    run_worker(&setup.relay());
+    run_worker(&setup.consume());
+    setup.assert_exactly_once();
+    assert_eq!(setup.log_length(), EVENTS);
 }
 
-#[test]
-fn producer_killed_after_commit_keeps_the_committed_batch() {
-    let files = Files::new();
-    run_worker_until_killed("producer.after_commit", &files.produce());
-    assert_eq!(outbox_count(files.path()), 40, "the first batch committed");
-    run_worker(&files.produce());
-    run_worker(&files.relay());
-    run_worker(&files.consume());
-    files.assert_exactly_once();
+fn producer_killed_after_commit_keeps_the_committed_batch(setup: Setup) {
+    run_worker_until_killed("producer.after_commit", &setup.produce());
+    assert_eq!(setup.outbox_count(), 40, "the first batch committed");
+    run_worker(&setup.produce());
+    run_worker(&setup.relay());
+    run_worker(&setup.consume());
+    setup.assert_exactly_once();
 }
 
-#[test]
-fn relay_killed_before_publishing_resumes_from_its_cursor() {
-    let files = Files::new();
-    run_worker(&files.produce());
-    run_worker_until_killed("relay.before_publish", &files.relay());
-    assert_eq!(log_length(files.path()), 0);
-    run_worker(&files.relay());
-    run_worker(&files.consume());
-    files.assert_exactly_once();
-    assert_eq!(log_length(files.path()), EVENTS);
+fn relay_killed_before_publishing_resumes_from_its_cursor(setup: Setup) {
+    run_worker(&setup.produce());
+    run_worker_until_killed("relay.before_publish", &setup.relay());
+    assert_eq!(setup.log_length(), 0);
+    run_worker(&setup.relay());
+    run_worker(&setup.consume());
+    setup.assert_exactly_once();
+    assert_eq!(setup.log_length(), EVENTS);
 }
 
-#[test]
-fn relay_killed_after_publishing_republishes_and_consumers_absorb_duplicates() {
-    let files = Files::new();
-    run_worker(&files.produce());
-    run_worker_until_killed("relay.after_publish", &files.relay());
-    assert_eq!(
-        log_length(files.path()),
-        40,
-        "the first batch reached the log"
-    );
-    run_worker(&files.relay());
-    // The batch published before the kill went out twice.
-    assert_eq!(log_length(files.path()), EVENTS + 40);
-    run_worker(&files.consume());
-    files.assert_exactly_once();
+fn relay_killed_after_publishing_republishes_and_consumers_absorb_duplicates(setup: Setup) {
+    run_worker(&setup.produce());
+    run_worker_until_killed("relay.after_publish", &setup.relay());
+    assert_eq!(setup.log_length(), 40, "the first batch reached the log");
+    run_worker(&setup.relay());
+    let expected = if setup.republished_batch_shows {
+        // The batch published before the kill went out twice.
+        EVENTS + 40
+    } else {
+        EVENTS
+    };
+    assert_eq!(setup.log_length(), expected);
+    run_worker(&setup.consume());
+    setup.assert_exactly_once();
 }
 
-#[test]
-fn consumer_killed_in_the_middle_of_a_batch_applies_it_once_after_restart() {
-    let files = Files::new();
-    run_worker(&files.produce());
-    run_worker(&files.relay());
-    run_worker_until_killed("consumer.before_commit", &files.consume());
+fn consumer_killed_in_the_middle_of_a_batch_applies_it_once_after_restart(setup: Setup) {
+    run_worker(&setup.produce());
+    run_worker(&setup.relay());
+    run_worker_until_killed("consumer.before_commit", &setup.consume());
     assert!(
-        ledger(files.path()).is_empty(),
+        setup.ledger().is_empty(),
         "the half-applied batch must have rolled back"
     );
-    run_worker(&files.consume());
-    files.assert_exactly_once();
+    run_worker(&setup.consume());
+    setup.assert_exactly_once();
 }
+
+fn sigterm_stops_a_consumer_cleanly_with_every_batch_whole(setup: Setup) {
+    run_worker(&setup.produce());
+    run_worker(&setup.relay());
+    // Expect more than exists, so the consumer keeps waiting for events.
+    let mut consumer = KillOnDrop(
+        tandem()
+            .arg("worker")
+            .args(setup.consume_expecting("1000000", "7"))
+            .spawn()
+            .expect("start consumer"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while setup.ledger().iter().map(|row| row.2).sum::<i64>() < EVENTS as i64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumer did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    let sent = unsafe { libc::kill(consumer.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = consumer.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumer ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "graceful stop exits 0, got {status}");
+    setup.assert_exactly_once();
+}
+
+/// The whole matrix, as one `#[test]` per crash point, in `mod $engines`.
+macro_rules! crash_matrix {
+    ($engines:ident, $setup:expr) => {
+        mod $engines {
+            use super::*;
+            crash_matrix!(@tests $setup,
+                producer_killed_before_commit_loses_nothing_and_publishes_no_rolled_back_event,
+                producer_killed_after_commit_keeps_the_committed_batch,
+                relay_killed_before_publishing_resumes_from_its_cursor,
+                relay_killed_after_publishing_republishes_and_consumers_absorb_duplicates,
+                consumer_killed_in_the_middle_of_a_batch_applies_it_once_after_restart,
+                sigterm_stops_a_consumer_cleanly_with_every_batch_whole,
+            );
+        }
+    };
+    (@tests $setup:expr, $($check:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                super::$check($setup);
+            }
+        )+
+    };
+}
+
+crash_matrix!(embedded_sqlite, Setup::embedded());
+crash_matrix!(kafka_postgres, Setup::kafka_postgres());
+crash_matrix!(nats_postgres, Setup::nats_postgres());
 
 /// Reads every record of `topic` from the start.
 fn read_all(bus_url: &str, topic: &str) -> Vec<Record> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let bus = tandem::engine::open_bus(bus_url).await.unwrap();
+        let bus = tandem_engines::open_bus(bus_url).await.unwrap();
         let total: u64 = bus
             .end_offsets(topic)
             .await
@@ -415,50 +533,4 @@ fn processes_appending_at_once_get_dense_offsets_and_a_killed_one_tears_nothing(
         (0..victim_numbers.len() as u64).collect::<Vec<u64>>(),
         "the killed writer's records are a prefix"
     );
-}
-
-#[test]
-fn sigterm_stops_a_consumer_cleanly_with_every_batch_whole() {
-    let files = Files::new();
-    run_worker(&files.produce());
-    run_worker(&files.relay());
-    // Expect more than exists, so the consumer keeps waiting for events.
-    let mut consumer = KillOnDrop(
-        tandem()
-            .args([
-                "worker",
-                "consume",
-                "--db",
-                &files.reader,
-                "--bus",
-                &files.bus,
-            ])
-            .args(["--expect", "1000000", "--batch", "7"])
-            .spawn()
-            .expect("start consumer"),
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while ledger(files.path()).iter().map(|row| row.2).sum::<i64>() < EVENTS as i64 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "consumer did not catch up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: kill(2) with a pid we own and a valid signal number.
-    let sent = unsafe { libc::kill(consumer.0.id() as i32, libc::SIGTERM) };
-    assert_eq!(sent, 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = consumer.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "consumer ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "graceful stop exits 0, got {status}");
-    files.assert_exactly_once();
 }
