@@ -95,13 +95,11 @@ async fn groups_formed(system: &System, service: Service, instances: usize) {
             let log = std::fs::read_to_string(&path).unwrap_or_default();
             for consumer in consumers(service) {
                 let field = format!("consumer={consumer} ");
-                let last = log
-                    .lines()
-                    .filter(|line| line.contains(&field))
-                    .filter(|line| {
-                        line.contains("partitions assigned") || line.contains("partitions revoked")
-                    })
-                    .next_back();
+                let last = log.lines().rfind(|line| {
+                    line.contains(&field)
+                        && (line.contains("partitions assigned")
+                            || line.contains("partitions revoked"))
+                });
                 if !last.is_some_and(|line| line.contains("partitions assigned")) {
                     waiting.push(format!("{} {instance} {consumer}", service.name()));
                 }
