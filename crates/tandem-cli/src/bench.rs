@@ -29,7 +29,7 @@ use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
 use tandem::relay::{Relay, RelayConfig};
 use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use tandem::store::{Param, Store, StoreError};
-use tandem::{Bus, Handler};
+use tandem::{Bus, Handler, NewEvent};
 use tandem_engines::AnyStore;
 use tandem_testkit::{install_ledger, Deposited, Ledger, TOPIC};
 use tokio_util::sync::CancellationToken;
@@ -292,18 +292,17 @@ async fn produce<S: Store>(
     let topic = topic.to_owned();
     store
         .write(move |tx| -> Result<(), StoreError> {
-            for number in first..first + count {
-                let account_id = format!("acct-{}", number % aggregates);
-                tandem::outbox::publish(
-                    tx,
-                    &topic,
-                    &account_id,
-                    &Deposited {
+            let events = (first..first + count)
+                .map(|number| {
+                    let account_id = format!("acct-{}", number % aggregates);
+                    let deposit = Deposited {
                         account_id: account_id.clone(),
                         amount_cents: 1,
-                    },
-                )?;
-            }
+                    };
+                    NewEvent::new(account_id, &deposit)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            tandem::outbox::append_all(tx, &topic, events)?;
             Ok(())
         })
         .await

@@ -111,10 +111,12 @@ macro_rules! store_conformance {
                 a_failed_statement_undone_by_a_savepoint_leaves_the_transaction_usable,
                 concurrent_writes_are_serialised,
                 outbox_sequences_are_gap_free_per_aggregate_from_one,
+                a_batch_append_numbers_each_aggregate_on_from_where_it_stood,
                 a_stale_expected_sequence_is_a_conflict_and_writes_nothing,
                 outbox_read_after_returns_events_in_position_order,
                 an_outbox_commit_bumps_the_outbox_signal,
                 toolkit_tables_exist_after_open,
+                a_consumer_applies_duplicated_and_reordered_deliveries_once_in_order,
             ]
         );
     };
@@ -936,6 +938,78 @@ pub mod store_checks {
         assert_eq!(stored, returned);
     }
 
+    pub async fn a_batch_append_numbers_each_aggregate_on_from_where_it_stood<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        with_table(store).await;
+        store
+            .write(|tx| outbox::append(tx, "orders", deposit("a", 1)))
+            .await
+            .expect("a single append");
+        let subjects = ["a", "b", "a", "c", "b", "a"];
+        let appended = store
+            .write(move |tx| {
+                let events = subjects
+                    .iter()
+                    .zip(10..)
+                    .map(|(subject, amount)| deposit(subject, amount))
+                    .collect();
+                outbox::append_all(tx, "orders", events)
+            })
+            .await
+            .expect("a batch append");
+        let numbered: Vec<(&str, u64)> = appended
+            .iter()
+            .map(|envelope| (envelope.subject.as_str(), envelope.sequence))
+            .collect();
+        assert_eq!(
+            numbered,
+            vec![("a", 2), ("b", 1), ("a", 3), ("c", 1), ("b", 2), ("a", 4)]
+        );
+        // Stored in the order given, each row the envelope returned.
+        let stored: Vec<Vec<u8>> = all_events(store)
+            .await
+            .into_iter()
+            .skip(1)
+            .map(|event| event.envelope)
+            .collect();
+        let returned: Vec<Vec<u8>> = appended.iter().map(tandem::Envelope::to_json).collect();
+        assert_eq!(stored, returned);
+
+        // A batch rolled back takes no sequence.
+        let refused: Result<Vec<tandem::Envelope>, StoreError> = store
+            .write(|tx| {
+                outbox::append_all(tx, "orders", vec![deposit("c", 1), deposit("d", 1)])?;
+                Err(StoreError::Engine("changed my mind".into()))
+            })
+            .await;
+        assert!(refused.is_err());
+        let next = store
+            .write(|tx| outbox::append_all(tx, "orders", vec![deposit("d", 1), deposit("c", 1)]))
+            .await
+            .expect("a batch append");
+        let numbered: Vec<(&str, u64)> = next
+            .iter()
+            .map(|envelope| (envelope.subject.as_str(), envelope.sequence))
+            .collect();
+        assert_eq!(numbered, vec![("d", 1), ("c", 2)]);
+        let error = store
+            .write(|tx| outbox::append_all(tx, "orders", vec![deposit("e", 1), deposit("", 1)]))
+            .await
+            .expect_err("an empty subject");
+        assert!(matches!(error, StoreError::Engine(_)), "{error:?}");
+        assert_eq!(
+            all_events(store).await.len(),
+            9,
+            "nothing of the failed batches"
+        );
+    }
+
     pub async fn a_stale_expected_sequence_is_a_conflict_and_writes_nothing<S, F, Fut>(make: F)
     where
         S: Store,
@@ -1102,5 +1176,152 @@ pub mod store_checks {
         dead_letter::request_replay(store, "anyone")
             .await
             .expect("consumer requests table");
+    }
+
+    /// A consumer on this store, fed by the embedded log, applies a delivery
+    /// of many aggregates with duplicates and swapped neighbours exactly
+    /// once and in sequence order, in batches that each hold many
+    /// aggregates: the aggregate states the consumer keeps per batch must
+    /// reach the table intact, including those of aggregates first seen,
+    /// updated several times and held ahead of a gap within one batch.
+    pub async fn a_consumer_applies_duplicated_and_reordered_deliveries_once_in_order<S, F, Fut>(
+        make: F,
+    ) where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        use std::sync::Arc;
+        use tandem::bus::OutgoingRecord;
+        use tandem::consumer::{Consumer, ConsumerConfig};
+
+        const ACCOUNTS: usize = 300;
+        const DEPOSITS: u64 = 4;
+        let fresh = make().await;
+        let store = fresh.engine.clone();
+        store
+            .write(crate::install_ledger)
+            .await
+            .expect("install ledger");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bus: Arc<dyn Bus> = Arc::new(crate::open_log(&dir.path().join("bus.db")).await);
+        let topic = crate::TOPIC;
+        let record = |account: usize, sequence: u64| {
+            let account_id = format!("acct-{account:03}");
+            let payload = tandem::Envelope {
+                id: uuid::Uuid::now_v7(),
+                source: topic.into(),
+                event_type: "Deposited".into(),
+                subject: account_id.clone(),
+                time: time::OffsetDateTime::now_utc(),
+                dataschema: "tandem:test/Deposited/v1".into(),
+                data: serde_json::json!({
+                    "accountId": account_id,
+                    "amountCents": i64::try_from(sequence * 10 + account as u64).unwrap_or(0),
+                }),
+                sequence,
+                traceparent: None,
+                correlationid: None,
+                causationid: None,
+            }
+            .to_json();
+            OutgoingRecord {
+                topic: topic.into(),
+                key: account_id,
+                payload,
+            }
+        };
+        // Round by round, every account's next deposit; every third account
+        // gets its two middle deposits swapped and every fifth its deposits
+        // duplicated.
+        let mut records = Vec::new();
+        for sequence in 1..=DEPOSITS {
+            for account in 0..ACCOUNTS {
+                let sent = if account % 3 == 0 && (sequence == 2 || sequence == 3) {
+                    5 - sequence
+                } else {
+                    sequence
+                };
+                records.push(record(account, sent));
+                if account % 5 == 0 {
+                    records.push(record(account, sent));
+                }
+            }
+        }
+        bus.publish(&records).await.expect("publish");
+
+        let mut config = ConsumerConfig::new(unique("conformance-ledger"), &[topic]);
+        config.batch_size = 500;
+        config.gap_timeout = Duration::from_secs(60);
+        config.housekeeping_interval = Duration::from_millis(20);
+        let consumer = Consumer::new(
+            store.clone(),
+            Arc::clone(&bus),
+            Arc::new(crate::Ledger::new()) as Arc<dyn tandem::Handler>,
+            config.clone(),
+        );
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { consumer.run(shutdown).await }
+        });
+        let last = i64::try_from(DEPOSITS).unwrap_or(0);
+        crate::eventually(
+            "every account at its last deposit, or something parked",
+            Duration::from_secs(60),
+            || {
+                let store = store.clone();
+                let name = config.name.clone();
+                async move {
+                    let rows = crate::ledger_rows(&store).await;
+                    let parked = dead_letter::depth(&store, &name).await.expect("depth");
+                    parked > 0 || (rows.len() == ACCOUNTS && rows.iter().all(|row| row.3 == last))
+                }
+            },
+        )
+        .await;
+        shutdown.cancel();
+        task.await.expect("consumer task").expect("consumer run");
+
+        let parked = dead_letter::list(&store, Some(&config.name), true)
+            .await
+            .expect("list dead letters");
+        assert!(parked.is_empty(), "nothing may be parked: {parked:#?}");
+        let expected: crate::LedgerRows = (0..ACCOUNTS)
+            .map(|account| {
+                let balance: u64 = (1..=DEPOSITS)
+                    .map(|sequence| sequence * 10 + account as u64)
+                    .sum();
+                (
+                    format!("acct-{account:03}"),
+                    i64::try_from(balance).unwrap_or(0),
+                    last,
+                    last,
+                )
+            })
+            .collect();
+        assert_eq!(crate::ledger_rows(&store).await, expected);
+        // The states written for the batch say the same.
+        let states = store
+            .read({
+                let name = config.name.clone();
+                move |tx| -> Result<Vec<(i64, Option<i64>)>, StoreError> {
+                    tx.query(
+                        "SELECT sequence, blocked_by FROM tandem_consumer_aggregates
+                         WHERE consumer = $1",
+                        params![&name],
+                    )?
+                    .iter()
+                    .map(|row| Ok((row.i64(0)?, row.opt_i64(1)?)))
+                    .collect()
+                }
+            })
+            .await
+            .expect("read aggregate states");
+        assert_eq!(states.len(), ACCOUNTS, "one state per aggregate");
+        assert!(
+            states.iter().all(|state| *state == (last, None)),
+            "every state at the last sequence, unblocked"
+        );
     }
 }

@@ -157,17 +157,17 @@ pub async fn open_log(path: &Path) -> EmbeddedLog {
 pub async fn deposit<S: Store>(store: &S, deposits: Vec<(String, i64)>) {
     store
         .write(move |tx| -> Result<(), StoreError> {
-            for (account_id, amount_cents) in &deposits {
-                tandem::outbox::publish(
-                    tx,
-                    TOPIC,
-                    account_id,
-                    &Deposited {
+            let events = deposits
+                .iter()
+                .map(|(account_id, amount_cents)| {
+                    let deposit = Deposited {
                         account_id: account_id.clone(),
                         amount_cents: *amount_cents,
-                    },
-                )?;
-            }
+                    };
+                    tandem::NewEvent::new(account_id.as_str(), &deposit)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            tandem::outbox::append_all(tx, TOPIC, events)?;
             Ok(())
         })
         .await
