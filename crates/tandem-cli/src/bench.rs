@@ -76,9 +76,34 @@ pub struct PipelineArgs {
     /// databases there and drops them afterwards.
     #[arg(long)]
     db: Option<String>,
+    /// Append and apply one event per call: the producer calls
+    /// `outbox::append` for each event instead of `append_all` for its
+    /// transaction, and the consumer's handler has only `handle`, not a
+    /// `handle_batch` that applies a batch in one statement. On PostgreSQL
+    /// each call is a round trip; on SQLite the two shapes cost the same.
+    #[arg(long)]
+    one_by_one: bool,
     /// Print exactly one JSON object as the last line.
     #[arg(long)]
     json: bool,
+}
+
+/// The ledger with only `handle`: the default `handle_batch` calls it once
+/// per event.
+struct OneByOne(Ledger);
+
+impl Handler for OneByOne {
+    fn handle(
+        &self,
+        tx: &mut dyn tandem::Tx,
+        event: &tandem::Envelope,
+    ) -> Result<(), tandem::HandlerError> {
+        self.0.handle(tx, event)
+    }
+
+    fn reset(&self, tx: &mut dyn tandem::Tx) -> Result<(), tandem::HandlerError> {
+        self.0.reset(tx)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +113,8 @@ struct Report {
     /// What `raw_inserts_per_sec` measured: `sqlite-inserts` or
     /// `bus-produce-consume`.
     raw_kind: &'static str,
+    /// `batch` (append_all, handle_batch) or `one-by-one`.
+    calls: &'static str,
     events: u64,
     batch: usize,
     aggregates: u64,
@@ -288,6 +315,7 @@ async fn produce<S: Store>(
     first: u64,
     count: u64,
     aggregates: u64,
+    one_by_one: bool,
 ) -> Result<(), StoreError> {
     let topic = topic.to_owned();
     store
@@ -302,7 +330,13 @@ async fn produce<S: Store>(
                     NewEvent::new(account_id, &deposit)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            tandem::outbox::append_all(tx, &topic, events)?;
+            if one_by_one {
+                for event in events {
+                    tandem::outbox::append(tx, &topic, event)?;
+                }
+            } else {
+                tandem::outbox::append_all(tx, &topic, events)?;
+            }
             Ok(())
         })
         .await
@@ -330,10 +364,11 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     };
     let payload_bytes = sample_envelope_size();
     eprintln!(
-        "tandem bench pipeline: {} events, batch {}, {} aggregates, synchronous={}, files in {}",
+        "tandem bench pipeline: {} events, batch {}, {} aggregates, {} calls, synchronous={}, files in {}",
         args.events,
         args.batch,
         args.aggregates,
+        if args.one_by_one { "one-by-one" } else { "batch" },
         synchronous.pragma(),
         dir.display()
     );
@@ -414,7 +449,11 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let consumer = Consumer::new(
         reader.clone(),
         Arc::clone(&bus),
-        Arc::new(Ledger::new()) as Arc<dyn Handler>,
+        if args.one_by_one {
+            Arc::new(OneByOne(Ledger::new())) as Arc<dyn Handler>
+        } else {
+            Arc::new(Ledger::new()) as Arc<dyn Handler>
+        },
         config,
     )
     .with_observer(Arc::clone(&recorder) as Arc<dyn ConsumerObserver>);
@@ -432,12 +471,13 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let producer_task = {
         let producer = producer.clone();
         let (events, batch, aggregates) = (args.events, args.batch as u64, args.aggregates);
+        let one_by_one = args.one_by_one;
         let topic = topic.clone();
         tokio::spawn(async move {
             let mut first = 0;
             while first < events {
                 let count = batch.min(events - first);
-                produce(&producer, &topic, first, count, aggregates).await?;
+                produce(&producer, &topic, first, count, aggregates, one_by_one).await?;
                 first += count;
             }
             Ok::<_, StoreError>(())
@@ -492,6 +532,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             args.events + produced,
             per_tick,
             args.aggregates,
+            args.one_by_one,
         )
         .await?;
         transactions.push((start, tandem::schema::now_micros()));
@@ -565,6 +606,11 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             .as_deref()
             .map_or_else(|| "sqlite".to_owned(), tandem_engines::redact),
         raw_kind,
+        calls: if args.one_by_one {
+            "one-by-one"
+        } else {
+            "batch"
+        },
         events: args.events,
         batch: args.batch,
         aggregates: args.aggregates,

@@ -438,21 +438,24 @@ pub fn read_committed_after(
         Dialect::Postgres => {
             // One statement, so the rows and the horizon come from one
             // snapshot; the last column tells whether rows wait beyond it.
+            // Every row at or above the horizon is past the cursor (the
+            // cursor only ever passed rows below an older horizon), so the
+            // test is `max(xid)`, one step down the index: an `EXISTS` with
+            // the cursor got a generic plan that scanned the whole table.
             let rows = tx.query(
                 "WITH horizon AS (
                    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin
                  ), batch AS (
                    SELECT position, xid, topic, subject, envelope, committed_at
-                   FROM tandem_outbox, horizon
-                   WHERE (xid, position) > ($1, $2) AND xid < horizon.xmin
+                   FROM tandem_outbox
+                   WHERE (xid, position) > ($1, $2) AND xid < (SELECT xmin FROM horizon)
                    ORDER BY xid, position LIMIT $3
                  )
                  SELECT position, xid, topic, subject, envelope, committed_at, NULL
                  FROM batch
                  UNION ALL
                  SELECT NULL, NULL, NULL, NULL, NULL, NULL,
-                   CASE WHEN EXISTS (SELECT 1 FROM tandem_outbox, horizon
-                                     WHERE (xid, position) > ($1, $2) AND xid >= horizon.xmin)
+                   CASE WHEN (SELECT max(xid) FROM tandem_outbox) >= (SELECT xmin FROM horizon)
                         THEN 1 ELSE 0 END
                  ORDER BY 2, 1",
                 params![after.xid, after.position, limit],

@@ -39,19 +39,23 @@ fn quick_consumer() -> ConsumerConfig {
 }
 
 async fn start(config: ConsumerConfig) -> System {
+    let ledger = Arc::new(Ledger::new());
+    start_with(config, Arc::clone(&ledger), ledger).await
+}
+
+/// A system whose consumer runs `handler` (which may wrap `ledger`).
+async fn start_with(
+    config: ConsumerConfig,
+    ledger: Arc<Ledger>,
+    handler: Arc<dyn tandem::Handler>,
+) -> System {
     let dir = tempfile::tempdir().unwrap();
     let producer = open_store(&dir.path().join("producer.db")).await;
     let reader = open_store(&dir.path().join("reader.db")).await;
     let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
-    let ledger = Arc::new(Ledger::new());
     let shutdown = CancellationToken::new();
     let relay = Relay::new(producer.clone(), Arc::clone(&bus), RelayConfig::default());
-    let consumer = Consumer::new(
-        reader.clone(),
-        Arc::clone(&bus),
-        Arc::clone(&ledger) as Arc<dyn tandem::Handler>,
-        config,
-    );
+    let consumer = Consumer::new(reader.clone(), Arc::clone(&bus), handler, config);
     let relay_shutdown = shutdown.clone();
     let consumer_shutdown = shutdown.clone();
     let tasks = vec![
@@ -123,6 +127,78 @@ async fn committed_events_reach_the_read_model_exactly_once() {
         assert_eq!(applied, expected_count, "events applied to {account}");
         assert_eq!(last, expected_count, "last sequence of {account}");
     }
+    system.stop().await;
+}
+
+/// A handler whose batch path always fails, as a set-based statement that
+/// finds something it cannot apply would: the consumer must fall back to
+/// one `handle` call per event and apply each exactly once.
+struct BatchRefuser {
+    ledger: Arc<Ledger>,
+    batch_calls: std::sync::atomic::AtomicU64,
+}
+
+impl tandem::Handler for BatchRefuser {
+    fn handle(
+        &self,
+        tx: &mut dyn tandem::Tx,
+        event: &tandem::Envelope,
+    ) -> Result<(), tandem::HandlerError> {
+        self.ledger.handle(tx, event)
+    }
+
+    fn handle_batch(
+        &self,
+        tx: &mut dyn tandem::Tx,
+        events: &[tandem::Envelope],
+    ) -> Result<(), tandem::HandlerError> {
+        self.batch_calls.fetch_add(1, Ordering::SeqCst);
+        // Half done, then failing: the rollback must undo the half.
+        if let Some(first) = events.first() {
+            self.ledger.handle(tx, first)?;
+        }
+        Err(tandem::HandlerError::transient(
+            "the batch statement failed",
+        ))
+    }
+}
+
+#[tokio::test]
+async fn a_failing_batch_handler_falls_back_to_one_event_at_a_time() {
+    let ledger = Arc::new(Ledger::new());
+    let refuser = Arc::new(BatchRefuser {
+        ledger: Arc::clone(&ledger),
+        batch_calls: std::sync::atomic::AtomicU64::new(0),
+    });
+    let system = start_with(
+        quick_consumer(),
+        ledger,
+        Arc::clone(&refuser) as Arc<dyn tandem::Handler>,
+    )
+    .await;
+    for round in 0..5_i64 {
+        let deposits = (0..40)
+            .map(|index| (format!("acct-{index}"), round + 1))
+            .collect();
+        deposit(&system.producer, deposits).await;
+    }
+    for index in 0..40 {
+        system.wait_for_applied(&format!("acct-{index}"), 5).await;
+    }
+    assert!(
+        refuser.batch_calls.load(Ordering::SeqCst) > 0,
+        "the batch path was tried"
+    );
+    let rows = ledger_rows(&system.reader).await;
+    assert_eq!(rows.len(), 40);
+    assert!(
+        rows.iter().all(|row| (row.1, row.2, row.3) == (15, 5, 5)),
+        "each deposit applied once: {rows:?}"
+    );
+    let parked = dead_letter::depth(&system.reader, "ledger-view")
+        .await
+        .unwrap();
+    assert_eq!(parked, 0, "nothing parked");
     system.stop().await;
 }
 
