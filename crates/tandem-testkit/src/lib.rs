@@ -58,7 +58,8 @@ impl Ledger {
 pub fn install_ledger(tx: &mut dyn Tx) -> Result<(), StoreError> {
     let clustered = match tx.dialect() {
         tandem::store::Dialect::Sqlite => " WITHOUT ROWID",
-        tandem::store::Dialect::Postgres => "",
+        // Room for updates on the same page (HOT updates).
+        tandem::store::Dialect::Postgres => " WITH (fillfactor = 70)",
     };
     tx.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS ledger (
