@@ -75,7 +75,9 @@
 //! wrong high-water marks and fails the conformance suite. Unpatched, a
 //! group whose leader is killed (no LeaveGroup) never rebalances its
 //! partitions to the survivors; `scripts/engines` builds tansu with
-//! `scripts/tansu-group-expiry.patch`, which fixes that.
+//! `scripts/tansu-group-expiry.patch`, which fixes that, and with
+//! `scripts/tansu-storage-header-index.patch`, an index without which each
+//! fetched record scans every header stored.
 
 #![warn(missing_docs)]
 
