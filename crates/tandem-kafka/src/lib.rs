@@ -237,7 +237,11 @@ impl KafkaBus {
             .set("acks", "all")
             .set("message.timeout.ms", "10000")
             .set("partitioner", "murmur2_random")
-            .set("linger.ms", "2");
+            // librdkafka's own default. The relay hands over a whole batch
+            // at once; at 2 ms the first partitions' requests left before
+            // the batch was queued, and the pipeline on tansu ran 8 % slower
+            // (at 3 ms less propagation delay). `?linger.ms=` overrides it.
+            .set("linger.ms", "5");
         apply_properties(&mut producer_config, &config);
         let producer: FutureProducer<LogContext> = producer_config
             .create_with_context(LogContext)

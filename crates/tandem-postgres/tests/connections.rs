@@ -138,3 +138,46 @@ async fn sslmode_is_honoured() {
         assert_eq!(row.i64(0).unwrap(), encrypted, "sslmode={mode}");
     }
 }
+
+/// The tables updated in place leave room on each page (HOT updates), and
+/// opening the store again keeps the setting without altering the table.
+#[tokio::test]
+async fn in_place_tables_get_a_fillfactor_once() {
+    let database = scratch("fillfactor").await;
+    let _first = database.store().await.expect("open");
+    let _again = database.store().await.expect("open again");
+    let store = database.store().await.expect("open a third time");
+    let options = store
+        .read(|tx| -> Result<Vec<(String, String)>, StoreError> {
+            tx.query(
+                "SELECT relname::text, array_to_string(reloptions, ',') FROM pg_class
+                 WHERE relname IN ('tandem_aggregates', 'tandem_relay_positions',
+                                   'tandem_consumer_positions', 'tandem_consumer_aggregates')
+                 ORDER BY relname",
+                &[],
+            )?
+            .iter()
+            .map(|row| Ok((row.text(0)?.to_owned(), row.text(1)?.to_owned())))
+            .collect()
+        })
+        .await
+        .expect("read pg_class");
+    assert_eq!(
+        options,
+        vec![
+            ("tandem_aggregates".to_owned(), "fillfactor=70".to_owned()),
+            (
+                "tandem_consumer_aggregates".to_owned(),
+                "fillfactor=70".to_owned()
+            ),
+            (
+                "tandem_consumer_positions".to_owned(),
+                "fillfactor=70".to_owned()
+            ),
+            (
+                "tandem_relay_positions".to_owned(),
+                "fillfactor=70".to_owned()
+            ),
+        ]
+    );
+}

@@ -153,11 +153,24 @@ CREATE TABLE IF NOT EXISTS tandem_consumer_aggregates (
 );
 -- Rows updated in place all the time: room on each page lets an update
 -- stay on its page (a HOT update), which skips the index insert a moved
--- row needs, more than halving the cost of a batch's upsert.
-ALTER TABLE tandem_aggregates SET (fillfactor = 70);
-ALTER TABLE tandem_relay_positions SET (fillfactor = 70);
-ALTER TABLE tandem_consumer_positions SET (fillfactor = 70);
-ALTER TABLE tandem_consumer_aggregates SET (fillfactor = 70);
+-- row needs, more than halving the cost of a batch's upsert. Set once:
+-- the ALTER waits for any vacuum of the table, so opening a store skips it
+-- when the setting is there.
+DO $tandem$
+DECLARE
+    relation text;
+BEGIN
+    FOREACH relation IN ARRAY ARRAY['tandem_aggregates', 'tandem_relay_positions',
+                                'tandem_consumer_positions', 'tandem_consumer_aggregates']
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_class
+                       WHERE oid = to_regclass(relation)
+                         AND reloptions @> ARRAY['fillfactor=70']) THEN
+            EXECUTE format('ALTER TABLE %I SET (fillfactor = 70)', relation);
+        END IF;
+    END LOOP;
+END
+$tandem$;
 CREATE TABLE IF NOT EXISTS tandem_consumer_requests (
     id             BIGSERIAL PRIMARY KEY,
     consumer       TEXT   NOT NULL,
