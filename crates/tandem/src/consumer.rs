@@ -563,14 +563,24 @@ impl BatchContext {
             self.hold(tx, record, &envelope)?;
             return Ok(Step::Consumed);
         }
+        let created_micros =
+            i64::try_from(envelope.time.unix_timestamp_nanos() / 1000).unwrap_or(0);
+        if let Some(collected) = &self.collected {
+            // Moved, not cloned: the batch's handler call gets it later.
+            let (source, subject) = (envelope.source.clone(), envelope.subject.clone());
+            state.applied = envelope.sequence;
+            collected.borrow_mut().push(envelope);
+            self.drain_held(tx, &source, &subject, &mut state)?;
+            self.save_state(tx, &source, &subject, state)?;
+            return Ok(Step::Applied(created_micros));
+        }
         match self.run_handler(tx, &envelope, self.isolate)? {
             Err(error) => Ok(Step::Failed(error)),
             Ok(()) => {
                 state.applied = envelope.sequence;
                 self.drain_held(tx, &envelope.source, &envelope.subject, &mut state)?;
                 self.save_state(tx, &envelope.source, &envelope.subject, state)?;
-                let created_micros = envelope.time.unix_timestamp_nanos() / 1000;
-                Ok(Step::Applied(i64::try_from(created_micros).unwrap_or(0)))
+                Ok(Step::Applied(created_micros))
             }
         }
     }
