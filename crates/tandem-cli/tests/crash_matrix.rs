@@ -328,6 +328,11 @@ fn relay_killed_after_publishing_republishes_and_consumers_absorb_duplicates(set
 fn consumer_killed_in_the_middle_of_a_batch_applies_it_once_after_restart(setup: Setup) {
     run_worker(&setup.produce());
     run_worker(&setup.relay());
+    assert_eq!(
+        setup.log_length(),
+        EVENTS,
+        "the relay published every event"
+    );
     run_worker_until_killed("consumer.before_commit", &setup.consume());
     assert!(
         setup.ledger().is_empty(),
