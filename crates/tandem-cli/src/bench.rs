@@ -29,9 +29,9 @@ use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
 use tandem::relay::{Relay, RelayConfig};
 use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use tandem::store::{Param, Store, StoreError};
-use tandem::{Bus, Handler, NewEvent};
+use tandem::{Bus, Handler};
 use tandem_engines::AnyStore;
-use tandem_testkit::{install_ledger, Deposited, Ledger, TOPIC};
+use tandem_testkit::{deposit_event, install_ledger, Ledger, TOPIC};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Subcommand)]
@@ -191,22 +191,7 @@ fn percentile(sorted: &[i64], fraction: f64) -> f64 {
 }
 
 fn sample_envelope_size() -> usize {
-    let (account_id, amount_cents) = (format!("acct-{}", 4242), 4243);
-    tandem::Envelope {
-        id: uuid::Uuid::now_v7(),
-        source: TOPIC.into(),
-        event_type: "Deposited".into(),
-        subject: account_id.clone(),
-        time: time::OffsetDateTime::now_utc(),
-        dataschema: "tandem:test/Deposited/v1".into(),
-        data: serde_json::json!({"accountId": account_id, "amountCents": amount_cents}),
-        sequence: 12,
-        traceparent: None,
-        correlationid: None,
-        causationid: None,
-    }
-    .to_json()
-    .len()
+    tandem_testkit::deposit_bytes("acct-4242", 12, 4243).len()
 }
 
 async fn raw_inserts(
@@ -321,14 +306,7 @@ async fn produce<S: Store>(
     store
         .write(move |tx| -> Result<(), StoreError> {
             let events = (first..first + count)
-                .map(|number| {
-                    let account_id = format!("acct-{}", number % aggregates);
-                    let deposit = Deposited {
-                        account_id: account_id.clone(),
-                        amount_cents: 1,
-                    };
-                    NewEvent::new(account_id, &deposit)
-                })
+                .map(|number| deposit_event(&format!("acct-{}", number % aggregates), 1))
                 .collect::<Result<Vec<_>, _>>()?;
             if one_by_one {
                 for event in events {
@@ -363,12 +341,17 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         ..SqliteOptions::default()
     };
     let payload_bytes = sample_envelope_size();
+    let calls = if args.one_by_one {
+        "one-by-one"
+    } else {
+        "batch"
+    };
     eprintln!(
         "tandem bench pipeline: {} events, batch {}, {} aggregates, {} calls, synchronous={}, files in {}",
         args.events,
         args.batch,
         args.aggregates,
-        if args.one_by_one { "one-by-one" } else { "batch" },
+        calls,
         synchronous.pragma(),
         dir.display()
     );
@@ -606,11 +589,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             .as_deref()
             .map_or_else(|| "sqlite".to_owned(), tandem_engines::redact),
         raw_kind,
-        calls: if args.one_by_one {
-            "one-by-one"
-        } else {
-            "batch"
-        },
+        calls,
         events: args.events,
         batch: args.batch,
         aggregates: args.aggregates,

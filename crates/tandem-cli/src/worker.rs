@@ -158,31 +158,21 @@ async fn produce(db: &str, topic: &str, count: u64, batch: u64) -> anyhow::Resul
 async fn relay(db: &str, bus: &str, batch: usize) -> anyhow::Result<()> {
     let store = tandem_engines::open_store(db).await?;
     let bus = tandem_engines::open_bus(bus).await?;
-    let config = RelayConfig {
-        batch_size: batch,
-        ..RelayConfig::default()
-    };
-    let name = config.name.clone();
-    let relay = Relay::new(store.clone(), bus, config);
-    // A round that moves nothing does not mean the outbox is drained: on
-    // PostgreSQL a transaction running anywhere in the cluster (a test
-    // creating its scratch database, say) holds committed events back until
-    // it ends. Done when nothing is left behind the cursor.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if relay.publish_once().await? > 0 {
-            continue;
-        }
-        let (left, _) = tandem::relay::backlog(&store, &name).await?;
-        if left == 0 {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "relay: {left} committed events still not final after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let relay = Relay::new(
+        store,
+        bus,
+        RelayConfig {
+            batch_size: batch,
+            ..RelayConfig::default()
+        },
+    );
+    // Not "until a round moves nothing": on PostgreSQL a transaction running
+    // anywhere in the cluster (a test creating its scratch database, say)
+    // holds committed events back until it ends.
+    tokio::time::timeout(Duration::from_secs(60), relay.drain())
+        .await
+        .context("relay: committed events still held back after 60 s")??;
+    Ok(())
 }
 
 async fn consume(

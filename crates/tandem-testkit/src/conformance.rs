@@ -1208,27 +1208,11 @@ pub mod store_checks {
         let topic = crate::TOPIC;
         let record = |account: usize, sequence: u64| {
             let account_id = format!("acct-{account:03}");
-            let payload = tandem::Envelope {
-                id: uuid::Uuid::now_v7(),
-                source: topic.into(),
-                event_type: "Deposited".into(),
-                subject: account_id.clone(),
-                time: time::OffsetDateTime::now_utc(),
-                dataschema: "tandem:test/Deposited/v1".into(),
-                data: serde_json::json!({
-                    "accountId": account_id,
-                    "amountCents": i64::try_from(sequence * 10 + account as u64).unwrap_or(0),
-                }),
-                sequence,
-                traceparent: None,
-                correlationid: None,
-                causationid: None,
-            }
-            .to_json();
+            let amount = i64::try_from(sequence * 10 + account as u64).unwrap_or(0);
             OutgoingRecord {
                 topic: topic.into(),
+                payload: crate::deposit_bytes(&account_id, sequence, amount),
                 key: account_id,
-                payload,
             }
         };
         // Round by round, every account's next deposit; every third account

@@ -218,19 +218,44 @@ pub async fn open_log(path: &Path) -> EmbeddedLog {
     .expect("open embedded log")
 }
 
+/// A deposit of `amount_cents` into `account_id`, ready to append.
+pub fn deposit_event(account_id: &str, amount_cents: i64) -> Result<tandem::NewEvent, StoreError> {
+    tandem::NewEvent::new(
+        account_id,
+        &Deposited {
+            account_id: account_id.to_owned(),
+            amount_cents,
+        },
+    )
+}
+
+/// The bytes a relay would publish for deposit `sequence` of `account_id`
+/// (source [`TOPIC`]), for tests that put records on a bus directly.
+pub fn deposit_bytes(account_id: &str, sequence: u64, amount_cents: i64) -> Vec<u8> {
+    let event = deposit_event(account_id, amount_cents).expect("a deposit serialises");
+    Envelope {
+        id: uuid::Uuid::now_v7(),
+        source: TOPIC.into(),
+        event_type: event.event_type,
+        subject: event.subject,
+        time: time::OffsetDateTime::now_utc(),
+        dataschema: event.dataschema,
+        data: event.data,
+        sequence,
+        traceparent: None,
+        correlationid: None,
+        causationid: None,
+    }
+    .to_json()
+}
+
 /// Appends deposits in one transaction.
 pub async fn deposit<S: Store>(store: &S, deposits: Vec<(String, i64)>) {
     store
         .write(move |tx| -> Result<(), StoreError> {
             let events = deposits
                 .iter()
-                .map(|(account_id, amount_cents)| {
-                    let deposit = Deposited {
-                        account_id: account_id.clone(),
-                        amount_cents: *amount_cents,
-                    };
-                    tandem::NewEvent::new(account_id.as_str(), &deposit)
-                })
+                .map(|(account_id, amount_cents)| deposit_event(account_id, *amount_cents))
                 .collect::<Result<Vec<_>, _>>()?;
             tandem::outbox::append_all(tx, TOPIC, events)?;
             Ok(())

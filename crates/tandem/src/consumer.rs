@@ -285,11 +285,10 @@ struct BatchContext {
     /// subject): loaded for a whole batch with one query instead of one
     /// per event.
     states: std::cell::RefCell<HashMap<(String, String), AggregateState>>,
-    /// Whether saves wait for [`BatchContext::flush_states`] (one statement
-    /// for the whole batch) instead of writing through. Only where every
-    /// state is read through this context, and the flush runs before commit.
-    deferred: bool,
-    /// States saved but not yet written, when deferred.
+    /// States saved but not yet written, in a batch (not isolated): its
+    /// saves wait for [`BatchContext::flush_states`], one statement for the
+    /// whole batch, which runs before the batch commits. Isolated contexts
+    /// write through.
     dirty: std::cell::RefCell<BTreeSet<(String, String)>>,
     /// When set, events that pass the checks are collected here for one
     /// [`Handler::handle_batch`] call instead of handled one by one.
@@ -305,7 +304,6 @@ impl BatchContext {
             pending_possible: std::cell::Cell::new(true),
             isolate,
             states: std::cell::RefCell::new(HashMap::new()),
-            deferred: false,
             dirty: std::cell::RefCell::new(BTreeSet::new()),
             collected: None,
         }
@@ -348,12 +346,6 @@ impl BatchContext {
         self.handler.handle_batch(tx, &events)
     }
 
-    /// Saves wait for [`BatchContext::flush_states`].
-    fn deferring(mut self) -> Self {
-        self.deferred = true;
-        self
-    }
-
     fn state(
         &self,
         tx: &mut dyn Tx,
@@ -377,7 +369,7 @@ impl BatchContext {
         mut state: AggregateState,
     ) -> Result<(), StoreError> {
         let key = (source.to_owned(), subject.to_owned());
-        if self.deferred {
+        if !self.isolate {
             // `stored` keeps saying whether the row exists in the table.
             self.dirty.borrow_mut().insert(key.clone());
         } else {
@@ -565,24 +557,22 @@ impl BatchContext {
         }
         let created_micros =
             i64::try_from(envelope.time.unix_timestamp_nanos() / 1000).unwrap_or(0);
-        if let Some(collected) = &self.collected {
+        let (source, subject) = (envelope.source.clone(), envelope.subject.clone());
+        state.applied = envelope.sequence;
+        let handled = match &self.collected {
             // Moved, not cloned: the batch's handler call gets it later.
-            let (source, subject) = (envelope.source.clone(), envelope.subject.clone());
-            state.applied = envelope.sequence;
-            collected.borrow_mut().push(envelope);
-            self.drain_held(tx, &source, &subject, &mut state)?;
-            self.save_state(tx, &source, &subject, state)?;
-            return Ok(Step::Applied(created_micros));
-        }
-        match self.run_handler(tx, &envelope, self.isolate)? {
-            Err(error) => Ok(Step::Failed(error)),
-            Ok(()) => {
-                state.applied = envelope.sequence;
-                self.drain_held(tx, &envelope.source, &envelope.subject, &mut state)?;
-                self.save_state(tx, &envelope.source, &envelope.subject, state)?;
-                Ok(Step::Applied(created_micros))
+            Some(collected) => {
+                collected.borrow_mut().push(envelope);
+                Ok(())
             }
+            None => self.run_handler(tx, &envelope, self.isolate)?,
+        };
+        if let Err(error) = handled {
+            return Ok(Step::Failed(error));
         }
+        self.drain_held(tx, &source, &subject, &mut state)?;
+        self.save_state(tx, &source, &subject, state)?;
+        Ok(Step::Applied(created_micros))
     }
 
     fn hold(
@@ -1158,20 +1148,11 @@ impl<S: Store> Consumer<S> {
     /// Applies `records` in order in one transaction, stopping at the first
     /// handler failure; commits what came before it.
     async fn apply_batch(&self, records: Arc<Vec<Record>>) -> Result<BatchOutcome, StoreError> {
-        match self.apply_records(Arc::clone(&records), true).await {
-            Err(BatchError::Collected) => {
-                // Find the event at fault: one `handle` call at a time.
-                self.apply_batch_one_by_one(records).await
-            }
-            outcome => self.batch_outcome(&records, outcome).await,
-        }
-    }
-
-    async fn apply_batch_one_by_one(
-        &self,
-        records: Arc<Vec<Record>>,
-    ) -> Result<BatchOutcome, StoreError> {
-        let outcome = self.apply_records(Arc::clone(&records), false).await;
+        let outcome = match self.apply_records(Arc::clone(&records), true).await {
+            // Find the event at fault: one `handle` call at a time.
+            Err(BatchError::Collected) => self.apply_records(Arc::clone(&records), false).await,
+            outcome => outcome,
+        };
         self.batch_outcome(&records, outcome).await
     }
 
@@ -1187,7 +1168,7 @@ impl<S: Store> Consumer<S> {
         let batch = Arc::clone(&records);
         self.store
             .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, BatchError> {
-                let mut context = BatchContext::new(consumer, handler, false).deferring();
+                let mut context = BatchContext::new(consumer, handler, false);
                 if collect {
                     context = context.collecting();
                 }

@@ -70,9 +70,7 @@ impl NewEvent {
 /// Appends `event` to the outbox of `source` (the publishing service, also
 /// the topic) inside `tx`, and returns the envelope that will be published.
 pub fn append(tx: &mut dyn Tx, source: &str, event: NewEvent) -> Result<Envelope, StoreError> {
-    if event.subject.is_empty() {
-        return Err(StoreError::Engine("event subject must not be empty".into()));
-    }
+    check_subject(&event)?;
     let sequence = match event.expected_sequence {
         Some(expected) => take_expected_sequence(tx, source, &event.subject, expected)?,
         None => next_sequence(tx, source, &event.subject)?,
@@ -120,9 +118,7 @@ pub fn append_all(
             .map(|event| append(tx, source, event))
             .collect();
     }
-    if events.iter().any(|event| event.subject.is_empty()) {
-        return Err(StoreError::Engine("event subject must not be empty".into()));
-    }
+    events.iter().try_for_each(check_subject)?;
     // How many events each aggregate gets, then its sequence after them.
     let mut taken: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for event in &events {
@@ -179,6 +175,13 @@ pub fn append_all(
     )?;
     tx.outbox_appended();
     Ok(envelopes)
+}
+
+fn check_subject(event: &NewEvent) -> Result<(), StoreError> {
+    if event.subject.is_empty() {
+        return Err(StoreError::Engine("event subject must not be empty".into()));
+    }
+    Ok(())
 }
 
 fn envelope_of(source: &str, event: NewEvent, sequence: u64) -> Envelope {

@@ -98,6 +98,31 @@ impl<S: Store> Relay<S> {
         Ok(moved)
     }
 
+    /// Publishes until nothing committed is left behind the cursor and
+    /// returns how many events moved. Rows held back behind a transaction
+    /// still running (PostgreSQL) are waited for, so while one stays open
+    /// this does not return: bound it with a timeout. Takes no lease, like
+    /// [`Relay::publish_once`].
+    pub async fn drain(&self) -> Result<usize, RelayError> {
+        let mut cursor = self.load_cursor().await?;
+        let mut moved_in_all = 0;
+        let mut pause = HELD_BACK_PAUSE;
+        loop {
+            let (moved, end, held_back) = self.publish_after(cursor).await?;
+            if moved > 0 {
+                self.save_cursor(end).await?;
+                cursor = end;
+                moved_in_all += moved;
+                pause = HELD_BACK_PAUSE;
+            } else if held_back {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_HELD_BACK_PAUSE);
+            } else {
+                return Ok(moved_in_all);
+            }
+        }
+    }
+
     async fn load_cursor(&self) -> Result<Cursor, StoreError> {
         let name = self.config.name.clone();
         self.store

@@ -382,31 +382,13 @@ async fn malformed_records_are_parked_with_the_field_at_fault() {
     system.stop().await;
 }
 
-/// Builds the envelope bytes of `account`'s deposit number `sequence`.
-fn envelope_bytes(account: &str, sequence: u64, amount: i64) -> Vec<u8> {
-    tandem::Envelope {
-        id: uuid::Uuid::now_v7(),
-        source: TOPIC.into(),
-        event_type: "Deposited".into(),
-        subject: account.into(),
-        time: time::OffsetDateTime::now_utc(),
-        dataschema: "tandem:test/Deposited/v1".into(),
-        data: serde_json::json!({"accountId": account, "amountCents": amount}),
-        sequence,
-        traceparent: None,
-        correlationid: None,
-        causationid: None,
-    }
-    .to_json()
-}
-
 #[tokio::test]
 async fn an_event_ahead_of_a_gap_waits_then_is_reported() {
     let system = start(quick_consumer()).await;
     let record = |sequence: u64| OutgoingRecord {
         topic: TOPIC.into(),
         key: "g".into(),
-        payload: envelope_bytes("g", sequence, sequence as i64),
+        payload: tandem_testkit::deposit_bytes("g", sequence, sequence as i64),
     };
     // 1, then 3 (ahead of a gap), then 2 fills it: all three apply in order.
     system.bus.publish(&[record(1), record(3)]).await.unwrap();

@@ -26,24 +26,6 @@ use tokio_util::sync::CancellationToken;
 const CONSUMER: &str = "ledger-view";
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Builds the envelope bytes of `account`'s deposit number `sequence`.
-fn envelope_bytes(account: &str, sequence: u64, amount: i64) -> Vec<u8> {
-    tandem::Envelope {
-        id: uuid::Uuid::now_v7(),
-        source: TOPIC.into(),
-        event_type: "Deposited".into(),
-        subject: account.into(),
-        time: time::OffsetDateTime::now_utc(),
-        dataschema: "tandem:test/Deposited/v1".into(),
-        data: serde_json::json!({"accountId": account, "amountCents": amount}),
-        sequence,
-        traceparent: None,
-        correlationid: None,
-        causationid: None,
-    }
-    .to_json()
-}
-
 /// One generated case.
 #[derive(Debug, Clone)]
 struct Case {
@@ -227,7 +209,7 @@ async fn check(case: Case) {
             OutgoingRecord {
                 topic: TOPIC.into(),
                 key: account(*index),
-                payload: envelope_bytes(&account(*index), *sequence, amount),
+                payload: tandem_testkit::deposit_bytes(&account(*index), *sequence, amount),
             }
         })
         .collect();
