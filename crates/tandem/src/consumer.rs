@@ -18,7 +18,7 @@
 //! on. See [`crate::dead_letter`] for redrive and discard, and
 //! [`crate::dead_letter::request_replay`] for rebuilding a read model.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use crate::dead_letter::{self, Command, DeadLetter, Reason};
 use crate::envelope::{Envelope, PayloadError};
 use crate::params;
 use crate::schema::now_micros;
-use crate::store::{Dialect, Param, Store, StoreError, Tx};
+use crate::store::{Dialect, Store, StoreError, Tx};
 
 /// Why a handler could not apply an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +206,8 @@ struct AggregateState {
     blocked_by: Option<i64>,
     /// Whether the row exists yet (an insert or an update saves it).
     stored: bool,
+    /// Saved in a batch but not written yet (see [`BatchContext::flush_states`]).
+    dirty: bool,
 }
 
 fn aggregate_state(
@@ -225,6 +227,7 @@ fn aggregate_state(
             applied: u64::try_from(row.i64(0)?).unwrap_or(0),
             blocked_by: row.opt_i64(1)?,
             stored: true,
+            dirty: false,
         },
     })
 }
@@ -281,15 +284,13 @@ struct BatchContext {
     /// undone alone. Batches do without: on a failure the whole
     /// transaction rolls back and the records before it are applied again.
     isolate: bool,
-    /// Aggregate states read or written in this transaction, by (source,
-    /// subject): loaded for a whole batch with one query instead of one
-    /// per event.
-    states: std::cell::RefCell<HashMap<(String, String), AggregateState>>,
-    /// States saved but not yet written, in a batch (not isolated): its
-    /// saves wait for [`BatchContext::flush_states`], one statement for the
-    /// whole batch, which runs before the batch commits. Isolated contexts
-    /// write through.
-    dirty: std::cell::RefCell<BTreeSet<(String, String)>>,
+    /// Aggregate states read or written in this transaction, by source
+    /// and then subject (looked up by `&str`, without allocating): loaded
+    /// for a whole batch with a few queries instead of one per event. In a
+    /// batch (not isolated) a save only marks the state dirty and
+    /// [`BatchContext::flush_states`] writes them all before the batch
+    /// commits; isolated contexts write through.
+    states: std::cell::RefCell<HashMap<String, HashMap<String, AggregateState>>>,
     /// When set, events that pass the checks are collected here for one
     /// [`Handler::handle_batch`] call instead of handled one by one.
     collected: Option<std::cell::RefCell<Vec<Envelope>>>,
@@ -304,7 +305,6 @@ impl BatchContext {
             pending_possible: std::cell::Cell::new(true),
             isolate,
             states: std::cell::RefCell::new(HashMap::new()),
-            dirty: std::cell::RefCell::new(BTreeSet::new()),
             collected: None,
         }
     }
@@ -352,13 +352,31 @@ impl BatchContext {
         source: &str,
         subject: &str,
     ) -> Result<AggregateState, StoreError> {
-        let key = (source.to_owned(), subject.to_owned());
-        if let Some(state) = self.states.borrow().get(&key) {
+        if let Some(state) = self
+            .states
+            .borrow()
+            .get(source)
+            .and_then(|subjects| subjects.get(subject))
+        {
             return Ok(*state);
         }
         let state = aggregate_state(tx, &self.consumer, source, subject)?;
-        self.states.borrow_mut().insert(key, state);
+        self.put_state(source, subject, state);
         Ok(state)
+    }
+
+    fn put_state(&self, source: &str, subject: &str, state: AggregateState) {
+        let mut states = self.states.borrow_mut();
+        let subjects = match states.get_mut(source) {
+            Some(subjects) => subjects,
+            None => states.entry(source.to_owned()).or_default(),
+        };
+        match subjects.get_mut(subject) {
+            Some(slot) => *slot = state,
+            None => {
+                subjects.insert(subject.to_owned(), state);
+            }
+        }
     }
 
     fn save_state(
@@ -368,42 +386,46 @@ impl BatchContext {
         subject: &str,
         mut state: AggregateState,
     ) -> Result<(), StoreError> {
-        let key = (source.to_owned(), subject.to_owned());
         if !self.isolate {
             // `stored` keeps saying whether the row exists in the table.
-            self.dirty.borrow_mut().insert(key.clone());
+            state.dirty = true;
         } else {
             save_aggregate_state(tx, &self.consumer, source, subject, state)?;
             state.stored = true;
         }
-        self.states.borrow_mut().insert(key, state);
+        self.put_state(source, subject, state);
         Ok(())
     }
 
-    /// Writes the states saved since the last flush. PostgreSQL: one upsert
-    /// fed by a JSON array (a round trip per aggregate was most of a
-    /// batch's time). SQLite: a plain insert or update each, which costs no
-    /// round trip and no statement journal.
+    /// Writes the states saved since the last flush, in key order.
+    /// PostgreSQL: one upsert fed by a JSON array (a round trip per
+    /// aggregate was most of a batch's time). SQLite: an upsert per source
+    /// fed by a JSON object (an update per aggregate cost more; so did an
+    /// upsert that extracted four fields of each JSON array element).
     fn flush_states(&self, tx: &mut dyn Tx) -> Result<(), StoreError> {
-        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+        let mut states = self.states.borrow_mut();
+        let mut dirty: Vec<(&str, &str, &mut AggregateState)> = states
+            .iter_mut()
+            .flat_map(|(source, subjects)| {
+                subjects
+                    .iter_mut()
+                    .filter(|(_, state)| state.dirty)
+                    .map(move |(subject, state)| (source.as_str(), subject.as_str(), state))
+            })
+            .collect();
         if dirty.is_empty() {
             return Ok(());
         }
-        let mut states = self.states.borrow_mut();
+        dirty.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         if tx.dialect() == Dialect::Postgres {
-            let rows: Vec<serde_json::Value> = dirty
+            let rows: Vec<(&str, &str, u64, Option<i64>)> = dirty
                 .iter()
-                .filter_map(|key| {
-                    let state = states.get(key)?;
-                    Some(serde_json::json!([
-                        key.0,
-                        key.1,
-                        state.applied,
-                        state.blocked_by
-                    ]))
+                .map(|(source, subject, state)| {
+                    (*source, *subject, state.applied, state.blocked_by)
                 })
                 .collect();
-            let rows = serde_json::Value::Array(rows).to_string();
+            let rows = serde_json::to_string(&rows)
+                .map_err(|error| StoreError::Engine(format!("aggregate states: {error}")))?;
             tx.execute(
                 "INSERT INTO tandem_consumer_aggregates (consumer, source, subject, sequence, blocked_by)
                  SELECT $1, item->>0, item->>1, (item->>2)::bigint, (item->>3)::bigint
@@ -412,31 +434,49 @@ impl BatchContext {
                  DO UPDATE SET sequence = EXCLUDED.sequence, blocked_by = EXCLUDED.blocked_by",
                 params![&self.consumer, rows.as_str()],
             )?;
-            for key in &dirty {
-                if let Some(state) = states.get_mut(key) {
-                    state.stored = true;
-                }
-            }
         } else {
-            for key in &dirty {
-                if let Some(state) = states.get_mut(key) {
-                    save_aggregate_state(tx, &self.consumer, &key.0, &key.1, *state)?;
-                    state.stored = true;
+            // Per source, the unblocked states (nearly all) in one upsert
+            // fed by a `{subject: sequence}` object, whose pairs json_each
+            // gives as `key` and `value`; blocked ones one by one.
+            let mut unblocked: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
+            for (source, subject, state) in &dirty {
+                if state.blocked_by.is_none() {
+                    unblocked
+                        .entry(source)
+                        .or_default()
+                        .insert(subject, state.applied);
+                } else {
+                    save_aggregate_state(tx, &self.consumer, source, subject, **state)?;
                 }
             }
+            for (source, sequences) in unblocked {
+                let sequences = serde_json::to_string(&sequences)
+                    .map_err(|error| StoreError::Engine(format!("aggregate states: {error}")))?;
+                tx.execute(
+                    "INSERT INTO tandem_consumer_aggregates (consumer, source, subject, sequence, blocked_by)
+                     SELECT $1, $2, key, value, NULL FROM json_each($3) WHERE true
+                     ON CONFLICT (subject, source, consumer)
+                     DO UPDATE SET sequence = excluded.sequence, blocked_by = NULL",
+                    params![&self.consumer, source, sequences.as_str()],
+                )?;
+            }
+        }
+        for (_, _, state) in dirty {
+            state.stored = true;
+            state.dirty = false;
         }
         Ok(())
     }
 
     /// Loads the states of the aggregates `records` are about (by topic and
-    /// key, which the relay sets to source and subject). PostgreSQL: one
-    /// query per topic, a lookup in the key's index per subject of a JSON
-    /// list (`LATERAL ... LIMIT 1` keeps the planner from a hash join that
-    /// scans every state; `= ANY (array)` took three times as long; an `IN`
-    /// list of hundreds of parameters got a generic plan that cost tens of
-    /// milliseconds). SQLite: chunks of an `IN` list.
+    /// key, which the relay sets to source and subject): one query per
+    /// topic, a lookup in the key's index per subject of a JSON list.
+    /// PostgreSQL: `LATERAL ... LIMIT 1` keeps the planner from a hash join
+    /// that scans every state; `= ANY (array)` took three times as long; an
+    /// `IN` list of hundreds of parameters got a generic plan that cost
+    /// tens of milliseconds. SQLite: `IN (json_each)`, one statement where
+    /// `IN` lists of parameters took one per 200 subjects.
     fn preload_states(&self, tx: &mut dyn Tx, records: &[Record]) -> Result<(), StoreError> {
-        const CHUNK: usize = 200;
         let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for record in records {
             wanted.entry(&record.topic).or_default().push(&record.key);
@@ -446,50 +486,44 @@ impl BatchContext {
         for (source, mut subjects) in wanted {
             subjects.sort_unstable();
             subjects.dedup();
+            let known = states.entry(source.to_owned()).or_default();
+            known.reserve(subjects.len());
             for subject in &subjects {
-                states.insert(
-                    ((*source).to_owned(), (*subject).to_owned()),
-                    AggregateState::default(),
-                );
+                if !known.contains_key(*subject) {
+                    known.insert((*subject).to_owned(), AggregateState::default());
+                }
             }
-            let mut rows = Vec::new();
-            if postgres {
-                let list = serde_json::to_string(&subjects)
-                    .map_err(|error| StoreError::Engine(error.to_string()))?;
-                rows = tx.query(
+            let list = serde_json::to_string(&subjects)
+                .map_err(|error| StoreError::Engine(error.to_string()))?;
+            let rows = tx.query(
+                if postgres {
                     "SELECT wanted.subject, a.sequence, a.blocked_by
                      FROM jsonb_array_elements_text($3::text::jsonb) AS wanted(subject)
                      CROSS JOIN LATERAL (
                        SELECT sequence, blocked_by FROM tandem_consumer_aggregates
                        WHERE consumer = $1 AND source = $2 AND subject = wanted.subject
                        LIMIT 1
-                     ) AS a",
-                    params![&self.consumer, source, list.as_str()],
-                )?;
-            } else {
-                for chunk in subjects.chunks(CHUNK) {
-                    let placeholders: Vec<String> = (0..chunk.len())
-                        .map(|index| format!("${}", index + 3))
-                        .collect();
-                    let sql = format!(
-                        "SELECT subject, sequence, blocked_by FROM tandem_consumer_aggregates
-                         WHERE consumer = $1 AND source = $2 AND subject IN ({})",
-                        placeholders.join(", ")
-                    );
-                    let mut params = vec![Param::Text(&self.consumer), Param::Text(source)];
-                    params.extend(chunk.iter().map(|subject| Param::Text(subject)));
-                    rows.extend(tx.query(&sql, &params)?);
-                }
-            }
+                     ) AS a"
+                } else {
+                    "SELECT subject, sequence, blocked_by FROM tandem_consumer_aggregates
+                     WHERE consumer = $1 AND source = $2
+                       AND subject IN (SELECT value FROM json_each($3))"
+                },
+                params![&self.consumer, source, list.as_str()],
+            )?;
             for row in rows {
-                states.insert(
-                    (source.to_owned(), row.text(0)?.to_owned()),
-                    AggregateState {
-                        applied: u64::try_from(row.i64(1)?).unwrap_or(0),
-                        blocked_by: row.opt_i64(2)?,
-                        stored: true,
-                    },
-                );
+                // A state saved earlier in this transaction is newer than
+                // the table's.
+                if let Some(state) = known.get_mut(row.text(0)?) {
+                    if !state.dirty {
+                        *state = AggregateState {
+                            applied: u64::try_from(row.i64(1)?).unwrap_or(0),
+                            blocked_by: row.opt_i64(2)?,
+                            stored: true,
+                            dirty: false,
+                        };
+                    }
+                }
             }
         }
         Ok(())

@@ -226,7 +226,13 @@ fn append_batch(
             ]);
             *next += 1;
         }
-        tx.execute(&insert_statement(chunk.len()), &params)?;
+        if chunk.len() == ROWS_PER_INSERT {
+            static FULL: std::sync::LazyLock<String> =
+                std::sync::LazyLock::new(|| insert_statement(ROWS_PER_INSERT));
+            tx.execute(&FULL, &params)?;
+        } else {
+            tx.execute(&insert_statement(chunk.len()), &params)?;
+        }
     }
     Ok(())
 }
@@ -372,22 +378,12 @@ impl EmbeddedSubscription {
                         ],
                     )?;
                     for mut row in rows {
-                        let payload = match std::mem::replace(
-                            &mut row.values[2],
-                            crate::store::Value::Null,
-                        ) {
-                            crate::store::Value::Blob(bytes) => bytes,
-                            crate::store::Value::Text(text) => text.into_bytes(),
-                            other => {
-                                return Err(StoreError::Decode(format!("log payload is {other:?}")))
-                            }
-                        };
                         records.push(Record {
                             topic: partition.topic.clone(),
                             partition: partition.partition,
                             offset: u64::try_from(row.i64(0)?).unwrap_or(0),
-                            key: row.text(1)?.to_owned(),
-                            payload,
+                            key: row.take_text(1)?,
+                            payload: row.take_bytes(2)?,
                             appended_at_micros: row.i64(3)?,
                         });
                     }

@@ -99,19 +99,21 @@ pub fn append(tx: &mut dyn Tx, source: &str, event: NewEvent) -> Result<Envelope
 /// and returns their envelopes: the same as calling [`append`] for each,
 /// with the same sequences and the same conflicts.
 ///
-/// On PostgreSQL, events without an expected sequence cost two statements
-/// in all instead of two each: one upsert takes every aggregate's
-/// sequences at once (its row lock held to the end of the transaction, as
-/// with [`append`]), one insert writes every row, fed by a JSON array.
-/// SQLite, where a statement costs no round trip, appends one by one.
+/// Events without an expected sequence cost a few statements for the whole
+/// batch instead of two or three each:
+/// - PostgreSQL: one upsert takes every aggregate's sequences at once (its
+///   row lock held to the end of the transaction, as with [`append`]), one
+///   insert writes every row, fed by a JSON array.
+/// - SQLite: one query reads the aggregates' sequences, one upsert writes
+///   them back, and multi-row inserts write the events (one writer at a
+///   time, so nothing moves between the read and the write).
 pub fn append_all(
     tx: &mut dyn Tx,
     source: &str,
     events: Vec<NewEvent>,
 ) -> Result<Vec<Envelope>, StoreError> {
-    let one_by_one = tx.dialect() != Dialect::Postgres
-        || events.len() < 2
-        || events.iter().any(|event| event.expected_sequence.is_some());
+    let one_by_one =
+        events.len() < 2 || events.iter().any(|event| event.expected_sequence.is_some());
     if one_by_one {
         return events
             .into_iter()
@@ -119,6 +121,17 @@ pub fn append_all(
             .collect();
     }
     events.iter().try_for_each(check_subject)?;
+    match tx.dialect() {
+        Dialect::Postgres => append_all_postgres(tx, source, events),
+        Dialect::Sqlite => append_all_sqlite(tx, source, events),
+    }
+}
+
+fn append_all_postgres(
+    tx: &mut dyn Tx,
+    source: &str,
+    events: Vec<NewEvent>,
+) -> Result<Vec<Envelope>, StoreError> {
     // How many events each aggregate gets, then its sequence after them.
     let mut taken: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for event in &events {
@@ -175,6 +188,123 @@ pub fn append_all(
     )?;
     tx.outbox_appended();
     Ok(envelopes)
+}
+
+/// Rows per multi-row insert of [`append_all_sqlite`].
+const SQLITE_ROWS_PER_INSERT: usize = 64;
+
+fn append_all_sqlite(
+    tx: &mut dyn Tx,
+    source: &str,
+    events: Vec<NewEvent>,
+) -> Result<Vec<Envelope>, StoreError> {
+    // Each event's sequence: its aggregate's stored one, plus its place
+    // among the batch's events of that aggregate.
+    let mut next: std::collections::HashMap<&str, u64> =
+        std::collections::HashMap::with_capacity(events.len());
+    for event in &events {
+        next.entry(event.subject.as_str()).or_insert(1);
+    }
+    let subjects = serde_json::to_string(&next.keys().collect::<Vec<_>>())
+        .map_err(|error| StoreError::Engine(format!("sequence request: {error}")))?;
+    let rows = tx.query(
+        "SELECT subject, sequence FROM tandem_aggregates
+         WHERE topic = $1 AND subject IN (SELECT value FROM json_each($2))",
+        params![source, subjects.as_str()],
+    )?;
+    for row in &rows {
+        if let Some(sequence) = next.get_mut(row.text(0)?) {
+            *sequence = u64::try_from(row.i64(1)?).unwrap_or(0) + 1;
+        }
+    }
+    let sequences: Vec<u64> = events
+        .iter()
+        .map(|event| {
+            let slot = next
+                .get_mut(event.subject.as_str())
+                .expect("every subject has a slot");
+            *slot += 1;
+            *slot - 1
+        })
+        .collect();
+    // `{subject: last sequence}`: json_each gives each pair as `key` and
+    // `value`, which cost no extraction.
+    let last: std::collections::HashMap<&str, u64> = next
+        .iter()
+        .map(|(subject, after)| (*subject, after - 1))
+        .collect();
+    let last = serde_json::to_string(&last)
+        .map_err(|error| StoreError::Engine(format!("sequence request: {error}")))?;
+    tx.execute(
+        "INSERT INTO tandem_aggregates (topic, subject, sequence)
+         SELECT $1, key, value FROM json_each($2) WHERE true
+         ON CONFLICT (subject, topic) DO UPDATE SET sequence = excluded.sequence",
+        params![source, last.as_str()],
+    )?;
+    drop(next);
+
+    let envelopes: Vec<Envelope> = events
+        .into_iter()
+        .zip(sequences)
+        .map(|(event, sequence)| envelope_of(source, event, sequence))
+        .collect();
+    let rows: Vec<(Vec<u8>, String)> = envelopes
+        .iter()
+        .map(|envelope| (envelope.to_json(), envelope.id.to_string()))
+        .collect();
+    let committed_at = now_micros();
+    static FULL_STATEMENT: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| outbox_insert_statement(SQLITE_ROWS_PER_INSERT));
+    let mut params: Vec<Param<'_>> = Vec::with_capacity(SQLITE_ROWS_PER_INSERT * 7);
+    for (envelopes, rows) in envelopes
+        .chunks(SQLITE_ROWS_PER_INSERT)
+        .zip(rows.chunks(SQLITE_ROWS_PER_INSERT))
+    {
+        params.clear();
+        for (envelope, (bytes, event_id)) in envelopes.iter().zip(rows) {
+            params.extend([
+                Param::Text(source),
+                Param::Text(&envelope.subject),
+                Param::from(envelope.sequence),
+                Param::Text(event_id),
+                Param::Text(&envelope.event_type),
+                Param::Blob(bytes),
+                Param::Int(committed_at),
+            ]);
+        }
+        if envelopes.len() == SQLITE_ROWS_PER_INSERT {
+            tx.execute(&FULL_STATEMENT, &params)?;
+        } else {
+            tx.execute(&outbox_insert_statement(envelopes.len()), &params)?;
+        }
+    }
+    tx.outbox_appended();
+    Ok(envelopes)
+}
+
+/// `INSERT INTO tandem_outbox ... VALUES (?1, ..., ?7), (?8, ...)` for
+/// `rows` rows, in SQLite's numbered placeholders.
+fn outbox_insert_statement(rows: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::from(
+        "INSERT INTO tandem_outbox (topic, subject, sequence, event_id, event_type, envelope, committed_at) VALUES ",
+    );
+    for row in 0..rows {
+        let base = row * 7;
+        let separator = if row == 0 { "" } else { "," };
+        let _ = write!(
+            sql,
+            "{separator}(?{},?{},?{},?{},?{},?{},?{})",
+            base + 1,
+            base + 2,
+            base + 3,
+            base + 4,
+            base + 5,
+            base + 6,
+            base + 7
+        );
+    }
+    sql
 }
 
 fn check_subject(event: &NewEvent) -> Result<(), StoreError> {
@@ -316,6 +446,8 @@ pub struct StoredEvent {
     pub xid: i64,
     pub topic: String,
     pub subject: String,
+    /// The event's place in its aggregate (the envelope's `sequence`).
+    pub sequence: u64,
     pub envelope: Vec<u8>,
     pub committed_at_micros: i64,
 }
@@ -350,19 +482,21 @@ impl Cursor {
 /// The columns of a [`StoredEvent`], in its dialect.
 fn event_columns(tx: &dyn Tx) -> &'static str {
     match tx.dialect() {
-        Dialect::Sqlite => "position, 0, topic, subject, envelope, committed_at",
-        Dialect::Postgres => "position, xid, topic, subject, envelope, committed_at",
+        Dialect::Sqlite => "position, 0, topic, subject, envelope, committed_at, sequence",
+        Dialect::Postgres => "position, xid, topic, subject, envelope, committed_at, sequence",
     }
 }
 
-fn stored_event(row: &crate::store::Row) -> Result<StoredEvent, StoreError> {
+/// Moves a row of [`event_columns`] into a [`StoredEvent`].
+fn stored_event(mut row: crate::store::Row) -> Result<StoredEvent, StoreError> {
     Ok(StoredEvent {
         position: row.i64(0)?,
         xid: row.i64(1)?,
-        topic: row.text(2)?.to_owned(),
-        subject: row.text(3)?.to_owned(),
-        envelope: row.bytes(4)?.to_vec(),
+        topic: row.take_text(2)?,
+        subject: row.take_text(3)?,
+        envelope: row.take_bytes(4)?,
         committed_at_micros: row.i64(5)?,
+        sequence: u64::try_from(row.i64(6)?).unwrap_or(0),
     })
 }
 
@@ -379,7 +513,7 @@ pub fn read_after(
         event_columns(tx)
     );
     let rows = tx.query(&sql, params![position, limit as u64])?;
-    rows.iter().map(stored_event).collect()
+    rows.into_iter().map(stored_event).collect()
 }
 
 /// What [`read_committed_after`] found.
@@ -427,12 +561,12 @@ pub fn read_committed_after(
     let (events, held_back) = match tx.dialect() {
         Dialect::Sqlite => {
             let rows = tx.query(
-                "SELECT position, 0, topic, subject, envelope, committed_at FROM tandem_outbox
-                 WHERE position > $1 ORDER BY position LIMIT $2",
+                "SELECT position, 0, topic, subject, envelope, committed_at, sequence
+                 FROM tandem_outbox WHERE position > $1 ORDER BY position LIMIT $2",
                 params![after.position, limit],
             )?;
             (
-                rows.iter()
+                rows.into_iter()
                     .map(stored_event)
                     .collect::<Result<Vec<_>, _>>()?,
                 false,
@@ -449,15 +583,15 @@ pub fn read_committed_after(
                 "WITH horizon AS (
                    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin
                  ), batch AS (
-                   SELECT position, xid, topic, subject, envelope, committed_at
+                   SELECT position, xid, topic, subject, envelope, committed_at, sequence
                    FROM tandem_outbox
                    WHERE (xid, position) > ($1, $2) AND xid < (SELECT xmin FROM horizon)
                    ORDER BY xid, position LIMIT $3
                  )
-                 SELECT position, xid, topic, subject, envelope, committed_at, NULL
+                 SELECT position, xid, topic, subject, envelope, committed_at, sequence, NULL
                  FROM batch
                  UNION ALL
-                 SELECT NULL, NULL, NULL, NULL, NULL, NULL,
+                 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                    CASE WHEN (SELECT max(xid) FROM tandem_outbox) >= (SELECT xmin FROM horizon)
                         THEN 1 ELSE 0 END
                  ORDER BY 2, 1",
@@ -465,8 +599,8 @@ pub fn read_committed_after(
             )?;
             let mut events = Vec::with_capacity(rows.len());
             let mut held_back = false;
-            for row in &rows {
-                match row.opt_i64(6)? {
+            for row in rows {
+                match row.opt_i64(7)? {
                     Some(flag) => held_back = flag != 0,
                     None => events.push(stored_event(row)?),
                 }
@@ -475,35 +609,29 @@ pub fn read_committed_after(
         }
     };
     let end = events.last().map_or(after, StoredEvent::cursor);
+    // On SQLite one writer at a time takes sequences and positions, so
+    // position order is already each aggregate's sequence order.
+    let events = match tx.dialect() {
+        Dialect::Sqlite => events,
+        Dialect::Postgres => in_sequence_per_aggregate(events),
+    };
     Ok(OutboxBatch {
-        events: in_sequence_per_aggregate(events),
+        events,
         end,
         held_back,
     })
 }
 
 /// Keeps the batch's order, except that the slots taken by one aggregate's
-/// events get those events in `sequence` order (read from the envelope;
-/// an event whose envelope does not decode keeps its place).
+/// events get those events in `sequence` order.
 fn in_sequence_per_aggregate(mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
     use std::collections::HashMap;
-    let sequence_of = |event: &StoredEvent| -> Option<u64> {
-        #[derive(serde::Deserialize)]
-        struct Sequence {
-            sequence: u64,
-        }
-        serde_json::from_slice::<Sequence>(&event.envelope)
-            .ok()
-            .map(|found| found.sequence)
-    };
     let mut slots: HashMap<(&str, &str), Vec<(usize, u64)>> = HashMap::new();
     for (index, event) in events.iter().enumerate() {
-        if let Some(sequence) = sequence_of(event) {
-            slots
-                .entry((event.topic.as_str(), event.subject.as_str()))
-                .or_default()
-                .push((index, sequence));
-        }
+        slots
+            .entry((event.topic.as_str(), event.subject.as_str()))
+            .or_default()
+            .push((index, event.sequence));
     }
     let mut moves: Vec<(usize, usize)> = Vec::new();
     for (_, members) in slots {

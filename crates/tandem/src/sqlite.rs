@@ -304,7 +304,7 @@ pub(crate) fn rewrite_placeholders(sql: &str) -> Cow<'_, str> {
 
 /// Rewritten statements by where the caller's text lives (address and
 /// length), with the original text to check a hit against.
-type RewriteCache = std::collections::HashMap<(usize, usize), (Box<str>, Box<str>)>;
+type RewriteCache = std::collections::HashMap<(usize, usize), (Box<str>, std::rc::Rc<str>)>;
 
 thread_local! {
     /// Rewritten statements of this store thread (callers mostly pass
@@ -328,7 +328,7 @@ fn with_sqlite_sql<R>(sql: &str, work: impl FnOnce(&str) -> R) -> R {
     let rewritten = match cached {
         Some(rewritten) => rewritten,
         None => {
-            let rewritten: Box<str> = rewrite_placeholders(sql).into();
+            let rewritten: std::rc::Rc<str> = rewrite_placeholders(sql).into();
             REWRITTEN.with(|cache| {
                 let mut cache = cache.borrow_mut();
                 if cache.len() >= 1024 {

@@ -149,6 +149,24 @@ impl Row {
         }
     }
 
+    /// Moves a text column out of the row (leaving it empty), without a copy.
+    pub fn take_text(&mut self, index: usize) -> Result<String, StoreError> {
+        match self.values.get_mut(index) {
+            Some(Value::Text(value)) => Ok(std::mem::take(value)),
+            _ => self.text(index).map(str::to_owned),
+        }
+    }
+
+    /// Moves a blob or text column out of the row (leaving it empty), without a
+    /// copy.
+    pub fn take_bytes(&mut self, index: usize) -> Result<Vec<u8>, StoreError> {
+        match self.values.get_mut(index) {
+            Some(Value::Blob(value)) => Ok(std::mem::take(value)),
+            Some(Value::Text(value)) => Ok(std::mem::take(value).into_bytes()),
+            _ => self.bytes(index).map(<[u8]>::to_vec),
+        }
+    }
+
     /// Bytes of a blob or text column.
     pub fn bytes(&self, index: usize) -> Result<&[u8], StoreError> {
         match self.value(index)? {
