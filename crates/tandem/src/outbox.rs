@@ -208,8 +208,9 @@ fn append_all_sqlite(
     let subjects = serde_json::to_string(&next.keys().collect::<Vec<_>>())
         .map_err(|error| StoreError::Engine(format!("sequence request: {error}")))?;
     let rows = tx.query(
-        "SELECT subject, sequence FROM tandem_aggregates
-         WHERE topic = $1 AND subject IN (SELECT value FROM json_each($2))",
+        "SELECT a.subject, a.sequence
+         FROM json_each($2) AS wanted CROSS JOIN tandem_aggregates AS a
+         WHERE a.subject = wanted.value AND a.topic = $1",
         params![source, subjects.as_str()],
     )?;
     for row in &rows {
