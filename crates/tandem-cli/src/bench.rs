@@ -80,7 +80,9 @@ pub struct PipelineArgs {
     /// `outbox::append` for each event instead of `append_all` for its
     /// transaction, and the consumer's handler has only `handle`, not a
     /// `handle_batch` that applies a batch in one statement. On PostgreSQL
-    /// each call is a round trip; on SQLite the two shapes cost the same.
+    /// each call is a round trip; on SQLite `append_all` saves the
+    /// per-event sequence statements, and the ledger applies a batch one
+    /// event at a time either way.
     #[arg(long)]
     one_by_one: bool,
     /// Print exactly one JSON object as the last line.

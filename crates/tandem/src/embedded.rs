@@ -25,7 +25,7 @@ use crate::bus::{
 };
 use crate::params;
 use crate::schema::now_micros;
-use crate::sqlite::{DataVersionWatcher, SqliteOptions, SqliteStore, Synchronous};
+use crate::sqlite::{DataVersionWatcher, MultiRowInsert, SqliteOptions, SqliteStore, Synchronous};
 use crate::store::{ExternalChanges, Param, Store, StoreError, Tx};
 
 const SCHEMA: &str = "
@@ -207,10 +207,9 @@ fn append_batch(
             .ok_or_else(|| StoreError::Decode("log head upsert returned nothing".into()))?;
         next_offsets.insert((topic, *partition), row.i64(0)? - count);
     }
-    // Multi-row inserts: one statement per ROWS_PER_INSERT records.
     let appended_at = now_micros();
-    let mut params: Vec<Param<'_>> = Vec::with_capacity(ROWS_PER_INSERT * 6);
-    for chunk in records.chunks(ROWS_PER_INSERT) {
+    let mut params: Vec<Param<'_>> = Vec::new();
+    for chunk in records.chunks(INSERT_RECORDS.rows_per_statement) {
         params.clear();
         for (topic, partition, key, payload) in chunk {
             let next = next_offsets
@@ -226,42 +225,17 @@ fn append_batch(
             ]);
             *next += 1;
         }
-        if chunk.len() == ROWS_PER_INSERT {
-            static FULL: std::sync::LazyLock<String> =
-                std::sync::LazyLock::new(|| insert_statement(ROWS_PER_INSERT));
-            tx.execute(&FULL, &params)?;
-        } else {
-            tx.execute(&insert_statement(chunk.len()), &params)?;
-        }
+        tx.execute(&INSERT_RECORDS.sql(chunk.len()), &params)?;
     }
     Ok(())
 }
 
-const ROWS_PER_INSERT: usize = 64;
-
-/// `INSERT INTO log_records ... VALUES (?1, ..., ?6), (?7, ...)` for `rows`
-/// rows (SQLite's numbered placeholders: this module is SQLite's own).
-fn insert_statement(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO log_records (topic, partition, record_offset, record_key, payload, appended_at) VALUES ",
-    );
-    for row in 0..rows {
-        if row > 0 {
-            sql.push(',');
-        }
-        let base = row * 6;
-        sql.push_str(&format!(
-            "(?{},?{},?{},?{},?{},?{})",
-            base + 1,
-            base + 2,
-            base + 3,
-            base + 4,
-            base + 5,
-            base + 6
-        ));
-    }
-    sql
-}
+/// The log's appends, 64 records a statement.
+static INSERT_RECORDS: MultiRowInsert = MultiRowInsert::new(
+    "INSERT INTO log_records (topic, partition, record_offset, record_key, payload, appended_at) VALUES ",
+    6,
+    64,
+);
 
 #[async_trait::async_trait]
 impl Bus for EmbeddedLog {

@@ -472,8 +472,8 @@ mod tests {
     }
 
     /// The one-pass decoder agrees with the attribute-by-attribute one on
-    /// everything it accepts, over envelopes whose attributes are each
-    /// valid, absent, null, escaped, empty or of the wrong type.
+    /// everything it accepts, over valid envelopes with up to two
+    /// attributes absent, null, empty, of the wrong type or escaped.
     mod one_pass {
         use super::super::Envelope;
         use proptest::prelude::*;

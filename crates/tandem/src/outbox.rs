@@ -190,8 +190,12 @@ fn append_all_postgres(
     Ok(envelopes)
 }
 
-/// Rows per multi-row insert of [`append_all_sqlite`].
-const SQLITE_ROWS_PER_INSERT: usize = 64;
+/// [`append_all_sqlite`]'s event rows, 64 a statement.
+static SQLITE_INSERT_EVENTS: crate::sqlite::MultiRowInsert = crate::sqlite::MultiRowInsert::new(
+    "INSERT INTO tandem_outbox (topic, subject, sequence, event_id, event_type, envelope, committed_at) VALUES ",
+    7,
+    64,
+);
 
 fn append_all_sqlite(
     tx: &mut dyn Tx,
@@ -254,12 +258,11 @@ fn append_all_sqlite(
         .map(|envelope| (envelope.to_json(), envelope.id.to_string()))
         .collect();
     let committed_at = now_micros();
-    static FULL_STATEMENT: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| outbox_insert_statement(SQLITE_ROWS_PER_INSERT));
-    let mut params: Vec<Param<'_>> = Vec::with_capacity(SQLITE_ROWS_PER_INSERT * 7);
+    let per_statement = SQLITE_INSERT_EVENTS.rows_per_statement;
+    let mut params: Vec<Param<'_>> = Vec::new();
     for (envelopes, rows) in envelopes
-        .chunks(SQLITE_ROWS_PER_INSERT)
-        .zip(rows.chunks(SQLITE_ROWS_PER_INSERT))
+        .chunks(per_statement)
+        .zip(rows.chunks(per_statement))
     {
         params.clear();
         for (envelope, (bytes, event_id)) in envelopes.iter().zip(rows) {
@@ -273,39 +276,10 @@ fn append_all_sqlite(
                 Param::Int(committed_at),
             ]);
         }
-        if envelopes.len() == SQLITE_ROWS_PER_INSERT {
-            tx.execute(&FULL_STATEMENT, &params)?;
-        } else {
-            tx.execute(&outbox_insert_statement(envelopes.len()), &params)?;
-        }
+        tx.execute(&SQLITE_INSERT_EVENTS.sql(envelopes.len()), &params)?;
     }
     tx.outbox_appended();
     Ok(envelopes)
-}
-
-/// `INSERT INTO tandem_outbox ... VALUES (?1, ..., ?7), (?8, ...)` for
-/// `rows` rows, in SQLite's numbered placeholders.
-fn outbox_insert_statement(rows: usize) -> String {
-    use std::fmt::Write;
-    let mut sql = String::from(
-        "INSERT INTO tandem_outbox (topic, subject, sequence, event_id, event_type, envelope, committed_at) VALUES ",
-    );
-    for row in 0..rows {
-        let base = row * 7;
-        let separator = if row == 0 { "" } else { "," };
-        let _ = write!(
-            sql,
-            "{separator}(?{},?{},?{},?{},?{},?{},?{})",
-            base + 1,
-            base + 2,
-            base + 3,
-            base + 4,
-            base + 5,
-            base + 6,
-            base + 7
-        );
-    }
-    sql
 }
 
 fn check_subject(event: &NewEvent) -> Result<(), StoreError> {

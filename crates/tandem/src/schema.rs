@@ -213,7 +213,6 @@ CREATE INDEX IF NOT EXISTS tandem_dead_letters_consumer
     ON tandem_dead_letters (consumer, status);
 ";
 
-/// Creates the toolkit's tables if they do not exist yet.
 /// SQLite tables whose key starts with the subject (the column that tells
 /// rows apart) rather than with the topic or consumer, which every row of a
 /// service shares: a seek then settles most comparisons on the first
@@ -241,14 +240,6 @@ fn rekey_sqlite_table(tx: &mut dyn Tx, table: &str, columns: &str) -> Result<(),
     if first == "subject" {
         return Ok(());
     }
-    let definition = tx
-        .query_opt(
-            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = $1",
-            crate::params![table],
-        )?
-        .ok_or_else(|| StoreError::Engine(format!("{table} has no definition")))?
-        .text(0)?
-        .to_owned();
     let rekeyed = SQLITE
         .split(';')
         .find(|statement| {
@@ -262,7 +253,11 @@ fn rekey_sqlite_table(tx: &mut dyn Tx, table: &str, columns: &str) -> Result<(),
             &format!("CREATE TABLE {table}_rekeyed ("),
             1,
         );
-    tracing::info!(table, old = %definition, "rebuilding the table with its key led by subject");
+    tracing::info!(
+        table,
+        old_key_start = first,
+        "rebuilding the table with its key led by subject"
+    );
     tx.execute_batch(&format!(
         "{rekeyed};
          INSERT INTO {table}_rekeyed ({columns}) SELECT {columns} FROM {table};
@@ -271,6 +266,7 @@ fn rekey_sqlite_table(tx: &mut dyn Tx, table: &str, columns: &str) -> Result<(),
     ))
 }
 
+/// Creates the toolkit's tables if they do not exist yet.
 pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
     match tx.dialect() {
         Dialect::Sqlite => {

@@ -302,6 +302,52 @@ pub(crate) fn rewrite_placeholders(sql: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8(rewritten).unwrap_or_else(|_| sql.to_owned()))
 }
 
+/// Multi-row `INSERT ... VALUES (?1, ..., ?n), (?n+1, ...)` statements in
+/// SQLite's numbered placeholders, for rows of `columns` parameters: a
+/// batch is written `rows_per_statement` rows a statement, and the SQL of a
+/// full statement is built once.
+pub(crate) struct MultiRowInsert {
+    /// `INSERT INTO table (columns...) VALUES `
+    head: &'static str,
+    columns: usize,
+    pub(crate) rows_per_statement: usize,
+    full: std::sync::OnceLock<String>,
+}
+
+impl MultiRowInsert {
+    pub(crate) const fn new(head: &'static str, columns: usize, rows_per_statement: usize) -> Self {
+        Self {
+            head,
+            columns,
+            rows_per_statement,
+            full: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The statement for `rows` rows.
+    pub(crate) fn sql(&self, rows: usize) -> Cow<'_, str> {
+        if rows == self.rows_per_statement {
+            Cow::Borrowed(self.full.get_or_init(|| self.build(rows)))
+        } else {
+            Cow::Owned(self.build(rows))
+        }
+    }
+
+    fn build(&self, rows: usize) -> String {
+        use std::fmt::Write;
+        let mut sql = String::from(self.head);
+        for row in 0..rows {
+            sql.push_str(if row == 0 { "(" } else { ",(" });
+            for column in 0..self.columns {
+                let separator = if column == 0 { "" } else { "," };
+                let _ = write!(sql, "{separator}?{}", row * self.columns + column + 1);
+            }
+            sql.push(')');
+        }
+        sql
+    }
+}
+
 /// Rewritten statements by where the caller's text lives (address and
 /// length), with the original text to check a hit against.
 type RewriteCache = std::collections::HashMap<(usize, usize), (Box<str>, std::rc::Rc<str>)>;
@@ -775,7 +821,18 @@ impl ExternalChanges for DataVersionWatcher {
 
 #[cfg(test)]
 mod tests {
-    use super::rewrite_placeholders;
+    use super::{rewrite_placeholders, MultiRowInsert};
+
+    #[test]
+    fn multi_row_inserts_number_their_placeholders_and_keep_the_full_statement() {
+        let insert = MultiRowInsert::new("INSERT INTO t (a, b) VALUES ", 2, 3);
+        assert_eq!(insert.sql(1), "INSERT INTO t (a, b) VALUES (?1,?2)");
+        assert_eq!(
+            insert.sql(3),
+            "INSERT INTO t (a, b) VALUES (?1,?2),(?3,?4),(?5,?6)"
+        );
+        assert!(matches!(insert.sql(3), std::borrow::Cow::Borrowed(_)));
+    }
 
     #[test]
     fn rewrites_placeholders_outside_quotes() {

@@ -2,21 +2,9 @@
 //! data intact: the per-aggregate sequence tables, once keyed by topic (or
 //! consumer) first, are rebuilt keyed by subject first.
 
-use tandem::outbox::{self, NewEvent};
-use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
+use tandem::outbox;
 use tandem::store::{Store, StoreError, Tx};
-
-async fn open(path: &std::path::Path) -> SqliteStore {
-    SqliteStore::open(
-        path,
-        SqliteOptions {
-            synchronous: Synchronous::Normal,
-            ..SqliteOptions::default()
-        },
-    )
-    .await
-    .expect("open store")
-}
+use tandem_testkit::{deposit_event, open_store as open};
 
 /// The first column of `table`'s primary key.
 fn first_key_column(tx: &mut dyn Tx, table: &str) -> Result<String, StoreError> {
@@ -121,15 +109,11 @@ async fn a_file_with_topic_first_sequence_keys_is_rebuilt_with_its_sequences() {
     let store = open(&path).await;
     let appended = store
         .write(|tx| {
-            let event = |subject: &str| NewEvent {
-                subject: subject.to_owned(),
-                event_type: "Deposited".into(),
-                dataschema: "urn:test:deposited:1".into(),
-                data: serde_json::json!({ "amount": 1 }),
-                expected_sequence: None,
-                context: Default::default(),
-            };
-            outbox::append_all(tx, "t", vec![event("a"), event("b"), event("c")])
+            let events = ["a", "b", "c"]
+                .into_iter()
+                .map(|subject| deposit_event(subject, 1))
+                .collect::<Result<Vec<_>, _>>()?;
+            outbox::append_all(tx, "t", events)
         })
         .await
         .unwrap();
