@@ -66,16 +66,19 @@
 //! to offset `o` (stream sequence `o + 1`) asks for the durable's state and
 //! decides:
 //!
-//! - If some message at or after `o + 1` was already acknowledged (the ack
-//!   floor is at or past `o + 1`, or messages above the floor were acked out
-//!   of order), NATS would never deliver it again: the database is behind
+//! - If some message at or after `o + 1` was already acknowledged (this
+//!   member acked it on the current durable, or the ack floor is at or past
+//!   `o + 1`, or messages above the floor were acked out of order), NATS
+//!   would never deliver it again: the database is behind
 //!   NATS (restored from a backup, or a replay to 0). The durable is
 //!   deleted and created again delivering from sequence `o + 1`
 //!   (`DeliverPolicy::All` for 0). This is stricter than "offset ≤ ack
 //!   floor": it also catches acks above the floor, which members sharing a
 //!   durable produce, and it does not recreate when `o + 1` is exactly the
 //!   first unacknowledged message (two members starting on an empty
-//!   database would otherwise delete each other's durable).
+//!   database would otherwise delete each other's durable). The member's
+//!   own acks are counted from its memory because the server applies acks
+//!   after the flush that sent them: its info may not show them yet.
 //! - Otherwise nothing from `o + 1` on is lost, so the durable stays. The
 //!   messages this member handed out from `o` on, and all it still had
 //!   buffered, are NAKed in offset order and come again at once (what was

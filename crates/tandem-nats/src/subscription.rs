@@ -60,6 +60,10 @@ struct Topic {
     pump: Option<tokio::task::JoinHandle<()>>,
     /// The bound durable, until pulling starts.
     idle: Option<PullConsumer>,
+    /// The highest offset this member acked on the current durable. The
+    /// server applies acks asynchronously, after the flush that sent them,
+    /// so its consumer info may not show them yet when a seek asks.
+    acked: Option<u64>,
 }
 
 /// A member of a group on [`crate::NatsBus`]; see the crate docs.
@@ -295,6 +299,7 @@ impl NatsSubscription {
                 drained: Arc::default(),
                 pump: None,
                 idle: None,
+                acked: None,
             })
             .collect();
         Self {
@@ -391,6 +396,7 @@ impl NatsSubscription {
             held.retain(|(held_index, _), _| *held_index != index);
             self.topics[index].generation.fetch_add(1, Ordering::SeqCst);
         }
+        self.topics[index].acked = None;
         let context = self.context(index);
         let stream = context.stream().await?;
         let policy = if first <= 1 {
@@ -523,8 +529,13 @@ impl Subscription for NatsSubscription {
         let index = self.index_of(partition)?;
         let first = offset + 1;
         let stream = self.context(index).stream().await?;
+        // What this member acked itself counts even before the server's
+        // consumer info shows it; what other members acked, once it does.
+        let acked_here = self.topics[index]
+            .acked
+            .is_some_and(|acked| acked >= offset);
         let recreate = match stream.consumer_info(&self.durable).await {
-            Ok(info) => loses_from(&info, first),
+            Ok(info) => acked_here || loses_from(&info, first),
             Err(error) if info_not_found(&error) => true,
             Err(error) => {
                 return Err(self.inner.error(
@@ -571,20 +582,24 @@ impl Subscription for NatsSubscription {
         if records.is_empty() {
             return Ok(());
         }
-        let replies: Vec<Subject> = {
+        let mut replies: Vec<Subject> = Vec::with_capacity(records.len());
+        {
             let mut held = lock(&self.held);
-            records
-                .iter()
-                .filter_map(|record| {
-                    let index = self
-                        .topics
-                        .iter()
-                        .position(|topic| topic.name == record.topic)?;
-                    held.remove(&(index, record.offset))
-                })
-                .map(|message| message.reply)
-                .collect()
-        };
+            for record in records {
+                let Some(index) = self
+                    .topics
+                    .iter()
+                    .position(|topic| topic.name == record.topic)
+                else {
+                    continue;
+                };
+                if let Some(message) = held.remove(&(index, record.offset)) {
+                    replies.push(message.reply);
+                    let acked = &mut self.topics[index].acked;
+                    *acked = Some(acked.map_or(record.offset, |max| max.max(record.offset)));
+                }
+            }
+        }
         for reply in replies {
             if let Err(error) = self.inner.client.publish(reply, AckKind::Ack.into()).await {
                 tracing::warn!(%error, "NATS ack not sent; the message will be redelivered and dropped as a duplicate");
