@@ -26,7 +26,7 @@ use crate::bus::{
 use crate::params;
 use crate::schema::now_micros;
 use crate::sqlite::{DataVersionWatcher, MultiRowInsert, SqliteOptions, SqliteStore, Synchronous};
-use crate::store::{ExternalChanges, Param, Store, StoreError, Tx};
+use crate::store::{ExternalChanges, Param, Store, StoreError, StoreFuture, Tx};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS log_meta (
@@ -286,6 +286,7 @@ impl Bus for EmbeddedLog {
             announced: false,
             signal: self.inner.appended.subscribe(),
             external: Box::new(watcher),
+            ahead: None,
         }))
     }
 
@@ -323,18 +324,30 @@ struct EmbeddedSubscription {
     announced: bool,
     signal: watch::Receiver<u64>,
     external: Box<dyn ExternalChanges>,
+    /// The read of the records after the last delivery, started when that
+    /// delivery was handed out, so that it runs while the caller applies
+    /// it. A seek drops it.
+    ahead: Option<ReadAhead>,
+}
+
+struct ReadAhead {
+    max_records: usize,
+    /// The in-process append counter when the read started.
+    appends_seen: u64,
+    read: StoreFuture<Vec<Record>, StoreError>,
 }
 
 impl EmbeddedSubscription {
-    async fn read_available(&mut self, max_records: usize) -> Result<Vec<Record>, BusError> {
+    /// Reads up to `max_records` from the current positions, on a reader
+    /// thread, starting at once.
+    fn start_read(&self, max_records: usize) -> StoreFuture<Vec<Record>, StoreError> {
         let positions: Vec<(TopicPartition, u64)> = self
             .positions
             .iter()
             .map(|(partition, offset)| (partition.clone(), *offset))
             .collect();
         let per_partition = (max_records / positions.len().max(1)).max(1);
-        let records = self
-            .log
+        self.log
             .inner
             .file
             .read(move |tx| -> Result<Vec<Record>, StoreError> {
@@ -364,12 +377,43 @@ impl EmbeddedSubscription {
                 }
                 Ok(records)
             })
-            .await?;
-        for record in &records {
+    }
+
+    fn advance(&mut self, records: &[Record]) {
+        for record in records {
             let place = TopicPartition::new(record.topic.clone(), record.partition);
             self.positions.insert(place, record.offset + 1);
         }
+    }
+
+    /// The records read ahead, if that read found any; topped up by a new
+    /// read when it came back short and more was appended since it started.
+    async fn take_read_ahead(&mut self, max_records: usize) -> Result<Vec<Record>, BusError> {
+        let Some(ahead) = self.ahead.take() else {
+            return Ok(Vec::new());
+        };
+        if ahead.max_records != max_records {
+            return Ok(Vec::new());
+        }
+        let mut records = ahead.read.await?;
+        self.advance(&records);
+        if !records.is_empty()
+            && records.len() < max_records
+            && *self.signal.borrow() != ahead.appends_seen
+        {
+            let more = self.start_read(max_records - records.len()).await?;
+            self.advance(&more);
+            records.extend(more);
+        }
         Ok(records)
+    }
+
+    fn read_ahead(&mut self, max_records: usize) {
+        self.ahead = Some(ReadAhead {
+            max_records,
+            appends_seen: *self.signal.borrow(),
+            read: self.start_read(max_records),
+        });
     }
 }
 
@@ -393,12 +437,22 @@ impl Subscription for EmbeddedSubscription {
             self.announced = true;
             return Ok(Some(Delivery::Assigned(assigned)));
         }
+        let max_records = max_records.max(1);
         let deadline = tokio::time::Instant::now() + max_wait;
+        // What was read ahead counts only if it found records: an empty
+        // answer may predate an append whose signal is already consumed.
+        let records = self.take_read_ahead(max_records).await?;
+        if !records.is_empty() {
+            self.read_ahead(max_records);
+            return Ok(Some(Delivery::Records(records)));
+        }
         loop {
             self.signal.borrow_and_update();
             self.external.changed()?;
-            let records = self.read_available(max_records.max(1)).await?;
+            let records = self.start_read(max_records).await?;
+            self.advance(&records);
             if !records.is_empty() {
+                self.read_ahead(max_records);
                 return Ok(Some(Delivery::Records(records)));
             }
             let now = tokio::time::Instant::now();
@@ -423,6 +477,7 @@ impl Subscription for EmbeddedSubscription {
             )));
         }
         self.positions.insert(partition.clone(), offset);
+        self.ahead = None;
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, OutgoingRecord};
 use crate::fault;
-use crate::outbox::{self, Cursor};
+use crate::outbox::{self, Cursor, OutboxBatch};
 use crate::params;
 use crate::schema::now_micros;
 use crate::store::{Lease, Store, StoreError, StoreFuture};
@@ -91,7 +91,7 @@ impl<S: Store> Relay<S> {
     /// lease: the caller makes sure no other relay of this name runs.
     pub async fn publish_once(&self) -> Result<usize, RelayError> {
         let cursor = self.load_cursor().await?;
-        let (moved, end, _) = self.publish_after(cursor).await?;
+        let (moved, end, _) = self.publish_after(cursor, None).await?;
         if moved > 0 {
             self.save_cursor(end).await?;
         }
@@ -108,7 +108,7 @@ impl<S: Store> Relay<S> {
         let mut moved_in_all = 0;
         let mut pause = HELD_BACK_PAUSE;
         loop {
-            let (moved, end, held_back) = self.publish_after(cursor).await?;
+            let (moved, end, held_back) = self.publish_after(cursor, None).await?;
             if moved > 0 {
                 self.save_cursor(end).await?;
                 cursor = end;
@@ -143,16 +143,41 @@ impl<S: Store> Relay<S> {
             .await
     }
 
+    fn start_read(&self, after: Cursor) -> StoreFuture<OutboxBatch, StoreError> {
+        let batch_size = self.config.batch_size;
+        self.store
+            .read(move |tx| outbox::read_committed_after(tx, after, batch_size))
+    }
+
     /// Publishes the batch after `cursor`; returns how many events moved,
     /// the new cursor, and whether rows beyond it are not final yet.
-    async fn publish_after(&self, cursor: Cursor) -> Result<(usize, Cursor, bool), RelayError> {
-        let batch_size = self.config.batch_size;
-        let batch = self
-            .store
-            .read(move |tx| outbox::read_committed_after(tx, cursor, batch_size))
-            .await?;
+    ///
+    /// With `ahead`, uses the read it holds if that read starts at `cursor`
+    /// and found events (an empty answer may predate a commit whose signal
+    /// was consumed since, so it is read again), and before publishing
+    /// starts reading the next batch into it, so that reading the outbox
+    /// overlaps publishing to the bus.
+    async fn publish_after(
+        &self,
+        cursor: Cursor,
+        mut ahead: Option<&mut Option<ReadAhead>>,
+    ) -> Result<(usize, Cursor, bool), RelayError> {
+        let read_ahead = match ahead.as_mut().and_then(|ahead| ahead.take()) {
+            Some(ReadAhead { after, read }) if after == cursor => Some(read.await?),
+            _ => None,
+        };
+        let batch = match read_ahead {
+            Some(batch) if !batch.events.is_empty() => batch,
+            _ => self.start_read(cursor).await?,
+        };
         if batch.events.is_empty() {
             return Ok((0, cursor, batch.held_back));
+        }
+        if let Some(ahead) = ahead {
+            *ahead = Some(ReadAhead {
+                after: batch.end,
+                read: self.start_read(batch.end),
+            });
         }
         let records: Vec<OutgoingRecord> = batch
             .events
@@ -254,6 +279,7 @@ impl<S: Store> Relay<S> {
         let mut saved_cursor: Option<Cursor> = None;
         let mut last_save = tokio::time::Instant::now();
         let mut saving: Option<StoreFuture<(), StoreError>> = None;
+        let mut ahead: Option<ReadAhead> = None;
         let idle_wait = self.config.idle_wait.min(self.config.lead_check);
         let mut held_back_pause = HELD_BACK_PAUSE;
         let stopped = loop {
@@ -275,7 +301,7 @@ impl<S: Store> Relay<S> {
                     }
                 };
                 cursor = Some(after);
-                let (moved, end, held_back) = self.publish_after(after).await?;
+                let (moved, end, held_back) = self.publish_after(after, Some(&mut ahead)).await?;
                 cursor = Some(end);
                 let due = moved == 0 || last_save.elapsed() >= CURSOR_SAVE_INTERVAL;
                 if due && Some(end) != saved_cursor {
@@ -315,6 +341,7 @@ impl<S: Store> Relay<S> {
                     // Start again from the stored cursor.
                     cursor = None;
                     saving = None;
+                    ahead = None;
                     tracing::warn!(relay = %self.config.name, %error, retry_in_ms = retry.as_millis() as u64, "relay batch failed");
                     tokio::select! {
                         _ = shutdown.cancelled() => break Stopped::Shutdown,
@@ -336,6 +363,12 @@ impl<S: Store> Relay<S> {
         }
         Ok(stopped)
     }
+}
+
+/// The read of the batch after the one being published.
+struct ReadAhead {
+    after: Cursor,
+    read: StoreFuture<OutboxBatch, StoreError>,
 }
 
 /// Longest time a busy relay goes without writing its cursor.
