@@ -6,12 +6,14 @@
 //!
 //! Phases:
 //! 1. raw: `batch`-row transactions of envelope-sized blobs into a plain
-//!    table, or `batch`-record publishes read back by one subscriber;
+//!    table (three runs of `events` rows, each into a file of its own; the
+//!    median counts, so one disturbed run does not move the ratio), or
+//!    `batch`-record publishes read back by one subscriber;
 //! 2. throughput: a producer commits `events` deposits in transactions of
 //!    `batch` while the relay and the consumer run; the clock stops when the
 //!    read model has applied the last one;
-//! 3. latency: the producer commits every `tick_ms` (2) at half the measured rate;
-//!    the delay from each event's creation to the commit of the consumer
+//! 3. latency: the producer commits every `tick_ms` (2) at half the
+//!    measured rate (or `--latency-rate`); the delay from each event's creation to the commit of the consumer
 //!    transaction that applied it is recorded (p50, p99).
 
 use std::io::Write;
@@ -63,6 +65,11 @@ pub struct PipelineArgs {
     /// Milliseconds between two producer commits in the latency phase.
     #[arg(long, default_value_t = 2)]
     tick_ms: u64,
+    /// Events/s of the latency phase (default: half the rate the
+    /// throughput phase measured). A fixed rate compares two builds or
+    /// settings at the same load.
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// Where the database files go (default: a fresh temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -123,6 +130,9 @@ struct Report {
     synchronous: String,
     events_per_sec: f64,
     raw_inserts_per_sec: f64,
+    /// Every run of the raw SQLite baseline, whose median is the above.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    raw_runs: Vec<f64>,
     ratio: f64,
     latency_rate_per_sec: f64,
     latency_samples: usize,
@@ -196,14 +206,17 @@ fn sample_envelope_size() -> usize {
     tandem_testkit::deposit_bytes("acct-4242", 12, 4243).len()
 }
 
+/// Runs of the raw SQLite baseline; their median is the baseline.
+const RAW_RUNS: usize = 3;
+
 async fn raw_inserts(
-    dir: &Path,
+    path: &Path,
     options: &SqliteOptions,
     events: u64,
     batch: usize,
     payload_bytes: usize,
 ) -> anyhow::Result<f64> {
-    let store = SqliteStore::open(dir.join("raw.db"), options.clone()).await?;
+    let store = SqliteStore::open(path, options.clone()).await?;
     store
         .write(|tx| tx.execute_batch("CREATE TABLE raw (id INTEGER PRIMARY KEY, key TEXT NOT NULL, payload BLOB NOT NULL)"))
         .await?;
@@ -372,6 +385,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             .await?,
         ),
     };
+    let mut raw_runs: Vec<f64> = Vec::new();
     let (raw_kind, raw_per_sec) = if bus_url.is_some() {
         progress("[1/3] raw produce/consume loop on the bus ...");
         let rate = raw_bus(
@@ -387,9 +401,26 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         ));
         ("bus-produce-consume", rate)
     } else {
-        progress("[1/3] raw batched SQLite inserts ...");
-        let rate = raw_inserts(&dir, &options, args.events, args.batch, payload_bytes).await?;
-        progress(&format!("[1/3] raw batched SQLite inserts: {rate:.0}/s\n"));
+        for run in 0..RAW_RUNS {
+            progress(&format!(
+                "[1/3] raw batched SQLite inserts, run {} of {RAW_RUNS} ...",
+                run + 1
+            ));
+            let path = dir.join(format!("raw-{run}.db"));
+            raw_runs
+                .push(raw_inserts(&path, &options, args.events, args.batch, payload_bytes).await?);
+        }
+        let mut sorted = raw_runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        let rate = sorted[RAW_RUNS / 2];
+        progress(&format!(
+            "[1/3] raw batched SQLite inserts: {rate:.0}/s (median of {})\n",
+            raw_runs
+                .iter()
+                .map(|run| format!("{run:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         ("sqlite-inserts", rate)
     };
 
@@ -492,8 +523,8 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         elapsed.as_secs_f64()
     ));
 
-    // Phase 3: propagation delay at half the measured rate.
-    let rate = (events_per_sec / 2.0).max(1.0);
+    // Phase 3: propagation delay at half the measured rate (or the rate asked for).
+    let rate = args.latency_rate.unwrap_or(events_per_sec / 2.0).max(1.0);
     let tick = Duration::from_millis(args.tick_ms.max(1));
     let per_tick = (rate * tick.as_secs_f64()).round().max(1.0) as u64;
     let actual_rate = per_tick as f64 / tick.as_secs_f64();
@@ -598,6 +629,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         synchronous: synchronous.pragma().to_lowercase(),
         events_per_sec,
         raw_inserts_per_sec: raw_per_sec,
+        raw_runs,
         ratio: events_per_sec / raw_per_sec,
         latency_rate_per_sec: actual_rate,
         latency_samples: delays.len(),
@@ -612,7 +644,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     println!("pipeline      {:>10.0} events/s", report.events_per_sec);
     if raw_kind == "sqlite-inserts" {
         println!(
-            "raw inserts   {:>10.0} rows/s (same payload size, same disk)",
+            "raw inserts   {:>10.0} rows/s (median of {RAW_RUNS} runs; same payload size, same disk)",
             report.raw_inserts_per_sec
         );
     } else {
