@@ -240,7 +240,25 @@ async fn raw_inserts(
             .await?;
         written = end;
     }
-    Ok(events as f64 / started.elapsed().as_secs_f64())
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    drop(store);
+    remove_when_closed(path).await;
+    Ok(rate)
+}
+
+/// Waits (up to 30 s) until the store's connections closed, which shows as
+/// SQLite deleting the WAL after its final checkpoint, then deletes the
+/// file. What the kernel had not written back yet goes with it, so neither
+/// that writeback nor the final checkpoint competes with the next phase.
+async fn remove_when_closed(path: &Path) {
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while wal.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(&wal);
+    let _ = std::fs::remove_file(format!("{}-shm", path.display()));
 }
 
 /// The broker's own rate: `events` records of `payload_bytes` published in
