@@ -223,8 +223,9 @@ impl<S: Store> Relay<S> {
     /// is lost it stops publishing, and stands by again.
     ///
     /// The cursor is kept in memory and written behind the publishes: at
-    /// most every [`CURSOR_SAVE_INTERVAL`] while busy, at once when the outbox
-    /// is drained, and on shutdown, one write in flight at most. Its commit
+    /// most every [`CURSOR_SAVE_INTERVAL`], busy or not (a relay that caught
+    /// up writes it when the interval is up), and on shutdown, one write in
+    /// flight at most. Its commit
     /// (an fsync) is thus off the critical path; a crash republishes what the
     /// last written cursor does not cover, and consumers drop the duplicates.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), RelayError> {
@@ -303,7 +304,7 @@ impl<S: Store> Relay<S> {
                 cursor = Some(after);
                 let (moved, end, held_back) = self.publish_after(after, Some(&mut ahead)).await?;
                 cursor = Some(end);
-                let due = moved == 0 || last_save.elapsed() >= CURSOR_SAVE_INTERVAL;
+                let due = last_save.elapsed() >= CURSOR_SAVE_INTERVAL;
                 if due && Some(end) != saved_cursor {
                     if let Some(previous) = saving.take() {
                         previous.await?;
@@ -332,9 +333,18 @@ impl<S: Store> Relay<S> {
                 Ok(_) => {
                     retry = self.config.retry_initial;
                     held_back_pause = HELD_BACK_PAUSE;
+                    // Caught up. A cursor not written yet is written when
+                    // its interval is up, not at once: a producer
+                    // committing every few milliseconds would otherwise pay
+                    // a cursor commit (an fsync on its file) for each.
+                    let wait = if cursor != saved_cursor {
+                        CURSOR_SAVE_INTERVAL.saturating_sub(last_save.elapsed())
+                    } else {
+                        idle_wait
+                    };
                     tokio::select! {
                         _ = shutdown.cancelled() => break Stopped::Shutdown,
-                        waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), idle_wait, crate::wait::LONGEST_RELAY_POLL) => { waited?; }
+                        waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), wait, crate::wait::LONGEST_RELAY_POLL) => { waited?; }
                     }
                 }
                 Err(error) => {
