@@ -13,7 +13,8 @@
 //!    `batch` while the relay and the consumer run; the clock stops when the
 //!    read model has applied the last one;
 //! 3. latency: the producer commits every `tick_ms` (2) at half the
-//!    measured rate (or `--latency-rate`); the delay from each event's creation to the commit of the consumer
+//!    measured rate (or `--latency-rate`); the delay from each producer
+//!    commit, and from each event's creation, to the commit of the consumer
 //!    transaction that applied it is recorded (p50, p99).
 
 use std::io::Write;

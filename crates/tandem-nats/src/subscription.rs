@@ -596,7 +596,7 @@ impl Subscription for NatsSubscription {
                 if let Some(message) = held.remove(&(index, record.offset)) {
                     replies.push(message.reply);
                     let acked = &mut self.topics[index].acked;
-                    *acked = Some(acked.map_or(record.offset, |max| max.max(record.offset)));
+                    *acked = (*acked).max(Some(record.offset));
                 }
             }
         }

@@ -108,9 +108,9 @@ impl Handler for Ledger {
     /// statement costs no round trip, and a ledger armed with a poison
     /// amount handle each event in turn: the same batch in SQLite
     /// statements (no data-modifying CTEs, so a `GROUP BY` feeding an
-    /// `UPDATE ... FROM` and an insert) cost 3.6 times the instructions. The same checks as `handle`: an
-    /// account's deposits in the batch must follow what was applied without
-    /// a gap, the first one inserting.
+    /// `UPDATE ... FROM` and an insert) cost 3.6 times the instructions.
+    /// The same checks as `handle`: an account's deposits in the batch must
+    /// follow what was applied without a gap, the first one inserting.
     fn handle_batch(&self, tx: &mut dyn Tx, events: &[Envelope]) -> Result<(), HandlerError> {
         if tx.dialect() != tandem::store::Dialect::Postgres
             || events.len() < 2

@@ -202,14 +202,14 @@ fn append_all_sqlite(
     source: &str,
     events: Vec<NewEvent>,
 ) -> Result<Vec<Envelope>, StoreError> {
-    // Each event's sequence: its aggregate's stored one, plus its place
-    // among the batch's events of that aggregate.
-    let mut next: std::collections::HashMap<&str, u64> =
+    // Each aggregate's last sequence: the stored one (0 if none), moved on
+    // by each of the batch's events of that aggregate.
+    let mut last: std::collections::HashMap<&str, u64> =
         std::collections::HashMap::with_capacity(events.len());
     for event in &events {
-        next.entry(event.subject.as_str()).or_insert(1);
+        last.entry(event.subject.as_str()).or_insert(0);
     }
-    let subjects = serde_json::to_string(&next.keys().collect::<Vec<_>>())
+    let subjects = serde_json::to_string(&last.keys().collect::<Vec<_>>())
         .map_err(|error| StoreError::Engine(format!("sequence request: {error}")))?;
     let rows = tx.query(
         "SELECT a.subject, a.sequence
@@ -218,26 +218,22 @@ fn append_all_sqlite(
         params![source, subjects.as_str()],
     )?;
     for row in &rows {
-        if let Some(sequence) = next.get_mut(row.text(0)?) {
-            *sequence = u64::try_from(row.i64(1)?).unwrap_or(0) + 1;
+        if let Some(sequence) = last.get_mut(row.text(0)?) {
+            *sequence = u64::try_from(row.i64(1)?).unwrap_or(0);
         }
     }
     let sequences: Vec<u64> = events
         .iter()
         .map(|event| {
-            let slot = next
+            let slot = last
                 .get_mut(event.subject.as_str())
                 .expect("every subject has a slot");
             *slot += 1;
-            *slot - 1
+            *slot
         })
         .collect();
     // `{subject: last sequence}`: json_each gives each pair as `key` and
     // `value`, which cost no extraction.
-    let last: std::collections::HashMap<&str, u64> = next
-        .iter()
-        .map(|(subject, after)| (*subject, after - 1))
-        .collect();
     let last = serde_json::to_string(&last)
         .map_err(|error| StoreError::Engine(format!("sequence request: {error}")))?;
     tx.execute(
@@ -246,7 +242,6 @@ fn append_all_sqlite(
          ON CONFLICT (subject, topic) DO UPDATE SET sequence = excluded.sequence",
         params![source, last.as_str()],
     )?;
-    drop(next);
 
     let envelopes: Vec<Envelope> = events
         .into_iter()
