@@ -180,11 +180,11 @@ impl Envelope {
         let sequence = match wire.sequence {
             None => return Err(DecodeError::new("sequence", "missing")),
             Some(raw) => match serde_json::from_str::<u64>(raw.get()) {
-                Ok(sequence) if sequence >= 1 => sequence,
+                Ok(sequence) if (1..=MAX_SEQUENCE).contains(&sequence) => sequence,
                 _ => {
                     return Err(DecodeError::new(
                         "sequence",
-                        "must be an integer of at least 1",
+                        "must be an integer from 1 to 9223372036854775807",
                     ))
                 }
             },
@@ -231,7 +231,9 @@ impl Envelope {
         if wire.partitionkey? != subject {
             return None;
         }
-        let sequence = wire.sequence.filter(|sequence| *sequence >= 1)?;
+        let sequence = wire
+            .sequence
+            .filter(|sequence| (1..=MAX_SEQUENCE).contains(sequence))?;
         let data = wire.data.filter(Value::is_object)?;
         Some(Envelope {
             id: Uuid::parse_str(wire.id?).ok()?,
@@ -408,6 +410,12 @@ fn optional_string(
     Ok(string_of(raw, field)?.map(Cow::into_owned))
 }
 
+/// The largest `sequence` an envelope may carry: every store keeps
+/// sequences as signed 64-bit integers, so a larger one could not be
+/// recorded (SQLite would store it as a float, and every later read of the
+/// aggregate's state would fail).
+pub const MAX_SEQUENCE: u64 = i64::MAX as u64;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,6 +449,19 @@ mod tests {
         value["sequence"] = Value::from(0);
         let error = Envelope::decode(&serde_json::to_vec(&value).unwrap()).unwrap_err();
         assert_eq!(error.field, "sequence");
+
+        for too_large in [i64::MAX as u64 + 1, u64::MAX] {
+            value["sequence"] = Value::from(too_large);
+            let error = Envelope::decode(&serde_json::to_vec(&value).unwrap()).unwrap_err();
+            assert_eq!(error.field, "sequence", "sequence {too_large}");
+        }
+        value["sequence"] = Value::from(i64::MAX as u64);
+        assert_eq!(
+            Envelope::decode(&serde_json::to_vec(&value).unwrap())
+                .unwrap()
+                .sequence,
+            i64::MAX as u64
+        );
 
         value["sequence"] = Value::from(3);
         value.as_object_mut().unwrap().remove("time");

@@ -103,7 +103,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         (text(), text(), text(), text()),
         time(),
         prop::collection::btree_map(any::<String>(), json(), 0..5),
-        1..=u64::MAX,
+        1..=tandem::envelope::MAX_SEQUENCE,
         (
             prop::option::of(text()),
             prop::option::of(text()),
@@ -340,6 +340,7 @@ proptest! {
         value in prop_oneof![
             Just(Value::from(0)),
             (i64::MIN..0).prop_map(Value::from),
+            (tandem::envelope::MAX_SEQUENCE + 1..=u64::MAX).prop_map(Value::from),
             (1..1_000_000i64).prop_map(|n| Value::from(n as f64 + 0.5)),
         ],
     ) {
