@@ -416,3 +416,47 @@ async fn a_lease_has_one_holder_and_is_released_on_drop() {
     })
     .await;
 }
+
+/// Issue 18, point 3: after a dump and restore (or an upgrade by logical
+/// replication) transaction ids start again far below the relay's stored
+/// `xid`. The relay must notice and recover, not pass over every new event
+/// while reporting no backlog. Each event goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_ahead_of_restarted_transaction_ids_is_recovered() {
+    let database = scratch("xid_restart");
+    let store = database.store().await.expect("store");
+    let dir = tempfile::tempdir().unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(embedded_log(&dir).await);
+    let relay = Relay::new(store.clone(), Arc::clone(&bus), RelayConfig::default());
+    let before = append(&store, "before-restore").await;
+    let moved = tokio::time::timeout(DEADLINE, relay.drain())
+        .await
+        .expect("drain in time")
+        .expect("drain");
+    assert_eq!(moved, 1);
+    // As a restore leaves it: the cursor's xid is far beyond the server's.
+    store
+        .write(|tx| {
+            tx.execute(
+                "UPDATE tandem_relay_positions SET xid = xid + 1000000000",
+                &[],
+            )
+        })
+        .await
+        .expect("move the cursor's xid ahead");
+    let after = append(&store, "after-restore").await;
+    let moved = tokio::time::timeout(DEADLINE, relay.drain())
+        .await
+        .expect("drain in time")
+        .expect("drain");
+    assert_eq!(moved, 1, "the event appended after the restore is relayed");
+    let (backlog, _) = tandem::relay::backlog(&store, &RelayConfig::default().name)
+        .await
+        .expect("backlog");
+    assert_eq!(backlog, 0);
+    assert_eq!(
+        ids(&published(bus.as_ref()).await),
+        ids(&[before, after]),
+        "each event on the bus once"
+    );
+}

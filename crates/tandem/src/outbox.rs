@@ -592,6 +592,70 @@ pub fn read_committed_after(
     })
 }
 
+/// Whether the database's transaction ids restarted below `cursor`
+/// (PostgreSQL after a dump and restore, a logical-replication upgrade or
+/// a blue/green switch): the cursor's `xid` is then at or beyond the next
+/// id the server will hand out, and every new row would sort behind it.
+/// Never on SQLite, whose cursors carry no `xid`.
+pub fn xids_restarted(tx: &mut dyn Tx, cursor: Cursor) -> Result<bool, StoreError> {
+    if tx.dialect() != Dialect::Postgres || cursor.xid == 0 {
+        return Ok(false);
+    }
+    let next = tx
+        .query_opt(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )?
+        .ok_or_else(|| StoreError::Decode("no snapshot".into()))?
+        .i64(0)?;
+    Ok(cursor.xid >= next)
+}
+
+/// Recovers relay cursors from restarted transaction ids (see
+/// [`xids_restarted`]), in one write transaction: rows every relay of the
+/// database has published get `xid` 0, rows whose `xid` lies beyond the
+/// server's next id get 1 (so they sort first and pass the horizon), and
+/// every cursor becomes `(0, position)` of the lowest one. What no relay
+/// had published is relayed; a few published rows may go again, and
+/// consumers drop them as duplicates. Returns the number of rows renumbered.
+pub fn recover_restarted_xids(tx: &mut dyn Tx) -> Result<u64, StoreError> {
+    if tx.dialect() != Dialect::Postgres {
+        return Ok(0);
+    }
+    let Some(row) = tx.query_opt(
+        "SELECT xid, position, pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+         FROM tandem_relay_positions ORDER BY xid, position LIMIT 1 FOR UPDATE",
+        &[],
+    )?
+    else {
+        return Ok(0);
+    };
+    let (xid, position, next) = (row.i64(0)?, row.i64(1)?, row.i64(2)?);
+    if xid < next {
+        return Ok(0);
+    }
+    let published = tx.execute(
+        "UPDATE tandem_outbox SET xid = 0
+         WHERE xid <> 0 AND position <= $2 AND (xid, position) <= ($1, $2)",
+        params![xid, position],
+    )?;
+    let beyond = tx.execute(
+        "UPDATE tandem_outbox SET xid = 1 WHERE xid >= $1",
+        params![next],
+    )?;
+    tx.execute(
+        "UPDATE tandem_relay_positions SET xid = 0, position = $1",
+        params![position],
+    )?;
+    tracing::warn!(
+        cursor_xid = xid,
+        next_xid = next,
+        renumbered = published + beyond,
+        "transaction ids restarted below the relay cursor (a restore or an upgrade?); cursors recovered"
+    );
+    Ok(published + beyond)
+}
+
 /// Keeps the batch's order, except that the slots taken by one aggregate's
 /// events get those events in `sequence` order.
 fn in_sequence_per_aggregate(mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {

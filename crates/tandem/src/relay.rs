@@ -123,22 +123,35 @@ impl<S: Store> Relay<S> {
         }
     }
 
+    /// The stored cursor. One that transaction ids restarted below (a
+    /// PostgreSQL restore) is recovered first, or the relay would pass over
+    /// every new event, reporting no backlog.
     async fn load_cursor(&self) -> Result<Cursor, StoreError> {
         let name = self.config.name.clone();
-        self.store
-            .read(move |tx| -> Result<Cursor, StoreError> {
-                tx.query_opt(
+        let read = move |tx: &mut dyn crate::store::Tx| -> Result<(Cursor, bool), StoreError> {
+            let cursor = tx
+                .query_opt(
                     "SELECT xid, position FROM tandem_relay_positions WHERE relay = $1",
                     params![&name],
                 )?
                 .map(|row| {
-                    Ok(Cursor {
+                    Ok::<_, StoreError>(Cursor {
                         xid: row.i64(0)?,
                         position: row.i64(1)?,
                     })
                 })
-                .transpose()
-                .map(|cursor| cursor.unwrap_or(Cursor::START))
+                .transpose()?
+                .unwrap_or(Cursor::START);
+            Ok((cursor, outbox::xids_restarted(tx, cursor)?))
+        };
+        let (cursor, restarted) = self.store.read(read.clone()).await?;
+        if !restarted {
+            return Ok(cursor);
+        }
+        self.store
+            .write(move |tx| -> Result<Cursor, StoreError> {
+                outbox::recover_restarted_xids(tx)?;
+                Ok(read(tx)?.0)
             })
             .await
     }
