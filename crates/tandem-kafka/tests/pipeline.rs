@@ -222,3 +222,68 @@ async fn two_instances_of_one_consumer_share_the_work_and_one_stopping_loses_not
     second.stop().await;
     relay.stop().await;
 }
+
+/// Issue 18, point 2: a replay requested while two instances of one
+/// consumer split 4 partitions must rebuild every partition, not only
+/// those of the member that took the request: every member sees the new
+/// generation before it applies again, and seeks to the reset positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_with_two_instances_rebuilds_every_partition_exactly_once() {
+    let url = format!("{}?partitions=4", common::test_url());
+    let kafka = match tandem_kafka::KafkaBus::connect(&url).await {
+        Ok(bus) => bus,
+        Err(error) => panic!(
+            "Kafka-compatible broker not reachable: start it with scripts/engines up ({error})"
+        ),
+    };
+    let _scratch = common::Scratch::new(&kafka);
+    let bus: Arc<dyn Bus> = Arc::new(kafka);
+    let dir = tempfile::tempdir().unwrap();
+    let producer = open_store(&dir.path().join("producer.db")).await;
+    let reader = open_store(&dir.path().join("reader.db")).await;
+    let topic = unique("ledger");
+    let name = unique("ledger-view");
+    let relay = start_relay(&producer, &bus);
+    let first = start_consumer(&reader, &bus, &name, &topic);
+    let second = start_consumer(&reader, &bus, &name, &topic);
+
+    let mut expected = BTreeMap::new();
+    let mut round = 0;
+    let give_up = tokio::time::Instant::now() + WAIT;
+    while first.applied.0.load(Ordering::SeqCst) == 0
+        || second.applied.0.load(Ordering::SeqCst) == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "both instances should apply events: {} and {}",
+            first.applied.0.load(Ordering::SeqCst),
+            second.applied.0.load(Ordering::SeqCst)
+        );
+        deposit_rounds(&producer, &topic, round..round + 1, 13, &mut expected).await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    deposit_rounds(&producer, &topic, round..round + 5, 13, &mut expected).await;
+    round += 5;
+    wait_for_all(&reader, &expected).await;
+    let applied_before =
+        first.applied.0.load(Ordering::SeqCst) + second.applied.0.load(Ordering::SeqCst);
+
+    tandem::dead_letter::request_replay(&reader, &name)
+        .await
+        .expect("replay requested");
+    // Events keep coming during the rebuild.
+    deposit_rounds(&producer, &topic, round..round + 5, 13, &mut expected).await;
+    let total: usize = expected.values().map(|(_, count)| *count as usize).sum();
+    eventually("the replay applied every event again", WAIT, || {
+        let applied =
+            first.applied.0.load(Ordering::SeqCst) + second.applied.0.load(Ordering::SeqCst);
+        async move { applied >= applied_before + total }
+    })
+    .await;
+    wait_for_all(&reader, &expected).await;
+    assert_exactly_once(&reader, &expected).await;
+    first.stop().await;
+    second.stop().await;
+    relay.stop().await;
+}

@@ -512,6 +512,19 @@ impl NatsBus {
 
 #[async_trait::async_trait]
 impl Bus for NatsBus {
+    fn shares_partitions(&self) -> bool {
+        true
+    }
+
+    fn redelivery_delay_max(&self) -> std::time::Duration {
+        let config = &self.inner.config;
+        config
+            .backoff
+            .iter()
+            .copied()
+            .fold(config.ack_wait, std::cmp::max)
+    }
+
     async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
         if records.is_empty() {
             return Ok(());

@@ -199,3 +199,142 @@ async fn when_one_instance_stops_the_other_carries_on() {
 async fn two_instances_sharing_the_durable_apply_every_event_once_in_order() {
     run_pipeline(2, Twist::None).await;
 }
+
+/// Issue 18, point 1: two members of one consumer, one store, on NATS.
+/// Member A holds its first batch while B commits later offsets; then the
+/// store goes away for a moment. Both rejoin and seek to the stored
+/// position, which must be a safe prefix: every event applied exactly
+/// once, nothing parked. (Before, the position was B's highest offset + 1,
+/// and the rejoining seek recreated the durable past A's events.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_while_a_member_holds_a_batch_loses_nothing() {
+    use std::sync::atomic::AtomicBool;
+    use tandem_testkit::faults::{FlakyStore, Gate, HoldingBus};
+
+    let dir = tempfile::tempdir().unwrap();
+    let producer = open_store(&dir.path().join("producer.db")).await;
+    let reader = open_store(&dir.path().join("reader.db")).await;
+    let nats = connect(&unique_prefix(), "&fetch_batch=2").await;
+    let _namespace = Namespace(nats.clone());
+    let bus: Arc<dyn Bus> = Arc::new(nats);
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let relay = Relay::new(producer.clone(), Arc::clone(&bus), RelayConfig::default());
+    let relay_shutdown = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        relay.run(relay_shutdown).await.expect("relay")
+    }));
+
+    let down = Arc::new(AtomicBool::new(false));
+    let gate = Gate::new();
+    let ledger = Arc::new(Ledger::new());
+    let members: [Arc<dyn Bus>; 2] = [
+        Arc::new(HoldingBus::new(Arc::clone(&bus), Arc::clone(&gate))),
+        Arc::clone(&bus),
+    ];
+    for member_bus in members {
+        let mut config = ConsumerConfig::new(NAME, &[TOPIC]);
+        config.batch_size = 2;
+        config.housekeeping_interval = Duration::from_millis(20);
+        config.retry_outage_max = Duration::from_millis(200);
+        let consumer = Consumer::new(
+            FlakyStore::new(reader.clone(), Arc::clone(&down)),
+            member_bus,
+            Arc::clone(&ledger) as Arc<dyn tandem::Handler>,
+            config,
+        );
+        let consumer_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            consumer.run(consumer_shutdown).await.expect("consumer")
+        }));
+    }
+
+    // Single-event aggregates, produced until the outage is over, so that
+    // members always have records in flight.
+    let producing = CancellationToken::new();
+    let made = Arc::new(AtomicUsize::new(0));
+    let producer_task = {
+        let producing = producing.clone();
+        let made = Arc::clone(&made);
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            while !producing.is_cancelled() {
+                let index = made.fetch_add(1, Ordering::SeqCst);
+                deposit(&producer, vec![(format!("single-{index}"), 1)]).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    eventually("member A holds its first batch", WAIT, || {
+        let holding = gate.is_holding();
+        async move { holding }
+    })
+    .await;
+    eventually("member B applied events after A's", WAIT, || {
+        let reader = reader.clone();
+        async move { ledger_rows(&reader).await.len() >= 10 }
+    })
+    .await;
+    down.store(true, Ordering::SeqCst);
+    gate.open();
+    // The outage lasts about 200 ms: its length is the fault, not a wait
+    // for something to happen.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    producing.cancel();
+    producer_task.await.unwrap();
+    let total = made.load(Ordering::SeqCst);
+
+    eventually(&format!("all {total} aggregates applied"), WAIT, || {
+        let reader = reader.clone();
+        async move { ledger_rows(&reader).await.len() == total }
+    })
+    .await;
+    // Let redeliveries, if any, arrive: they must change nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows = ledger_rows(&reader).await;
+    assert_eq!(rows.len(), total);
+    for (account, balance, applied, last) in rows {
+        assert_eq!(
+            (balance, applied, last),
+            (1, 1, 1),
+            "{account} applied exactly once"
+        );
+    }
+    let parked = dead_letter::list(&reader, Some(NAME), true).await.unwrap();
+    assert!(parked.is_empty(), "nothing parked: {parked:?}");
+    shutdown.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// Issue 18, point 4: a member that went away has its records delivered
+/// again only after `ack_wait` and then the backoff (2 s, 5 s, 30 s by
+/// default): the consumer's gap timeout must outlast the longest of
+/// those, or a successor is parked while its predecessor waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gap_timeout_outlasts_the_longest_redelivery_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let reader = open_store(&dir.path().join("reader.db")).await;
+    for (extra, longest) in [
+        ("", Duration::from_secs(30)),
+        ("&backoff_ms=1000,90000", Duration::from_secs(90)),
+    ] {
+        let nats = connect(&unique_prefix(), extra).await;
+        assert_eq!(nats.redelivery_delay_max(), longest, "options {extra:?}");
+        let consumer = Consumer::new(
+            reader.clone(),
+            Arc::new(nats) as Arc<dyn Bus>,
+            Arc::new(Ledger::new()) as Arc<dyn tandem::Handler>,
+            ConsumerConfig::new(NAME, &[TOPIC]),
+        );
+        assert!(
+            consumer.config().gap_timeout > longest,
+            "gap timeout {:?} must exceed the redelivery delay {longest:?} (options {extra:?})",
+            consumer.config().gap_timeout
+        );
+    }
+}

@@ -16,6 +16,7 @@ use tandem::store::{Store, StoreError, Tx};
 use tandem::{params, Envelope, EventPayload, Handler, HandlerError};
 
 pub mod conformance;
+pub mod faults;
 
 pub const TOPIC: &str = "ledger";
 

@@ -95,6 +95,22 @@ pub trait Bus: Send + Sync + 'static {
     /// The next offset to be written in each partition of `topic`
     /// (the high-water marks), for lag and tests.
     async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError>;
+
+    /// Whether the members of one group may be handed records of the same
+    /// partition at once (NATS: one shared durable per topic). The
+    /// consumer then cannot take its highest applied offset as its
+    /// position: another member may still hold lower ones.
+    fn shares_partitions(&self) -> bool {
+        false
+    }
+
+    /// The longest the bus may take to deliver again a record that a
+    /// member received and never acknowledged (NATS: the largest of
+    /// `ack_wait` and the redelivery backoff). A consumer waits at least
+    /// this long for a missing sequence before it reports a gap.
+    fn redelivery_delay_max(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// One member's view of a group.

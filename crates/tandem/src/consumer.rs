@@ -280,6 +280,10 @@ struct BatchContext {
     /// Whether `tandem_pending` may hold events of this consumer; when it
     /// cannot, applying an event skips the look for held successors.
     pending_possible: std::cell::Cell<bool>,
+    /// Whether this consumer has discarded dead letters: sequences that an
+    /// aggregate skips when it reaches them (after a discard of a gap
+    /// letter, or when a replay meets a discarded event again).
+    discarded_possible: std::cell::Cell<bool>,
     /// Run each handler call under a savepoint, so that a failure can be
     /// undone alone. Batches do without: on a failure the whole
     /// transaction rolls back and the records before it are applied again.
@@ -303,6 +307,7 @@ impl BatchContext {
             consumer,
             handler,
             pending_possible: std::cell::Cell::new(true),
+            discarded_possible: std::cell::Cell::new(true),
             isolate,
             states: std::cell::RefCell::new(HashMap::new()),
             collected: None,
@@ -534,16 +539,54 @@ impl BatchContext {
         Ok(())
     }
 
-    /// Learns whether any event of this consumer is held ahead of a gap.
+    /// Learns whether any event of this consumer is held ahead of a gap,
+    /// and whether it has discarded any dead letter.
     fn look_for_pending(&self, tx: &mut dyn Tx) -> Result<(), StoreError> {
-        let any = tx
-            .query_opt(
-                "SELECT 1 FROM tandem_pending WHERE consumer = $1 LIMIT 1",
-                params![&self.consumer],
-            )?
-            .is_some();
-        self.pending_possible.set(any);
+        let row = tx.query_opt(
+            "SELECT
+               (SELECT 1 FROM tandem_pending WHERE consumer = $1 LIMIT 1),
+               (SELECT 1 FROM tandem_dead_letters
+                WHERE consumer = $1 AND status = 'discarded' LIMIT 1)",
+            params![&self.consumer],
+        )?;
+        let (pending, discarded) = match row {
+            Some(row) => (row.opt_i64(0)?.is_some(), row.opt_i64(1)?.is_some()),
+            None => (false, false),
+        };
+        self.pending_possible.set(pending);
+        self.discarded_possible.set(discarded);
         Ok(())
+    }
+
+    /// Moves `state.applied` over the discarded sequences that follow it
+    /// without a gap: an aggregate skips an event an operator discarded
+    /// when it reaches it. Returns whether it moved.
+    fn skip_discarded(
+        &self,
+        tx: &mut dyn Tx,
+        source: &str,
+        subject: &str,
+        state: &mut AggregateState,
+    ) -> Result<bool, StoreError> {
+        if !self.discarded_possible.get() {
+            return Ok(false);
+        }
+        let rows = tx.query(
+            "SELECT DISTINCT sequence FROM tandem_dead_letters
+             WHERE consumer = $1 AND subject = $2 AND source = $3 AND sequence > $4
+               AND status = 'discarded'
+             ORDER BY sequence",
+            params![&self.consumer, subject, source, state.applied],
+        )?;
+        let before = state.applied;
+        for row in rows {
+            let sequence = u64::try_from(row.i64(0)?).unwrap_or(0);
+            if Some(sequence) != state.applied.checked_add(1) {
+                break;
+            }
+            state.applied = sequence;
+        }
+        Ok(state.applied != before)
     }
 
     fn apply_record(&self, tx: &mut dyn Tx, record: &Record) -> Result<Step, StoreError> {
@@ -566,6 +609,18 @@ impl BatchContext {
         let mut state = self.state(tx, &envelope.source, &envelope.subject)?;
         if envelope.sequence <= state.applied {
             return Ok(Step::Consumed);
+        }
+        if state.blocked_by.is_none()
+            && self.skip_discarded(tx, &envelope.source, &envelope.subject, &mut state)?
+        {
+            if envelope.sequence <= state.applied {
+                // This very event was discarded (a replay meets it again).
+                let (source, subject) = (envelope.source.clone(), envelope.subject.clone());
+                self.drain_held(tx, &source, &subject, &mut state)?;
+                self.save_state(tx, &source, &subject, state)?;
+                return Ok(Step::Consumed);
+            }
+            self.save_state(tx, &envelope.source, &envelope.subject, state)?;
         }
         if let Some(head) = state.blocked_by {
             let already_parked = dead_letter::parked_of_aggregate(
@@ -590,7 +645,7 @@ impl BatchContext {
             }
             return Ok(Step::Consumed);
         }
-        if envelope.sequence > state.applied + 1 {
+        if Some(envelope.sequence) != state.applied.checked_add(1) {
             self.hold(tx, record, &envelope)?;
             return Ok(Step::Consumed);
         }
@@ -654,10 +709,22 @@ impl BatchContext {
             return Ok(());
         }
         loop {
+            if self.skip_discarded(tx, source, subject, state)? {
+                // A discarded event may be held too (a replay met it ahead
+                // of its predecessor): it is skipped, not applied.
+                tx.execute(
+                    "DELETE FROM tandem_pending
+                     WHERE consumer = $1 AND source = $2 AND subject = $3 AND sequence <= $4",
+                    params![&self.consumer, source, subject, state.applied],
+                )?;
+            }
+            let Some(next) = state.applied.checked_add(1) else {
+                return Ok(());
+            };
             let Some(row) = tx.query_opt(
                 "SELECT topic, partition, record_offset, payload FROM tandem_pending
                  WHERE consumer = $1 AND source = $2 AND subject = $3 AND sequence = $4",
-                params![&self.consumer, source, subject, state.applied + 1],
+                params![&self.consumer, source, subject, next],
             )?
             else {
                 return Ok(());
@@ -673,7 +740,7 @@ impl BatchContext {
             tx.execute(
                 "DELETE FROM tandem_pending
                  WHERE consumer = $1 AND source = $2 AND subject = $3 AND sequence = $4",
-                params![&self.consumer, source, subject, state.applied + 1],
+                params![&self.consumer, source, subject, next],
             )?;
             let envelope = Envelope::decode(&record.payload)
                 .map_err(|error| StoreError::Decode(format!("held event: {error}")))?;
@@ -739,17 +806,20 @@ impl BatchContext {
         for parked in dead_letter::parked_of_aggregate(tx, &self.consumer, source, subject)? {
             let envelope = Envelope::decode(&parked.payload)
                 .map_err(|error| StoreError::Decode(format!("parked event: {error}")))?;
+            if envelope.sequence > state.applied.saturating_add(1) {
+                self.skip_discarded(tx, source, subject, &mut state)?;
+            }
             if envelope.sequence <= state.applied {
                 dead_letter::set_status(tx, parked.id, "resolved")?;
                 continue;
             }
-            if envelope.sequence > state.applied + 1 {
+            if envelope.sequence > state.applied.saturating_add(1) {
                 dead_letter::record_failure(
                     tx,
                     parked.id,
                     &format!(
                         "gap: sequence {} has not been applied yet",
-                        state.applied + 1
+                        state.applied.saturating_add(1)
                     ),
                     false,
                 )?;
@@ -814,28 +884,36 @@ impl BatchContext {
         ) else {
             return Ok(());
         };
-        let mut state = self.state(tx, source, subject)?;
+        let _ = sequence;
+        let state = self.state(tx, source, subject)?;
         if state.blocked_by != Some(dead_letter.id) {
+            // Not the head: its sequence is skipped when the aggregate
+            // reaches it.
             return Ok(());
         }
-        // Discarding the head skips its sequence; what queued behind it flows.
-        state.applied = state.applied.max(u64::try_from(sequence).unwrap_or(0));
-        state.blocked_by = None;
-        self.save_state(tx, source, subject, state)?;
+        // The discarded sequence is recorded (status `discarded`) and
+        // skipped once everything before it has applied: a head parked for
+        // a gap may have a late predecessor parked behind it, which still
+        // applies first. What queued behind it flows.
         self.advance_aggregate(tx, source, subject)
     }
 
-    fn expire_gaps(&self, tx: &mut dyn Tx, gap_timeout: Duration) -> Result<(), StoreError> {
-        let cutoff = now_micros() - i64::try_from(gap_timeout.as_micros()).unwrap_or(i64::MAX);
-        let expired = tx.query(
-            "SELECT DISTINCT source, subject FROM tandem_pending
-             WHERE consumer = $1 AND received_at < $2",
-            params![&self.consumer, cutoff],
-        )?;
-        for row in expired {
-            let source = row.text(0)?.to_owned();
-            let subject = row.text(1)?.to_owned();
+    /// Parks what is held for the aggregates in `expired`, whose gap this
+    /// process has watched for `gap_timeout` on its own monotonic clock.
+    fn expire_gaps(
+        &self,
+        tx: &mut dyn Tx,
+        expired: &[(String, String)],
+        gap_timeout: Duration,
+    ) -> Result<(), StoreError> {
+        for (source, subject) in expired {
+            let (source, subject) = (source.clone(), subject.clone());
             let mut state = self.state(tx, &source, &subject)?;
+            // The missing sequences may have been discarded meanwhile.
+            if state.blocked_by.is_none() {
+                self.drain_held(tx, &source, &subject, &mut state)?;
+                self.save_state(tx, &source, &subject, state)?;
+            }
             let held = tx.query(
                 "SELECT sequence, topic, partition, record_offset, payload, received_at
                  FROM tandem_pending WHERE consumer = $1 AND source = $2 AND subject = $3
@@ -859,7 +937,7 @@ impl BatchContext {
                         Reason::Gap,
                         format!(
                             "sequence {} of {source}/{subject} did not arrive within {} ms; got {sequence}",
-                            state.applied + 1,
+                            state.applied.saturating_add(1),
                             gap_timeout.as_millis()
                         ),
                     ),
@@ -893,11 +971,23 @@ impl BatchContext {
     }
 }
 
-fn save_positions(tx: &mut dyn Tx, consumer: &str, records: &[Record]) -> Result<(), StoreError> {
+/// Records that `records` are consumed. On a bus whose partitions are
+/// exclusive to one member, a batch continues from the position, so the
+/// position becomes the highest offset + 1. On a bus whose members share a
+/// partition ([`Bus::shares_partitions`]), see [`save_shared_positions`].
+fn save_positions(
+    tx: &mut dyn Tx,
+    consumer: &str,
+    records: &[Record],
+    shared: bool,
+) -> Result<(), StoreError> {
+    if shared {
+        return save_shared_positions(tx, consumer, records);
+    }
     let mut next: BTreeMap<(&str, u32), u64> = BTreeMap::new();
     for record in records {
         let entry = next.entry((&record.topic, record.partition)).or_insert(0);
-        *entry = (*entry).max(record.offset + 1);
+        *entry = (*entry).max(record.offset.saturating_add(1));
     }
     let now = now_micros();
     for ((topic, partition), offset) in next {
@@ -912,33 +1002,148 @@ fn save_positions(tx: &mut dyn Tx, consumer: &str, records: &[Record]) -> Result
     Ok(())
 }
 
+/// Merges half-open offset ranges; adjacent ones become one.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (first, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if first <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((first, end)),
+        }
+    }
+    merged
+}
+
+/// Positions on a shared partition: members are handed interleaved
+/// records, so one member's highest offset says nothing of the lower
+/// offsets another member still holds. The position stays the first offset
+/// not consumed by any member (a safe place to seek to after an outage or a
+/// crash: nothing before it is lost), and the ranges consumed beyond it
+/// wait in `tandem_consumer_offsets_ahead` until the gap before them fills.
+fn save_shared_positions(
+    tx: &mut dyn Tx,
+    consumer: &str,
+    records: &[Record],
+) -> Result<(), StoreError> {
+    let mut offsets: BTreeMap<(&str, u32), Vec<u64>> = BTreeMap::new();
+    for record in records {
+        offsets
+            .entry((&record.topic, record.partition))
+            .or_default()
+            .push(record.offset);
+    }
+    let now = now_micros();
+    for ((topic, partition), mut batch) in offsets {
+        let floor = tx
+            .query_opt(
+                "SELECT next_offset FROM tandem_consumer_positions
+                 WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                params![consumer, topic, partition],
+            )?
+            .map(|row| row.i64(0))
+            .transpose()?
+            .map_or(0, |offset| u64::try_from(offset).unwrap_or(0));
+        let mut ranges: Vec<(u64, u64)> = tx
+            .query(
+                "SELECT first_offset, end_offset FROM tandem_consumer_offsets_ahead
+                 WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                params![consumer, topic, partition],
+            )?
+            .iter()
+            .map(|row| {
+                Ok((
+                    u64::try_from(row.i64(0)?).unwrap_or(0),
+                    u64::try_from(row.i64(1)?).unwrap_or(0),
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let stored = ranges.len();
+        batch.sort_unstable();
+        batch.dedup();
+        ranges.extend(
+            batch
+                .into_iter()
+                .filter(|offset| *offset >= floor)
+                .map(|offset| (offset, offset.saturating_add(1))),
+        );
+        let mut ranges = merge_ranges(ranges);
+        let mut next = floor;
+        if let Some(&(first, end)) = ranges.first() {
+            if first <= next {
+                next = next.max(end);
+                ranges.remove(0);
+            }
+        }
+        if stored > 0 || !ranges.is_empty() {
+            tx.execute(
+                "DELETE FROM tandem_consumer_offsets_ahead
+                 WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                params![consumer, topic, partition],
+            )?;
+            for (first, end) in &ranges {
+                tx.execute(
+                    "INSERT INTO tandem_consumer_offsets_ahead
+                       (consumer, topic, partition, first_offset, end_offset)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    params![consumer, topic, partition, *first, *end],
+                )?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO tandem_consumer_positions (consumer, topic, partition, next_offset, updated_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (consumer, topic, partition) DO UPDATE
+             SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+            params![consumer, topic, partition, next, now],
+        )?;
+    }
+    Ok(())
+}
+
+/// The replay generation of `consumer`: bumped by every replay, checked by
+/// every member in each batch.
+fn generation(tx: &mut dyn Tx, consumer: &str) -> Result<i64, StoreError> {
+    tx.query_opt(
+        "SELECT generation FROM tandem_consumer_generations WHERE consumer = $1",
+        params![consumer],
+    )?
+    .map_or(Ok(0), |row| row.i64(0))
+}
+
 /// Where `consumer` resumes, per partition.
 pub async fn positions<S: Store>(
     store: &S,
     consumer: &str,
 ) -> Result<BTreeMap<TopicPartition, u64>, StoreError> {
     let consumer = consumer.to_owned();
-    store
-        .read(move |tx| {
-            let rows = tx.query(
-                "SELECT topic, partition, next_offset FROM tandem_consumer_positions WHERE consumer = $1",
-                params![&consumer],
-            )?;
-            let mut positions = BTreeMap::new();
-            for row in rows {
-                positions.insert(
-                    TopicPartition::new(row.text(0)?, u32::try_from(row.i64(1)?).unwrap_or(0)),
-                    u64::try_from(row.i64(2)?).unwrap_or(0),
-                );
-            }
-            Ok(positions)
-        })
-        .await
+    store.read(move |tx| read_positions(tx, &consumer)).await
+}
+
+fn read_positions(
+    tx: &mut dyn Tx,
+    consumer: &str,
+) -> Result<BTreeMap<TopicPartition, u64>, StoreError> {
+    let rows = tx.query(
+        "SELECT topic, partition, next_offset FROM tandem_consumer_positions WHERE consumer = $1",
+        params![consumer],
+    )?;
+    let mut positions = BTreeMap::new();
+    for row in rows {
+        positions.insert(
+            TopicPartition::new(row.text(0)?, u32::try_from(row.i64(1)?).unwrap_or(0)),
+            u64::try_from(row.i64(2)?).unwrap_or(0),
+        );
+    }
+    Ok(positions)
 }
 
 /// Why a batch transaction was rolled back.
 enum BatchError {
     Store(StoreError),
+    /// A replay reset the consumer since this member last sought: its
+    /// buffered records and positions belong to the generation before.
+    Stale,
     /// The handler failed on the record at `index`.
     Handler {
         index: usize,
@@ -962,6 +1167,35 @@ struct BatchOutcome {
     applied_times: Vec<i64>,
     /// The record at index `consumed` failed with this error.
     failure: Option<HandlerError>,
+    /// A replay reset the consumer: nothing was applied, and the member
+    /// must seek to the positions of the new generation.
+    stale: bool,
+}
+
+impl BatchOutcome {
+    fn nothing() -> Self {
+        BatchOutcome {
+            consumed: 0,
+            applied_times: Vec::new(),
+            failure: None,
+            stale: false,
+        }
+    }
+}
+
+/// How [`Consumer::drain_buffer`] ended.
+enum Drained {
+    /// Everything buffered was consumed.
+    Done,
+    /// Shutdown interrupted a retry.
+    Shutdown,
+    /// A replay reset the consumer: seek again and drop the buffer.
+    Stale,
+}
+
+/// Whether `error` is the store being away for a while.
+fn is_store_outage(error: &StoreError) -> bool {
+    matches!(error, StoreError::Unavailable(_))
 }
 
 /// A running consumer.
@@ -971,21 +1205,52 @@ pub struct Consumer<S: Store> {
     handler: Arc<dyn Handler>,
     config: ConsumerConfig,
     observer: Option<Arc<dyn ConsumerObserver>>,
+    /// The bus hands one partition to several members ([`Bus::shares_partitions`]).
+    shared: bool,
+    /// The replay generation this member's seeks belong to.
+    generation: std::sync::atomic::AtomicI64,
+    /// Since when (on this process's monotonic clock) each aggregate with
+    /// held events has been seen waiting: the gap timeout is measured here,
+    /// never by comparing wall clocks of different hosts.
+    gap_watch: std::sync::Mutex<HashMap<(String, String), Instant>>,
 }
 
+/// Margin added to a bus's redelivery delay for a gap timeout.
+const GAP_MARGIN: Duration = Duration::from_secs(5);
+
 impl<S: Store> Consumer<S> {
+    /// A consumer of `config.topics` on `bus`. A `gap_timeout` that does
+    /// not exceed the bus's longest redelivery delay
+    /// ([`Bus::redelivery_delay_max`]) is raised above it: a predecessor
+    /// still waiting for its redelivery would otherwise have its successors
+    /// parked as gaps.
     pub fn new(
         store: S,
         bus: Arc<dyn Bus>,
         handler: Arc<dyn Handler>,
-        config: ConsumerConfig,
+        mut config: ConsumerConfig,
     ) -> Self {
+        let redelivery = bus.redelivery_delay_max();
+        if !redelivery.is_zero() && config.gap_timeout <= redelivery {
+            let raised = redelivery + GAP_MARGIN;
+            tracing::info!(
+                consumer = %config.name,
+                gap_timeout_ms = config.gap_timeout.as_millis() as u64,
+                redelivery_ms = redelivery.as_millis() as u64,
+                raised_to_ms = raised.as_millis() as u64,
+                "gap timeout raised above the bus's longest redelivery delay"
+            );
+            config.gap_timeout = raised;
+        }
         Self {
+            shared: bus.shares_partitions(),
             store,
             bus,
             handler,
             config,
             observer: None,
+            generation: std::sync::atomic::AtomicI64::new(0),
+            gap_watch: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -1076,11 +1341,8 @@ impl<S: Store> Consumer<S> {
                             partitions = %describe(&partitions),
                             "partitions assigned"
                         );
-                        let saved = positions(&self.store, &self.config.name).await?;
-                        for partition in &partitions {
-                            let offset = saved.get(partition).copied().unwrap_or(0);
-                            subscription.seek(partition, offset).await?;
-                        }
+                        self.seek_to_positions(&mut subscription, &partitions)
+                            .await?;
                         assigned.extend(partitions);
                         buffer.clear();
                         continue;
@@ -1103,40 +1365,76 @@ impl<S: Store> Consumer<S> {
                     Some(Delivery::Records(records)) => buffer.extend(records),
                 }
             }
-            if !self
+            match self
                 .drain_buffer(&mut buffer, &mut subscription, &shutdown)
                 .await?
             {
-                return Ok(());
+                Drained::Done => {}
+                Drained::Shutdown => return Ok(()),
+                Drained::Stale => {
+                    tracing::info!(
+                        consumer = %self.config.name,
+                        "another member replayed the consumer; seeking to the new positions"
+                    );
+                    buffer.clear();
+                    self.seek_to_positions(&mut subscription, &assigned).await?;
+                }
             }
         }
     }
 
-    /// Applies everything in `buffer`; returns false if shutdown interrupted
-    /// a retry (the record stays unapplied and is redelivered on restart).
+    /// Seeks `partitions` to the stored positions, and takes the replay
+    /// generation they belong to (read in one snapshot with them).
+    async fn seek_to_positions(
+        &self,
+        subscription: &mut Box<dyn Subscription>,
+        partitions: &[TopicPartition],
+    ) -> Result<(), ConsumerError> {
+        let consumer = self.config.name.clone();
+        let (saved, current) = self
+            .store
+            .read(move |tx| -> Result<_, StoreError> {
+                Ok((read_positions(tx, &consumer)?, generation(tx, &consumer)?))
+            })
+            .await?;
+        for partition in partitions {
+            let offset = saved.get(partition).copied().unwrap_or(0);
+            subscription.seek(partition, offset).await?;
+        }
+        self.generation
+            .store(current, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Applies everything in `buffer`. A shutdown that interrupts a retry
+    /// leaves the record unapplied (it is redelivered on restart).
     async fn drain_buffer(
         &self,
         buffer: &mut VecDeque<Record>,
         subscription: &mut Box<dyn Subscription>,
         shutdown: &CancellationToken,
-    ) -> Result<bool, ConsumerError> {
+    ) -> Result<Drained, ConsumerError> {
         while !buffer.is_empty() {
             let records: Arc<Vec<Record>> = Arc::new(buffer.iter().cloned().collect());
             let outcome = self.apply_batch(Arc::clone(&records)).await?;
+            if outcome.stale {
+                return Ok(Drained::Stale);
+            }
             buffer.drain(..outcome.consumed);
             subscription.ack(&records[..outcome.consumed]).await?;
             let Some(error) = outcome.failure else {
                 continue;
             };
             let failed = buffer.pop_front().expect("the failed record is buffered");
-            if !self
+            match self
                 .retry_then_park(failed, error, subscription, shutdown)
                 .await?
             {
-                return Ok(false);
+                Drained::Done => {}
+                other => return Ok(other),
             }
         }
-        Ok(true)
+        Ok(Drained::Done)
     }
 
     async fn retry_then_park(
@@ -1145,7 +1443,7 @@ impl<S: Store> Consumer<S> {
         first_error: HandlerError,
         subscription: &mut Box<dyn Subscription>,
         shutdown: &CancellationToken,
-    ) -> Result<bool, ConsumerError> {
+    ) -> Result<Drained, ConsumerError> {
         let first_failed_at = now_micros();
         let mut attempts: u32 = 1;
         let mut error = first_error;
@@ -1157,27 +1455,60 @@ impl<S: Store> Consumer<S> {
                 let consumer = self.config.name.clone();
                 let handler = Arc::clone(&self.handler);
                 let parked = Arc::clone(&record);
-                self.store
-                    .write(move |tx: &mut dyn Tx| -> Result<(), StoreError> {
+                let shared = self.shared;
+                let known = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+                let stale = self
+                    .store
+                    .write(move |tx: &mut dyn Tx| -> Result<bool, StoreError> {
+                        if generation(tx, &consumer)? != known {
+                            return Ok(true);
+                        }
                         let context = BatchContext::new(consumer.clone(), handler, true);
-                        context.park_failed(tx, &parked[0], &error, attempts, first_failed_at)?;
-                        save_positions(tx, &consumer, &parked)
+                        tx.savepoint("tandem_park")?;
+                        match context.park_failed(tx, &parked[0], &error, attempts, first_failed_at)
+                        {
+                            Ok(()) => tx.release_savepoint("tandem_park")?,
+                            Err(failure) if is_store_outage(&failure) => return Err(failure),
+                            // The store refuses what this record asks of it:
+                            // park the bytes alone, so it never stops the consumer.
+                            Err(failure) => {
+                                tx.rollback_to_savepoint("tandem_park")?;
+                                dead_letter::park(
+                                    tx,
+                                    &consumer,
+                                    &parked[0],
+                                    None,
+                                    Reason::Store,
+                                    &format!("{}; parking it: {failure}", error.message),
+                                    attempts,
+                                    first_failed_at,
+                                )?;
+                            }
+                        }
+                        save_positions(tx, &consumer, &parked, shared)?;
+                        Ok(false)
                     })
                     .await?;
+                if stale {
+                    return Ok(Drained::Stale);
+                }
                 subscription.ack(&record).await?;
-                return Ok(true);
+                return Ok(Drained::Done);
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(false),
+                _ = shutdown.cancelled() => return Ok(Drained::Shutdown),
                 _ = tokio::time::sleep(jitter(delay)) => {}
             }
             delay = (delay * 2).min(self.config.retry_max);
             let outcome = self.apply_batch(Arc::clone(&record)).await?;
+            if outcome.stale {
+                return Ok(Drained::Stale);
+            }
             attempts += 1;
             match outcome.failure {
                 None => {
                     subscription.ack(&record).await?;
-                    return Ok(true);
+                    return Ok(Drained::Done);
                 }
                 Some(next_error) => error = next_error,
             }
@@ -1186,13 +1517,42 @@ impl<S: Store> Consumer<S> {
 
     /// Applies `records` in order in one transaction, stopping at the first
     /// handler failure; commits what came before it.
+    ///
+    /// A store error that is not an outage is taken to be tied to one of
+    /// the records (a value the engine refuses): the records are applied
+    /// one transaction each, and the one the store refuses is reported as a
+    /// permanent failure, to be parked; it never stops the consumer.
     async fn apply_batch(&self, records: Arc<Vec<Record>>) -> Result<BatchOutcome, StoreError> {
         let outcome = match self.apply_records(Arc::clone(&records), true).await {
             // Find the event at fault: one `handle` call at a time.
             Err(BatchError::Collected) => self.apply_records(Arc::clone(&records), false).await,
             outcome => outcome,
         };
-        self.batch_outcome(&records, outcome).await
+        match outcome {
+            Err(BatchError::Store(error)) if !is_store_outage(&error) => {
+                if records.len() == 1 {
+                    tracing::warn!(consumer = %self.config.name, %error, "the store refused a record");
+                    let mut outcome = BatchOutcome::nothing();
+                    outcome.failure = Some(HandlerError::permanent(format!(
+                        "the store refused the record: {error}"
+                    )));
+                    return Ok(outcome);
+                }
+                let mut total = BatchOutcome::nothing();
+                for record in records.iter() {
+                    let single = Box::pin(self.apply_batch(Arc::new(vec![record.clone()]))).await?;
+                    total.consumed += single.consumed;
+                    total.applied_times.extend(single.applied_times);
+                    if single.failure.is_some() || single.stale {
+                        total.failure = single.failure;
+                        total.stale = single.stale;
+                        break;
+                    }
+                }
+                Ok(total)
+            }
+            outcome => self.batch_outcome(&records, outcome).await,
+        }
     }
 
     /// Applies `records` in one transaction; `collect`: with one
@@ -1205,8 +1565,13 @@ impl<S: Store> Consumer<S> {
         let consumer = self.config.name.clone();
         let handler = Arc::clone(&self.handler);
         let batch = Arc::clone(&records);
+        let shared = self.shared;
+        let known = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         self.store
             .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, BatchError> {
+                if generation(tx, &consumer)? != known {
+                    return Err(BatchError::Stale);
+                }
                 let mut context = BatchContext::new(consumer, handler, false);
                 if collect {
                     context = context.collecting();
@@ -1237,11 +1602,12 @@ impl<S: Store> Consumer<S> {
                 }
                 context.flush_states(tx)?;
                 crate::fault::point("consumer.before_commit");
-                save_positions(tx, &context.consumer, &batch)?;
+                save_positions(tx, &context.consumer, &batch, shared)?;
                 Ok(BatchOutcome {
                     consumed,
                     applied_times,
                     failure: None,
+                    stale: false,
                 })
             })
             .await
@@ -1258,6 +1624,11 @@ impl<S: Store> Consumer<S> {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(BatchError::Store(error)) => return Err(error),
+            Err(BatchError::Stale) => {
+                let mut outcome = BatchOutcome::nothing();
+                outcome.stale = true;
+                return Ok(outcome);
+            }
             Err(BatchError::Collected) => {
                 return Err(StoreError::Engine(
                     "a batch handler failure reached the one-by-one path".into(),
@@ -1265,15 +1636,11 @@ impl<S: Store> Consumer<S> {
             }
             Err(BatchError::Handler { index, error }) => {
                 let mut outcome = if index == 0 {
-                    BatchOutcome {
-                        consumed: 0,
-                        applied_times: Vec::new(),
-                        failure: None,
-                    }
+                    BatchOutcome::nothing()
                 } else {
                     Box::pin(self.apply_batch(Arc::new(records[..index].to_vec()))).await?
                 };
-                if outcome.failure.is_none() && outcome.consumed == index {
+                if outcome.failure.is_none() && !outcome.stale && outcome.consumed == index {
                     outcome.failure = Some(error);
                 }
                 return Ok(outcome);
@@ -1290,15 +1657,66 @@ impl<S: Store> Consumer<S> {
         Ok(outcome)
     }
 
+    /// Parks the events held for an aggregate whose gap this process has
+    /// watched for `gap_timeout`. The wait is measured on this process's
+    /// monotonic clock from when it first saw the aggregate waiting, not
+    /// from `received_at`, which another host's wall clock may have
+    /// written: a clock that jumps or runs apart from another host's then
+    /// cannot park an event early. (A restart starts the watch again.)
     async fn expire_gaps(&self) -> Result<(), StoreError> {
         let consumer = self.config.name.clone();
-        let handler = Arc::clone(&self.handler);
+        let waiting = self
+            .store
+            .read(
+                move |tx: &mut dyn Tx| -> Result<Vec<(String, String)>, StoreError> {
+                    tx.query(
+                        "SELECT DISTINCT source, subject FROM tandem_pending WHERE consumer = $1",
+                        params![&consumer],
+                    )?
+                    .iter()
+                    .map(|row| Ok((row.text(0)?.to_owned(), row.text(1)?.to_owned())))
+                    .collect()
+                },
+            )
+            .await?;
         let gap_timeout = self.config.gap_timeout;
+        let now = Instant::now();
+        let expired: Vec<(String, String)> = {
+            let mut watch = self
+                .gap_watch
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let waiting: std::collections::HashSet<(String, String)> =
+                waiting.into_iter().collect();
+            watch.retain(|aggregate, _| waiting.contains(aggregate));
+            for aggregate in waiting {
+                watch.entry(aggregate).or_insert(now);
+            }
+            watch
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= gap_timeout)
+                .map(|(aggregate, _)| aggregate.clone())
+                .collect()
+        };
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let consumer = self.config.name.clone();
+        let handler = Arc::clone(&self.handler);
+        let parked = expired.clone();
         self.store
             .write(move |tx: &mut dyn Tx| -> Result<(), StoreError> {
-                BatchContext::new(consumer, handler, true).expire_gaps(tx, gap_timeout)
+                BatchContext::new(consumer, handler, true).expire_gaps(tx, &parked, gap_timeout)
             })
-            .await
+            .await?;
+        let mut watch = self
+            .gap_watch
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for aggregate in &expired {
+            watch.remove(aggregate);
+        }
+        Ok(())
     }
 
     /// Carries out pending requests; returns true if a replay reset the
@@ -1332,7 +1750,7 @@ impl<S: Store> Consumer<S> {
             let done = self
                 .store
                 .write(
-                    move |tx: &mut dyn Tx| -> Result<Option<Option<Command>>, StoreError> {
+                    move |tx: &mut dyn Tx| -> Result<Option<(Option<Command>, i64)>, StoreError> {
                         let Some(command) = dead_letter::take_request(tx, &consumer)? else {
                             return Ok(None);
                         };
@@ -1346,14 +1764,52 @@ impl<S: Store> Consumer<S> {
                                 })?;
                                 for table in [
                                     "tandem_consumer_positions",
+                                    "tandem_consumer_offsets_ahead",
                                     "tandem_consumer_aggregates",
                                     "tandem_pending",
-                                    "tandem_dead_letters",
                                 ] {
                                     tx.execute(
                                         &format!("DELETE FROM {table} WHERE consumer = $1"),
                                         params![&consumer],
                                     )?;
+                                }
+                                // Parked events come up again from the log;
+                                // discarded and resolved ones stay on record, so
+                                // a discarded event is skipped again.
+                                tx.execute(
+                                    "DELETE FROM tandem_dead_letters
+                                     WHERE consumer = $1 AND status = 'parked'",
+                                    params![&consumer],
+                                )?;
+                                // Every member sees the new generation in its
+                                // next batch and seeks again before applying.
+                                tx.execute(
+                                    "INSERT INTO tandem_consumer_generations (consumer, generation)
+                                     VALUES ($1, 1)
+                                     ON CONFLICT (consumer) DO UPDATE
+                                     SET generation = tandem_consumer_generations.generation + 1",
+                                    params![&consumer],
+                                )?;
+                            }
+                            Some(Command::Discard(None)) => {
+                                // Every parked row goes: each aggregate's head
+                                // is discarded, what was only blocked behind it
+                                // applies (or, failing, is parked and then
+                                // discarded in the next round).
+                                loop {
+                                    let heads = parked_heads(tx, &consumer)?;
+                                    if heads.is_empty() {
+                                        break;
+                                    }
+                                    for head in heads {
+                                        let Some(current) = dead_letter::get_in(tx, head.id)?
+                                        else {
+                                            continue;
+                                        };
+                                        if current.status == "parked" {
+                                            context.discard(tx, &current)?;
+                                        }
+                                    }
                                 }
                             }
                             Some(Command::Redrive(id)) | Some(Command::Discard(id)) => {
@@ -1375,41 +1831,26 @@ impl<S: Store> Consumer<S> {
                                         continue;
                                     }
                                     if matches!(command, Some(Command::Discard(_))) {
-                                        if id.is_none() {
-                                            // Discarding everything: no aggregate may flow past
-                                            // a row that is itself discarded a moment later.
-                                            dead_letter::set_status(tx, current.id, "discarded")?;
-                                            if let (Some(source), Some(subject)) =
-                                                (&current.source, &current.subject)
-                                            {
-                                                let mut state =
-                                                    context.state(tx, source, subject)?;
-                                                state.applied = state
-                                                    .applied
-                                                    .max(current.sequence.unwrap_or(0) as u64);
-                                                state.blocked_by = None;
-                                                context.save_state(tx, source, subject, state)?;
-                                            }
-                                        } else {
-                                            context.discard(tx, &current)?;
-                                        }
+                                        context.discard(tx, &current)?;
                                     } else {
                                         context.redrive(tx, &current)?;
                                     }
                                 }
                             }
                         }
-                        Ok(Some(command))
+                        Ok(Some((command, generation(tx, &consumer)?)))
                     },
                 )
                 .await?;
             match done {
                 None => return Ok(replayed),
-                Some(Some(Command::Replay)) => {
+                Some((Some(Command::Replay), current)) => {
                     tracing::info!(consumer = %self.config.name, "replaying from the start of the log");
                     for partition in assigned {
                         subscription.seek(partition, 0).await?;
                     }
+                    self.generation
+                        .store(current, std::sync::atomic::Ordering::SeqCst);
                     replayed = true;
                 }
                 Some(_) => {}
@@ -1418,11 +1859,13 @@ impl<S: Store> Consumer<S> {
     }
 }
 
-/// One parked row per blocked aggregate (its lowest sequence), plus every
+/// One parked row per blocked aggregate (its lowest sequence, whatever
+/// order the rows were parked in), plus every
 /// parked row that never decoded.
 fn parked_heads(tx: &mut dyn Tx, consumer: &str) -> Result<Vec<DeadLetter>, StoreError> {
     let rows = tx.query(
-        "SELECT id FROM tandem_dead_letters WHERE consumer = $1 AND status = 'parked' ORDER BY id",
+        "SELECT id FROM tandem_dead_letters WHERE consumer = $1 AND status = 'parked'
+         ORDER BY source, subject, sequence, id",
         params![consumer],
     )?;
     let mut heads = Vec::new();

@@ -25,6 +25,9 @@ pub enum Reason {
     Gap,
     /// An earlier event of the same aggregate is parked.
     Blocked,
+    /// The store refused what applying the event asked of it (a value
+    /// the engine cannot hold): retrying cannot help.
+    Store,
 }
 
 impl Reason {
@@ -34,6 +37,7 @@ impl Reason {
             Reason::Handler => "handler",
             Reason::Gap => "gap",
             Reason::Blocked => "blocked",
+            Reason::Store => "store",
         }
     }
 }

@@ -19,6 +19,12 @@
 //! - `tandem_dead_letters`: parked events with their error and attempts.
 //! - `tandem_consumer_requests`: replay, redrive and discard orders for a
 //!   running consumer, from any process.
+//! - `tandem_consumer_generations`: per consumer, how many replays reset
+//!   it; every member of a group checks it in each batch, so no member
+//!   applies on top of a reset with the positions of before.
+//! - `tandem_consumer_offsets_ahead`: on a bus whose members share a
+//!   partition (NATS), the offset ranges applied beyond the position, which
+//!   stays the first offset not yet applied by any member.
 
 use crate::store::{Dialect, StoreError, Tx};
 
@@ -105,6 +111,20 @@ CREATE TABLE IF NOT EXISTS tandem_dead_letters (
 );
 CREATE INDEX IF NOT EXISTS tandem_dead_letters_consumer
     ON tandem_dead_letters (consumer, status);
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_aggregate
+    ON tandem_dead_letters (consumer, subject, source, sequence);
+CREATE TABLE IF NOT EXISTS tandem_consumer_generations (
+    consumer   TEXT    PRIMARY KEY,
+    generation INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_offsets_ahead (
+    consumer     TEXT    NOT NULL,
+    topic        TEXT    NOT NULL,
+    partition    INTEGER NOT NULL,
+    first_offset INTEGER NOT NULL,
+    end_offset   INTEGER NOT NULL,
+    PRIMARY KEY (consumer, topic, partition, first_offset)
+) WITHOUT ROWID;
 ";
 
 const POSTGRES: &str = "
@@ -211,6 +231,20 @@ CREATE TABLE IF NOT EXISTS tandem_dead_letters (
 );
 CREATE INDEX IF NOT EXISTS tandem_dead_letters_consumer
     ON tandem_dead_letters (consumer, status);
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_aggregate
+    ON tandem_dead_letters (consumer, subject, source, sequence);
+CREATE TABLE IF NOT EXISTS tandem_consumer_generations (
+    consumer   TEXT    PRIMARY KEY,
+    generation BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_offsets_ahead (
+    consumer     TEXT    NOT NULL,
+    topic        TEXT    NOT NULL,
+    partition    BIGINT NOT NULL,
+    first_offset BIGINT NOT NULL,
+    end_offset   BIGINT NOT NULL,
+    PRIMARY KEY (consumer, topic, partition, first_offset)
+);
 ";
 
 /// SQLite tables whose key starts with the subject (the column that tells

@@ -494,3 +494,323 @@ async fn replay_rebuilds_the_same_read_model_while_serving() {
     assert_eq!(rebuilt, live);
     system.stop().await;
 }
+
+/// Waits until `consumer` has exactly `count` parked dead letters.
+async fn wait_for_parked(reader: &tandem::sqlite::SqliteStore, count: usize, what: &str) {
+    eventually(what, WAIT, || {
+        let reader = reader.clone();
+        async move {
+            dead_letter::list(&reader, Some("ledger-view"), false)
+                .await
+                .unwrap()
+                .len()
+                == count
+        }
+    })
+    .await;
+}
+
+fn account_row(rows: &[(String, i64, i64, i64)], account: &str) -> (i64, i64, i64) {
+    let row = rows
+        .iter()
+        .find(|row| row.0 == account)
+        .unwrap_or_else(|| panic!("no ledger row for {account}: {rows:?}"));
+    (row.1, row.2, row.3)
+}
+
+/// The ledger for tests that discard events: an aggregate that skips a
+/// discarded sequence still only moves forward (the testkit's ledger
+/// insists on sequence `n + 1`).
+struct SkippingLedger(Arc<Ledger>);
+
+impl tandem::Handler for SkippingLedger {
+    fn handle(
+        &self,
+        tx: &mut dyn tandem::Tx,
+        event: &tandem::Envelope,
+    ) -> Result<(), tandem::HandlerError> {
+        let deposit: tandem_testkit::Deposited = event.payload()?;
+        if self.0.fail_poison.load(Ordering::SeqCst)
+            && deposit.amount_cents as u64 == self.0.poison_amount.load(Ordering::SeqCst)
+        {
+            return Err(tandem::HandlerError::transient("poison deposit refused"));
+        }
+        let changed = tx.execute(
+            "INSERT INTO ledger (account_id, balance_cents, applied, last_sequence)
+             VALUES ($1, $2, 1, $3)
+             ON CONFLICT (account_id) DO UPDATE
+             SET balance_cents = ledger.balance_cents + excluded.balance_cents,
+                 applied = ledger.applied + 1, last_sequence = excluded.last_sequence
+             WHERE ledger.last_sequence < excluded.last_sequence",
+            tandem::params![&deposit.account_id, deposit.amount_cents, event.sequence],
+        )?;
+        if changed != 1 {
+            return Err(tandem::HandlerError::permanent(format!(
+                "backwards: sequence {} of {}",
+                event.sequence, deposit.account_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn reset(&self, tx: &mut dyn tandem::Tx) -> Result<(), tandem::HandlerError> {
+        self.0.reset(tx)
+    }
+}
+
+async fn start_skipping() -> System {
+    let ledger = Arc::new(Ledger::new());
+    let handler = Arc::new(SkippingLedger(Arc::clone(&ledger)));
+    start_with(quick_consumer(), ledger, handler).await
+}
+
+/// Issue 18, point 5: `discard --all` must settle every parked row, not
+/// only the first of each aggregate, and what was merely blocked behind
+/// the discarded event still applies.
+#[tokio::test]
+async fn discard_all_leaves_nothing_parked_and_applies_what_was_only_blocked() {
+    let system = start_skipping().await;
+    system.ledger.poison_amount.store(666, Ordering::SeqCst);
+    system.ledger.fail_poison.store(true, Ordering::SeqCst);
+    // Sequences 1-4 apply; 5 fails for good; 6 and 7 queue behind it.
+    deposit(
+        &system.producer,
+        vec![
+            ("victim".into(), 1),
+            ("victim".into(), 2),
+            ("victim".into(), 3),
+            ("victim".into(), 4),
+            ("victim".into(), 666),
+            ("victim".into(), 6),
+            ("victim".into(), 7),
+        ],
+    )
+    .await;
+    wait_for_parked(&system.reader, 3, "5 parked, 6 and 7 blocked behind it").await;
+    dead_letter::request_discard(&system.reader, "ledger-view", None)
+        .await
+        .unwrap();
+    wait_for_parked(&system.reader, 0, "nothing left parked after discard --all").await;
+    system.wait_for_applied("victim", 7).await;
+    let rows = ledger_rows(&system.reader).await;
+    assert_eq!(
+        account_row(&rows, "victim"),
+        (1 + 2 + 3 + 4 + 6 + 7, 6, 7),
+        "the discarded event is skipped, the blocked ones apply"
+    );
+    let settled = dead_letter::list(&system.reader, Some("ledger-view"), true)
+        .await
+        .unwrap();
+    let status_of = |sequence: i64| {
+        settled
+            .iter()
+            .find(|letter| letter.sequence == Some(sequence))
+            .map(|letter| letter.status.clone())
+    };
+    assert_eq!(status_of(5).as_deref(), Some("discarded"), "{settled:?}");
+    assert_eq!(status_of(6).as_deref(), Some("resolved"), "{settled:?}");
+    assert_eq!(status_of(7).as_deref(), Some("resolved"), "{settled:?}");
+    system.stop().await;
+}
+
+/// Issue 18, point 5: discarding a gap letter must not mark its late
+/// predecessor resolved without applying it; and (point 11) a replay
+/// afterwards must not bring the discarded event back.
+#[tokio::test]
+async fn discarding_a_gap_letter_applies_its_late_predecessor_and_replay_keeps_it_discarded() {
+    let system = start_skipping().await;
+    let record = |sequence: u64, amount: i64| OutgoingRecord {
+        topic: TOPIC.into(),
+        key: "g".into(),
+        payload: tandem_testkit::deposit_bytes("g", sequence, amount),
+    };
+    system
+        .bus
+        .publish(&[record(1, 1), record(3, 30)])
+        .await
+        .unwrap();
+    wait_for_parked(&system.reader, 1, "3 parked as a gap").await;
+    system.bus.publish(&[record(2, 2)]).await.unwrap();
+    wait_for_parked(&system.reader, 2, "late 2 parked behind the gap letter").await;
+    let parked = dead_letter::list(&system.reader, Some("ledger-view"), false)
+        .await
+        .unwrap();
+    let gap = parked
+        .iter()
+        .find(|letter| letter.reason == "gap")
+        .expect("a gap letter");
+    assert_eq!(gap.sequence, Some(3));
+    dead_letter::request_discard(&system.reader, "ledger-view", Some(gap.id))
+        .await
+        .unwrap();
+    wait_for_parked(&system.reader, 0, "nothing parked after the discard").await;
+    system.wait_for_applied("g", 2).await;
+    // 4 follows the discarded 3 and applies.
+    system.bus.publish(&[record(4, 4)]).await.unwrap();
+    system.wait_for_applied("g", 4).await;
+    let rows = ledger_rows(&system.reader).await;
+    assert_eq!(
+        account_row(&rows, "g"),
+        (1 + 2 + 4, 3, 4),
+        "2 applied, 3 discarded, 4 applied"
+    );
+
+    dead_letter::request_replay(&system.reader, "ledger-view")
+        .await
+        .unwrap();
+    eventually("the consumer took the replay request", WAIT, || {
+        let reader = system.reader.clone();
+        async move {
+            reader
+                .read(|tx| -> Result<bool, StoreError> {
+                    Ok(tx
+                        .query_opt("SELECT 1 FROM tandem_consumer_requests", &[])?
+                        .is_none())
+                })
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    system.bus.publish(&[record(5, 5)]).await.unwrap();
+    system.wait_for_applied("g", 5).await;
+    let rows = ledger_rows(&system.reader).await;
+    assert_eq!(
+        account_row(&rows, "g"),
+        (1 + 2 + 4 + 5, 4, 5),
+        "the replayed model must not contain the discarded event"
+    );
+    let history = dead_letter::list(&system.reader, Some("ledger-view"), true)
+        .await
+        .unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|letter| letter.sequence == Some(3) && letter.status == "discarded"),
+        "replay kept the discard on record: {history:?}"
+    );
+    assert!(
+        history.iter().all(|letter| letter.status != "parked"),
+        "{history:?}"
+    );
+    system.stop().await;
+}
+
+/// Issue 18, point 6: a sequence above what a store can hold is refused
+/// by the decoder and parked; the consumer goes on, and starts again.
+#[tokio::test]
+async fn a_sequence_beyond_i64_is_parked_and_the_consumer_keeps_running() {
+    let system = start(quick_consumer()).await;
+    let mut crafted: serde_json::Value =
+        serde_json::from_slice(&tandem_testkit::deposit_bytes("huge", 1, 5)).unwrap();
+    crafted["sequence"] = serde_json::Value::from(i64::MAX as u64 + 1);
+    system
+        .bus
+        .publish(&[OutgoingRecord {
+            topic: TOPIC.into(),
+            key: "huge".into(),
+            payload: serde_json::to_vec(&crafted).unwrap(),
+        }])
+        .await
+        .unwrap();
+    deposit(&system.producer, vec![("after".into(), 3)]).await;
+    system.wait_for_applied("after", 1).await;
+    wait_for_parked(&system.reader, 1, "the crafted event parked").await;
+    let parked = dead_letter::list(&system.reader, Some("ledger-view"), false)
+        .await
+        .unwrap();
+    assert_eq!(parked[0].reason, "decode", "{parked:?}");
+    assert!(parked[0].error.contains("sequence"), "{}", parked[0].error);
+    // A consumer started again on the same database works.
+    let reader = system.reader.clone();
+    let bus = Arc::clone(&system.bus);
+    let ledger = Arc::clone(&system.ledger);
+    let producer = system.producer.clone();
+    let _dir = system._dir;
+    system.shutdown.cancel();
+    for task in system.tasks {
+        task.await.unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let consumer = Consumer::new(reader.clone(), Arc::clone(&bus), ledger, quick_consumer());
+    let consumer_shutdown = shutdown.clone();
+    let task =
+        tokio::spawn(async move { consumer.run(consumer_shutdown).await.expect("consumer") });
+    deposit(&producer, vec![("after".into(), 4)]).await;
+    Relay::new(producer.clone(), bus, RelayConfig::default())
+        .drain()
+        .await
+        .unwrap();
+    eventually("the restarted consumer applies", WAIT, || {
+        let reader = reader.clone();
+        async move {
+            ledger_rows(&reader)
+                .await
+                .iter()
+                .any(|row| row.0 == "after" && row.3 >= 2)
+        }
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+/// Issue 18, point 4: the time an event waits ahead of a gap is measured
+/// on the consumer's own monotonic clock. A `received_at` written by a
+/// host whose clock is an hour behind (or a clock that jumped) must not
+/// get the event parked before the gap timeout has passed here.
+#[tokio::test]
+async fn a_held_event_waits_the_gap_timeout_whatever_the_wall_clock_says() {
+    let mut config = quick_consumer();
+    config.gap_timeout = Duration::from_secs(2);
+    let system = start(config).await;
+    let record = |sequence: u64| OutgoingRecord {
+        topic: TOPIC.into(),
+        key: "skew".into(),
+        payload: tandem_testkit::deposit_bytes("skew", sequence, 1),
+    };
+    system.bus.publish(&[record(1), record(3)]).await.unwrap();
+    let reader = system.reader.clone();
+    eventually("3 held ahead of the gap", WAIT, || {
+        let reader = reader.clone();
+        async move {
+            reader
+                .read(|tx| -> Result<bool, StoreError> {
+                    Ok(tx
+                        .query_opt("SELECT 1 FROM tandem_pending WHERE subject = 'skew'", &[])?
+                        .is_some())
+                })
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    let held_since = tokio::time::Instant::now();
+    // As another host an hour behind would have written it.
+    system
+        .reader
+        .write(|tx| -> Result<u64, StoreError> {
+            tx.execute(
+                "UPDATE tandem_pending SET received_at = received_at - 3600000000",
+                &[],
+            )
+        })
+        .await
+        .unwrap();
+    eventually("3 parked as a gap", WAIT, || {
+        let reader = reader.clone();
+        async move {
+            !dead_letter::list(&reader, Some("ledger-view"), false)
+                .await
+                .unwrap()
+                .is_empty()
+        }
+    })
+    .await;
+    let waited = held_since.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1),
+        "parked after {waited:?}, well before the 2 s gap timeout"
+    );
+    system.stop().await;
+}
