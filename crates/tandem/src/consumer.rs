@@ -1830,10 +1830,29 @@ impl<S: Store> Consumer<S> {
                                     if current.status != "parked" {
                                         continue;
                                     }
-                                    if matches!(command, Some(Command::Discard(_))) {
-                                        context.discard(tx, &current)?;
+                                    // A store error tied to this letter (a value the
+                                    // engine refuses) is recorded on it; it never
+                                    // stops the consumer.
+                                    tx.savepoint("tandem_request")?;
+                                    let outcome = if matches!(command, Some(Command::Discard(_))) {
+                                        context.discard(tx, &current)
                                     } else {
-                                        context.redrive(tx, &current)?;
+                                        context.redrive(tx, &current)
+                                    };
+                                    match outcome {
+                                        Ok(()) => tx.release_savepoint("tandem_request")?,
+                                        Err(error) if is_store_outage(&error) => return Err(error),
+                                        Err(error) => {
+                                            tx.rollback_to_savepoint("tandem_request")?;
+                                            // The cached states may hold what was undone.
+                                            context.states.borrow_mut().clear();
+                                            dead_letter::record_failure(
+                                                tx,
+                                                current.id,
+                                                &format!("the store refused it: {error}"),
+                                                true,
+                                            )?;
+                                        }
                                     }
                                 }
                             }
