@@ -108,12 +108,18 @@
 //! `tandem_pending` and applied when the missing one arrives; duplicates
 //! are dropped by per-aggregate sequence. The one rule to keep: the
 //! consumer's `gap_timeout` must exceed the time a message of a member that
-//! died takes to come back, i.e. `ack_wait` plus a fetch, or the held
-//! successors are parked as `gap` dead letters. The defaults keep it:
-//! `ack_wait` 2 s against `ConsumerConfig`'s default `gap_timeout` of 5 s
-//! (the brief's 30 s `ack_wait` was shortened for this, and the `+WPI`
-//! keep-alive makes the short timer harmless for live members). Raise
-//! `gap_timeout` with `ack_wait` if you raise the latter.
+//! died takes to come back, or the held successors are parked as `gap`
+//! dead letters. The bus reports that time
+//! ([`tandem::bus::Bus::redelivery_delay_max`]: the largest of `ack_wait`
+//! and the backoff, 30 s by default), and `tandem::consumer::Consumer::new`
+//! raises a shorter `gap_timeout` above it.
+//!
+//! Members share the stream's one partition
+//! ([`tandem::bus::Bus::shares_partitions`]), so a member's highest applied
+//! offset is no safe position: the consumer keeps the first offset no
+//! member has applied as the position, and what was applied beyond it
+//! aside, so that a member that rejoins never seeks past another member's
+//! unapplied records.
 //!
 //! Acks are plain `+ACK`s, flushed to the socket, not double acks: the
 //! database is the record of what was applied, so an ack the server never
