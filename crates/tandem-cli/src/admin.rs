@@ -9,7 +9,7 @@ use tandem::dead_letter::{self, DeadLetter};
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The consumer's database, e.g. sqlite:///data/order.db
-    #[arg(long, env = "TANDEM_DB")]
+    #[arg(long, env = "TANDEM_DB", hide_env_values = true)]
     db: String,
 }
 

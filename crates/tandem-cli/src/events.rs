@@ -17,7 +17,7 @@ pub enum EventsCommand {
 pub struct TailArgs {
     /// The event bus: sqlite:///data/bus.db, kafka://host:9092 or
     /// nats://host:4222 (see README, Running at scale)
-    #[arg(long, env = "TANDEM_BUS")]
+    #[arg(long, env = "TANDEM_BUS", hide_env_values = true)]
     bus: String,
     /// Only this topic (repeatable); default: customer, inventory, order.
     #[arg(long = "topic")]

@@ -44,11 +44,11 @@ pub struct ServeArgs {
     listen: Option<SocketAddr>,
     /// The service's own database: sqlite:///data/customer.db or
     /// postgres://user@host:5432/customer?sslmode=require
-    #[arg(long, env = "TANDEM_DB")]
+    #[arg(long, env = "TANDEM_DB", hide_env_values = true)]
     db: String,
     /// The event bus: sqlite:///data/bus.db, kafka://host:9092 or
     /// nats://host:4222 (see README, Running at scale)
-    #[arg(long, env = "TANDEM_BUS")]
+    #[arg(long, env = "TANDEM_BUS", hide_env_values = true)]
     bus: String,
 }
 

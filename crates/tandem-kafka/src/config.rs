@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tandem::bus::BusError;
+pub use tandem::engine::{is_secret, redact};
 
 /// The environment variables' prefix: `TANDEM_KAFKA_SASL_PASSWORD` sets the
 /// librdkafka property `sasl.password`.
@@ -14,7 +15,7 @@ pub const ENV_PREFIX: &str = "TANDEM_KAFKA_";
 /// Everything but the options listed here passes through to librdkafka,
 /// for the producer, the consumers and the admin client alike (TLS, SASL,
 /// timeouts, compression, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`: the comma-separated `host:port` list of the URL.
     pub brokers: String,
@@ -29,6 +30,32 @@ pub struct KafkaConfig {
     pub connect_timeout: Duration,
     /// librdkafka properties, applied after this crate's defaults.
     pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secret properties (sasl.password, ...) stay out of logs.
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(name, value)| {
+                let shown = if is_secret(name) {
+                    "***"
+                } else {
+                    value.as_str()
+                };
+                (name.as_str(), shown)
+            })
+            .collect();
+        formatter
+            .debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -81,11 +108,12 @@ impl KafkaConfig {
             if pair.is_empty() {
                 continue;
             }
-            let (name, value) = pair
-                .split_once('=')
-                .ok_or_else(|| invalid(format!("option {pair} has no value")))?;
-            let name = percent_decode(name).map_err(&invalid)?;
-            let value = percent_decode(value).map_err(&invalid)?;
+            let (name, value) = pair.split_once('=').ok_or_else(|| {
+                let shown = if is_secret(pair) { "(not shown)" } else { pair };
+                invalid(format!("option {shown} has no value"))
+            })?;
+            let name = form_decoded(name, "name").map_err(&invalid)?;
+            let value = form_decoded(value, &name).map_err(&invalid)?;
             options.insert(name, value);
         }
 
@@ -141,52 +169,14 @@ impl KafkaConfig {
     }
 }
 
-/// The URL with the values of secret-looking options masked.
-pub fn redact(url: &str) -> String {
-    let Some((base, query)) = url.split_once('?') else {
-        return url.to_owned();
-    };
-    let options: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if is_secret(name) => format!("{name}=***"),
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{base}?{}", options.join("&"))
-}
-
-/// Whether a property's value must not be printed.
-pub fn is_secret(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    name.contains("password") || name.contains("secret") || name.ends_with(".pem")
-}
-
-fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'%' => {
-                let hex = text
-                    .get(index + 1..index + 3)
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                    .ok_or_else(|| format!("bad percent escape in {text}"))?;
-                out.push(hex);
-                index += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                index += 1;
-            }
-            byte => {
-                out.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{text} is not UTF-8 once decoded"))
+/// Decodes one part of a `name=value` option: `%XX` escapes, and `+` as a
+/// space. The error names the option, never the text (it may be a secret).
+fn form_decoded(text: &str, option: &str) -> Result<String, String> {
+    let spaced = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| format!("option {option} is not UTF-8 once decoded"))
 }
 
 #[cfg(test)]
@@ -269,5 +259,15 @@ mod tests {
             redact("kafka://h:1?sasl.password=x&partitions=2"),
             "kafka://h:1?sasl.password=***&partitions=2"
         );
+        let config = parse("kafka://h:1?sasl.password=p%26ss-s3cret", &[]).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+        for url in [
+            "kafka://u:pw-s3cret@h:1",
+            "kafka://h:1?sasl.password=%FF-s3cret",
+            "kafka://h:1?sasl.password=s3cret&partitions=0",
+        ] {
+            let error = parse(url, &[]).unwrap_err().to_string();
+            assert!(!error.contains("s3cret"), "{error}");
+        }
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tandem::bus::BusError;
+use tandem::engine::redact;
 
 /// Everything [`crate::NatsBus`] needs to connect and to shape its streams
 /// and consumers. [`NatsConfig::from_url`] reads it from a URL; the fields
@@ -96,24 +97,12 @@ fn invalid(message: String) -> BusError {
     BusError::Invalid(message)
 }
 
-fn percent_decode(text: &str) -> Result<String, BusError> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%' {
-            let hex = text
-                .get(index + 1..index + 3)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| invalid(format!("bad percent escape in NATS URL near {index}")))?;
-            out.push(hex);
-            index += 3;
-        } else {
-            out.push(bytes[index]);
-            index += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| invalid("NATS URL is not UTF-8 once decoded".into()))
+/// `text` percent-decoded; the error names `part`, never the text.
+fn decoded(part: &str, text: &str) -> Result<String, BusError> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| invalid(format!("NATS URL {part} is not UTF-8 once decoded")))
 }
 
 fn millis(name: &str, value: &str) -> Result<Duration, BusError> {
@@ -154,58 +143,52 @@ impl NatsConfig {
     /// are used when set.
     pub fn from_url(url: &str) -> Result<NatsConfig, BusError> {
         let mut config = NatsConfig::default();
-        let rest = if let Some(rest) = url.strip_prefix("nats://") {
-            rest
-        } else if let Some(rest) = url.strip_prefix("tls://") {
-            config.tls = true;
-            rest
-        } else {
+        let parsed = url::Url::parse(url).map_err(|error| {
+            invalid(format!(
+                "not a NATS URL ({error}; nats://host:port expected): {}",
+                redact(url)
+            ))
+        })?;
+        match parsed.scheme() {
+            "nats" => {}
+            "tls" => config.tls = true,
+            _ => {
+                return Err(invalid(format!(
+                    "not a NATS URL (nats://host:port expected): {}",
+                    redact(url)
+                )))
+            }
+        }
+        let user = decoded("user-info", parsed.username())?;
+        match parsed.password() {
+            // `nats://token@host` is NATS's own spelling of a token.
+            None if !user.is_empty() => config.token = Some(user),
+            None => {}
+            Some(pass) => config.user_password = Some((user, decoded("user-info", pass)?)),
+        }
+        let host = match parsed.host() {
+            Some(url::Host::Domain(host)) if !host.is_empty() => host.to_owned(),
+            Some(url::Host::Ipv4(address)) => address.to_string(),
+            Some(url::Host::Ipv6(address)) => format!("[{address}]"),
+            _ => return Err(invalid("NATS URL names no host".into())),
+        };
+        if !matches!(parsed.path(), "" | "/") {
             return Err(invalid(format!(
-                "not a NATS URL (nats://host:port expected): {}",
+                "NATS URL has a path, which means nothing to NATS: {}",
                 redact(url)
             )));
-        };
-        let (authority, query) = match rest.split_once('?') {
-            Some((authority, query)) => (authority, Some(query)),
-            None => (rest, None),
-        };
-        let authority = authority.trim_end_matches('/');
-        let host_port = match authority.rsplit_once('@') {
-            Some((user_info, host_port)) => {
-                let (user, pass) = user_info.split_once(':').unwrap_or((user_info, ""));
-                let user = percent_decode(user)?;
-                let pass = percent_decode(pass)?;
-                if pass.is_empty() {
-                    // `nats://token@host` is NATS's own spelling of a token.
-                    config.token = Some(user);
-                } else {
-                    config.user_password = Some((user, pass));
-                }
-                host_port
-            }
-            None => authority,
-        };
-        if host_port.is_empty() {
-            return Err(invalid("NATS URL names no host".into()));
         }
-        config.server = if host_port.starts_with('[') {
-            if host_port.contains("]:") {
-                host_port.to_owned()
-            } else {
-                format!("{host_port}:4222")
-            }
-        } else if host_port.contains(':') {
-            host_port.to_owned()
-        } else {
-            format!("{host_port}:4222")
-        };
-        for pair in query
+        config.server = format!("{host}:{}", parsed.port().unwrap_or(4222));
+        // Options as NATS URLs have always had them: percent-decoded, a `+`
+        // left as it is (tokens may hold one).
+        for pair in parsed
+            .query()
             .unwrap_or("")
             .split('&')
             .filter(|pair| !pair.is_empty())
         {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value)?;
+            let value = decoded(name, value)?;
             match name {
                 "creds" => config.creds = Some(PathBuf::from(value)),
                 "token" => config.token = Some(value),
@@ -284,21 +267,6 @@ impl NatsConfig {
     }
 }
 
-/// `url` without user-info and query (which may hold secrets).
-fn redact(url: &str) -> String {
-    let without_query = url.split('?').next().unwrap_or("");
-    match (without_query.find("://"), without_query.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!(
-                "{}{}",
-                &without_query[..scheme_end + 3],
-                &without_query[at + 1..]
-            )
-        }
-        _ => without_query.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,5 +312,28 @@ mod tests {
         assert!(NatsConfig::from_url("nats://h?replicas=x").is_err());
         let error = NatsConfig::from_url("redis://u:pw@h?token=t").unwrap_err();
         assert!(!error.to_string().contains("pw"), "{error}");
+    }
+
+    #[test]
+    fn user_info_is_decoded_and_never_shown() {
+        let config = NatsConfig::from_url("nats://s3cret-token@h").unwrap();
+        assert_eq!(config.token.as_deref(), Some("s3cret-token"));
+        assert_eq!(config.user_password, None);
+        let config = NatsConfig::from_url("nats://u:pa%2Fss@[::1]:5000/?token=a+b").unwrap();
+        assert_eq!(
+            config.user_password,
+            Some(("u".to_owned(), "pa/ss".to_owned()))
+        );
+        assert_eq!(config.server, "[::1]:5000");
+        assert_eq!(config.token.as_deref(), Some("a+b"));
+        for url in [
+            "nats://u:pa/ss-s3cret@h:4222",
+            "nats://u:s3cret@h:port",
+            "nats://u:s3cret@h/path",
+            "nats://h?token=%FF-s3cret",
+        ] {
+            let error = NatsConfig::from_url(url).unwrap_err().to_string();
+            assert!(!error.contains("s3cret"), "{error}");
+        }
     }
 }

@@ -151,7 +151,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, context::Publish, stream};
+use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use tandem::bus::{Bus, BusError, OutgoingRecord, Subscription};
@@ -548,7 +548,7 @@ impl Bus for NatsBus {
         let mut acks = Vec::with_capacity(records.len());
         for record in records {
             let (headers, id) = Self::message_headers(record);
-            let mut publish = Publish::build()
+            let mut publish = PublishMessage::build()
                 .payload(Bytes::from(record.payload.clone()))
                 .headers(headers);
             if let Some(id) = id {

@@ -58,18 +58,30 @@
 //!
 //! # URLs and TLS
 //!
-//! `postgres://user[:password]@host[:port]/database?option=value` (or the
-//! `key=value` form); options are those of the `postgres` crate, e.g.
-//! `connect_timeout=10`, `application_name=orders`. TLS follows `sslmode`:
+//! `postgres://user[:password]@host[:port]/database?option=value` or the
+//! key=value form (`host=db user=app dbname=orders sslmode=verify-full`);
+//! options are those of the `postgres` crate, e.g. `connect_timeout=10`,
+//! `application_name=orders`, plus libpq's `sslmode` and `sslrootcert`,
+//! which this crate carries out:
 //!
 //! - `sslmode=disable`: plaintext.
-//! - `sslmode=prefer` (the default): TLS if the server offers it, else
-//!   plaintext.
-//! - `sslmode=require`: TLS or no connection.
+//! - `sslmode=prefer` (the default, as in libpq and `psql`): TLS if the
+//!   server offers it, else plaintext, which is logged as a warning (once a
+//!   store). The certificate is not checked.
+//! - `sslmode=require`: TLS or no connection; the certificate is not
+//!   checked, unless `sslrootcert` is given (then as `verify-ca`, as in
+//!   libpq).
+//! - `sslmode=verify-ca`: TLS, with a certificate signed by a CA of
+//!   `sslrootcert` (a PEM file; without it, or with `sslrootcert=system`,
+//!   the system's CAs); any host name.
+//! - `sslmode=verify-full`: `verify-ca`, and the certificate names the host
+//!   connected to (the URL's host; with `hostaddr=`, still that name).
 //!
-//! As with libpq's `prefer` and `require`, the server's certificate is not
-//! verified (the connection is encrypted, not authenticated); put
-//! verification in the network (or extend this crate) where it matters.
+//! `prefer` stays the default so that a URL means here what it means to
+//! libpq and `psql`, and so that servers without TLS (a developer's) keep
+//! working; it encrypts against eavesdropping but not against a server
+//! impersonated on the way. Across networks you do not control, use
+//! `sslmode=verify-full&sslrootcert=/path/to/ca.pem`.
 //! Messages name `host:port/database`, never the password.
 
 use std::collections::HashMap;
@@ -87,6 +99,7 @@ use tandem::store::{
 use tokio::sync::{oneshot, watch};
 
 pub mod testing;
+mod tls;
 
 /// The advisory lock key every Tandem write transaction takes (`"tandemW"`):
 /// one writer at a time per database, across processes. Outside the range
@@ -134,16 +147,21 @@ impl Default for PostgresOptions {
 pub(crate) struct Connector {
     config: postgres::Config,
     tls: Option<postgres_openssl::MakeTlsConnector>,
+    /// Whether a plaintext fallback of `prefer` was logged (once a store).
+    warned: Arc<AtomicBool>,
     described: String,
 }
 
 impl Connector {
     pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, StoreError> {
-        let mut config: postgres::Config = url.parse().map_err(|error| {
+        let (rest, tls_options) = tls::take_tls_options(url)?;
+        let mut config: postgres::Config = rest.parse().map_err(|error| {
             StoreError::Engine(format!(
-                "not a PostgreSQL URL ({error}); expected postgres://user@host:port/database"
+                "not a PostgreSQL URL ({}); expected postgres://user@host:port/database",
+                error_chain(&error)
             ))
         })?;
+        config.ssl_mode(tls_options.mode.driver_mode());
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(connect_timeout);
         }
@@ -152,15 +170,12 @@ impl Connector {
         }
         config.keepalives_idle(Duration::from_secs(15));
         let described = describe(&config);
-        let tls = match config.get_ssl_mode() {
-            postgres::config::SslMode::Disable => None,
-            _ => Some(tls_connector().map_err(|error| {
-                StoreError::Engine(format!("cannot set up TLS for {described}: {error}"))
-            })?),
-        };
+        let tls = tls::connector(&tls_options)
+            .map_err(|error| StoreError::Engine(format!("{described}: {error}")))?;
         Ok(Self {
             config,
             tls,
+            warned: Arc::new(AtomicBool::new(false)),
             described,
         })
     }
@@ -173,13 +188,29 @@ impl Connector {
     /// Connects; blocking (call it from a plain thread).
     pub(crate) fn connect(&self) -> Result<Client, StoreError> {
         let connected = match &self.tls {
-            Some(tls) => self.config.connect(tls.clone()),
+            Some(tls) => {
+                let used = Arc::new(AtomicBool::new(false));
+                let watched = tls::Watched {
+                    inner: tls.clone(),
+                    used: Arc::clone(&used),
+                };
+                // Only `prefer` goes on when the server refuses TLS.
+                self.config.connect(watched).inspect(|_| {
+                    if !used.load(Ordering::Acquire) && !self.warned.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(
+                            "PostgreSQL at {} offers no TLS: sslmode=prefer goes on in plaintext \
+                             (sslmode=verify-full requires TLS and checks the server)",
+                            self.described
+                        );
+                    }
+                })
+            }
             None => self.config.connect(postgres::NoTls),
         };
         connected.map_err(|error| {
             let reason = match error.as_db_error() {
                 Some(db) => db.message().to_owned(),
-                None => error.to_string(),
+                None => error_chain(&error),
             };
             StoreError::Unavailable(format!(
                 "PostgreSQL not reachable at {}: {reason}",
@@ -189,17 +220,20 @@ impl Connector {
     }
 }
 
-/// TLS with libpq's `prefer`/`require` meaning: encrypted, certificate not
-/// verified.
-fn tls_connector() -> Result<postgres_openssl::MakeTlsConnector, openssl::error::ErrorStack> {
-    let mut builder = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())?;
-    builder.set_verify(openssl::ssl::SslVerifyMode::NONE);
-    let mut connector = postgres_openssl::MakeTlsConnector::new(builder.build());
-    connector.set_callback(|config, _| {
-        config.set_verify_hostname(false);
-        Ok(())
-    });
-    Ok(connector)
+/// An error and its sources, `: `-separated (the TLS failure's reason, e.g.
+/// a certificate that does not verify, is a source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let shown = cause.to_string();
+        if !text.contains(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn describe(config: &postgres::Config) -> String {

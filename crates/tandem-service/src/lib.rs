@@ -271,6 +271,9 @@ pub mod probes {
     use crate::Problem;
 
     /// Probes of a service that is ready when its own database answers.
+    /// When it does not, `/ready` says only that the database is
+    /// unavailable; the store's error, which names hosts, paths and
+    /// databases, goes to the log.
     pub fn for_store<S: tandem::Store>(store: S, database: &'static str) -> Router {
         router(move || {
             let store = store.clone();
@@ -278,11 +281,17 @@ pub mod probes {
                 store
                     .read(|tx| tx.query("SELECT 1", &[]).map(|_| ()))
                     .await
-                    .map_err(|error: tandem::StoreError| format!("{database}: {error}"))
+                    .map_err(|error: tandem::StoreError| {
+                        tracing::warn!(%error, database, "not ready: store check failed");
+                        format!("the {database} is unavailable")
+                    })
             }
         })
     }
 
+    /// `/health` and `/ready`; `ready`'s error is the reason `/ready`
+    /// answers with (503), so it must be fit for any client to read: what
+    /// is not ready, never an error's own text.
     pub fn router<F, Fut>(ready: F) -> Router
     where
         F: Fn() -> Fut + Send + Sync + 'static,
