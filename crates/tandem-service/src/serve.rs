@@ -9,12 +9,12 @@
 //! | the handler, body included | `request_timeout` (503 problem `timeout`) |
 //! | a connection on which no request is running and no byte moves either way, e.g. a client that stopped reading its response | `idle_timeout` (the connection is dropped) |
 //! | open connections | `max_connections`: beyond it the server stops accepting, and new connections wait in the kernel's queue until one closes |
-//! | draining at shutdown | `shutdown_deadline`: what is still open then is closed |
+//! | draining at shutdown | connections that never started a request are closed at once, idle ones too; requests running get until `shutdown_deadline`, then what is still open is closed |
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -86,9 +86,9 @@ pub async fn serve(
 
 /// Serves `router` (with [`with_defaults`]) on `listener` over HTTP/1.1
 /// until `shutdown` fires, holding every connection to `config`. Then it
-/// stops accepting, closes idle connections, lets in-flight requests
-/// finish for at most `config.shutdown_deadline`, closes what is left and
-/// returns.
+/// stops accepting, closes idle connections and those that never started
+/// a request, lets in-flight requests finish for at most
+/// `config.shutdown_deadline`, closes what is left and returns.
 pub async fn serve_with(
     listener: TcpListener,
     router: Router,
@@ -242,6 +242,11 @@ async fn drive(
                 return;
             }
             _ = shutdown.cancelled(), if !closing => {
+                // A connection that never started a request has no answer
+                // to finish (hyper would wait for its first head).
+                if !activity.served.load(Ordering::Relaxed) {
+                    return;
+                }
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
@@ -262,6 +267,8 @@ struct Activity {
     /// Nanoseconds from `origin` to the last movement.
     last: AtomicU64,
     running: AtomicUsize,
+    /// Whether a request has started on it.
+    served: AtomicBool,
 }
 
 impl Activity {
@@ -270,6 +277,7 @@ impl Activity {
             origin: Instant::now(),
             last: AtomicU64::new(0),
             running: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
         }
     }
 
@@ -303,6 +311,7 @@ struct RequestRunning(Arc<Activity>);
 impl RequestRunning {
     fn new(activity: Arc<Activity>) -> Self {
         activity.running.fetch_add(1, Ordering::Relaxed);
+        activity.served.store(true, Ordering::Relaxed);
         activity.touch();
         Self(activity)
     }

@@ -526,3 +526,30 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_at_once_connections_that_never_started_a_request() {
+    let mut server = start(patient()).await;
+    let mut silent = connect(&server).await;
+    let mut partial = connect(&server).await;
+    partial.write_all(b"GET /fast HTT").await.unwrap();
+    // Both are being served (not waiting in the listen queue).
+    let mut served = connect(&server).await;
+    get_fast(&mut served).await;
+
+    let start = Instant::now();
+    server.shutdown.cancel();
+    let stopped = tokio::time::timeout_at(start + DEADLINE, &mut server.task).await;
+    assert!(
+        stopped.is_ok(),
+        "serve still running {DEADLINE:?} after shutdown, held by connections that never \
+         started a request (its deadline is {LONG:?})"
+    );
+    for (stream, what) in [(&mut silent, "silent"), (&mut partial, "half-sent head")] {
+        let ending = watch_until_closed(stream, Instant::now() + DEADLINE).await;
+        assert!(
+            matches!(ending, Ending::Closed(..)),
+            "the {what} connection is still open after shutdown: {ending:?}"
+        );
+    }
+}
