@@ -3,6 +3,13 @@
 //! Used by `tandem up`, `tandem demo` and the end-to-end tests, which also
 //! run it on other engines ([`System::with_engines`]) and with several
 //! instances of a service ([`System::start_instance`]).
+//!
+//! On Linux each child gets SIGTERM when the thread that started it exits
+//! (`PR_SET_PDEATHSIG`), so a supervisor killed with SIGKILL does not leave
+//! services holding their ports. Start services from a thread that lives as
+//! long as the system: `tandem up` does from its main thread, a Tokio
+//! worker thread lives as long as its runtime; a `spawn_blocking` thread
+//! does not.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +24,10 @@ use crate::serve::Service;
 
 /// How long a service may take to print its address and become ready.
 const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long the services get to stop after SIGTERM: longer than a
+/// service's own shutdown deadline for draining connections (10 s).
+const STOP_DEADLINE: Duration = Duration::from_secs(15);
 
 struct Running {
     child: Child,
@@ -37,6 +48,9 @@ pub struct System {
     /// Where each instance's log goes, and its filter (default: inherited
     /// stderr and the process's own `TANDEM_LOG`).
     logs: Option<(PathBuf, String)>,
+    /// How long [`System::stop_all`] waits for the services to exit after
+    /// SIGTERM before it kills them.
+    stop_deadline: Duration,
 }
 
 impl System {
@@ -55,6 +69,7 @@ impl System {
             bus: None,
             dbs: BTreeMap::new(),
             logs: None,
+            stop_deadline: STOP_DEADLINE,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -77,6 +92,13 @@ impl System {
             .iter()
             .map(|(service, url)| (service.name(), url.clone()))
             .collect();
+        self
+    }
+
+    /// Gives the services `deadline` to stop after SIGTERM in
+    /// [`System::stop_all`] (default 15 s) before they are killed.
+    pub fn with_stop_deadline(mut self, deadline: Duration) -> Self {
+        self.stop_deadline = deadline;
         self
     }
 
@@ -184,6 +206,7 @@ impl System {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        die_with_parent(&mut command);
         if let (Some((_, filter)), Some(path)) = (&self.logs, self.log_file(service, instance)) {
             let file = std::fs::OpenOptions::new()
                 .create(true)
@@ -223,16 +246,31 @@ impl System {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.addresses.insert(key, address);
         self.running.insert(key, Running { child });
-        self.wait_ready(service, instance).await
+        let ready = self.wait_ready(service, instance).await;
+        if ready.is_err() {
+            // Not counted as running: a later start begins afresh.
+            if let Some(mut running) = self.running.remove(&key) {
+                let _ = running.child.kill().await;
+            }
+        }
+        ready
     }
 
-    async fn wait_ready(&self, service: Service, instance: usize) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self, service: Service, instance: usize) -> anyhow::Result<()> {
         let url = format!("{}/ready", self.instance_url(service, instance)?);
         let deadline = tokio::time::Instant::now() + START_DEADLINE;
         loop {
             if let Ok(response) = self.http.get(&url).send().await {
                 if response.status().is_success() {
                     return Ok(());
+                }
+            }
+            if let Some(running) = self.running.get_mut(&(service.name(), instance)) {
+                if let Ok(Some(status)) = running.child.try_wait() {
+                    bail!(
+                        "{} service exited during start-up ({status})",
+                        service.name()
+                    );
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -280,22 +318,57 @@ impl System {
             .collect()
     }
 
-    /// Stops every service with SIGTERM (SIGKILL after 10 s).
+    /// Stops every service: SIGTERM to all, then one deadline for all of
+    /// them to exit (see [`System::with_stop_deadline`]), then SIGKILL to
+    /// those still running.
     pub async fn stop_all(&mut self) {
-        for running in self.running.values() {
+        let running = std::mem::take(&mut self.running);
+        for running in running.values() {
             if let Some(pid) = running.child.id() {
                 // SAFETY: kill(2) on our own child's pid with a valid signal.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }
         }
-        for ((name, _), mut running) in std::mem::take(&mut self.running) {
-            match tokio::time::timeout(Duration::from_secs(10), running.child.wait()).await {
-                Ok(_) => {}
-                Err(_) => {
-                    eprintln!("{name} service did not stop within 10 s; killing it");
+        let stop_deadline = self.stop_deadline;
+        let deadline = tokio::time::Instant::now() + stop_deadline;
+        let mut stopping = tokio::task::JoinSet::new();
+        for ((name, _), mut running) in running {
+            stopping.spawn(async move {
+                if tokio::time::timeout_at(deadline, running.child.wait())
+                    .await
+                    .is_err()
+                {
+                    eprintln!("{name} service did not stop within {stop_deadline:?}; killing it");
                     let _ = running.child.kill().await;
                 }
-            }
+            });
+        }
+        while stopping.join_next().await.is_some() {}
+    }
+}
+
+/// Has the child get SIGTERM when the thread that starts it exits (Linux:
+/// `PR_SET_PDEATHSIG`); a child whose parent is already gone by then does
+/// not start.
+fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the child between fork and exec and
+        // makes only async-signal-safe calls (prctl, getppid), allocating
+        // nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }

@@ -1,11 +1,14 @@
 //! `tandem up`: the whole commerce system on one machine, on the embedded
-//! engines, until Ctrl-C. Services that crash are restarted.
+//! engines, until Ctrl-C. Services that exit, or fail to start again, are
+//! restarted after a backoff; Ctrl-C stops them all under one deadline.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::serve::Service;
 use crate::system::System;
@@ -23,49 +26,143 @@ pub struct UpArgs {
     /// 0 picks free ports.
     #[arg(long, default_value_t = 8081)]
     base_port: u16,
+    /// How long a service must run before its restart backoff starts again
+    /// from the first step (the tests shorten it).
+    #[arg(long, default_value_t = 30_000, hide = true)]
+    healthy_after_ms: u64,
+    /// How long the services get to stop on Ctrl-C before they are killed
+    /// (the tests shorten it).
+    #[arg(long, default_value_t = 15_000, hide = true)]
+    stop_deadline_ms: u64,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let mut system = System::new(&args.data_dir, args.base_port)?;
-    let stop = tokio::spawn(crate::shutdown_signal());
-    if let Err(error) = system.start_all().await {
+    let mut system = System::new(&args.data_dir, args.base_port)?
+        .with_stop_deadline(Duration::from_millis(args.stop_deadline_ms));
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let started = tokio::select! {
+        _ = stop.cancelled() => Ok(()),
+        started = system.start_all() => started,
+    };
+    if let Err(error) = started {
         system.stop_all().await;
         return Err(error);
     }
-    if args.seed {
+    if args.seed && !stop.is_cancelled() {
         if let Err(error) = seed(&system).await {
             system.stop_all().await;
             return Err(error);
         }
     }
-    println!("Tandem is up; data in {}", system.data_dir().display());
-    for service in Service::ALL {
-        println!("  {:<10} {}", service.name(), system.url(service)?);
-    }
-    println!("  events     tandem events tail --bus {}", system.bus_url());
-    println!("Ctrl-C stops everything.");
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        if stop.is_finished() {
-            break;
+    if !stop.is_cancelled() {
+        println!("Tandem is up; data in {}", system.data_dir().display());
+        for service in Service::ALL {
+            println!("  {:<10} {}", service.name(), system.url(service)?);
         }
-        for (service, status) in system.exited() {
-            eprintln!(
-                "{} service exited ({status}); restarting in {backoff:?}",
-                service.name()
-            );
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-            if let Err(error) = system.start(service).await {
-                eprintln!("cannot restart the {} service: {error:#}", service.name());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        println!("  events     tandem events tail --bus {}", system.bus_url());
+        println!("Ctrl-C stops everything.");
+        supervise(
+            &mut system,
+            &stop,
+            Duration::from_millis(args.healthy_after_ms),
+        )
+        .await;
     }
     println!("stopping ...");
     system.stop_all().await;
     println!("stopped");
     Ok(())
+}
+
+/// The first wait before restarting a service that exited; it doubles with
+/// each exit or failed start in a row, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often the supervisor looks at its children.
+const TICK: Duration = Duration::from_millis(100);
+
+/// One service under supervision.
+struct Supervised {
+    service: Service,
+    /// The wait before its next restart.
+    backoff: Duration,
+    /// Since when it has run, while it runs.
+    running_since: Option<Instant>,
+    /// When to start it again, while it is down.
+    restart_at: Option<Instant>,
+}
+
+impl Supervised {
+    fn restart_later(&mut self) {
+        self.running_since = None;
+        self.restart_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Restarts services that exit, until `stop` fires: after a backoff that
+/// grows with each exit or failed start in a row, and starts over once a
+/// service has run for `healthy_after`.
+async fn supervise(system: &mut System, stop: &CancellationToken, healthy_after: Duration) {
+    let mut supervised = Service::ALL.map(|service| Supervised {
+        service,
+        backoff: FIRST_BACKOFF,
+        running_since: Some(Instant::now()),
+        restart_at: None,
+    });
+    loop {
+        for (service, status) in system.exited() {
+            if let Some(state) = supervised.iter_mut().find(|state| state.service == service) {
+                eprintln!(
+                    "{} service exited ({status}); restarting in {:?}",
+                    service.name(),
+                    state.backoff
+                );
+                state.restart_later();
+            }
+        }
+        for state in &mut supervised {
+            let name = state.service.name();
+            if let Some(since) = state.running_since {
+                if state.backoff > FIRST_BACKOFF && since.elapsed() >= healthy_after {
+                    state.backoff = FIRST_BACKOFF;
+                    eprintln!(
+                        "{name} service has run for {healthy_after:?}; its restart backoff is \
+                         back to {FIRST_BACKOFF:?}"
+                    );
+                }
+            }
+            if state.restart_at.is_some_and(|at| at <= Instant::now()) {
+                let started = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    started = system.start(state.service) => started,
+                };
+                match started {
+                    Ok(()) => {
+                        state.restart_at = None;
+                        state.running_since = Some(Instant::now());
+                        eprintln!("{name} service restarted");
+                    }
+                    Err(error) => {
+                        eprintln!(
+                            "cannot restart the {name} service: {error:#}; trying again in {:?}",
+                            state.backoff
+                        );
+                        state.restart_later();
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
 }
 
 /// Demo data: customers and products with fixed ids.

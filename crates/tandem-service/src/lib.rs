@@ -4,11 +4,12 @@
 //! - [`Problem`]: RFC 9457 `application/problem+json` errors, with the
 //!   field at fault.
 //! - [`StrictJson`]: a JSON body extractor whose every rejection is a
-//!   problem naming the field (400 malformed, 413 too large, 415 not JSON,
-//!   422 wrong shape).
+//!   problem naming the field (400 malformed, 408 stalled, 413 too large,
+//!   415 not JSON, 422 wrong shape).
 //! - [`probes`]: `/health` and `/ready`.
-//! - [`serve`]: runs a router until a shutdown token fires, draining
-//!   in-flight requests.
+//! - [`serve`]: runs a router until a shutdown token fires, with timeouts
+//!   on every phase of a connection, a cap on connections, and a deadline
+//!   for draining in-flight requests ([`ServeConfig`]).
 
 use std::net::SocketAddr;
 
@@ -20,6 +21,9 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+mod serve;
+pub use serve::{serve, serve_with, ServeConfig};
 
 /// Largest request body a Tandem service accepts.
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
@@ -152,7 +156,14 @@ where
 }
 
 fn body_problem(rejection: BytesRejection) -> Problem {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    if body_timed_out(&rejection) {
+        Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "the body stopped arriving before it was complete",
+        )
+        .with_field("body")
+    } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body-too-large",
@@ -167,6 +178,19 @@ fn body_problem(rejection: BytesRejection) -> Problem {
         )
         .with_field("body")
     }
+}
+
+/// Whether reading the body failed because it stalled past the body-read
+/// timeout of [`serve_with`].
+fn body_timed_out(rejection: &BytesRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// A query string, parsed strictly: a failure is a 400 problem naming
@@ -326,18 +350,6 @@ pub fn with_defaults(router: Router) -> Router {
     router
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .fallback(|| async { Problem::not_found("no such route") })
-}
-
-/// Serves `router` on `listener` until `shutdown` fires, then stops taking
-/// connections and lets in-flight requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, with_defaults(router))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
 }
 
 /// Runs a service's parts until `shutdown` fires: the HTTP server, the relay
