@@ -6,11 +6,13 @@
 //! - `serve`, `up`, `system`, `demo`: run the commerce system.
 //! - `events`: `tandem events tail`.
 //! - `admin`: dead letters and replay.
+//! - `data_dir`: the private data directory of `tandem up`.
 //! - `worker`: hidden child processes for the crash-matrix tests.
 
 pub mod admin;
 pub mod bench;
 pub mod bench_orders;
+pub mod data_dir;
 pub mod demo;
 pub mod events;
 pub mod serve;
