@@ -89,7 +89,7 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             all,
             json,
         } => {
-            let store = tandem_engines::open_store(&store.db).await?;
+            let store = tandem_engines::open_existing_store(&store.db).await?;
             let letters = dead_letter::list(&store, consumer.as_deref(), all).await?;
             for letter in &letters {
                 if json {
@@ -103,7 +103,7 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             }
         }
         DeadLetterCommand::Show { store, id } => {
-            let store = tandem_engines::open_store(&store.db).await?;
+            let store = tandem_engines::open_existing_store(&store.db).await?;
             let Some(letter) = dead_letter::get(&store, id).await? else {
                 bail!("no dead letter {id}");
             };
@@ -120,7 +120,7 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             bail!("name a dead letter id or --all");
         }
         DeadLetterCommand::Redrive(target) => {
-            let store = tandem_engines::open_store(&target.store.db).await?;
+            let store = tandem_engines::open_existing_store(&target.store.db).await?;
             check_parked(&store, &target).await?;
             dead_letter::request_redrive(&store, &target.consumer, target.id).await?;
             eprintln!(
@@ -129,7 +129,7 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             );
         }
         DeadLetterCommand::Discard(target) => {
-            let store = tandem_engines::open_store(&target.store.db).await?;
+            let store = tandem_engines::open_existing_store(&target.store.db).await?;
             check_parked(&store, &target).await?;
             dead_letter::request_discard(&store, &target.consumer, target.id).await?;
             eprintln!(
@@ -160,7 +160,7 @@ async fn check_parked(store: &tandem_engines::AnyStore, target: &TargetArgs) -> 
 }
 
 pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
-    let store = tandem_engines::open_store(&args.store.db).await?;
+    let store = tandem_engines::open_existing_store(&args.store.db).await?;
     dead_letter::request_replay(&store, &args.consumer).await?;
     eprintln!(
         "replay requested; consumer {} rebuilds its read model",

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::bus::{Bus, BusError};
 use crate::embedded::{EmbeddedLog, EmbeddedOptions};
+use crate::schema::ExistingError;
 use crate::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use crate::store::StoreError;
 
@@ -100,6 +101,12 @@ pub enum OpenError {
         #[source]
         source: StoreError,
     },
+    #[error("cannot open store {url}: {source}")]
+    Existing {
+        url: String,
+        #[source]
+        source: ExistingError,
+    },
     #[error("cannot open bus {url}: {source}")]
     Bus {
         url: String,
@@ -149,6 +156,34 @@ pub async fn open_sqlite_store(url: &str) -> Result<SqliteStore, OpenError> {
             SqliteStore::open(&path, options)
                 .await
                 .map_err(|source| OpenError::Store {
+                    url: url.into(),
+                    source,
+                })
+        }
+        EngineUrl::Other { scheme } => Err(UrlError::Unsupported {
+            url: url.into(),
+            scheme,
+        }
+        .into()),
+    }
+}
+
+/// Opens the existing service database a URL names, creating, installing
+/// and changing nothing: a missing file or one without the toolkit's
+/// tables (the bus file, say) is refused (see
+/// [`SqliteStore::open_existing`]).
+pub async fn open_existing_sqlite_store(url: &str) -> Result<SqliteStore, OpenError> {
+    match parse(url)? {
+        EngineUrl::Sqlite {
+            path, synchronous, ..
+        } => {
+            let options = SqliteOptions {
+                synchronous: synchronous.unwrap_or_default(),
+                ..SqliteOptions::default()
+            };
+            SqliteStore::open_existing(&path, options)
+                .await
+                .map_err(|source| OpenError::Existing {
                     url: url.into(),
                     source,
                 })

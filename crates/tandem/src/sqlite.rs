@@ -596,6 +596,55 @@ impl SqliteStore {
         .map_err(|error| StoreError::Engine(format!("open task failed: {error}")))?
     }
 
+    /// Opens the database at `path` only if it exists and is a service's
+    /// (it has the toolkit's tables), without creating, installing or
+    /// changing anything otherwise: for tools that work on a service's
+    /// database, where a mistyped path or the bus file must be refused.
+    pub async fn open_existing(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+    ) -> Result<Self, crate::schema::ExistingError> {
+        use crate::schema::ExistingError;
+        let path = path.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let looked = resolve(&path).and_then(|resolved| {
+                std::fs::symlink_metadata(&resolved).map(|metadata| (resolved, metadata))
+            });
+            let path = match looked {
+                Ok((_, metadata)) if metadata.file_type().is_symlink() => {
+                    return Err(StoreError::Unavailable(format!(
+                        "refusing {}: it is a symbolic link",
+                        path.display()
+                    ))
+                    .into())
+                }
+                Ok((resolved, _)) => resolved,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ExistingError::Missing)
+                }
+                Err(error) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot open {}: {error}",
+                        path.display()
+                    ))
+                    .into())
+                }
+            };
+            // Look before any setting or table is written.
+            let mut probe = open_unconfigured(&path)?;
+            run_transaction(
+                &mut probe,
+                false,
+                crate::schema::check_installed,
+                &watch::channel(0).0,
+            )?;
+            drop(probe);
+            Ok(Self::open_blocking(path, options)?)
+        })
+        .await
+        .map_err(|error| StoreError::Engine(format!("open task failed: {error}")))?
+    }
+
     fn open_blocking(path: PathBuf, options: SqliteOptions) -> Result<Self, StoreError> {
         let writer_connection = open_connection(&path, options.synchronous, options.busy_timeout)?;
         // Checkpoints run on a thread of their own (below), not inside a
