@@ -1,8 +1,9 @@
 //! The operator's commands through the real binary: `replay` and
 //! `dead-letters` open an existing service database and nothing else (a
 //! mistyped path is not created, the bus file and a database without the
-//! toolkit's tables get no tables), and refuse a consumer the database does not
-//! know.
+//! toolkit's tables get no tables), refuse a consumer the database does not
+//! know, and `events tail` and `dead-letters` print what events carry with
+//! their control characters escaped, so an event cannot drive the terminal.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -309,4 +310,112 @@ async fn requests_for_a_consumer_the_database_does_not_know_are_refused() {
     let (success, _, stderr) = tandem(&["replay", "--consumer", CONSUMER, "--db", &db]).await;
     assert!(success, "a replay of {CONSUMER}: {stderr}");
     assert_eq!(requests(&db).await, vec![format!("{CONSUMER} replay")]);
+}
+
+/// Asserts `output` has no control character but line ends, and holds
+/// each of `escaped`.
+fn printable(output: &[u8], escaped: &[&str], what: &str) -> String {
+    let text = String::from_utf8(output.to_vec())
+        .unwrap_or_else(|error| panic!("{what}: output is not UTF-8: {error}"));
+    let raw: Vec<char> = text
+        .chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .collect();
+    assert!(
+        raw.is_empty(),
+        "{what}: control characters {raw:?} reached the terminal: {text:?}"
+    );
+    for expected in escaped {
+        assert!(
+            text.contains(expected),
+            "{what}: {expected:?} missing from {text:?}"
+        );
+    }
+    text
+}
+
+#[tokio::test]
+async fn events_tail_escapes_control_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bus) = parked_hostile_event(dir.path()).await;
+    let tail = [
+        "events",
+        "tail",
+        "--bus",
+        &bus,
+        "--topic",
+        TOPIC,
+        "--from-start",
+        "--limit",
+        "3",
+    ];
+    let (success, stdout, stderr) = tandem(&tail).await;
+    assert!(success, "events tail: {stderr}");
+    let text = printable(
+        &stdout,
+        &[
+            r"Deposited\u{1b}[2J",
+            r"acct\u{1b}]0;owned\u{7}",
+            r"\u{9b}31m",
+        ],
+        "events tail",
+    );
+    assert_eq!(text.lines().count(), 3, "one line per event: {text}");
+
+    let mut json = tail.to_vec();
+    json.push("--json");
+    let (success, stdout, stderr) = tandem(&json).await;
+    assert!(success, "events tail --json: {stderr}");
+    let text = printable(&stdout, &[], "events tail --json");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "one line per event: {text}");
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect();
+    let hostile = parsed
+        .iter()
+        .find(|event| event["subject"] == HOSTILE_SUBJECT)
+        .unwrap_or_else(|| panic!("the hostile event, with its subject intact: {text}"));
+    assert_eq!(hostile["type"], HOSTILE_TYPE, "the JSON keeps the type");
+    assert_eq!(hostile["data"]["note"], HOSTILE_NOTE);
+    assert!(
+        parsed
+            .iter()
+            .any(|line| line.to_string().contains("not an envelope")),
+        "the undecodable record as a JSON line: {text}"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_escapes_control_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _) = parked_hostile_event(dir.path()).await;
+    let (success, stdout, stderr) = tandem(&["dead-letters", "list", "--db", &db]).await;
+    assert!(success, "dead-letters list: {stderr}");
+    let text = printable(
+        &stdout,
+        &[r"acct\u{1b}]0;owned\u{7}", r"Deposited\u{1b}[2J"],
+        "dead-letters list",
+    );
+    assert_eq!(text.lines().count(), 2, "one line per dead letter: {text}");
+
+    let (success, stdout, stderr) = tandem(&["dead-letters", "list", "--json", "--db", &db]).await;
+    assert!(success, "dead-letters list --json: {stderr}");
+    let text = printable(&stdout, &[], "dead-letters list --json");
+    let letters: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect();
+    let hostile = letters
+        .iter()
+        .find(|letter| letter["subject"] == HOSTILE_SUBJECT)
+        .unwrap_or_else(|| panic!("the hostile event, with its subject intact: {text}"));
+
+    let id = hostile["id"].as_i64().expect("an id").to_string();
+    let (success, stdout, stderr) = tandem(&["dead-letters", "show", &id, "--db", &db]).await;
+    assert!(success, "dead-letters show: {stderr}");
+    let text = printable(&stdout, &[], "dead-letters show");
+    let shown: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(shown["event"]["data"]["note"], HOSTILE_NOTE);
 }
