@@ -15,9 +15,26 @@ use tokio::time::Instant;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A running `tandem up`, in a process group of its own with its services:
+/// if a test fails before stopping it, the whole group is killed, so no
+/// service outlives the test.
+struct Up {
+    child: Child,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // While the group's leader is not reaped, its id names the group.
+        if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
+            // SAFETY: kill(2) on the process group this test started.
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+    }
+}
+
 /// `tandem up` on `data_dir` with free ports, under umask 000.
-fn up(data_dir: &Path) -> Child {
-    Command::new("sh")
+fn up(data_dir: &Path) -> Up {
+    let child = Command::new("sh")
         .arg("-c")
         .arg("umask 000 && exec \"$0\" \"$@\"")
         .arg(env!("CARGO_BIN_EXE_tandem"))
@@ -27,19 +44,21 @@ fn up(data_dir: &Path) -> Child {
         .args(["--base-port", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .process_group(0)
         .spawn()
-        .expect("start tandem up")
+        .expect("start tandem up");
+    Up { child }
 }
 
 /// How a `tandem up` run ended: it came up, or it exited with its stderr.
 enum Outcome {
-    Up(Child),
+    Up(Up),
     Exited(std::process::ExitStatus, String),
 }
 
 /// Reads `tandem up`'s output until it says it is up or it exits.
-async fn outcome(mut child: Child) -> Outcome {
+async fn outcome(mut up: Up) -> Outcome {
+    let child = &mut up.child;
     let stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stdout).lines();
@@ -58,7 +77,7 @@ async fn outcome(mut child: Child) -> Outcome {
                     let _ =
                         tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut ignored).await;
                 });
-                return Outcome::Up(child);
+                return Outcome::Up(up);
             }
             Some(_) => continue,
             None => {
@@ -77,7 +96,8 @@ async fn outcome(mut child: Child) -> Outcome {
 }
 
 /// Stops a `tandem up` that came up, as Ctrl-C would.
-async fn stop(child: &mut Child) {
+async fn stop(up: &mut Up) {
+    let child = &mut up.child;
     let pid = child.id().expect("running") as i32;
     // SAFETY: kill(2) on the pid of a child this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -108,8 +128,8 @@ fn names(dir: &Path) -> Vec<String> {
 async fn up_keeps_the_data_directory_and_every_file_in_it_private() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("tandem-data");
-    let mut child = match outcome(up(&data)).await {
-        Outcome::Up(child) => child,
+    let mut running = match outcome(up(&data)).await {
+        Outcome::Up(running) => running,
         Outcome::Exited(status, stderr) => panic!("tandem up exited ({status}): {stderr}"),
     };
     // Every service's relay takes its lease once it runs.
@@ -144,7 +164,7 @@ async fn up_keeps_the_data_directory_and_every_file_in_it_private() {
             assert!(present.contains(&name), "{name} missing in {present:?}");
         }
     }
-    stop(&mut child).await;
+    stop(&mut running).await;
 }
 
 #[tokio::test]
@@ -154,20 +174,20 @@ async fn up_makes_a_data_directory_others_may_read_private() {
     let data = dir.path().join("tandem-data");
     std::fs::create_dir(&data).unwrap();
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut child = match outcome(up(&data)).await {
-        Outcome::Up(child) => child,
+    let mut running = match outcome(up(&data)).await {
+        Outcome::Up(running) => running,
         Outcome::Exited(status, stderr) => panic!("tandem up exited ({status}): {stderr}"),
     };
     assert_eq!(mode(&data), 0o700, "the data directory's mode");
-    stop(&mut child).await;
+    stop(&mut running).await;
 }
 
 /// `tandem up` on `data` must exit at once, non-zero, saying `expected`,
 /// without making any database there.
 async fn refused(data: &Path, expected: &str, what: &str) {
     match outcome(up(data)).await {
-        Outcome::Up(mut child) => {
-            stop(&mut child).await;
+        Outcome::Up(mut running) => {
+            stop(&mut running).await;
             panic!("tandem up ran on {what}");
         }
         Outcome::Exited(status, stderr) => {
