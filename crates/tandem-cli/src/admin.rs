@@ -6,6 +6,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use tandem::dead_letter::{self, DeadLetter};
 
+use crate::printable;
+
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The consumer's database, e.g. sqlite:///data/order.db
@@ -63,8 +65,9 @@ pub struct ReplayArgs {
     consumer: String,
 }
 
+/// One dead letter on one line, with what the event carries escaped.
 fn print_line(letter: &DeadLetter) {
-    println!(
+    let line = format!(
         "{:>6}  {:<10} {:<9} {}/{}@{}  {}  seq {}  attempts {}  {}",
         letter.id,
         letter.status,
@@ -79,6 +82,7 @@ fn print_line(letter: &DeadLetter) {
         letter.attempts,
         letter.error
     );
+    println!("{}", printable::text(&line));
 }
 
 pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
@@ -89,11 +93,11 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             all,
             json,
         } => {
-            let store = tandem_engines::open_store(&store.db).await?;
+            let store = tandem_engines::open_existing_store(&store.db).await?;
             let letters = dead_letter::list(&store, consumer.as_deref(), all).await?;
             for letter in &letters {
                 if json {
-                    println!("{}", serde_json::to_string(letter)?);
+                    println!("{}", printable::json(&serde_json::to_string(letter)?));
                 } else {
                     print_line(letter);
                 }
@@ -103,7 +107,7 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             }
         }
         DeadLetterCommand::Show { store, id } => {
-            let store = tandem_engines::open_store(&store.db).await?;
+            let store = tandem_engines::open_existing_store(&store.db).await?;
             let Some(letter) = dead_letter::get(&store, id).await? else {
                 bail!("no dead letter {id}");
             };
@@ -112,7 +116,10 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
                 Ok(value) => value,
                 Err(_) => String::from_utf8_lossy(&letter.payload).into_owned().into(),
             };
-            println!("{}", serde_json::to_string_pretty(&shown)?);
+            println!(
+                "{}",
+                printable::json(&serde_json::to_string_pretty(&shown)?)
+            );
         }
         DeadLetterCommand::Redrive(target) | DeadLetterCommand::Discard(target)
             if target.id.is_none() && !target.all =>
@@ -120,7 +127,7 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             bail!("name a dead letter id or --all");
         }
         DeadLetterCommand::Redrive(target) => {
-            let store = tandem_engines::open_store(&target.store.db).await?;
+            let store = tandem_engines::open_existing_store(&target.store.db).await?;
             check_parked(&store, &target).await?;
             dead_letter::request_redrive(&store, &target.consumer, target.id).await?;
             eprintln!(
@@ -129,7 +136,7 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             );
         }
         DeadLetterCommand::Discard(target) => {
-            let store = tandem_engines::open_store(&target.store.db).await?;
+            let store = tandem_engines::open_existing_store(&target.store.db).await?;
             check_parked(&store, &target).await?;
             dead_letter::request_discard(&store, &target.consumer, target.id).await?;
             eprintln!(
@@ -149,18 +156,21 @@ async fn check_parked(store: &tandem_engines::AnyStore, target: &TargetArgs) -> 
     if letter.consumer != target.consumer {
         bail!(
             "dead letter {id} belongs to consumer {}, not {}",
-            letter.consumer,
+            printable::text(&letter.consumer),
             target.consumer
         );
     }
     if letter.status != "parked" {
-        bail!("dead letter {id} is {}, not parked", letter.status);
+        bail!(
+            "dead letter {id} is {}, not parked",
+            printable::text(&letter.status)
+        );
     }
     Ok(())
 }
 
 pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
-    let store = tandem_engines::open_store(&args.store.db).await?;
+    let store = tandem_engines::open_existing_store(&args.store.db).await?;
     dead_letter::request_replay(&store, &args.consumer).await?;
     eprintln!(
         "replay requested; consumer {} rebuilds its read model",

@@ -4,8 +4,11 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use serde_json::value::RawValue;
 use tandem::bus::Delivery;
 use tandem::Envelope;
+
+use crate::printable;
 
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
@@ -79,14 +82,28 @@ pub async fn run(command: EventsCommand) -> anyhow::Result<()> {
                         break;
                     }
                     printed += 1;
+                    // What an event carries is printed with its control
+                    // characters escaped: it must not drive the terminal.
                     if args.json {
-                        stdout.write_all(&record.payload)?;
-                        stdout.write_all(b"\n")?;
+                        let line = match serde_json::from_slice::<&RawValue>(&record.payload) {
+                            Ok(json) => printable::json_line(json.get()).into_owned(),
+                            // Not JSON: a JSON line that says where it sits.
+                            Err(_) => printable::json_line(
+                                &serde_json::json!({
+                                    "topic": record.topic,
+                                    "partition": record.partition,
+                                    "offset": record.offset,
+                                    "undecodable": String::from_utf8_lossy(&record.payload),
+                                })
+                                .to_string(),
+                            )
+                            .into_owned(),
+                        };
+                        writeln!(stdout, "{line}")?;
                         continue;
                     }
-                    match Envelope::decode(&record.payload) {
-                        Ok(event) => writeln!(
-                            stdout,
+                    let line = match Envelope::decode(&record.payload) {
+                        Ok(event) => format!(
                             "{}/{}@{}  {}  {:<24} {} #{}  {}",
                             record.topic,
                             record.partition,
@@ -96,13 +113,13 @@ pub async fn run(command: EventsCommand) -> anyhow::Result<()> {
                             event.subject,
                             event.sequence,
                             event.data
-                        )?,
-                        Err(error) => writeln!(
-                            stdout,
+                        ),
+                        Err(error) => format!(
                             "{}/{}@{}  undecodable: {error}",
                             record.topic, record.partition, record.offset
-                        )?,
-                    }
+                        ),
+                    };
+                    writeln!(stdout, "{}", printable::text(&line))?;
                 }
                 stdout.flush()?;
             }

@@ -6,13 +6,17 @@
 //! - `serve`, `up`, `system`, `demo`: run the commerce system.
 //! - `events`: `tandem events tail`.
 //! - `admin`: dead letters and replay.
+//! - `data_dir`: the private data directory of `tandem up`.
+//! - `printable`: event text made safe for a terminal.
 //! - `worker`: hidden child processes for the crash-matrix tests.
 
 pub mod admin;
 pub mod bench;
 pub mod bench_orders;
+pub mod data_dir;
 pub mod demo;
 pub mod events;
+pub mod printable;
 pub mod serve;
 pub mod system;
 pub mod up;

@@ -56,10 +56,7 @@ pub struct System {
 impl System {
     /// Prepares a system in `data_dir`; `base_port` 0 picks free ports.
     pub fn new(data_dir: &Path, base_port: u16) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-        let data_dir = std::fs::canonicalize(data_dir)
-            .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
+        let data_dir = crate::data_dir::prepare(data_dir)?;
         Ok(Self {
             data_dir,
             executable: std::env::current_exe().context("cannot find the tandem executable")?,

@@ -139,6 +139,41 @@ pub async fn open_store(url: &str) -> Result<AnyStore, OpenError> {
     }
 }
 
+/// Opens the existing service database a URL names, for tools that work
+/// on one (`tandem replay`, `tandem dead-letters`): nothing is created,
+/// installed or changed, and a database that is missing or lacks the
+/// toolkit's tables (a mistyped path, the bus file, another database on
+/// the server) is refused.
+pub async fn open_existing_store(url: &str) -> Result<AnyStore, OpenError> {
+    match scheme(url)?.as_str() {
+        "sqlite" => tandem::engine::open_existing_sqlite_store(url)
+            .await
+            .map(AnyStore::Sqlite)
+            .map_err(|error| OpenError::Engine(error.to_string())),
+        "postgres" | "postgresql" => {
+            let failed = |error: &dyn std::fmt::Display| {
+                OpenError::Engine(format!("cannot open store {}: {error}", redact(url)))
+            };
+            let options = tandem_postgres::PostgresOptions {
+                install_schema: false,
+                ..Default::default()
+            };
+            let store = PostgresStore::connect_with(url, options)
+                .await
+                .map_err(|error| failed(&error))?;
+            store
+                .read(tandem::schema::check_installed)
+                .await
+                .map_err(|error| failed(&error))?;
+            Ok(AnyStore::Postgres(store))
+        }
+        other => Err(OpenError::Engine(format!(
+            "{}: unknown store scheme {other}: (known: sqlite, postgres)",
+            redact(url)
+        ))),
+    }
+}
+
 /// A bus whose topics and groups live under a prefix: `order` is
 /// `NAME-order` on the engine, and group `inventory-reservations` is
 /// `NAME-inventory-reservations`. Several systems (environments, test runs)

@@ -1172,10 +1172,25 @@ pub mod store_checks {
             .expect("consumer positions table");
         assert!(positions.is_empty(), "{positions:?}");
         assert!(all_events(store).await.is_empty(), "outbox starts empty");
-        // A request can be recorded for a consumer that is not running.
-        dead_letter::request_replay(store, "anyone")
+        // A request for a consumer the database does not know is refused
+        // (it would wait forever), and leaves no row behind.
+        let refused = dead_letter::request_replay(store, "anyone").await;
+        assert!(
+            matches!(
+                refused,
+                Err(dead_letter::RequestError::UnknownConsumer { .. })
+            ),
+            "{refused:?}"
+        );
+        let requests = store
+            .read(|tx| -> Result<i64, StoreError> {
+                tx.query_opt("SELECT COUNT(*) FROM tandem_consumer_requests", &[])?
+                    .ok_or_else(|| StoreError::Decode("no count".into()))?
+                    .i64(0)
+            })
             .await
             .expect("consumer requests table");
+        assert_eq!(requests, 0, "a refused request stayed");
     }
 
     /// A consumer on this store, fed by the embedded log, applies a delivery

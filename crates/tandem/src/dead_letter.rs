@@ -252,7 +252,88 @@ pub enum Command {
     Replay,
 }
 
-async fn request<S: Store>(store: &S, consumer: &str, command: Command) -> Result<(), StoreError> {
+/// Why a request was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The database has no trace of this consumer: a request for it would
+    /// wait forever, since no consumer of that name runs here.
+    #[error("unknown consumer {consumer} ({})", known_here(.known))]
+    UnknownConsumer {
+        consumer: String,
+        /// The consumers the database knows, by name.
+        known: Vec<String>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn known_here(known: &[String]) -> String {
+    if known.is_empty() {
+        "no consumer has applied an event in this database yet".to_owned()
+    } else {
+        format!("known here: {}", known.join(", "))
+    }
+}
+
+/// Whether a replay of `consumer` was carried out (it records a
+/// generation, and leaves no position until the consumer applies again).
+/// A database last opened by a version without that table says no.
+fn replayed_before(tx: &mut dyn Tx, consumer: &str) -> Result<bool, StoreError> {
+    tx.savepoint("tandem_known")?;
+    match tx.query_opt(
+        "SELECT 1 FROM tandem_consumer_generations WHERE consumer = $1",
+        params![consumer],
+    ) {
+        Ok(row) => {
+            tx.release_savepoint("tandem_known")?;
+            Ok(row.is_some())
+        }
+        Err(_) => {
+            tx.rollback_to_savepoint("tandem_known")?;
+            Ok(false)
+        }
+    }
+}
+
+/// Refuses a consumer the database has no trace of. A consumer leaves one
+/// when it first commits an event (its positions), and keeps one while it
+/// has dead letters; no table records a consumer before that, and a
+/// request would do nothing for one that has applied nothing yet.
+fn require_known(tx: &mut dyn Tx, consumer: &str) -> Result<(), RequestError> {
+    let known = tx
+        .query_opt(
+            "SELECT 1 FROM tandem_consumer_positions WHERE consumer = $1
+             UNION ALL SELECT 1 FROM tandem_consumer_aggregates WHERE consumer = $1
+             UNION ALL SELECT 1 FROM tandem_dead_letters WHERE consumer = $1
+             LIMIT 1",
+            params![consumer],
+        )?
+        .is_some();
+    if known || replayed_before(tx, consumer)? {
+        return Ok(());
+    }
+    let known = tx
+        .query(
+            "SELECT consumer FROM tandem_consumer_positions
+             UNION SELECT consumer FROM tandem_consumer_aggregates
+             UNION SELECT consumer FROM tandem_dead_letters
+             ORDER BY 1",
+            &[],
+        )?
+        .iter()
+        .map(|row| row.text(0).map(str::to_owned))
+        .collect::<Result<_, _>>()?;
+    Err(RequestError::UnknownConsumer {
+        consumer: consumer.to_owned(),
+        known,
+    })
+}
+
+async fn request<S: Store>(
+    store: &S,
+    consumer: &str,
+    command: Command,
+) -> Result<(), RequestError> {
     let consumer = consumer.to_owned();
     let (name, id) = match command {
         Command::Redrive(id) => ("redrive", id),
@@ -261,6 +342,7 @@ async fn request<S: Store>(store: &S, consumer: &str, command: Command) -> Resul
     };
     store
         .write(move |tx| {
+            require_known(tx, &consumer)?;
             tx.execute(
                 "INSERT INTO tandem_consumer_requests (consumer, command, dead_letter_id, requested_at)
                  VALUES ($1, $2, $3, $4)",
@@ -271,26 +353,29 @@ async fn request<S: Store>(store: &S, consumer: &str, command: Command) -> Resul
         .await
 }
 
-/// Asks `consumer` to handle parked event `id` (or all) again.
+/// Asks `consumer` to handle parked event `id` (or all) again. A consumer
+/// the database does not know is refused ([`RequestError::UnknownConsumer`]).
 pub async fn request_redrive<S: Store>(
     store: &S,
     consumer: &str,
     id: Option<i64>,
-) -> Result<(), StoreError> {
+) -> Result<(), RequestError> {
     request(store, consumer, Command::Redrive(id)).await
 }
 
-/// Asks `consumer` to give up on parked event `id` (or all).
+/// Asks `consumer` to give up on parked event `id` (or all); refused for a
+/// consumer the database does not know.
 pub async fn request_discard<S: Store>(
     store: &S,
     consumer: &str,
     id: Option<i64>,
-) -> Result<(), StoreError> {
+) -> Result<(), RequestError> {
     request(store, consumer, Command::Discard(id)).await
 }
 
-/// Asks `consumer` to rebuild its read model from the start of the log.
-pub async fn request_replay<S: Store>(store: &S, consumer: &str) -> Result<(), StoreError> {
+/// Asks `consumer` to rebuild its read model from the start of the log;
+/// refused for a consumer the database does not know.
+pub async fn request_replay<S: Store>(store: &S, consumer: &str) -> Result<(), RequestError> {
     request(store, consumer, Command::Replay).await
 }
 

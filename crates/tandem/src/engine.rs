@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::bus::{Bus, BusError};
 use crate::embedded::{EmbeddedLog, EmbeddedOptions};
+use crate::schema::ExistingError;
 use crate::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use crate::store::StoreError;
 
@@ -93,6 +94,12 @@ pub enum OpenError {
         url: String,
         #[source]
         source: StoreError,
+    },
+    #[error("cannot open store {url}: {source}")]
+    Existing {
+        url: String,
+        #[source]
+        source: ExistingError,
     },
     #[error("cannot open bus {url}: {source}")]
     Bus {
@@ -343,6 +350,34 @@ pub fn parse_key_values(text: &str) -> Option<Vec<KeyValue>> {
             value,
             span: start..end,
         });
+    }
+}
+
+/// Opens the existing service database a URL names, creating, installing
+/// and changing nothing: a missing file or one without the toolkit's
+/// tables (the bus file, say) is refused (see
+/// [`SqliteStore::open_existing`]).
+pub async fn open_existing_sqlite_store(url: &str) -> Result<SqliteStore, OpenError> {
+    match parse(url)? {
+        EngineUrl::Sqlite {
+            path, synchronous, ..
+        } => {
+            let options = SqliteOptions {
+                synchronous: synchronous.unwrap_or_default(),
+                ..SqliteOptions::default()
+            };
+            SqliteStore::open_existing(&path, options)
+                .await
+                .map_err(|source| OpenError::Existing {
+                    url: redact(url),
+                    source,
+                })
+        }
+        EngineUrl::Other { scheme } => Err(UrlError::Unsupported {
+            url: redact(url),
+            scheme,
+        }
+        .into()),
     }
 }
 

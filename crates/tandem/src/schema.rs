@@ -334,3 +334,50 @@ pub fn now_micros() -> i64 {
         .unwrap_or_default();
     i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
 }
+
+/// The toolkit's tables: a service database has every one.
+pub const TABLES: [&str; 8] = [
+    "tandem_outbox",
+    "tandem_aggregates",
+    "tandem_relay_positions",
+    "tandem_consumer_positions",
+    "tandem_consumer_aggregates",
+    "tandem_consumer_requests",
+    "tandem_pending",
+    "tandem_dead_letters",
+];
+
+/// Why a database is not a service's that tools may work on as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ExistingError {
+    /// Nothing is there (no such file, or no such database).
+    #[error("no such database")]
+    Missing,
+    /// A database, but the toolkit's tables are not in it (the bus file,
+    /// another program's database): nothing was installed.
+    #[error("not a tandem service database (it has no table {})", .missing.join(", "))]
+    NotAServiceDatabase { missing: Vec<&'static str> },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Checks that the toolkit's tables are there, changing nothing.
+pub fn check_installed(tx: &mut dyn Tx) -> Result<(), ExistingError> {
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1",
+        Dialect::Postgres => {
+            "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = current_schema() AND tablename = $1"
+        }
+    };
+    let mut missing = Vec::new();
+    for table in TABLES {
+        if tx.query_opt(sql, crate::params![table])?.is_none() {
+            missing.push(table);
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ExistingError::NotAServiceDatabase { missing })
+    }
+}

@@ -189,25 +189,15 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-/// Opens a connection with Tandem's settings.
+/// Opens a connection with Tandem's settings to a file that exists (see
+/// [`SqliteStore::open`], which makes it): SQLite never creates a file
+/// here, and refuses one that is a symbolic link.
 pub(crate) fn open_connection(
     path: &Path,
     synchronous: Synchronous,
     busy_timeout: Duration,
 ) -> Result<Connection, StoreError> {
-    configure_library();
-    let connection = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|error| {
-        StoreError::Unavailable(format!(
-            "cannot open sqlite file {}: {error}",
-            path.display()
-        ))
-    })?;
+    let connection = open_unconfigured(path)?;
     install_busy_handler(&connection, busy_timeout)?;
     connection
         .execute_batch(&format!(
@@ -221,6 +211,102 @@ pub(crate) fn open_connection(
         .map_err(map_error)?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
+}
+
+/// A connection to the existing file at `path`, with no setting changed.
+fn open_unconfigured(path: &Path) -> Result<Connection, StoreError> {
+    configure_library();
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW,
+    )
+    .map_err(|error| {
+        StoreError::Unavailable(format!(
+            "cannot open sqlite file {}: {error}",
+            path.display()
+        ))
+    })
+}
+
+/// `path` with its directory resolved (SQLite's no-follow check counts a
+/// link anywhere in the path, so it gets one with none but, perhaps, the
+/// file itself, which it then refuses). Fails if the directory is missing.
+fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file"))?;
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    Ok(std::fs::canonicalize(parent)?.join(name))
+}
+
+/// Creates the directory a database goes in (mode 0700: the files in it
+/// hold personal data) if it is missing.
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(());
+    }
+    let failed = |error: std::io::Error| {
+        StoreError::Unavailable(format!(
+            "cannot create directory {}: {error}",
+            dir.display()
+        ))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    // Exactly 0700, whatever the umask.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
+}
+
+/// Opens the file at `path` that Tandem keeps (a database, a lease),
+/// creating it readable and writable by its owner only (0600, whatever the
+/// umask) if it is missing. Never through a symbolic link: one planted in
+/// its place is refused, and its target left alone. The mode of a file
+/// that already exists is left as its owner set it.
+pub(crate) fn open_private_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |error: std::io::Error| {
+        if error.raw_os_error() == Some(libc::ELOOP) {
+            StoreError::Unavailable(format!(
+                "refusing {}: it is a symbolic link",
+                path.display()
+            ))
+        } else {
+            StoreError::Unavailable(format!("cannot open {}: {error}", path.display()))
+        }
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    let file = match options.clone().create_new(true).open(path) {
+        Ok(file) => {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(failed)?;
+            file
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            options.open(path).map_err(failed)?
+        }
+        Err(error) => return Err(failed(error)),
+    };
+    if !file.metadata().map_err(failed)?.is_file() {
+        return Err(StoreError::Unavailable(format!(
+            "refusing {}: not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// Process-wide SQLite settings, applied once before the first connection:
@@ -494,21 +580,69 @@ impl SqliteStore {
         options: SqliteOptions,
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|error| {
-                    StoreError::Unavailable(format!(
-                        "cannot create directory {}: {error}",
-                        parent.display()
-                    ))
-                })?;
+        tokio::task::spawn_blocking(move || {
+            if let Some(parent) = path.parent() {
+                create_private_dir(parent)?;
             }
-        }
-        let opened_path = path.clone();
-        let store = tokio::task::spawn_blocking(move || Self::open_blocking(opened_path, options))
-            .await
-            .map_err(|error| StoreError::Engine(format!("open task failed: {error}")))??;
-        Ok(store)
+            let path = resolve(&path).map_err(|error| {
+                StoreError::Unavailable(format!("cannot open {}: {error}", path.display()))
+            })?;
+            // Made here, private, so that SQLite (whose WAL and shared-memory
+            // files take the database's mode) never creates it.
+            drop(open_private_file(&path)?);
+            Self::open_blocking(path, options)
+        })
+        .await
+        .map_err(|error| StoreError::Engine(format!("open task failed: {error}")))?
+    }
+
+    /// Opens the database at `path` only if it exists and is a service's
+    /// (it has the toolkit's tables), without creating, installing or
+    /// changing anything otherwise: for tools that work on a service's
+    /// database, where a mistyped path or the bus file must be refused.
+    pub async fn open_existing(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+    ) -> Result<Self, crate::schema::ExistingError> {
+        use crate::schema::ExistingError;
+        let path = path.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let looked = resolve(&path).and_then(|resolved| {
+                std::fs::symlink_metadata(&resolved).map(|metadata| (resolved, metadata))
+            });
+            let path = match looked {
+                Ok((_, metadata)) if metadata.file_type().is_symlink() => {
+                    return Err(StoreError::Unavailable(format!(
+                        "refusing {}: it is a symbolic link",
+                        path.display()
+                    ))
+                    .into())
+                }
+                Ok((resolved, _)) => resolved,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ExistingError::Missing)
+                }
+                Err(error) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot open {}: {error}",
+                        path.display()
+                    ))
+                    .into())
+                }
+            };
+            // Look before any setting or table is written.
+            let mut probe = open_unconfigured(&path)?;
+            run_transaction(
+                &mut probe,
+                false,
+                crate::schema::check_installed,
+                &watch::channel(0).0,
+            )?;
+            drop(probe);
+            Ok(Self::open_blocking(path, options)?)
+        })
+        .await
+        .map_err(|error| StoreError::Engine(format!("open task failed: {error}")))?
     }
 
     fn open_blocking(path: PathBuf, options: SqliteOptions) -> Result<Self, StoreError> {
@@ -725,18 +859,7 @@ struct FileLease {
 impl FileLease {
     fn try_acquire(path: &Path) -> Result<Option<Self>, StoreError> {
         use std::os::fd::AsRawFd;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|error| {
-                StoreError::Unavailable(format!(
-                    "cannot open lease file {}: {error}",
-                    path.display()
-                ))
-            })?;
+        let file = open_private_file(path)?;
         // SAFETY: flock on a file descriptor this function owns and keeps
         // open for as long as the lock is meant to last.
         let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
