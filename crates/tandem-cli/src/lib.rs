@@ -2,17 +2,16 @@
 //! tests drive the same code (`system::System` starts the services as
 //! processes).
 //!
-//! - `bench`: `tandem bench pipeline`.
 //! - `serve`, `up`, `system`, `demo`: run the commerce system.
 //! - `events`: `tandem events tail`.
 //! - `admin`: dead letters and replay.
 //! - `data_dir`: the private data directory of `tandem up`.
 //! - `printable`: event text made safe for a terminal.
-//! - `worker`: hidden child processes for the crash-matrix tests.
+//!
+//! The benchmarks and the crash-test workers are development tools: they
+//! live in `crates/tandem-lab` (binary `tandem-lab`), not in this one.
 
 pub mod admin;
-pub mod bench;
-pub mod bench_orders;
 pub mod data_dir;
 pub mod demo;
 pub mod events;
@@ -20,7 +19,6 @@ pub mod printable;
 pub mod serve;
 pub mod system;
 pub mod up;
-pub mod worker;
 
 /// Resolves when SIGINT or SIGTERM arrives.
 pub async fn shutdown_signal() {

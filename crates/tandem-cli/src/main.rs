@@ -1,13 +1,13 @@
 //! The `tandem` command; its subcommands live in the `tandem_cli` library.
 //!
-//! - `tandem bench pipeline`: events per second through outbox → relay →
-//!   embedded log → consumer → read model, against raw SQLite inserts.
+//! - `tandem up`, `tandem serve`, `tandem demo`: run the commerce system.
+//! - `tandem events tail`: watch the event bus.
 //! - `tandem dead-letters ...` and `tandem replay`: operate a consumer's
 //!   dead letters and rebuild its read model, from any process.
-//! - `tandem worker ...` (hidden): small programs the crash-matrix and
-//!   multi-process tests run as child processes.
+//!
+//! The benchmarks and the crash-test workers are in `tandem-lab`.
 
-use tandem_cli::{admin, bench, demo, events, serve, up, worker};
+use tandem_cli::{admin, demo, events, serve, up};
 
 use std::process::ExitCode;
 
@@ -31,9 +31,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Measure Tandem's speed on this machine.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
     /// List, inspect, redrive or discard a consumer's parked events.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(admin::DeadLetterCommand),
@@ -49,9 +46,6 @@ enum Command {
     /// Rebuild a consumer's read model from the start of the log (the
     /// running consumer carries it out while its service keeps serving).
     Replay(admin::ReplayArgs),
-    /// Child processes for the crash-matrix tests.
-    #[command(subcommand, hide = true)]
-    Worker(worker::WorkerCommand),
 }
 
 fn main() -> ExitCode {
@@ -77,14 +71,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Bench(command) => bench::run(command).await,
             Command::DeadLetters(command) => admin::dead_letters(command).await,
             Command::Replay(args) => admin::replay(args).await,
             Command::Serve(args) => serve::run(args).await,
             Command::Events(command) => events::run(command).await,
             Command::Up(args) => up::run(args).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Worker(command) => worker::run(command).await,
         }
     });
     match result {

@@ -1,12 +1,13 @@
 //! The architecture's absences, checked on the dependency graph that cargo
 //! resolves: services never depend on each other, domain crates never see
-//! an engine crate, the toolkit knows no domain.
+//! an engine crate, the toolkit knows no domain, the shipped binary carries
+//! no test or benchmark code.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
-/// Direct normal (non-dev) dependencies of each workspace crate.
-fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
+/// `cargo metadata` of the workspace's own packages.
+fn metadata() -> serde_json::Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
         .args([
@@ -24,8 +25,12 @@ fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    metadata["packages"]
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Direct normal (non-dev) dependencies of each workspace crate.
+fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
+    metadata()["packages"]
         .as_array()
         .unwrap()
         .iter()
@@ -100,6 +105,9 @@ const ENGINE_CRATES: [&str; 4] = [
     "tandem-nats",
     "tandem-engines",
 ];
+/// The packages of the shipped `tandem` binary and of the development
+/// tools' `tandem-lab`.
+const BINARIES: [&str; 2] = ["tandem-cli", "tandem-lab"];
 const DRIVERS: [&str; 4] = ["postgres", "tokio-postgres", "rdkafka", "async-nats"];
 
 #[test]
@@ -108,13 +116,13 @@ fn engines_are_chosen_in_one_place() {
     for (crate_name, deps) in &graph {
         for engine in ENGINE_CRATES {
             let allowed = match engine {
-                // The one crate that opens engines by URL, and the binary.
-                "tandem-engines" => crate_name == "tandem-cli",
-                _ => crate_name == "tandem-engines" || crate_name == "tandem-cli",
+                // The one crate that opens engines by URL, and the binaries.
+                "tandem-engines" => BINARIES.contains(&crate_name.as_str()),
+                _ => crate_name == "tandem-engines" || BINARIES.contains(&crate_name.as_str()),
             };
             assert!(
                 allowed || !deps.contains(engine),
-                "{crate_name} depends on {engine}: only tandem-engines (and the tandem binary) choose engines"
+                "{crate_name} depends on {engine}: only tandem-engines (and the binaries) choose engines"
             );
         }
         for driver in DRIVERS {
@@ -128,5 +136,48 @@ fn engines_are_chosen_in_one_place() {
                 "{crate_name} names the driver {driver}, which only {owner} wraps"
             );
         }
+    }
+}
+
+/// Test and benchmark code stays out of what ships: the package that builds
+/// the `tandem` binary links the test kit through no normal dependency (the
+/// benchmarks and crash-test workers that need it are in `tandem-lab`).
+#[test]
+fn the_shipped_binary_carries_no_test_kit() {
+    let metadata = metadata();
+    let packages = metadata["packages"].as_array().unwrap();
+    let shipped: Vec<&str> = packages
+        .iter()
+        .filter(|package| {
+            package["targets"].as_array().unwrap().iter().any(|target| {
+                target["name"] == "tandem"
+                    && target["kind"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|kind| kind == "bin")
+            })
+        })
+        .map(|package| package["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(shipped, ["tandem-cli"], "the package of the tandem binary");
+    // Everything the binary links from the workspace, through normal
+    // dependencies only.
+    let graph = dependencies();
+    let mut linked = BTreeSet::new();
+    let mut next = vec!["tandem-cli".to_owned()];
+    while let Some(name) = next.pop() {
+        for dependency in graph.get(&name).into_iter().flatten() {
+            if graph.contains_key(dependency) && linked.insert(dependency.clone()) {
+                next.push(dependency.clone());
+            }
+        }
+    }
+    assert!(linked.contains("tandem"), "the walk found {linked:?}");
+    for kit in ["tandem-testkit", "tandem-lab"] {
+        assert!(
+            !linked.contains(kit),
+            "the tandem binary links {kit}: {linked:?}"
+        );
     }
 }

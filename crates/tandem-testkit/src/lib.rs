@@ -1,7 +1,8 @@
 //! A tiny ledger domain (deposits into accounts) and its read model, with
 //! helpers to open engines and to wait for a condition with a deadline.
-//! Shared by the toolkit's integration tests, the crash-matrix worker of the
-//! `tandem` binary and `tandem bench pipeline`. Not a product crate.
+//! Shared by the toolkit's integration tests and by `tandem-lab` (the
+//! crash-matrix workers and `tandem-lab bench pipeline`). Not a product
+//! crate.
 
 use std::future::Future;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The crash matrix: real `tandem worker` child processes killed with
+//! The crash matrix: real `tandem-lab worker` child processes killed with
 //! SIGKILL at named crash points (producer before and after commit, relay
 //! before and after publishing, consumer in the middle of a batch). After
 //! restarting, every committed event is applied exactly once and no
@@ -19,8 +19,8 @@ use tandem::store::{Store, StoreError};
 const EVENTS: u64 = 400;
 const BATCH: &str = "40";
 
-fn tandem() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
+fn lab() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
 }
 
 fn url(dir: &Path, file: &str) -> String {
@@ -39,14 +39,14 @@ impl Drop for KillOnDrop {
 
 /// Runs a worker to completion and fails the test on a non-zero exit.
 fn run_worker(args: &[&str]) {
-    let output = tandem()
+    let output = lab()
         .arg("worker")
         .args(args)
         .output()
-        .expect("start tandem worker");
+        .expect("start tandem-lab worker");
     assert!(
         output.status.success(),
-        "tandem worker {args:?} failed: {}",
+        "tandem-lab worker {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
 }
@@ -55,14 +55,14 @@ fn run_worker(args: &[&str]) {
 /// it reports reaching it, then kills it with SIGKILL.
 fn run_worker_until_killed(fault: &str, args: &[&str]) {
     let mut child = KillOnDrop(
-        tandem()
+        lab()
             .arg("worker")
             .args(args)
             .env("TANDEM_FAULT", fault)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start tandem worker"),
+            .expect("start tandem-lab worker"),
     );
     let stdout = child.0.stdout.take().expect("piped stdout");
     let (sender, receiver) = mpsc::channel();
@@ -164,7 +164,7 @@ impl Setup {
     }
 
     /// (account, balance, applied, last sequence) per account, as built by
-    /// `tandem worker consume`.
+    /// `tandem-lab worker consume`.
     fn ledger(&self) -> Vec<(String, i64, i64, i64)> {
         runtime().block_on(async {
             let store = tandem_engines::open_store(&self.reader).await.unwrap();
@@ -347,7 +347,7 @@ fn sigterm_stops_a_consumer_cleanly_with_every_batch_whole(setup: Setup) {
     run_worker(&setup.relay());
     // Expect more than exists, so the consumer keeps waiting for events.
     let mut consumer = KillOnDrop(
-        tandem()
+        lab()
             .arg("worker")
             .args(setup.consume_expecting("1000000", "7"))
             .spawn()
@@ -451,7 +451,7 @@ fn processes_appending_at_once_get_dense_offsets_and_a_killed_one_tears_nothing(
     let writers: Vec<KillOnDrop> = (1..=4)
         .map(|writer| {
             KillOnDrop(
-                tandem()
+                lab()
                     .args(["worker", "append", "--bus", &bus, "--topic", "t"])
                     .args([
                         "--writer",
@@ -468,7 +468,7 @@ fn processes_appending_at_once_get_dense_offsets_and_a_killed_one_tears_nothing(
         .collect();
     // A fifth writer is killed at a random moment while the others append.
     let mut victim = KillOnDrop(
-        tandem()
+        lab()
             .args(["worker", "append", "--bus", &bus, "--topic", "t"])
             .args(["--writer", "9", "--count", "1000000", "--batch", "10"])
             .spawn()

@@ -1,4 +1,4 @@
-//! `tandem bench pipeline`: how fast events move through the whole pipeline
+//! `tandem-lab bench pipeline`: how fast events move through the whole pipeline
 //! with durable commits, beside a raw rate measured in the same run: on the
 //! embedded default, batched SQLite inserts of the same payload size on the
 //! same disk; with `--bus URL` (Kafka, NATS), a plain producer/consumer loop
@@ -381,7 +381,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         "batch"
     };
     eprintln!(
-        "tandem bench pipeline: {} events, batch {}, {} aggregates, {} calls, synchronous={}, files in {}",
+        "tandem-lab bench pipeline: {} events, batch {}, {} aggregates, {} calls, synchronous={}, files in {}",
         args.events,
         args.batch,
         args.aggregates,

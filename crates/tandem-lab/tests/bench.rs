@@ -1,4 +1,4 @@
-//! `tandem bench pipeline` as a user runs it: a real process on the embedded
+//! `tandem-lab bench pipeline` as a user runs it: a real process on the embedded
 //! default, small enough for the test suite. Checks the contract of its
 //! output (one JSON object on the last line, with the fields the README
 //! quotes), never its speed.
@@ -8,7 +8,7 @@ use std::process::Command;
 #[test]
 fn a_small_pipeline_bench_prints_its_figures_as_one_json_line() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_tandem"))
+    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
         .args([
             "bench",
             "pipeline",
@@ -27,7 +27,7 @@ fn a_small_pipeline_bench_prints_its_figures_as_one_json_line() {
         ])
         .arg(dir.path())
         .output()
-        .expect("run tandem bench pipeline");
+        .expect("run tandem-lab bench pipeline");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

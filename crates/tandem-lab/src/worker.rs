@@ -199,7 +199,7 @@ async fn consume(
         let shutdown = shutdown.clone();
         tokio::spawn(async move { consumer.run(shutdown).await })
     };
-    let stop = tokio::spawn(crate::shutdown_signal());
+    let stop = tokio::spawn(tandem_cli::shutdown_signal());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     loop {
         let applied = store

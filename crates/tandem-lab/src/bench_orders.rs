@@ -1,4 +1,4 @@
-//! `tandem bench orders`: the Order Service under load from a separate
+//! `tandem-lab bench orders`: the Order Service under load from a separate
 //! load-generator process (`oha`, installed with `cargo install oha`).
 //!
 //! 1. starts the system on the embedded engines in a temporary directory,
@@ -17,8 +17,8 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::serve::Service;
-use crate::system::System;
+use tandem_cli::serve::Service;
+use tandem_cli::system::System;
 
 #[derive(Debug, Args)]
 pub struct OrdersArgs {
@@ -225,7 +225,7 @@ pub async fn run(args: OrdersArgs) -> anyhow::Result<()> {
     let mut system = System::new(temporary.path(), 0)?;
     let outcome = async {
         system.start_all().await?;
-        crate::up::seed(&system).await?;
+        tandem_cli::up::seed(&system).await?;
         prepare(&system).await?;
         measure(&system, &args).await
     }

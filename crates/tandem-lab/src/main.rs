@@ -1,0 +1,86 @@
+//! `tandem-lab`: development tools, kept out of the shipped `tandem`
+//! binary.
+//!
+//! - `tandem-lab bench pipeline`: events per second through outbox → relay →
+//!   bus → consumer → read model, against a raw baseline on the same disk or
+//!   broker.
+//! - `tandem-lab bench orders`: the Order Service under load.
+//! - `tandem-lab worker ...` (hidden): small programs the crash-matrix and
+//!   multi-process tests run as child processes.
+//! - `tandem-lab serve` (hidden): the product's `tandem serve`, so that
+//!   `bench orders` can start the services from this executable.
+
+mod bench;
+mod bench_orders;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The same allocator as the shipped binary, so the benchmarks measure
+/// what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem-lab",
+    version,
+    about = "Tandem's development tools: benchmarks and crash-test workers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure Tandem's speed on this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Child processes for the crash-matrix tests.
+    #[command(subcommand, hide = true)]
+    Worker(worker::WorkerCommand),
+    /// One service of the commerce system, as `tandem serve` runs it (the
+    /// services `bench orders` starts).
+    #[command(hide = true)]
+    Serve(tandem_cli::serve::ServeArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        // Colours only for a terminal, never into log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tandem-lab: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Bench(command) => bench::run(command).await,
+            Command::Worker(command) => worker::run(command).await,
+            Command::Serve(args) => tandem_cli::serve::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tandem-lab: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
