@@ -17,7 +17,6 @@
 //!    commit, and from each event's creation, to the commit of the consumer
 //!    transaction that applied it is recorded (p50, p99).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +35,8 @@ use tandem::{Bus, Handler};
 use tandem_engines::AnyStore;
 use tandem_testkit::{deposit_event, install_ledger, Ledger, TOPIC};
 use tokio_util::sync::CancellationToken;
+
+use crate::progress::Progress;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -187,12 +188,6 @@ fn commit_time_of(transactions: &[(i64, i64)], created: i64) -> Option<i64> {
     let index = transactions.partition_point(|(start, _)| *start <= created);
     let (start, commit) = *transactions.get(index.checked_sub(1)?)?;
     (start <= created && created <= commit).then_some(commit)
-}
-
-fn progress(message: &str) {
-    let mut stderr = std::io::stderr().lock();
-    let _ = write!(stderr, "\r\x1b[2K{message}");
-    let _ = stderr.flush();
 }
 
 fn percentile(sorted: &[i64], fraction: f64) -> f64 {
@@ -404,9 +399,10 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             .await?,
         ),
     };
+    let progress = Progress::new();
     let mut raw_runs: Vec<f64> = Vec::new();
     let (raw_kind, raw_per_sec) = if bus_url.is_some() {
-        progress("[1/3] raw produce/consume loop on the bus ...");
+        progress.spin("[1/3] raw produce/consume loop on the bus ...");
         let rate = raw_bus(
             &bus,
             args.events,
@@ -415,13 +411,13 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             payload_bytes,
         )
         .await?;
-        progress(&format!(
-            "[1/3] raw produce/consume loop on the bus: {rate:.0}/s\n"
+        progress.done(format!(
+            "[1/3] raw produce/consume loop on the bus: {rate:.0}/s"
         ));
         ("bus-produce-consume", rate)
     } else {
         for run in 0..RAW_RUNS {
-            progress(&format!(
+            progress.spin(format!(
                 "[1/3] raw batched SQLite inserts, run {} of {RAW_RUNS} ...",
                 run + 1
             ));
@@ -432,8 +428,8 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         let mut sorted = raw_runs.clone();
         sorted.sort_by(f64::total_cmp);
         let rate = sorted[RAW_RUNS / 2];
-        progress(&format!(
-            "[1/3] raw batched SQLite inserts: {rate:.0}/s (median of {})\n",
+        progress.done(format!(
+            "[1/3] raw batched SQLite inserts: {rate:.0}/s (median of {})",
             raw_runs
                 .iter()
                 .map(|run| format!("{run:.0}"))
@@ -502,6 +498,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     };
 
     // Phase 2: throughput.
+    progress.count("[2/3] pipeline: applied", args.events);
     let started = Instant::now();
     let producer_task = {
         let producer = producer.clone();
@@ -522,22 +519,17 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     while recorder.consumed.load(Ordering::SeqCst) < args.events {
         anyhow::ensure!(!consumer_task.is_finished(), "the consumer stopped early");
         anyhow::ensure!(!relay_task.is_finished(), "the relay stopped early");
-        if last_report.elapsed() >= Duration::from_millis(500) {
+        if last_report.elapsed() >= Duration::from_millis(100) {
             last_report = Instant::now();
-            let consumed = recorder.consumed.load(Ordering::SeqCst);
-            progress(&format!(
-                "[2/3] pipeline: {consumed}/{} applied, {:.0} events/s so far",
-                args.events,
-                consumed as f64 / started.elapsed().as_secs_f64()
-            ));
+            progress.set(recorder.consumed.load(Ordering::SeqCst));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed();
     producer_task.await.context("producer task")??;
     let events_per_sec = args.events as f64 / elapsed.as_secs_f64();
-    progress(&format!(
-        "[2/3] pipeline: {} events in {:.2} s = {events_per_sec:.0} events/s\n",
+    progress.done(format!(
+        "[2/3] pipeline: {} events in {:.2} s = {events_per_sec:.0} events/s",
         args.events,
         elapsed.as_secs_f64()
     ));
@@ -547,7 +539,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let tick = Duration::from_millis(args.tick_ms.max(1));
     let per_tick = (rate * tick.as_secs_f64()).round().max(1.0) as u64;
     let actual_rate = per_tick as f64 / tick.as_secs_f64();
-    progress(&format!(
+    progress.spin(format!(
         "[3/3] latency at {actual_rate:.0} events/s for {} s ...",
         args.latency_seconds
     ));
@@ -611,10 +603,12 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let max_ms = percentile(&delays, 1.0);
     let created_p50_ms = percentile(&from_creation, 0.50);
     let created_p99_ms = percentile(&from_creation, 0.99);
-    progress(&format!(
-        "[3/3] latency at {actual_rate:.0} events/s: commit to visible p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms ({} samples)\n",
+    progress.done(format!(
+        "[3/3] latency at {actual_rate:.0} events/s: commit to visible p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms ({} samples)",
         delays.len()
     ));
+    // The live line goes before the report is printed.
+    drop(progress);
 
     // The read model must hold every event exactly once.
     let applied: i64 = reader

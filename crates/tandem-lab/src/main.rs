@@ -12,6 +12,7 @@
 
 mod bench;
 mod bench_orders;
+mod progress;
 mod worker;
 
 use std::process::ExitCode;

@@ -56,3 +56,56 @@ fn a_small_pipeline_bench_prints_its_figures_as_one_json_line() {
     assert!(number("p99_ms") <= number("max_ms"), "{report}");
     assert_eq!(report["synchronous"], "full", "{report}");
 }
+
+/// Redirected to a file, the bench writes its finished progress lines and
+/// no terminal escape codes (the live progress bar is for terminals only).
+#[test]
+fn redirected_output_has_no_escape_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
+        .args([
+            "bench",
+            "pipeline",
+            "--events",
+            "1000",
+            "--batch",
+            "250",
+            "--aggregates",
+            "50",
+            "--latency-seconds",
+            "1",
+            "--latency-rate",
+            "1000",
+            "--dir",
+        ])
+        .arg(dir.path().join("files"))
+        .stderr(log)
+        .output()
+        .expect("run tandem-lab bench pipeline");
+    let stderr = std::fs::read(&log_path).unwrap();
+    let stderr_text = String::from_utf8_lossy(&stderr);
+    assert!(
+        output.status.success(),
+        "bench failed: {stderr_text}\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    for (name, bytes) in [("stdout", &output.stdout), ("stderr", &stderr)] {
+        assert!(
+            !bytes.contains(&0x1b),
+            "escape code in {name}: {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+    for phase in [
+        "[1/3] raw batched SQLite inserts: ",
+        "[2/3] pipeline: 1000 events in ",
+        "[3/3] latency at ",
+    ] {
+        assert!(
+            stderr_text.lines().any(|line| line.starts_with(phase)),
+            "no line starting with {phase:?} in {stderr_text:?}"
+        );
+    }
+}
