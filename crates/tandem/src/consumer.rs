@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError, Delivery, Record, Subscription, TopicPartition};
 use crate::dead_letter::{self, Command, DeadLetter, Reason};
 use crate::envelope::{Envelope, PayloadError};
@@ -165,11 +166,7 @@ fn is_outage(error: &ConsumerError) -> bool {
     )
 }
 
-/// Exponential backoff's jitter: a uniform pick in [d/2, d].
-pub fn jitter(delay: Duration) -> Duration {
-    let half = delay / 2;
-    half + half.mul_f64(fastrand::f64())
-}
+pub use crate::backoff::jitter;
 
 /// What became of one record.
 enum Step {
@@ -1274,7 +1271,7 @@ impl<S: Store> Consumer<S> {
     /// the position stored with the effects; nothing is lost or applied
     /// twice. Any other error ends `run`.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-        let mut delay = self.config.retry_initial;
+        let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_outage_max);
         loop {
             let started = Instant::now();
             let error = match self.run_subscribed(&shutdown).await {
@@ -1284,9 +1281,9 @@ impl<S: Store> Consumer<S> {
             };
             // A subscription that worked for a while starts the backoff over.
             if started.elapsed() > self.config.retry_outage_max * 2 {
-                delay = self.config.retry_initial;
+                backoff.reset();
             }
-            let pause = jitter(delay);
+            let pause = backoff.next_delay();
             tracing::warn!(
                 consumer = %self.config.name,
                 %error,
@@ -1297,7 +1294,6 @@ impl<S: Store> Consumer<S> {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(pause) => {}
             }
-            delay = (delay * 2).min(self.config.retry_outage_max);
         }
     }
 
@@ -1447,7 +1443,7 @@ impl<S: Store> Consumer<S> {
         let first_failed_at = now_micros();
         let mut attempts: u32 = 1;
         let mut error = first_error;
-        let mut delay = self.config.retry_initial;
+        let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
         let record = Arc::new(vec![record]);
         loop {
             tracing::debug!(consumer = %self.config.name, attempts, error = %error, "handler failed");
@@ -1497,9 +1493,8 @@ impl<S: Store> Consumer<S> {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Drained::Shutdown),
-                _ = tokio::time::sleep(jitter(delay)) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            delay = (delay * 2).min(self.config.retry_max);
             let outcome = self.apply_batch(Arc::clone(&record)).await?;
             if outcome.stale {
                 return Ok(Drained::Stale);
