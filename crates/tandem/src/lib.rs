@@ -17,6 +17,7 @@
 //!
 //! The toolkit knows nothing of any domain.
 
+pub mod backoff;
 pub mod bus;
 pub mod consumer;
 pub mod dead_letter;

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError, OutgoingRecord};
 use crate::fault;
 use crate::outbox::{self, Cursor, OutboxBatch};
@@ -288,7 +289,7 @@ impl<S: Store> Relay<S> {
     ) -> Result<Stopped, RelayError> {
         let mut signal = self.store.outbox_signal();
         let mut external = self.store.external_changes()?;
-        let mut retry = self.config.retry_initial;
+        let mut retry = Backoff::new(self.config.retry_initial, self.config.retry_max);
         let mut cursor: Option<Cursor> = None;
         let mut saved_cursor: Option<Cursor> = None;
         let mut last_save = tokio::time::Instant::now();
@@ -330,13 +331,13 @@ impl<S: Store> Relay<S> {
             };
             match attempt.await {
                 Ok((moved, _)) if moved > 0 => {
-                    retry = self.config.retry_initial;
+                    retry.reset();
                     held_back_pause = HELD_BACK_PAUSE;
                 }
                 Ok((_, true)) => {
                     // Committed rows wait behind a transaction still
                     // running: look again shortly.
-                    retry = self.config.retry_initial;
+                    retry.reset();
                     tokio::select! {
                         _ = shutdown.cancelled() => break Stopped::Shutdown,
                         _ = tokio::time::sleep(held_back_pause) => {}
@@ -344,7 +345,7 @@ impl<S: Store> Relay<S> {
                     held_back_pause = (held_back_pause * 2).min(LONGEST_HELD_BACK_PAUSE);
                 }
                 Ok(_) => {
-                    retry = self.config.retry_initial;
+                    retry.reset();
                     held_back_pause = HELD_BACK_PAUSE;
                     // Caught up. A cursor not written yet is written when
                     // its interval is up, not at once: a producer
@@ -365,12 +366,12 @@ impl<S: Store> Relay<S> {
                     cursor = None;
                     saving = None;
                     ahead = None;
-                    tracing::warn!(relay = %self.config.name, %error, retry_in_ms = retry.as_millis() as u64, "relay batch failed");
+                    tracing::warn!(relay = %self.config.name, %error, retry_in_ms = retry.current().as_millis() as u64, "relay batch failed");
+                    let pause = retry.next_delay().min(self.config.lead_check);
                     tokio::select! {
                         _ = shutdown.cancelled() => break Stopped::Shutdown,
-                        _ = tokio::time::sleep(crate::consumer::jitter(retry).min(self.config.lead_check)) => {}
+                        _ = tokio::time::sleep(pause) => {}
                     }
-                    retry = (retry * 2).min(self.config.retry_max);
                 }
             }
         };

@@ -1,0 +1,207 @@
+//! The run loop: subscribe, seek to the stored positions, apply what is
+
+//! delivered, keep house (requests, gaps), and wait out outages.
+
+use std::collections::VecDeque;
+
+use std::sync::Arc;
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::positions::{generation, read_positions};
+
+use super::{describe, is_outage, Consumer, ConsumerError};
+
+use crate::backoff::Backoff;
+
+use crate::bus::{Delivery, Record, Subscription, TopicPartition};
+
+use crate::store::{Store, StoreError};
+
+/// How [`Consumer::drain_buffer`] ended.
+pub(super) enum Drained {
+    /// Everything buffered was consumed.
+    Done,
+    /// Shutdown interrupted a retry.
+    Shutdown,
+    /// A replay reset the consumer: seek again and drop the buffer.
+    Stale,
+}
+
+impl<S: Store> Consumer<S> {
+    /// Consumes until `shutdown` fires. The batch in flight then commits or
+    /// rolls back as a whole; nothing is half-applied.
+    ///
+    /// An engine that becomes unreachable (a bus or store error of kind
+    /// `Unavailable`) is waited out: the consumer drops its subscription,
+    /// backs off exponentially with jitter up to `retry_outage_max`, and
+    /// joins its group again, which seeks every assigned partition back to
+    /// the position stored with the effects; nothing is lost or applied
+    /// twice. Any other error ends `run`.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_outage_max);
+        loop {
+            let started = Instant::now();
+            let error = match self.run_subscribed(&shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(error) if is_outage(&error) => error,
+                Err(error) => return Err(error),
+            };
+            // A subscription that worked for a while starts the backoff over.
+            if started.elapsed() > self.config.retry_outage_max * 2 {
+                backoff.reset();
+            }
+            let pause = backoff.next_delay();
+            tracing::warn!(
+                consumer = %self.config.name,
+                %error,
+                retry_in_ms = pause.as_millis() as u64,
+                "engine unavailable; joining the group again after a pause"
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    async fn run_subscribed(&self, shutdown: &CancellationToken) -> Result<(), ConsumerError> {
+        let shutdown = shutdown.clone();
+        let mut subscription = self
+            .bus
+            .subscribe(&self.config.name, &self.config.topics)
+            .await?;
+        let mut assigned: Vec<TopicPartition> = Vec::new();
+        let mut buffer: VecDeque<Record> = VecDeque::new();
+        let mut last_housekeeping = Instant::now() - self.config.housekeeping_interval;
+        let mut last_gap_check = Instant::now();
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            if last_housekeeping.elapsed() >= self.config.housekeeping_interval {
+                last_housekeeping = Instant::now();
+                if self.run_requests(&mut subscription, &assigned).await? {
+                    buffer.clear();
+                }
+                if last_gap_check.elapsed()
+                    >= (self.config.gap_timeout / 4).max(Duration::from_millis(10))
+                {
+                    last_gap_check = Instant::now();
+                    self.expire_gaps().await?;
+                }
+            }
+            if buffer.is_empty() {
+                let wait = self.config.housekeeping_interval;
+                let delivery = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    delivery = subscription.next(self.config.batch_size, wait) => delivery?,
+                };
+                match delivery {
+                    None => continue,
+                    Some(Delivery::Assigned(partitions)) => {
+                        tracing::info!(
+                            consumer = %self.config.name,
+                            partitions = %describe(&partitions),
+                            "partitions assigned"
+                        );
+                        self.seek_to_positions(&mut subscription, &partitions)
+                            .await?;
+                        assigned.extend(partitions);
+                        buffer.clear();
+                        continue;
+                    }
+                    Some(Delivery::Revoked(partitions)) => {
+                        tracing::info!(
+                            consumer = %self.config.name,
+                            partitions = %describe(&partitions),
+                            "partitions revoked"
+                        );
+                        assigned.retain(|partition| !partitions.contains(partition));
+                        buffer.retain(|record| {
+                            !partitions.contains(&TopicPartition::new(
+                                record.topic.clone(),
+                                record.partition,
+                            ))
+                        });
+                        continue;
+                    }
+                    Some(Delivery::Records(records)) => buffer.extend(records),
+                }
+            }
+            match self
+                .drain_buffer(&mut buffer, &mut subscription, &shutdown)
+                .await?
+            {
+                Drained::Done => {}
+                Drained::Shutdown => return Ok(()),
+                Drained::Stale => {
+                    tracing::info!(
+                        consumer = %self.config.name,
+                        "another member replayed the consumer; seeking to the new positions"
+                    );
+                    buffer.clear();
+                    self.seek_to_positions(&mut subscription, &assigned).await?;
+                }
+            }
+        }
+    }
+
+    /// Seeks `partitions` to the stored positions, and takes the replay
+    /// generation they belong to (read in one snapshot with them).
+    async fn seek_to_positions(
+        &self,
+        subscription: &mut Box<dyn Subscription>,
+        partitions: &[TopicPartition],
+    ) -> Result<(), ConsumerError> {
+        let consumer = self.config.name.clone();
+        let (saved, current) = self
+            .store
+            .read(move |tx| -> Result<_, StoreError> {
+                Ok((read_positions(tx, &consumer)?, generation(tx, &consumer)?))
+            })
+            .await?;
+        for partition in partitions {
+            let offset = saved.get(partition).copied().unwrap_or(0);
+            subscription.seek(partition, offset).await?;
+        }
+        self.generation
+            .store(current, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Applies everything in `buffer`. A shutdown that interrupts a retry
+    /// leaves the record unapplied (it is redelivered on restart).
+    async fn drain_buffer(
+        &self,
+        buffer: &mut VecDeque<Record>,
+        subscription: &mut Box<dyn Subscription>,
+        shutdown: &CancellationToken,
+    ) -> Result<Drained, ConsumerError> {
+        while !buffer.is_empty() {
+            let records: Arc<Vec<Record>> = Arc::new(buffer.iter().cloned().collect());
+            let outcome = self.apply_batch(Arc::clone(&records)).await?;
+            if outcome.stale {
+                return Ok(Drained::Stale);
+            }
+            buffer.drain(..outcome.consumed);
+            subscription.ack(&records[..outcome.consumed]).await?;
+            let Some(error) = outcome.failure else {
+                continue;
+            };
+            let failed = buffer.pop_front().expect("the failed record is buffered");
+            match self
+                .retry_then_park(failed, error, subscription, shutdown)
+                .await?
+            {
+                Drained::Done => {}
+                other => return Ok(other),
+            }
+        }
+        Ok(Drained::Done)
+    }
+}
