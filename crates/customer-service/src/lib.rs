@@ -15,40 +15,24 @@ pub mod storage;
 
 use std::sync::Arc;
 
-use tandem::relay::{Relay, RelayConfig};
 use tandem::store::Store;
 use tandem::Bus;
 use tandem_contracts::topics;
+use tandem_service::{Service, ServiceError};
 use tokio_util::sync::CancellationToken;
 
-/// Runs the service on `listener` until `shutdown` fires.
+/// Runs the service on `listener` until `shutdown` fires: the API and the
+/// relay of its outbox.
 pub async fn run<S: Store>(
     listener: tokio::net::TcpListener,
     store: S,
     bus: Arc<dyn Bus>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
-    store
-        .write(storage::install)
+) -> Result<(), ServiceError> {
+    Service::new("customer", store, bus)
+        .install(storage::install)
+        .relay(topics::CUSTOMER)
+        .http(|store| http::router(app::Customers::new(store)))
+        .run(listener, shutdown)
         .await
-        .map_err(|error| format!("cannot set up the customer database: {error}"))?;
-    let relay = Relay::new(
-        store.clone(),
-        bus,
-        RelayConfig {
-            name: topics::CUSTOMER.into(),
-            ..RelayConfig::default()
-        },
-    );
-    let relay_shutdown = shutdown.clone();
-    tandem_service::run_parts(
-        listener,
-        http::router(app::Customers::new(store)),
-        vec![(
-            "relay",
-            tandem_service::task(async move { relay.run(relay_shutdown).await }),
-        )],
-        shutdown,
-    )
-    .await
 }

@@ -25,37 +25,15 @@ pub mod storage;
 
 use std::sync::Arc;
 
-use tandem::consumer::{Consumer, ConsumerConfig};
-use tandem::relay::{Relay, RelayConfig};
+use tandem::consumer::ConsumerConfig;
 use tandem::store::Store;
 use tandem::Bus;
 use tandem_contracts::topics;
+use tandem_service::{Service, ServiceError};
 use tokio_util::sync::CancellationToken;
 
 /// The port the service listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 8082;
-
-/// The relay of the service's outbox onto topic `inventory`.
-pub fn relay<S: Store>(store: S, bus: Arc<dyn Bus>) -> Relay<S> {
-    Relay::new(
-        store,
-        bus,
-        RelayConfig {
-            name: topics::INVENTORY.into(),
-            ..RelayConfig::default()
-        },
-    )
-}
-
-/// The consumer of topic `order` that reserves and releases stock.
-pub fn consumer<S: Store>(store: S, bus: Arc<dyn Bus>) -> Consumer<S> {
-    Consumer::new(
-        store,
-        bus,
-        Arc::new(reservations::Reservations),
-        ConsumerConfig::new(reservations::CONSUMER, &[topics::ORDER]),
-    )
-}
 
 /// Runs the service on `listener` until `shutdown` fires: the API, the
 /// relay of its outbox and the consumer of order events.
@@ -64,29 +42,13 @@ pub async fn run<S: Store>(
     store: S,
     bus: Arc<dyn Bus>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
-    store
-        .write(storage::install)
+) -> Result<(), ServiceError> {
+    let orders = ConsumerConfig::new(reservations::CONSUMER, &[topics::ORDER]);
+    Service::new("inventory", store, bus)
+        .install(storage::install)
+        .relay(topics::INVENTORY)
+        .consumer("reservations consumer", orders, reservations::Reservations)
+        .http(|store| http::router(app::Products::new(store)))
+        .run(listener, shutdown)
         .await
-        .map_err(|error| format!("cannot set up the inventory database: {error}"))?;
-    let relay = relay(store.clone(), Arc::clone(&bus));
-    let consumer = consumer(store.clone(), bus);
-    let relay_shutdown = shutdown.clone();
-    let consumer_shutdown = shutdown.clone();
-    tandem_service::run_parts(
-        listener,
-        http::router(app::Products::new(store)),
-        vec![
-            (
-                "relay",
-                tandem_service::task(async move { relay.run(relay_shutdown).await }),
-            ),
-            (
-                "reservations consumer",
-                tandem_service::task(async move { consumer.run(consumer_shutdown).await }),
-            ),
-        ],
-        shutdown,
-    )
-    .await
 }

@@ -34,7 +34,7 @@ struct System {
     api: Api,
     feed: Feed,
     shutdown: CancellationToken,
-    service: tokio::task::JoinHandle<Result<(), String>>,
+    service: tokio::task::JoinHandle<Result<(), tandem_service::ServiceError>>,
     order_relay: tokio::task::JoinHandle<()>,
 }
 

@@ -17,67 +17,33 @@ pub mod storage;
 
 use std::sync::Arc;
 
-use tandem::consumer::{Consumer, ConsumerConfig};
-use tandem::relay::{Relay, RelayConfig};
+use tandem::consumer::ConsumerConfig;
 use tandem::store::Store;
-use tandem::{Bus, Handler};
+use tandem::Bus;
 use tandem_contracts::topics;
+use tandem_service::{Service, ServiceError};
 use tokio_util::sync::CancellationToken;
 
-/// Runs the service on `listener` until `shutdown` fires.
+/// Runs the service on `listener` until `shutdown` fires: the API, the
+/// relay of its outbox, and the consumers that keep the local copies and
+/// settle pending orders.
 pub async fn run<S: Store>(
     listener: tokio::net::TcpListener,
     store: S,
     bus: Arc<dyn Bus>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
-    store
-        .write(storage::install)
+) -> Result<(), ServiceError> {
+    let copies = ConsumerConfig::new(
+        handlers::LOCAL_COPIES,
+        &[topics::CUSTOMER, topics::INVENTORY],
+    );
+    let settlement = ConsumerConfig::new(handlers::SETTLEMENT, &[topics::INVENTORY]);
+    Service::new("order", store, bus)
+        .install(storage::install)
+        .relay(topics::ORDER)
+        .consumer("local copies", copies, handlers::LocalCopies)
+        .consumer("settlement", settlement, handlers::Settlement)
+        .http(|store| http::router(app::Orders::new(store)))
+        .run(listener, shutdown)
         .await
-        .map_err(|error| format!("cannot set up the order database: {error}"))?;
-    let relay = Relay::new(
-        store.clone(),
-        Arc::clone(&bus),
-        RelayConfig {
-            name: topics::ORDER.into(),
-            ..RelayConfig::default()
-        },
-    );
-    let copies = Consumer::new(
-        store.clone(),
-        Arc::clone(&bus),
-        Arc::new(handlers::LocalCopies) as Arc<dyn Handler>,
-        ConsumerConfig::new(
-            handlers::LOCAL_COPIES,
-            &[topics::CUSTOMER, topics::INVENTORY],
-        ),
-    );
-    let settlement = Consumer::new(
-        store.clone(),
-        bus,
-        Arc::new(handlers::Settlement) as Arc<dyn Handler>,
-        ConsumerConfig::new(handlers::SETTLEMENT, &[topics::INVENTORY]),
-    );
-    let (relay_stop, copies_stop, settlement_stop) =
-        (shutdown.clone(), shutdown.clone(), shutdown.clone());
-    tandem_service::run_parts(
-        listener,
-        http::router(app::Orders::new(store)),
-        vec![
-            (
-                "relay",
-                tandem_service::task(async move { relay.run(relay_stop).await }),
-            ),
-            (
-                "local copies",
-                tandem_service::task(async move { copies.run(copies_stop).await }),
-            ),
-            (
-                "settlement",
-                tandem_service::task(async move { settlement.run(settlement_stop).await }),
-            ),
-        ],
-        shutdown,
-    )
-    .await
 }

@@ -10,6 +10,9 @@
 //! - [`serve`]: runs a router until a shutdown token fires, with timeouts
 //!   on every phase of a connection, a cap on connections, and a deadline
 //!   for draining in-flight requests ([`ServeConfig`]).
+//! - [`Service`]: a service's parts (its tables, the relay of its outbox,
+//!   its consumers, its HTTP API) put together and run until shutdown;
+//!   [`ServiceError`] says which part failed and keeps the cause.
 
 use std::net::SocketAddr;
 
@@ -22,7 +25,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+mod builder;
 mod serve;
+pub use builder::{Service, ServiceError};
 pub use serve::{serve, serve_with, ServeConfig};
 
 /// Largest request body a Tandem service accepts.
@@ -354,26 +359,30 @@ pub fn with_defaults(router: Router) -> Router {
 
 /// Runs a service's parts until `shutdown` fires: the HTTP server, the relay
 /// of its outbox (when it publishes) and its consumers. The first part to
-/// fail stops the others; the error names it.
+/// fail stops the others; the error names it. [`Service`] puts the parts
+/// together and calls this.
 pub async fn run_parts(
     listener: tokio::net::TcpListener,
     router: Router,
     background: Vec<(&'static str, BoxedTask)>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), ServiceError> {
     let mut tasks = tokio::task::JoinSet::new();
-    for (name, task) in background {
-        tasks.spawn(async move { task.await.map_err(|error| format!("{name}: {error}")) });
+    for (part, task) in background {
+        tasks.spawn(async move {
+            task.await
+                .map_err(|source| ServiceError::Part { part, source })
+        });
     }
     let server_shutdown = shutdown.clone();
     tasks.spawn(async move {
         serve(listener, router, server_shutdown)
             .await
-            .map_err(|error| format!("http server: {error}"))
+            .map_err(ServiceError::Http)
     });
     let mut first_error = None;
     while let Some(finished) = tasks.join_next().await {
-        let outcome = finished.unwrap_or_else(|error| Err(format!("task panicked: {error}")));
+        let outcome = finished.unwrap_or_else(|error| Err(ServiceError::Panicked(error)));
         if let Err(error) = outcome {
             tracing::error!(%error, "service part failed; stopping the service");
             first_error.get_or_insert(error);

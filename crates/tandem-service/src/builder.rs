@@ -1,0 +1,182 @@
+//! [`Service`]: a service's parts put together in a few lines, and run
+//! until a shutdown token fires.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use tandem::{Bus, Envelope, Handler, HandlerError, Store, Tx};
+//! # struct Balances;
+//! # impl Handler for Balances {
+//! #     fn handle(&self, _: &mut dyn Tx, _: &Envelope) -> Result<(), HandlerError> { Ok(()) }
+//! # }
+//! # fn install(_: &mut dyn Tx) -> Result<(), tandem::StoreError> { Ok(()) }
+//! # fn router<S: Store>(_: S) -> axum::Router { axum::Router::new() }
+//! # async fn example<S: Store>(
+//! #     listener: tokio::net::TcpListener, store: S, bus: Arc<dyn Bus>,
+//! #     shutdown: tokio_util::sync::CancellationToken,
+//! # ) -> Result<(), tandem_service::ServiceError> {
+//! use tandem::consumer::ConsumerConfig;
+//! use tandem_service::Service;
+//!
+//! let transfers = ConsumerConfig::new("ledger-balances", &["transfer"]);
+//! Service::new("ledger", store, bus)
+//!     .install(install)
+//!     .relay("ledger")
+//!     .consumer("balances", transfers, Balances)
+//!     .http(router)
+//!     .run(listener, shutdown)
+//!     .await
+//! # }
+//! ```
+
+use std::sync::Arc;
+
+use axum::Router;
+use tandem::consumer::{Consumer, ConsumerConfig};
+use tandem::relay::{Relay, RelayConfig};
+use tandem::{Bus, Handler, Store, StoreError, Tx};
+use tokio_util::sync::CancellationToken;
+
+use crate::{run_parts, task, BoxedTask};
+
+/// Why a service could not start or stopped with an error. The cause is
+/// kept as the error's source.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Installing the service's tables in its database failed; nothing ran.
+    #[error("cannot set up the {service} database: {source}")]
+    Setup {
+        service: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    /// A background part (the relay or a consumer) failed.
+    #[error("{part}: {source}")]
+    Part {
+        part: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Http(#[source] std::io::Error),
+    /// A part panicked.
+    #[error("task panicked: {0}")]
+    Panicked(#[source] tokio::task::JoinError),
+}
+
+/// Installs a service's tables (in one write transaction, before any part
+/// runs).
+type Install = Box<dyn FnOnce(&mut dyn Tx) -> Result<(), StoreError> + Send>;
+
+/// A service: its database, the bus, and the parts that run together until
+/// shutdown — the HTTP API, the relay of its outbox (when it publishes) and
+/// its consumers. The first part to fail stops the others.
+#[must_use = "a service does nothing until `run` is awaited"]
+pub struct Service<S: Store> {
+    name: &'static str,
+    store: S,
+    bus: Arc<dyn Bus>,
+    install: Option<Install>,
+    relay: Option<RelayConfig>,
+    consumers: Vec<(&'static str, ConsumerConfig, Arc<dyn Handler>)>,
+    router: Router,
+}
+
+impl<S: Store> Service<S> {
+    /// A service named `name` (as in "the `name` database") with no parts
+    /// but an HTTP server that answers 404.
+    pub fn new(name: &'static str, store: S, bus: Arc<dyn Bus>) -> Self {
+        Self {
+            name,
+            store,
+            bus,
+            install: None,
+            relay: None,
+            consumers: Vec::new(),
+            router: Router::new(),
+        }
+    }
+
+    /// Sets up the service's own tables before anything runs; a failure
+    /// stops the start with [`ServiceError::Setup`].
+    pub fn install<F>(mut self, install: F) -> Self
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<(), StoreError> + Send + 'static,
+    {
+        self.install = Some(Box::new(install));
+        self
+    }
+
+    /// Relays the service's outbox onto `topic` (the relay, its cursor and
+    /// its lease are named after the topic), with the default settings.
+    pub fn relay(self, topic: &str) -> Self {
+        self.relay_with(RelayConfig {
+            name: topic.to_owned(),
+            ..RelayConfig::default()
+        })
+    }
+
+    /// Relays the service's outbox with `config`.
+    pub fn relay_with(mut self, config: RelayConfig) -> Self {
+        self.relay = Some(config);
+        self
+    }
+
+    /// Runs a consumer of `config.topics` that applies events with
+    /// `handler`; `part` names it in the log and in a [`ServiceError`].
+    pub fn consumer<H: Handler + 'static>(
+        mut self,
+        part: &'static str,
+        config: ConsumerConfig,
+        handler: H,
+    ) -> Self {
+        self.consumers.push((part, config, Arc::new(handler)));
+        self
+    }
+
+    /// Serves the router that `api` makes from the service's store (probes
+    /// included: the service's router brings them).
+    pub fn http(mut self, api: impl FnOnce(S) -> Router) -> Self {
+        self.router = api(self.store.clone());
+        self
+    }
+
+    /// Installs the tables, then runs every part on `listener` until
+    /// `shutdown` fires or a part fails.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServiceError> {
+        let Self {
+            name,
+            store,
+            bus,
+            install,
+            relay,
+            consumers,
+            router,
+        } = self;
+        if let Some(install) = install {
+            store
+                .write(install)
+                .await
+                .map_err(|source| ServiceError::Setup {
+                    service: name,
+                    source,
+                })?;
+        }
+        let mut parts: Vec<(&'static str, BoxedTask)> = Vec::new();
+        if let Some(config) = relay {
+            let relay = Relay::new(store.clone(), Arc::clone(&bus), config);
+            let stop = shutdown.clone();
+            parts.push(("relay", task(async move { relay.run(stop).await })));
+        }
+        for (part, config, handler) in consumers {
+            let consumer = Consumer::new(store.clone(), Arc::clone(&bus), handler, config);
+            let stop = shutdown.clone();
+            parts.push((part, task(async move { consumer.run(stop).await })));
+        }
+        run_parts(listener, router, parts, shutdown).await
+    }
+}
