@@ -299,11 +299,21 @@ fn install_busy_handler(connection: &Connection, busy_timeout: Duration) -> Resu
     connection.busy_handler(Some(handler)).map_err(map_error)
 }
 
+/// Maps a SQLite error as every engine does: a unique or primary-key
+/// violation is a [`StoreError::Conflict`] (any other constraint, such as
+/// NOT NULL, CHECK or a foreign key, is an [`StoreError::Engine`] error);
+/// a busy or locked database, a file that cannot be opened, a full disk or
+/// an I/O failure is [`StoreError::Unavailable`].
 pub(crate) fn map_error(error: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode;
     match &error {
         rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
-            ErrorCode::ConstraintViolation => StoreError::Conflict(error.to_string()),
+            ErrorCode::ConstraintViolation
+                if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                StoreError::Conflict(error.to_string())
+            }
             ErrorCode::DatabaseBusy
             | ErrorCode::DatabaseLocked
             | ErrorCode::CannotOpen
