@@ -13,7 +13,8 @@
 //! The synchronous `postgres` client runs on threads the store owns (it
 //! drives a small runtime of its own, so it is never called from a tokio
 //! worker): one writer thread and a pool of reader threads, each with its
-//! own connection. [`Store::write`] and [`Store::read`] hand a closure to
+//! own connection, run by the toolkit's shared executor
+//! ([`tandem::executor`]); this crate supplies the connection. [`Store::write`] and [`Store::read`] hand a closure to
 //! those threads over a channel and complete a oneshot.
 //!
 //! - **Writers are serialised per database, across processes.** Every write
@@ -54,7 +55,10 @@
 //!
 //! Unique violations (`23505`) are [`StoreError::Conflict`]; connection
 //! failures, serialization failures (`40001`), deadlocks (`40P01`) and
-//! server shutdowns (class `57P`) are [`StoreError::Unavailable`].
+//! server shutdowns (class `57P`) are [`StoreError::Unavailable`]; any other
+//! constraint violation (NOT NULL, CHECK, foreign key) is
+//! [`StoreError::Engine`], as on SQLite. A failed group commit is
+//! `Unavailable` or `Engine` as the executor documents.
 //!
 //! # URLs and TLS
 //!
@@ -87,12 +91,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::types::{FromSql, IsNull, ToSql, Type};
 use postgres::{Client, GenericClient, Statement};
+use tandem::executor::{EngineConnection, Executor};
 use tandem::store::{
     Dialect, ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
 };
@@ -108,9 +113,6 @@ pub const WRITER_LOCK_KEY: i64 = 0x0074_616e_6465_6d57;
 
 /// The channel a commit that appended to the outbox notifies.
 pub const OUTBOX_CHANNEL: &str = "tandem_outbox";
-
-/// Most write jobs committed together by one group commit.
-const MAX_GROUP: usize = 256;
 
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 256;
@@ -736,13 +738,6 @@ impl Slot {
     }
 }
 
-/// Work for a store thread (see `tandem::sqlite`): given `Some(appended)` it
-/// runs under a savepoint of the group transaction; given `None`, in its own
-/// transaction. Returns what to do once the enclosing commit's outcome is
-/// known.
-type Job = Box<dyn FnOnce(Result<&mut Conn, StoreError>, Option<&mut bool>) -> Reply + Send>;
-type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-
 fn begin_write(client: &mut Client) -> Result<(), StoreError> {
     client
         .batch_execute("BEGIN")
@@ -771,97 +766,62 @@ fn commit(client: &mut Client, appended: bool) -> Result<(), StoreError> {
     })
 }
 
-fn writer_loop(mut slot: Slot, jobs: mpsc::Receiver<Job>, signal: watch::Sender<u64>) {
-    while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        if group.len() == 1 {
-            let job = group.pop().expect("one job");
-            job(slot.get(), None)(Ok(()));
-            slot.check();
-            continue;
-        }
-        let begun = slot.get().and_then(|conn| begin_write(&mut conn.client));
-        if let Err(error) = begun {
-            tracing::debug!(%error, "group transaction refused; running the jobs one by one");
-            for job in group {
-                job(slot.get(), None)(Ok(()));
-                slot.check();
-            }
-            continue;
-        }
-        let mut appended = false;
-        let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
-        for job in group {
-            replies.push(job(slot.current(), Some(&mut appended)));
-        }
-        let committed = slot
-            .current()
-            .and_then(|conn| commit(&mut conn.client, appended));
-        slot.check();
-        if committed.is_ok() && appended {
-            signal.send_modify(|count| *count = count.wrapping_add(1));
-        }
-        for reply in replies {
-            reply(match &committed {
-                Ok(()) => Ok(()),
-                Err(StoreError::Unavailable(error)) => Err(StoreError::Unavailable(format!(
-                    "group commit failed: {error}"
-                ))),
-                Err(error) => Err(StoreError::Engine(format!("group commit failed: {error}"))),
-            });
-        }
-    }
-}
+/// The store threads' connections run on the shared
+/// [`Executor`]: a write begins with `BEGIN` and the writer lock, a read is
+/// `REPEATABLE READ READ ONLY`, and a commit that appended to the outbox
+/// sends `NOTIFY tandem_outbox` with it.
+impl EngineConnection for Slot {
+    type Open = Conn;
 
-fn reader_loop(mut slot: Slot, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
-    loop {
-        let job = {
-            let Ok(receiver) = jobs.lock() else {
-                return;
-            };
-            match receiver.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
-        };
-        job(slot.get(), None)(Ok(()));
-        slot.check();
+    fn open(&mut self) -> Result<&mut Conn, StoreError> {
+        self.get()
     }
-}
 
-/// Runs one job of a group under a savepoint.
-fn run_in_savepoint<R, E, F>(conn: &mut Conn, work: F, appended: &mut bool) -> Result<R, E>
-where
-    E: From<StoreError>,
-    F: FnOnce(&mut dyn Tx) -> Result<R, E>,
-{
-    let client = &mut conn.client;
-    client
-        .batch_execute("SAVEPOINT tandem_job")
-        .map_err(|error| E::from(map_error(error, false)))?;
-    let mut tx = PostgresTx::cached(client, &mut conn.statements);
-    let result = finish(work(&mut tx), &tx);
-    let job_appended = tx.appended;
-    match result {
-        Ok(value) => {
+    fn current(&mut self) -> Result<&mut Conn, StoreError> {
+        Slot::current(self)
+    }
+
+    fn settle(&mut self) {
+        self.check();
+    }
+
+    fn begin(conn: &mut Conn, write: bool) -> Result<(), StoreError> {
+        if write {
+            begin_write(&mut conn.client)
+        } else {
             conn.client
-                .batch_execute("RELEASE SAVEPOINT tandem_job")
-                .map_err(|error| E::from(map_error(error, false)))?;
-            *appended |= job_appended;
-            Ok(value)
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .map_err(|error| map_error(error, false))
         }
-        Err(error) => {
-            let _ = conn
-                .client
-                .batch_execute("ROLLBACK TO SAVEPOINT tandem_job; RELEASE SAVEPOINT tandem_job");
-            Err(error)
+    }
+
+    fn finish(conn: &mut Conn, write: bool, appended: bool) -> Result<(), StoreError> {
+        if write {
+            commit(&mut conn.client, appended)
+        } else {
+            let _ = conn.client.batch_execute("ROLLBACK");
+            Ok(())
         }
+    }
+
+    fn rollback(conn: &mut Conn) {
+        let _ = conn.client.batch_execute("ROLLBACK");
+    }
+
+    fn execute_batch(conn: &mut Conn, sql: &str) -> Result<(), StoreError> {
+        conn.client
+            .batch_execute(sql)
+            .map_err(|error| map_error(error, false))
+    }
+
+    fn run_work<R, E, F>(conn: &mut Conn, work: F) -> (Result<R, E>, bool)
+    where
+        E: From<StoreError>,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E>,
+    {
+        let mut tx = PostgresTx::cached(&mut conn.client, &mut conn.statements);
+        let result = finish(work(&mut tx), &tx);
+        (result, tx.appended)
     }
 }
 
@@ -881,50 +841,9 @@ where
     }
 }
 
-fn run_transaction<R, E, F>(
-    conn: &mut Conn,
-    write: bool,
-    work: F,
-    signal: &watch::Sender<u64>,
-) -> Result<R, E>
-where
-    E: From<StoreError>,
-    F: FnOnce(&mut dyn Tx) -> Result<R, E>,
-{
-    if write {
-        begin_write(&mut conn.client).map_err(E::from)?;
-    } else {
-        conn.client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .map_err(|error| E::from(map_error(error, false)))?;
-    }
-    let mut tx = PostgresTx::cached(&mut conn.client, &mut conn.statements);
-    let result = finish(work(&mut tx), &tx);
-    let appended = tx.appended;
-    match result {
-        Ok(value) => {
-            if write {
-                commit(&mut conn.client, appended).map_err(E::from)?;
-                if appended {
-                    signal.send_modify(|count| *count = count.wrapping_add(1));
-                }
-            } else {
-                let _ = conn.client.batch_execute("ROLLBACK");
-            }
-            Ok(value)
-        }
-        Err(error) => {
-            let _ = conn.client.batch_execute("ROLLBACK");
-            Err(error)
-        }
-    }
-}
-
 struct Shared {
     connector: Connector,
-    writer: Mutex<mpsc::Sender<Job>>,
-    readers: Mutex<mpsc::Sender<Job>>,
-    outbox_signal: watch::Sender<u64>,
+    executor: Executor<Slot>,
 }
 
 /// A PostgreSQL database used as a service's store. Cloning is cheap and
@@ -995,34 +914,17 @@ impl PostgresStore {
             }),
             connector: connector.clone(),
         };
-        let (outbox_signal, _) = watch::channel(0u64);
-        let (writer_sender, writer_receiver) = mpsc::channel::<Job>();
-        let writer_signal = outbox_signal.clone();
-        std::thread::Builder::new()
-            .name("tandem-pg-writer".into())
-            .spawn(move || writer_loop(writer, writer_receiver, writer_signal))
-            .map_err(|error| StoreError::Engine(format!("cannot start writer thread: {error}")))?;
-        let (reader_sender, reader_receiver) = mpsc::channel::<Job>();
-        let reader_receiver = Arc::new(Mutex::new(reader_receiver));
-        for index in 0..options.readers.max(1) {
-            let slot = Slot {
+        let readers = (0..options.readers.max(1))
+            .map(|_| Slot {
                 connector: connector.clone(),
                 conn: None,
-            };
-            let receiver = Arc::clone(&reader_receiver);
-            std::thread::Builder::new()
-                .name(format!("tandem-pg-reader-{index}"))
-                .spawn(move || reader_loop(slot, receiver))
-                .map_err(|error| {
-                    StoreError::Engine(format!("cannot start reader thread: {error}"))
-                })?;
-        }
+            })
+            .collect();
+        let executor = Executor::start("tandem-pg", writer, readers)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 connector,
-                writer: Mutex::new(writer_sender),
-                readers: Mutex::new(reader_sender),
-                outbox_signal,
+                executor,
             }),
         })
     }
@@ -1030,52 +932,6 @@ impl PostgresStore {
     /// `host:port/database` of this store, for messages.
     pub fn described(&self) -> &str {
         self.shared.connector.described()
-    }
-
-    fn run<R, E, F>(&self, write: bool, work: F) -> StoreFuture<R, E>
-    where
-        R: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
-    {
-        let (reply, answer) = oneshot::channel();
-        let signal = self.shared.outbox_signal.clone();
-        let job: Job = Box::new(
-            move |conn: Result<&mut Conn, StoreError>, group: Option<&mut bool>| {
-                let result = match conn {
-                    Err(error) => Err(E::from(error)),
-                    Ok(conn) => match group {
-                        Some(appended) => run_in_savepoint(conn, work, appended),
-                        None => run_transaction(conn, write, work, &signal),
-                    },
-                };
-                Box::new(move |committed: Result<(), StoreError>| {
-                    let outcome = match (result, committed) {
-                        (Ok(value), Ok(())) => Ok(value),
-                        (Ok(_), Err(error)) => Err(E::from(error)),
-                        (Err(error), _) => Err(error),
-                    };
-                    let _ = reply.send(outcome);
-                })
-            },
-        );
-        let sender = if write {
-            &self.shared.writer
-        } else {
-            &self.shared.readers
-        };
-        let sent = match sender.lock() {
-            Ok(sender) => sender
-                .send(job)
-                .map_err(|_| StoreError::Unavailable("store threads have stopped".into())),
-            Err(_) => Err(StoreError::Engine("store sender poisoned".into())),
-        };
-        Box::pin(async move {
-            sent.map_err(E::from)?;
-            answer
-                .await
-                .map_err(|_| E::from(StoreError::Engine("store thread dropped the job".into())))?
-        })
     }
 }
 
@@ -1086,7 +942,7 @@ impl Store for PostgresStore {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
     {
-        self.run(true, work)
+        self.shared.executor.run(true, work)
     }
 
     fn read<R, E, F>(&self, work: F) -> StoreFuture<R, E>
@@ -1095,11 +951,11 @@ impl Store for PostgresStore {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
     {
-        self.run(false, work)
+        self.shared.executor.run(false, work)
     }
 
     fn outbox_signal(&self) -> watch::Receiver<u64> {
-        self.shared.outbox_signal.subscribe()
+        self.shared.executor.outbox_signal()
     }
 
     /// A `LISTEN tandem_outbox` connection on a thread of its own; reports a

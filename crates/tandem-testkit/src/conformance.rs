@@ -107,6 +107,9 @@ macro_rules! store_conformance {
                 a_write_whose_closure_fails_leaves_no_trace,
                 committed_writes_are_visible_to_read,
                 a_unique_violation_is_a_conflict,
+                a_unique_index_violation_is_a_conflict,
+                a_not_null_or_check_violation_is_an_engine_error_not_a_conflict,
+                a_failed_group_commit_fails_every_job_of_the_group_as_an_engine_error,
                 rolling_back_to_a_savepoint_undoes_only_the_inner_part,
                 a_failed_statement_undone_by_a_savepoint_leaves_the_transaction_usable,
                 concurrent_writes_are_serialised,
@@ -760,6 +763,203 @@ pub mod store_checks {
             "a unique violation must be a Conflict: {error:?}"
         );
         assert_eq!(items(store).await, vec![("dup".to_owned(), 1)]);
+    }
+
+    /// A table with a unique column besides its key, a NOT NULL column and a
+    /// CHECK, for the error-mapping checks.
+    const RULES_TABLE: &str = "CREATE TABLE conformance_rules (
+        id     BIGINT PRIMARY KEY,
+        email  TEXT   NOT NULL UNIQUE,
+        amount BIGINT NOT NULL CHECK (amount >= 0)
+    )";
+
+    fn insert_rule(
+        tx: &mut dyn Tx,
+        id: i64,
+        email: Option<&str>,
+        amount: i64,
+    ) -> Result<u64, StoreError> {
+        tx.execute(
+            "INSERT INTO conformance_rules (id, email, amount) VALUES ($1, $2, $3)",
+            params![id, email, amount],
+        )
+    }
+
+    async fn rule_ids<S: Store>(store: &S) -> Vec<i64> {
+        store
+            .read(|tx| -> Result<Vec<i64>, StoreError> {
+                tx.query("SELECT id FROM conformance_rules ORDER BY id", &[])?
+                    .iter()
+                    .map(|row| row.i64(0))
+                    .collect()
+            })
+            .await
+            .expect("read rules")
+    }
+
+    pub async fn a_unique_index_violation_is_a_conflict<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let store = &fresh.engine;
+        store
+            .write(|tx| tx.execute_batch(RULES_TABLE))
+            .await
+            .expect("create conformance_rules");
+        store
+            .write(|tx| insert_rule(tx, 1, Some("a@example.com"), 1))
+            .await
+            .expect("first insert");
+        let error = store
+            .write(|tx| insert_rule(tx, 2, Some("a@example.com"), 1))
+            .await
+            .expect_err("a second row with the same unique column");
+        assert!(
+            matches!(error, StoreError::Conflict(_)),
+            "a unique-column violation must be a Conflict: {error:?}"
+        );
+        let error = store
+            .write(|tx| insert_rule(tx, 1, Some("b@example.com"), 1))
+            .await
+            .expect_err("a second row with the same primary key");
+        assert!(
+            matches!(error, StoreError::Conflict(_)),
+            "a primary-key violation must be a Conflict: {error:?}"
+        );
+        assert_eq!(rule_ids(store).await, vec![1]);
+    }
+
+    pub async fn a_not_null_or_check_violation_is_an_engine_error_not_a_conflict<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        // Only a uniqueness rule means "someone else got there first"; a
+        // broken NOT NULL or CHECK is a bug in the writer, never retried as
+        // a conflict.
+        let fresh = make().await;
+        let store = &fresh.engine;
+        store
+            .write(|tx| tx.execute_batch(RULES_TABLE))
+            .await
+            .expect("create conformance_rules");
+        let error = store
+            .write(|tx| insert_rule(tx, 1, None, 1))
+            .await
+            .expect_err("a NULL in a NOT NULL column");
+        assert!(
+            matches!(error, StoreError::Engine(_)),
+            "a NOT NULL violation must be an Engine error, not a Conflict: {error:?}"
+        );
+        let error = store
+            .write(|tx| insert_rule(tx, 2, Some("a@example.com"), -1))
+            .await
+            .expect_err("a row the CHECK refuses");
+        assert!(
+            matches!(error, StoreError::Engine(_)),
+            "a CHECK violation must be an Engine error, not a Conflict: {error:?}"
+        );
+        assert!(rule_ids(store).await.is_empty(), "nothing was written");
+    }
+
+    pub async fn a_failed_group_commit_fails_every_job_of_the_group_as_an_engine_error<S, F, Fut>(
+        make: F,
+    ) where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        // A foreign key checked at commit (DEFERRABLE INITIALLY DEFERRED)
+        // makes a commit fail on demand, with the engine up: the group's
+        // commit fails for every job in it, and since retrying the same
+        // work fails again, that is an Engine error (an engine that went
+        // away would make it Unavailable).
+        let fresh = make().await;
+        let store = &fresh.engine;
+        store
+            .write(|tx| {
+                tx.execute_batch(
+                    "CREATE TABLE conformance_parents (id BIGINT PRIMARY KEY);
+                     CREATE TABLE conformance_children (
+                         id     BIGINT PRIMARY KEY,
+                         parent BIGINT NOT NULL REFERENCES conformance_parents (id)
+                                DEFERRABLE INITIALLY DEFERRED
+                     )",
+                )
+            })
+            .await
+            .expect("create the tables");
+        fn insert_child(tx: &mut dyn Tx, id: i64, parent: i64) -> Result<u64, StoreError> {
+            tx.execute(
+                "INSERT INTO conformance_children (id, parent) VALUES ($1, $2)",
+                params![id, parent],
+            )
+        }
+        async fn children<S: Store>(store: &S) -> i64 {
+            store
+                .read(|tx| -> Result<i64, StoreError> {
+                    tx.query_opt("SELECT COUNT(*) FROM conformance_children", &[])?
+                        .ok_or_else(|| StoreError::Decode("no count".into()))?
+                        .i64(0)
+                })
+                .await
+                .expect("count children")
+        }
+
+        // Alone, the orphan fails at its own commit.
+        let error = store
+            .write(|tx| insert_child(tx, 1, 99))
+            .await
+            .expect_err("an orphan fails at commit");
+        assert!(
+            matches!(error, StoreError::Engine(_)),
+            "a commit refused by a deferred constraint must be an Engine error: {error:?}"
+        );
+
+        // Hold the writer with one job, queue two more behind it (a store
+        // queues a write when it is called), then let go: the two run as
+        // one group, and the orphan fails the group's commit for both.
+        let (started, started_here) = tokio::sync::oneshot::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = store.write(move |tx| {
+            let _ = started.send(());
+            let _ = released.recv_timeout(DEADLINE);
+            tx.execute(
+                "INSERT INTO conformance_parents (id) VALUES ($1)",
+                params![1_i64],
+            )
+        });
+        tokio::time::timeout(DEADLINE, started_here)
+            .await
+            .expect("the holding job starts")
+            .expect("the holding job runs");
+        let orphan = store.write(|tx| insert_child(tx, 2, 99));
+        let child = store.write(|tx| insert_child(tx, 3, 1));
+        release.send(()).expect("release the writer");
+        holder.await.expect("the holding job commits alone");
+        let orphan = orphan.await.expect_err("the group's commit fails");
+        let child = child.await.expect_err("the group's commit fails for all");
+        for error in [&orphan, &child] {
+            match error {
+                StoreError::Engine(message) => assert!(
+                    message.contains("group commit failed"),
+                    "the error says the group's commit failed: {message}"
+                ),
+                other => panic!("a failed group commit must be an Engine error: {other:?}"),
+            }
+        }
+        assert_eq!(children(store).await, 0, "nothing of the group committed");
+
+        // The store goes on.
+        store
+            .write(|tx| insert_child(tx, 4, 1))
+            .await
+            .expect("a write after the failed group");
+        assert_eq!(children(store).await, 1);
     }
 
     pub async fn rolling_back_to_a_savepoint_undoes_only_the_inner_part<S, F, Fut>(make: F)

@@ -24,6 +24,7 @@ pub mod dead_letter;
 pub mod embedded;
 pub mod engine;
 pub mod envelope;
+pub mod executor;
 pub mod fault;
 pub mod outbox;
 pub mod relay;

@@ -9,13 +9,13 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
+use crate::executor::{run_transaction, EngineConnection, Executor};
 use crate::store::{
     Dialect, ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
 };
@@ -71,106 +71,56 @@ impl Default for SqliteOptions {
     }
 }
 
-/// Work for a store thread. Given `Some(appended)`, the job runs inside a
-/// group transaction the thread opened (under a savepoint of its own) and
-/// sets `appended` if it wrote to the outbox; given `None`, it runs its own
-/// transaction. It returns what to do once the outcome of the enclosing
-/// commit is known (for its own transaction: already known).
-type Job = Box<dyn FnOnce(&mut Connection, Option<&mut bool>) -> Reply + Send>;
-type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// A store thread's SQLite connection, for the shared
+/// [`Executor`](crate::executor::Executor): writes begin with
+/// `BEGIN IMMEDIATE`, reads with a deferred `BEGIN` (ended by a rollback).
+pub(crate) struct SqliteConnection(pub(crate) Connection);
 
-/// Most write jobs committed together by one group commit.
-const MAX_GROUP: usize = 256;
+impl EngineConnection for SqliteConnection {
+    type Open = Connection;
 
-/// The writer thread: runs jobs one transaction each while they arrive one
-/// at a time; when several are queued, runs them in one transaction, each
-/// under its own savepoint (a failing job undoes only itself), and commits
-/// once: one fsync for the group instead of one per job.
-fn writer_loop(mut connection: Connection, jobs: mpsc::Receiver<Job>, signal: watch::Sender<u64>) {
-    while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        if group.len() == 1 {
-            let job = group.pop().expect("one job");
-            job(&mut connection, None)(Ok(()));
-            continue;
-        }
-        if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
-            tracing::debug!(%error, "group transaction refused; running the jobs one by one");
-            for job in group {
-                job(&mut connection, None)(Ok(()));
-            }
-            continue;
-        }
-        let mut appended = false;
-        let replies: Vec<Reply> = group
-            .into_iter()
-            .map(|job| job(&mut connection, Some(&mut appended)))
-            .collect();
-        let committed = connection.execute_batch("COMMIT").map_err(|error| {
-            let _ = connection.execute_batch("ROLLBACK");
-            map_error(error)
-        });
-        if committed.is_ok() && appended {
-            signal.send_modify(|count| *count = count.wrapping_add(1));
-        }
-        for reply in replies {
-            let outcome = match &committed {
-                Ok(()) => Ok(()),
-                Err(error) => Err(StoreError::Unavailable(format!(
-                    "group commit failed: {error}"
-                ))),
-            };
-            reply(outcome);
-        }
+    fn open(&mut self) -> Result<&mut Connection, StoreError> {
+        Ok(&mut self.0)
     }
-}
 
-/// Runs one job of a group under a savepoint.
-fn run_in_savepoint<R, E, F>(
-    connection: &mut Connection,
-    work: F,
-    appended: &mut bool,
-) -> Result<R, E>
-where
-    E: From<StoreError>,
-    F: FnOnce(&mut dyn Tx) -> Result<R, E>,
-{
-    connection
-        .execute_batch("SAVEPOINT tandem_job")
-        .map_err(|error| E::from(map_error(error)))?;
-    let mut tx = SqliteTx {
-        connection,
-        appended: false,
-    };
-    let result = work(&mut tx);
-    let job_appended = tx.appended;
-    match result {
-        Ok(value) => {
-            connection
-                .execute_batch("RELEASE SAVEPOINT tandem_job")
-                .map_err(|error| E::from(map_error(error)))?;
-            *appended |= job_appended;
-            Ok(value)
-        }
-        Err(error) => {
-            let _ = connection
-                .execute_batch("ROLLBACK TO SAVEPOINT tandem_job; RELEASE SAVEPOINT tandem_job");
-            Err(error)
-        }
+    fn begin(open: &mut Connection, write: bool) -> Result<(), StoreError> {
+        let begin = if write { "BEGIN IMMEDIATE" } else { "BEGIN" };
+        open.execute_batch(begin).map_err(map_error)
+    }
+
+    fn finish(open: &mut Connection, write: bool, _appended: bool) -> Result<(), StoreError> {
+        let end = if write { "COMMIT" } else { "ROLLBACK" };
+        open.execute_batch(end).map_err(|error| {
+            let _ = open.execute_batch("ROLLBACK");
+            map_error(error)
+        })
+    }
+
+    fn rollback(open: &mut Connection) {
+        let _ = open.execute_batch("ROLLBACK");
+    }
+
+    fn execute_batch(open: &mut Connection, sql: &str) -> Result<(), StoreError> {
+        open.execute_batch(sql).map_err(map_error)
+    }
+
+    fn run_work<R, E, F>(open: &mut Connection, work: F) -> (Result<R, E>, bool)
+    where
+        E: From<StoreError>,
+        F: FnOnce(&mut dyn Tx) -> Result<R, E>,
+    {
+        let mut tx = SqliteTx {
+            connection: open,
+            appended: false,
+        };
+        let result = work(&mut tx);
+        (result, tx.appended)
     }
 }
 
 struct Shared {
     path: PathBuf,
-    writer: Mutex<mpsc::Sender<Job>>,
-    readers: Mutex<mpsc::Sender<Job>>,
-    outbox_signal: watch::Sender<u64>,
+    executor: Executor<SqliteConnection>,
     options: SqliteOptions,
 }
 
@@ -349,11 +299,21 @@ fn install_busy_handler(connection: &Connection, busy_timeout: Duration) -> Resu
     connection.busy_handler(Some(handler)).map_err(map_error)
 }
 
+/// Maps a SQLite error as every engine does: a unique or primary-key
+/// violation is a [`StoreError::Conflict`] (any other constraint, such as
+/// NOT NULL, CHECK or a foreign key, is an [`StoreError::Engine`] error);
+/// a busy or locked database, a file that cannot be opened, a full disk or
+/// an I/O failure is [`StoreError::Unavailable`].
 pub(crate) fn map_error(error: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode;
     match &error {
         rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
-            ErrorCode::ConstraintViolation => StoreError::Conflict(error.to_string()),
+            ErrorCode::ConstraintViolation
+                if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                StoreError::Conflict(error.to_string())
+            }
             ErrorCode::DatabaseBusy
             | ErrorCode::DatabaseLocked
             | ErrorCode::CannotOpen
@@ -632,7 +592,7 @@ impl SqliteStore {
             };
             // Look before any setting or table is written.
             let mut probe = open_unconfigured(&path)?;
-            run_transaction(
+            run_transaction::<SqliteConnection, _, _, _>(
                 &mut probe,
                 false,
                 crate::schema::check_installed,
@@ -652,44 +612,22 @@ impl SqliteStore {
         writer_connection
             .execute_batch("PRAGMA wal_autocheckpoint = 0")
             .map_err(map_error)?;
-        let (outbox_signal, _) = watch::channel(0u64);
-        let (writer_sender, writer_receiver) = mpsc::channel::<Job>();
-        let writer_signal = outbox_signal.clone();
-        std::thread::Builder::new()
-            .name("tandem-sqlite-writer".into())
-            .spawn(move || writer_loop(writer_connection, writer_receiver, writer_signal))
-            .map_err(|error| StoreError::Engine(format!("cannot start writer thread: {error}")))?;
-
-        let (reader_sender, reader_receiver) = mpsc::channel::<Job>();
-        let reader_receiver = Arc::new(Mutex::new(reader_receiver));
-        for index in 0..options.readers.max(1) {
-            let mut connection = open_connection(&path, options.synchronous, options.busy_timeout)?;
-            let receiver = Arc::clone(&reader_receiver);
-            std::thread::Builder::new()
-                .name(format!("tandem-sqlite-reader-{index}"))
-                .spawn(move || loop {
-                    let job = {
-                        let Ok(receiver) = receiver.lock() else {
-                            return;
-                        };
-                        match receiver.recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        }
-                    };
-                    job(&mut connection, None)(Ok(()));
-                })
-                .map_err(|error| {
-                    StoreError::Engine(format!("cannot start reader thread: {error}"))
-                })?;
-        }
+        let readers = (0..options.readers.max(1))
+            .map(|_| {
+                open_connection(&path, options.synchronous, options.busy_timeout)
+                    .map(SqliteConnection)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let executor = Executor::start(
+            "tandem-sqlite",
+            SqliteConnection(writer_connection),
+            readers,
+        )?;
         let checkpoint_connection =
             open_connection(&path, options.synchronous, options.busy_timeout)?;
         let shared = Arc::new(Shared {
             path,
-            writer: Mutex::new(writer_sender),
-            readers: Mutex::new(reader_sender),
-            outbox_signal,
+            executor,
             options,
         });
         let watched = Arc::downgrade(&shared);
@@ -705,87 +643,6 @@ impl SqliteStore {
     pub fn path(&self) -> &Path {
         &self.shared.path
     }
-
-    fn run<R, E, F>(&self, write: bool, work: F) -> StoreFuture<R, E>
-    where
-        R: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-        F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
-    {
-        let (reply, answer) = oneshot::channel();
-        let shared = Arc::clone(&self.shared);
-        let job: Job = Box::new(
-            move |connection: &mut Connection, group: Option<&mut bool>| {
-                let result = match group {
-                    Some(appended) => run_in_savepoint(connection, work, appended),
-                    None => run_transaction(connection, write, work, &shared.outbox_signal),
-                };
-                Box::new(move |committed: Result<(), StoreError>| {
-                    let outcome = match (result, committed) {
-                        (Ok(value), Ok(())) => Ok(value),
-                        (Ok(_), Err(error)) => Err(E::from(error)),
-                        (Err(error), _) => Err(error),
-                    };
-                    let _ = reply.send(outcome);
-                })
-            },
-        );
-        let sender = if write {
-            &self.shared.writer
-        } else {
-            &self.shared.readers
-        };
-        let sent = match sender.lock() {
-            Ok(sender) => sender
-                .send(job)
-                .map_err(|_| StoreError::Unavailable("store threads have stopped".into())),
-            Err(_) => Err(StoreError::Engine("store sender poisoned".into())),
-        };
-        Box::pin(async move {
-            sent.map_err(E::from)?;
-            answer
-                .await
-                .map_err(|_| E::from(StoreError::Engine("store thread dropped the job".into())))?
-        })
-    }
-}
-
-fn run_transaction<R, E, F>(
-    connection: &mut Connection,
-    write: bool,
-    work: F,
-    signal: &watch::Sender<u64>,
-) -> Result<R, E>
-where
-    E: From<StoreError>,
-    F: FnOnce(&mut dyn Tx) -> Result<R, E>,
-{
-    let begin = if write { "BEGIN IMMEDIATE" } else { "BEGIN" };
-    connection
-        .execute_batch(begin)
-        .map_err(|error| E::from(map_error(error)))?;
-    let mut tx = SqliteTx {
-        connection,
-        appended: false,
-    };
-    match work(&mut tx) {
-        Ok(value) => {
-            let appended = tx.appended;
-            let commit = if write { "COMMIT" } else { "ROLLBACK" };
-            if let Err(error) = connection.execute_batch(commit) {
-                let _ = connection.execute_batch("ROLLBACK");
-                return Err(E::from(map_error(error)));
-            }
-            if appended {
-                signal.send_modify(|count| *count = count.wrapping_add(1));
-            }
-            Ok(value)
-        }
-        Err(error) => {
-            let _ = connection.execute_batch("ROLLBACK");
-            Err(error)
-        }
-    }
 }
 
 impl Store for SqliteStore {
@@ -795,7 +652,7 @@ impl Store for SqliteStore {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
     {
-        self.run(true, work)
+        self.shared.executor.run(true, work)
     }
 
     fn read<R, E, F>(&self, work: F) -> StoreFuture<R, E>
@@ -804,11 +661,11 @@ impl Store for SqliteStore {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
     {
-        self.run(false, work)
+        self.shared.executor.run(false, work)
     }
 
     fn outbox_signal(&self) -> watch::Receiver<u64> {
-        self.shared.outbox_signal.subscribe()
+        self.shared.executor.outbox_signal()
     }
 
     fn external_changes(&self) -> Result<Box<dyn ExternalChanges>, StoreError> {
