@@ -4,7 +4,7 @@
 
 mod common;
 
-use tandem_testkit::conformance::Fresh;
+use tandem_testkit::conformance::{BusFeatures, Fresh};
 
 async fn fresh_kafka() -> Fresh<tandem_kafka::KafkaBus> {
     let bus = common::connect().await;
@@ -12,4 +12,13 @@ async fn fresh_kafka() -> Fresh<tandem_kafka::KafkaBus> {
     Fresh::new(bus, scratch)
 }
 
-tandem_testkit::bus_conformance!(kafka, fresh_kafka());
+tandem_testkit::bus_conformance!(
+    kafka,
+    fresh_kafka(),
+    BusFeatures {
+        every_member_reads_every_partition: false,
+        members_split_partitions: true,
+        shares_partitions: false,
+        redelivers_unacked_to_other_members: false,
+    }
+);

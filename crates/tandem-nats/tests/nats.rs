@@ -1,10 +1,12 @@
 //! NATS-specific behaviour of `NatsBus`: de-duplication, shared durable
 //! consumers, redelivery, seek back past acked messages, headers, and
-//! connection errors.
+//! connection errors. Two members sharing the work and a leaving member's
+//! unacked records going to another member are checked by the bus
+//! conformance suite (`bus_group_checks`), as this bus declares them.
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -180,91 +182,6 @@ async fn cloudevents_attributes_and_the_key_travel_as_headers() {
         (now - records[0].appended_at_micros).abs() < 60_000_000,
         "appended_at from the server's timestamp"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_members_of_a_group_share_the_work() {
-    let prefix = unique_prefix();
-    // Small pulls, so one member cannot take everything at once.
-    let bus = connect(&prefix, "&fetch_batch=5").await;
-    let _namespace = Namespace(bus.clone());
-    let topic = unique("share");
-    let group = unique("g");
-    let mut first = subscribe(&bus, &group, &topic).await;
-    let mut second = subscribe(&bus, &group, &topic).await;
-    for tp in [&mut first, &mut second] {
-        tp.seek(&TopicPartition::new(&topic, 0), 0).await.unwrap();
-    }
-    let total = 200;
-    let batch: Vec<OutgoingRecord> = (0..total)
-        .map(|index| raw(&topic, &format!("k{}", index % 7), &format!("p{index}")))
-        .collect();
-    bus.publish(&batch).await.unwrap();
-
-    let mut got: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    while got[0].len() + got[1].len() < total {
-        assert!(tokio::time::Instant::now() < give_up, "timed out: {got:?}");
-        for (index, subscription) in [&mut first, &mut second].into_iter().enumerate() {
-            if let Some(Delivery::Records(records)) = subscription
-                .next(5, Duration::from_millis(50))
-                .await
-                .unwrap()
-            {
-                // Slow consumers: let the other one pull meanwhile.
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                subscription.ack(&records).await.unwrap();
-                got[index].extend(records.iter().map(|record| record.offset));
-            }
-        }
-    }
-    let all: Vec<u64> = got.iter().flatten().copied().collect();
-    let distinct: BTreeSet<u64> = all.iter().copied().collect();
-    assert_eq!(all.len(), total, "each record delivered once: {got:?}");
-    assert_eq!(distinct, (0..total as u64).collect());
-    assert!(
-        !got[0].is_empty() && !got[1].is_empty(),
-        "both members got work: {} and {}",
-        got[0].len(),
-        got[1].len()
-    );
-    quiet(&mut *first, Duration::from_millis(300)).await;
-    quiet(&mut *second, Duration::from_millis(300)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_a_member_left_unacked_go_to_another_member() {
-    let prefix = unique_prefix();
-    let bus = connect(&prefix, "&ack_wait_ms=1000").await;
-    let _namespace = Namespace(bus.clone());
-    let topic = unique("handover");
-    let group = unique("g");
-    bus.publish(
-        &(0..10)
-            .map(|index| raw(&topic, "k", &format!("p{index}")))
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
-    let mut leaving = subscribe(&bus, &group, &topic).await;
-    leaving
-        .seek(&TopicPartition::new(&topic, 0), 0)
-        .await
-        .unwrap();
-    let taken = read(&mut *leaving, 10, false).await;
-    let mut staying = subscribe(&bus, &group, &topic).await;
-    staying
-        .seek(&TopicPartition::new(&topic, 0), 0)
-        .await
-        .unwrap();
-    // While the first member lives (and keeps its messages alive), the
-    // second gets nothing, even well past ack_wait.
-    quiet(&mut *staying, Duration::from_millis(2500)).await;
-    drop(leaving);
-    let mut again = read(&mut *staying, 10, true).await;
-    again.sort_by_key(|record| record.offset);
-    assert_eq!(again, taken);
-    quiet(&mut *staying, Duration::from_millis(300)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

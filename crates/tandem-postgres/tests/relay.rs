@@ -1,14 +1,14 @@
 //! The relay on PostgreSQL: commit order (ids are taken at insert, not at
-//! commit) and leader election among relays sharing one database. Real
-//! PostgreSQL (`TANDEM_TEST_POSTGRES`, default 127.0.0.1:5432), a scratch
+//! commit), and a cursor ahead of restarted transaction ids. Leases and a
+//! standby relay taking over are checked on every store engine by the
+//! store conformance suite (`store_lease_checks` in
+//! `tandem_testkit::conformance`). Real PostgreSQL (`TANDEM_TEST_POSTGRES`, default 127.0.0.1:5432), a scratch
 //! database per test; the bus is the embedded log in a temporary directory.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem::bus::{Bus, BusError, Delivery, OutgoingRecord, Subscription};
+use tandem::bus::{Bus, Delivery};
 use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
 use tandem::outbox::{self, NewEvent};
 use tandem::relay::{Relay, RelayConfig};
@@ -16,7 +16,6 @@ use tandem::store::Store;
 use tandem::Envelope;
 use tandem_postgres::testing::{base_url, connect_raw, with_raw_tx, ScratchDatabase};
 use tandem_postgres::PostgresStore;
-use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "orders";
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -234,187 +233,12 @@ fn one_batch_never_publishes_an_aggregate_backwards() {
     assert_eq!(ids(&on_bus), ids(&[before, a1, a2]));
 }
 
-/// Counts the records a relay handed to the bus.
-struct Counting {
-    inner: Arc<dyn Bus>,
-    published: AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl Bus for Counting {
-    async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
-        self.inner.publish(records).await?;
-        self.published.fetch_add(records.len(), Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn subscribe(
-        &self,
-        group: &str,
-        topics: &[String],
-    ) -> Result<Box<dyn Subscription>, BusError> {
-        self.inner.subscribe(group, topics).await
-    }
-
-    async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
-        self.inner.end_offsets(topic).await
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn quick_relay(store: PostgresStore, bus: Arc<dyn Bus>) -> Relay<PostgresStore> {
-    Relay::new(
-        store,
-        bus,
-        RelayConfig {
-            name: TOPIC.into(),
-            lead_retry: Duration::from_millis(200),
-            lead_check: Duration::from_millis(200),
-            ..RelayConfig::default()
-        },
-    )
-}
-
 async fn append(store: &PostgresStore, subject: &str) -> Envelope {
     let subject = subject.to_owned();
     store
         .write(move |tx| outbox::append(tx, TOPIC, event(&subject, 1)))
         .await
         .expect("append")
-}
-
-/// Two relays (two stores, as two processes would have) on one database:
-/// one publishes; when the leader goes away the standby takes over.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_relay_leads_and_a_standby_takes_over() {
-    let database = ScratchDatabase::create(&base_url(), "leader")
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-                "PostgreSQL not reachable at {}: start it with scripts/engines up ({error})",
-                base_url()
-            )
-        });
-    let dir = tempfile::tempdir().unwrap();
-    let log: Arc<dyn Bus> = Arc::new(embedded_log(&dir).await);
-    let store_a = database.store().await.expect("store a");
-    let store_b = database.store().await.expect("store b");
-    let bus_a = Arc::new(Counting {
-        inner: Arc::clone(&log),
-        published: AtomicUsize::new(0),
-    });
-    let bus_b = Arc::new(Counting {
-        inner: Arc::clone(&log),
-        published: AtomicUsize::new(0),
-    });
-    let shutdown = CancellationToken::new();
-
-    let relay_a = quick_relay(store_a.clone(), Arc::clone(&bus_a) as Arc<dyn Bus>);
-    let token = shutdown.clone();
-    let leader = tokio::spawn(async move { relay_a.run(token).await });
-    let mut appended = vec![append(&store_a, "x").await];
-    wait_until("the first relay publishes", || async {
-        bus_a.published.load(Ordering::SeqCst) == 1
-    })
-    .await;
-
-    let relay_b = quick_relay(store_b.clone(), Arc::clone(&bus_b) as Arc<dyn Bus>);
-    let token = shutdown.clone();
-    let standby = tokio::spawn(async move { relay_b.run(token).await });
-    for index in 0..10 {
-        let store = if index % 2 == 0 { &store_a } else { &store_b };
-        appended.push(append(store, &format!("s{index}")).await);
-    }
-    wait_until("the leader publishes everything", || async {
-        bus_a.published.load(Ordering::SeqCst) == appended.len()
-    })
-    .await;
-    assert_eq!(
-        bus_b.published.load(Ordering::SeqCst),
-        0,
-        "the standby published"
-    );
-    assert!(
-        store_b.try_lead(TOPIC).await.expect("try lead").is_none(),
-        "the lease is held by the leader"
-    );
-
-    // The leader's process goes away: its task and its store with it.
-    leader.abort();
-    let _ = leader.await;
-    drop(store_a);
-    appended.push(append(&store_b, "after").await);
-    wait_until("the standby takes over", || async {
-        bus_b.published.load(Ordering::SeqCst) >= 1
-    })
-    .await;
-    wait_until("the standby publishes the rest", || async {
-        let on_bus = published(log.as_ref()).await;
-        ids(&on_bus)
-            .iter()
-            .any(|id| *id == appended.last().unwrap().id.to_string())
-    })
-    .await;
-
-    // Every event is on the bus; the only duplicates a takeover may cause
-    // are a batch whose cursor the old leader had not written yet.
-    let on_bus = published(log.as_ref()).await;
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for id in ids(&on_bus) {
-        *counts.entry(id).or_default() += 1;
-    }
-    for envelope in &appended {
-        assert!(
-            counts.contains_key(&envelope.id.to_string()),
-            "lost {}",
-            envelope.id
-        );
-    }
-    shutdown.cancel();
-    standby.await.expect("join").expect("standby relay");
-}
-
-/// The lease itself: one holder per name and database; released on drop.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_has_one_holder_and_is_released_on_drop() {
-    let database = ScratchDatabase::create(&base_url(), "lease")
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-                "PostgreSQL not reachable at {}: start it with scripts/engines up ({error})",
-                base_url()
-            )
-        });
-    let first = database.store().await.expect("store");
-    let second = database.store().await.expect("store");
-    let mut lease = first
-        .try_lead("r")
-        .await
-        .expect("try")
-        .expect("first takes it");
-    assert!(lease.held());
-    assert!(second.try_lead("r").await.expect("try").is_none());
-    let other = second.try_lead("other").await.expect("try");
-    assert!(other.is_some(), "names are independent");
-    drop(lease);
-    wait_until("the lease is free again", || async {
-        second.try_lead("r").await.expect("try").is_some()
-    })
-    .await;
 }
 
 /// Issue 18, point 3: after a dump and restore (or an upgrade by logical

@@ -9,9 +9,14 @@
 //! engine joins the suite with one line:
 //!
 //! ```ignore
-//! tandem_testkit::bus_conformance!(embedded, embedded_log());
-//! tandem_testkit::store_conformance!(sqlite, sqlite_store());
+//! tandem_testkit::bus_conformance!(embedded, embedded_log(), BusFeatures { .. });
+//! tandem_testkit::store_conformance!(sqlite, sqlite_store(), StoreFeatures { .. });
 //! ```
+//!
+//! The third argument declares what the engine guarantees where engines
+//! differ (how a group divides the work, how a lease is released), one flag
+//! per guarantee; the checks of leadership and consumer groups at the end
+//! of this file assert what each flag promises.
 //!
 //! Every engine crate runs the very same checks from its own
 //! `tests/conformance.rs`; the test binary needs `tokio` with the
@@ -36,14 +41,42 @@ const DEADLINE: Duration = Duration::from_secs(20);
 pub struct Fresh<E> {
     pub engine: E,
     _keep_alive: Box<dyn Any + Send + Sync>,
+    peer: Option<OpenPeer<E>>,
 }
+
+/// Opens another handle on a fresh engine's storage, as another process
+/// would (see [`Fresh::with_peer`]).
+type OpenPeer<E> = Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = E> + Send>> + Send + Sync>;
 
 impl<E> Fresh<E> {
     pub fn new(engine: E, keep_alive: impl Any + Send + Sync) -> Self {
         Self {
             engine,
             _keep_alive: Box::new(keep_alive),
+            peer: None,
         }
+    }
+
+    /// How to open the same storage again, with connections (and locks) of
+    /// its own, as a second process of the same service would: the lease
+    /// and standby checks need it.
+    pub fn with_peer<F, Fut>(mut self, open: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = E> + Send + 'static,
+    {
+        self.peer = Some(Box::new(move || Box::pin(open())));
+        self
+    }
+
+    /// A second handle on this engine's storage; panics when the engine
+    /// crate gave no way to open one ([`Fresh::with_peer`]).
+    pub async fn open_peer(&self) -> E {
+        let open = self
+            .peer
+            .as_ref()
+            .expect("this check opens the storage twice: give the factory's Fresh a with_peer");
+        open().await
     }
 }
 
@@ -55,7 +88,12 @@ pub fn unique(prefix: &str) -> String {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! conformance_tests {
-    ($engine:ident, $factory:expr, $suite:ident, [$($check:ident),+ $(,)?]) => {
+    (
+        $engine:ident, $factory:expr, $suite:ident, [$($check:ident),+ $(,)?]
+        // Checks that also take what the engine declares it guarantees.
+        $(, featured: $featured_suite:ident, $features_ty:ty = $features:expr,
+            [$($featured:ident),+ $(,)?])?
+    ) => {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
@@ -65,15 +103,28 @@ macro_rules! conformance_tests {
                     $crate::conformance::$suite::$check(|| $factory).await;
                 }
             )+
+            $(
+                use $crate::conformance::$featured_suite as featured_checks;
+                fn features() -> $features_ty {
+                    $features
+                }
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $featured() {
+                        featured_checks::$featured(|| $factory, features()).await;
+                    }
+                )+
+            )?
         }
     };
 }
 
 /// One `#[tokio::test]` per bus check, in `mod $engine`; `$factory` is an
-/// expression yielding a future of `Fresh<impl Bus>`.
+/// expression yielding a future of `Fresh<impl Bus>`, `$features` the
+/// [`BusFeatures`] the engine declares.
 #[macro_export]
 macro_rules! bus_conformance {
-    ($engine:ident, $factory:expr) => {
+    ($engine:ident, $factory:expr, $features:expr) => {
         $crate::conformance_tests!(
             $engine,
             $factory,
@@ -88,6 +139,13 @@ macro_rules! bus_conformance {
                 publishing_to_an_empty_topic_name_is_an_error,
                 an_empty_publish_changes_nothing,
                 the_same_key_always_maps_to_the_same_partition,
+            ],
+            featured: bus_group_checks,
+            $crate::conformance::BusFeatures = $features,
+            [
+                a_bus_declares_one_way_of_sharing_a_group_and_its_trait_agrees,
+                two_members_of_a_group_divide_the_records_as_declared,
+                records_a_member_left_unacked_go_to_another_member,
             ]
         );
     };
@@ -95,10 +153,12 @@ macro_rules! bus_conformance {
 
 /// One `#[tokio::test]` per store check, in `mod $engine`; `$factory` is an
 /// expression yielding a future of `Fresh<impl Store>` whose toolkit tables
-/// are installed.
+/// are installed (and that can open its storage again,
+/// [`Fresh::with_peer`]), `$features` the [`StoreFeatures`] the engine
+/// declares.
 #[macro_export]
 macro_rules! store_conformance {
-    ($engine:ident, $factory:expr) => {
+    ($engine:ident, $factory:expr, $features:expr) => {
         $crate::conformance_tests!(
             $engine,
             $factory,
@@ -120,6 +180,12 @@ macro_rules! store_conformance {
                 an_outbox_commit_bumps_the_outbox_signal,
                 toolkit_tables_exist_after_open,
                 a_consumer_applies_duplicated_and_reordered_deliveries_once_in_order,
+            ],
+            featured: store_lease_checks,
+            $crate::conformance::StoreFeatures = $features,
+            [
+                a_lease_has_one_holder_per_name_and_is_released_on_drop,
+                one_relay_leads_and_a_standby_takes_over,
             ]
         );
     };
@@ -1522,5 +1588,685 @@ pub mod store_checks {
             states.iter().all(|state| *state == (last, None)),
             "every state at the last sequence, unblocked"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Leadership and consumer groups: the checks that depend on what an engine
+// declares it guarantees, one flag per guarantee. The engine crate passes
+// its flags to the macro; a flag that a port method also reports is checked
+// against that method.
+
+/// What a store engine guarantees about leases, beyond the port's contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreFeatures {
+    /// A dropped lease can be taken by another holder as soon as `drop`
+    /// returns (SQLite: closing the lock file releases the `flock`). When
+    /// false, it is free again within the check's deadline (PostgreSQL: the
+    /// lease's own thread unlocks on its connection).
+    pub lease_free_as_soon_as_dropped: bool,
+}
+
+/// How a bus divides a group's work among its members. Exactly one of the
+/// first three holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusFeatures {
+    /// Every member is assigned every partition and reads every record (the
+    /// embedded log: one member per group is its deployment).
+    pub every_member_reads_every_partition: bool,
+    /// The members split the partitions: each partition is held by one
+    /// member at a time (Kafka).
+    pub members_split_partitions: bool,
+    /// The members are all assigned the same partitions and each record
+    /// goes to one of them (NATS); must agree with [`Bus::shares_partitions`].
+    pub shares_partitions: bool,
+    /// Records a member received and did not acknowledge go to another
+    /// member when it leaves; while it lives, no other member gets them
+    /// (NATS). A bus that does this says how long a redelivery may take
+    /// ([`Bus::redelivery_delay_max`] above zero); one that does not says zero.
+    pub redelivers_unacked_to_other_members: bool,
+}
+
+/// How long the group and leadership checks wait for a group to settle or
+/// a standby to take over (broker rebalances take seconds).
+const GROUP_DEADLINE: Duration = Duration::from_secs(60);
+
+pub mod store_lease_checks {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tandem::outbox;
+    use tandem::relay::{Relay, RelayConfig};
+    use tokio_util::sync::CancellationToken;
+
+    /// One holder per lease name among every handle on the storage (as
+    /// every process), not re-entrant, names independent of each other
+    /// (a `/` included), released when dropped.
+    pub async fn a_lease_has_one_holder_per_name_and_is_released_on_drop<S, F, Fut>(
+        make: F,
+        features: StoreFeatures,
+    ) where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        let first = &fresh.engine;
+        let second = fresh.open_peer().await;
+        let mut lease = first
+            .try_lead("relay")
+            .await
+            .expect("try lead")
+            .expect("a free lease is taken");
+        assert!(lease.held());
+        assert!(
+            second.try_lead("relay").await.expect("try lead").is_none(),
+            "another handle on the storage took a held lease"
+        );
+        assert!(
+            first.try_lead("relay").await.expect("try lead").is_none(),
+            "not re-entrant"
+        );
+        assert!(lease.held(), "a refused try leaves the holder's lease held");
+        let other = second.try_lead("other/name").await.expect("try lead");
+        assert!(other.is_some(), "names are independent");
+        drop(lease);
+        if features.lease_free_as_soon_as_dropped {
+            assert!(
+                second.try_lead("relay").await.expect("try lead").is_some(),
+                "free as soon as dropped"
+            );
+        } else {
+            crate::eventually("the lease is free again", DEADLINE, || {
+                let second = second.clone();
+                async move { second.try_lead("relay").await.expect("try lead").is_some() }
+            })
+            .await;
+        }
+    }
+
+    /// Counts the records a relay handed to the bus.
+    struct Counting {
+        inner: Arc<dyn Bus>,
+        published: AtomicUsize,
+    }
+
+    impl Counting {
+        fn new(inner: &Arc<dyn Bus>) -> Arc<Self> {
+            Arc::new(Self {
+                inner: Arc::clone(inner),
+                published: AtomicUsize::new(0),
+            })
+        }
+
+        fn count(&self) -> usize {
+            self.published.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Bus for Counting {
+        async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
+            self.inner.publish(records).await?;
+            self.published.fetch_add(records.len(), Ordering::SeqCst);
+            Ok(())
+        }
+
+        async fn subscribe(
+            &self,
+            group: &str,
+            topics: &[String],
+        ) -> Result<Box<dyn Subscription>, BusError> {
+            self.inner.subscribe(group, topics).await
+        }
+
+        async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+            self.inner.end_offsets(topic).await
+        }
+    }
+
+    async fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        crate::eventually(what, GROUP_DEADLINE, || {
+            let holds = condition();
+            async move { holds }
+        })
+        .await;
+    }
+
+    async fn append<S: Store>(store: &S, topic: &'static str, subject: &str) -> tandem::Envelope {
+        let event = crate::deposit_event(subject, 1).expect("event");
+        store
+            .write(move |tx| outbox::append(tx, topic, event))
+            .await
+            .expect("append")
+    }
+
+    /// The ids of the envelopes on `topic`, read from the start by a group
+    /// of its own.
+    async fn ids_on_bus(bus: &dyn Bus, topic: &str) -> Vec<String> {
+        let total: u64 = bus
+            .end_offsets(topic)
+            .await
+            .expect("end offsets")
+            .iter()
+            .map(|(_, end)| end)
+            .sum();
+        let mut subscription = bus
+            .subscribe(&unique("check"), &[topic.to_owned()])
+            .await
+            .expect("subscribe");
+        let mut records: Vec<Record> = Vec::new();
+        let give_up = tokio::time::Instant::now() + DEADLINE;
+        while (records.len() as u64) < total {
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "records did not come back"
+            );
+            match subscription
+                .next(1000, Duration::from_millis(200))
+                .await
+                .expect("next")
+            {
+                Some(Delivery::Assigned(partitions)) => {
+                    for partition in &partitions {
+                        subscription.seek(partition, 0).await.expect("seek");
+                    }
+                }
+                Some(Delivery::Records(batch)) => records.extend(batch),
+                _ => {}
+            }
+        }
+        records
+            .iter()
+            .map(|record| {
+                tandem::Envelope::decode(&record.payload)
+                    .expect("envelope")
+                    .id
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Two relays of one name, on two handles on the storage (as two
+    /// processes of a service would have): one publishes while the other
+    /// stands by; when the leader goes away, task and store, the standby
+    /// takes over and publishes the rest. Nothing is lost, and the
+    /// standby's cursor ends past every event.
+    pub async fn one_relay_leads_and_a_standby_takes_over<S, F, Fut>(
+        make: F,
+        _features: StoreFeatures,
+    ) where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        const TOPIC: &str = "orders";
+        let fresh = make().await;
+        let store_a = fresh.open_peer().await;
+        let store_b = fresh.open_peer().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log: Arc<dyn Bus> = Arc::new(crate::open_log(&dir.path().join("bus.db")).await);
+        let bus_a = Counting::new(&log);
+        let bus_b = Counting::new(&log);
+        let config = RelayConfig {
+            name: "conformance-relay".into(),
+            lead_retry: Duration::from_millis(50),
+            lead_check: Duration::from_millis(200),
+            ..RelayConfig::default()
+        };
+        let shutdown = CancellationToken::new();
+
+        let relay_a = Relay::new(
+            store_a.clone(),
+            Arc::clone(&bus_a) as Arc<dyn Bus>,
+            config.clone(),
+        );
+        let token = shutdown.clone();
+        let leader = tokio::spawn(async move { relay_a.run(token).await });
+        let mut appended = vec![append(&store_a, TOPIC, "first").await];
+        wait_for("the first relay publishes", || bus_a.count() == 1).await;
+
+        let relay_b = Relay::new(
+            store_b.clone(),
+            Arc::clone(&bus_b) as Arc<dyn Bus>,
+            config.clone(),
+        );
+        let token = shutdown.clone();
+        let standby = tokio::spawn(async move { relay_b.run(token).await });
+        for index in 0..10 {
+            let store = if index % 2 == 0 { &store_a } else { &store_b };
+            appended.push(append(store, TOPIC, &format!("s{index}")).await);
+        }
+        let total = appended.len();
+        wait_for("the leader publishes everything", || bus_a.count() == total).await;
+        assert_eq!(bus_b.count(), 0, "the standby published");
+        assert!(
+            store_b
+                .try_lead(&config.name)
+                .await
+                .expect("try lead")
+                .is_none(),
+            "the lease is held by the leader"
+        );
+
+        // The leader's process goes away: its task and its store with it.
+        leader.abort();
+        let _ = leader.await;
+        drop(store_a);
+        appended.push(append(&store_b, TOPIC, "after").await);
+        wait_for("the standby takes over", || bus_b.count() >= 1).await;
+        let last = appended.last().expect("appended").id.to_string();
+        crate::eventually("the standby publishes the rest", GROUP_DEADLINE, || {
+            let log = Arc::clone(&log);
+            let last = last.clone();
+            async move { ids_on_bus(log.as_ref(), TOPIC).await.contains(&last) }
+        })
+        .await;
+
+        // Every event is on the bus; the only duplicates a takeover may
+        // cause are a batch whose cursor the old leader had not written yet.
+        let on_bus: BTreeSet<String> = ids_on_bus(log.as_ref(), TOPIC).await.into_iter().collect();
+        for envelope in &appended {
+            assert!(
+                on_bus.contains(&envelope.id.to_string()),
+                "lost {}",
+                envelope.id
+            );
+        }
+        shutdown.cancel();
+        standby.await.expect("join").expect("standby relay");
+        let (backlog, _) = tandem::relay::backlog(&store_b, &config.name)
+            .await
+            .expect("backlog");
+        assert_eq!(backlog, 0, "the standby's cursor is past every event");
+    }
+}
+
+pub mod bus_group_checks {
+    use super::*;
+
+    /// One member of a group as a check drives it: the partitions it holds
+    /// and the records it read of each since it was assigned it.
+    struct Member {
+        name: &'static str,
+        subscription: Box<dyn Subscription>,
+        held: BTreeSet<TopicPartition>,
+        read: BTreeMap<TopicPartition, Vec<Record>>,
+    }
+
+    impl Member {
+        async fn join(bus: &dyn Bus, name: &'static str, group: &str, topic: &str) -> Self {
+            Self {
+                name,
+                subscription: bus
+                    .subscribe(group, &[topic.to_owned()])
+                    .await
+                    .expect("subscribe"),
+                held: BTreeSet::new(),
+                read: BTreeMap::new(),
+            }
+        }
+
+        /// One `next` of at most `max_records`: assigned partitions are
+        /// sought to 0, revoked ones forgotten; records must belong to a
+        /// held partition and are acknowledged when `ack`. Returns how many
+        /// records came.
+        async fn step(&mut self, max_records: usize, wait: Duration, ack: bool) -> usize {
+            match self
+                .subscription
+                .next(max_records, wait)
+                .await
+                .expect("next")
+            {
+                None => 0,
+                Some(Delivery::Assigned(partitions)) => {
+                    for partition in partitions {
+                        self.subscription
+                            .seek(&partition, 0)
+                            .await
+                            .expect("seek assigned partition");
+                        assert!(
+                            self.held.insert(partition.clone()),
+                            "{} assigned {partition:?} twice",
+                            self.name
+                        );
+                        self.read.insert(partition, Vec::new());
+                    }
+                    0
+                }
+                Some(Delivery::Revoked(partitions)) => {
+                    for partition in partitions {
+                        assert!(
+                            self.held.remove(&partition),
+                            "{} lost {partition:?} it did not hold",
+                            self.name
+                        );
+                        self.read.remove(&partition);
+                    }
+                    0
+                }
+                Some(Delivery::Records(records)) => {
+                    if ack {
+                        self.subscription.ack(&records).await.expect("ack");
+                    }
+                    let count = records.len();
+                    for record in records {
+                        let partition = TopicPartition::new(record.topic.clone(), record.partition);
+                        assert!(
+                            self.held.contains(&partition),
+                            "{} got a record of {partition:?} it does not hold",
+                            self.name
+                        );
+                        self.read.entry(partition).or_default().push(record);
+                    }
+                    count
+                }
+            }
+        }
+
+        fn offsets(&self, partition: &TopicPartition) -> Vec<u64> {
+            self.read
+                .get(partition)
+                .map(|records| records.iter().map(|record| record.offset).collect())
+                .unwrap_or_default()
+        }
+
+        /// Nothing more arrives within `wait`.
+        async fn quiet(&mut self, wait: Duration) {
+            let more = self.subscription.next(64, wait).await.expect("next");
+            assert_eq!(more, None, "{}: no more deliveries expected", self.name);
+        }
+    }
+
+    fn raw(topic: &str, key: &str, payload: String) -> OutgoingRecord {
+        OutgoingRecord {
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            payload: payload.into_bytes(),
+        }
+    }
+
+    async fn partitions_of(bus: &dyn Bus, topic: &str) -> BTreeSet<TopicPartition> {
+        bus.end_offsets(topic)
+            .await
+            .expect("end offsets")
+            .into_iter()
+            .map(|(partition, _)| TopicPartition::new(topic, partition))
+            .collect()
+    }
+
+    /// A bus declares exactly one way its groups divide partitions, and
+    /// what its `Bus` methods report agrees with what it declares.
+    pub async fn a_bus_declares_one_way_of_sharing_a_group_and_its_trait_agrees<B, F, Fut>(
+        make: F,
+        features: BusFeatures,
+    ) where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let ways = [
+            features.every_member_reads_every_partition,
+            features.members_split_partitions,
+            features.shares_partitions,
+        ];
+        assert_eq!(
+            ways.iter().filter(|way| **way).count(),
+            1,
+            "exactly one way of dividing a group's partitions: {features:?}"
+        );
+        assert_eq!(
+            bus.shares_partitions(),
+            features.shares_partitions,
+            "Bus::shares_partitions must say what the bus declares"
+        );
+        assert_eq!(
+            bus.redelivery_delay_max() > Duration::ZERO,
+            features.redelivers_unacked_to_other_members,
+            "a bus that redelivers to other members says how long it may take \
+             (Bus::redelivery_delay_max {:?}); one that does not says zero",
+            bus.redelivery_delay_max()
+        );
+    }
+
+    /// Two members of a group, both joined before the records are
+    /// published, get them as the bus declares: every member all of them;
+    /// or each partition's records by the one member holding it (both
+    /// holding some); or each record once over both members, both getting
+    /// some.
+    pub async fn two_members_of_a_group_divide_the_records_as_declared<B, F, Fut>(
+        make: F,
+        features: BusFeatures,
+    ) where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topic = unique("share");
+        let group = unique("members");
+        let mut first = Member::join(bus, "first", &group, &topic).await;
+        let mut second = Member::join(bus, "second", &group, &topic).await;
+        let all = partitions_of(bus, &topic).await;
+        assert!(!all.is_empty(), "topic {topic} has no partitions");
+
+        // Until the group settles.
+        let give_up = tokio::time::Instant::now() + GROUP_DEADLINE;
+        loop {
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "the group did not settle: first holds {:?}, second {:?}",
+                first.held,
+                second.held
+            );
+            first.step(5, Duration::from_millis(100), true).await;
+            second.step(5, Duration::from_millis(100), true).await;
+            let settled = if features.members_split_partitions {
+                let union: BTreeSet<_> = first.held.union(&second.held).cloned().collect();
+                union == all
+                    && first.held.is_disjoint(&second.held)
+                    && !first.held.is_empty()
+                    && !second.held.is_empty()
+            } else {
+                first.held == all && second.held == all
+            };
+            if settled {
+                break;
+            }
+        }
+
+        let total = 200;
+        let batch: Vec<OutgoingRecord> = (0..total)
+            .map(|index| raw(&topic, &format!("k{}", index % 40), format!("p{index}")))
+            .collect();
+        bus.publish(&batch).await.expect("publish");
+        let ends: BTreeMap<TopicPartition, u64> = bus
+            .end_offsets(&topic)
+            .await
+            .expect("end offsets")
+            .into_iter()
+            .map(|(partition, end)| (TopicPartition::new(&topic, partition), end))
+            .collect();
+        assert_eq!(ends.values().sum::<u64>(), total as u64);
+        let everything =
+            |partition: &TopicPartition| -> Vec<u64> { (0..ends[partition]).collect() };
+
+        let mut received = 0;
+        let give_up = tokio::time::Instant::now() + GROUP_DEADLINE;
+        loop {
+            let done = if features.every_member_reads_every_partition {
+                all.iter().all(|partition| {
+                    first.offsets(partition).len() as u64 >= ends[partition]
+                        && second.offsets(partition).len() as u64 >= ends[partition]
+                })
+            } else if features.members_split_partitions {
+                all.iter().all(|partition| {
+                    let holder = if first.held.contains(partition) {
+                        &first
+                    } else {
+                        &second
+                    };
+                    holder.offsets(partition).len() as u64 >= ends[partition]
+                })
+            } else {
+                received >= total
+            };
+            if done {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "timed out: first read {:?}, second {:?}",
+                first.read,
+                second.read
+            );
+            for member in [&mut first, &mut second] {
+                let count = member.step(5, Duration::from_millis(50), true).await;
+                if count > 0 {
+                    // A slow member: the other one pulls meanwhile.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                received += count;
+            }
+        }
+
+        if features.every_member_reads_every_partition {
+            for member in [&first, &second] {
+                for partition in &all {
+                    assert_eq!(
+                        member.offsets(partition),
+                        everything(partition),
+                        "{} reads every record of {partition:?}, once, in order",
+                        member.name
+                    );
+                }
+            }
+        } else if features.members_split_partitions {
+            assert_eq!(
+                first
+                    .held
+                    .union(&second.held)
+                    .cloned()
+                    .collect::<BTreeSet<_>>(),
+                all,
+                "the group still holds every partition"
+            );
+            assert!(first.held.is_disjoint(&second.held));
+            for member in [&first, &second] {
+                for partition in &member.held {
+                    assert_eq!(
+                        member.offsets(partition),
+                        everything(partition),
+                        "{} reads every record of its {partition:?}, once, in order",
+                        member.name
+                    );
+                }
+            }
+        } else {
+            let mut got: [Vec<(TopicPartition, u64)>; 2] = [Vec::new(), Vec::new()];
+            for (index, member) in [&first, &second].into_iter().enumerate() {
+                for (partition, records) in &member.read {
+                    got[index].extend(
+                        records
+                            .iter()
+                            .map(|record| (partition.clone(), record.offset)),
+                    );
+                }
+            }
+            let each: Vec<&(TopicPartition, u64)> = got.iter().flatten().collect();
+            let distinct: BTreeSet<&(TopicPartition, u64)> = each.iter().copied().collect();
+            assert_eq!(each.len(), total, "each record delivered once: {got:?}");
+            let expected: BTreeSet<(TopicPartition, u64)> = ends
+                .iter()
+                .flat_map(|(partition, end)| (0..*end).map(|offset| (partition.clone(), offset)))
+                .collect();
+            assert_eq!(distinct, expected.iter().collect());
+            assert!(
+                !got[0].is_empty() && !got[1].is_empty(),
+                "both members got work: {} and {}",
+                got[0].len(),
+                got[1].len()
+            );
+        }
+        first.quiet(Duration::from_millis(300)).await;
+        second.quiet(Duration::from_millis(300)).await;
+    }
+
+    /// On a bus that redelivers: a member takes records and leaves without
+    /// acknowledging them. While it lives, another member of the group
+    /// gets none of them, even well past the bus's redelivery delay; once
+    /// it is gone, the other member gets exactly those records. (A bus that
+    /// does not redelivers declares it, as checked above; the consumer
+    /// hands work over by its positions.)
+    pub async fn records_a_member_left_unacked_go_to_another_member<B, F, Fut>(
+        make: F,
+        features: BusFeatures,
+    ) where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        if !features.redelivers_unacked_to_other_members {
+            assert_eq!(bus.redelivery_delay_max(), Duration::ZERO);
+            eprintln!("this bus declares no redelivery to other members: nothing more to check");
+            return;
+        }
+        let topic = unique("handover");
+        let group = unique("members");
+        bus.publish(
+            &(0..10)
+                .map(|index| raw(&topic, "k", format!("p{index}")))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .expect("publish");
+        let all = partitions_of(bus, &topic).await;
+        let mut leaving = Member::join(bus, "leaving", &group, &topic).await;
+        let give_up = tokio::time::Instant::now() + DEADLINE;
+        while leaving.read.values().map(Vec::len).sum::<usize>() < 10 {
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "timed out: {:?}",
+                leaving.read
+            );
+            leaving.step(64, Duration::from_millis(500), false).await;
+        }
+        let mut taken: Vec<Record> = leaving.read.values().flatten().cloned().collect();
+        taken.sort_by_key(|record| (record.partition, record.offset));
+
+        let mut staying = Member::join(bus, "staying", &group, &topic).await;
+        let give_up = tokio::time::Instant::now() + DEADLINE;
+        while staying.held != all {
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "staying member not assigned {all:?}: {:?}",
+                staying.held
+            );
+            staying.step(64, Duration::from_millis(500), true).await;
+        }
+        // While the first member lives (and keeps its records alive), the
+        // second gets nothing, even well past the redelivery delay.
+        staying
+            .quiet(bus.redelivery_delay_max() * 2 + Duration::from_millis(500))
+            .await;
+        drop(leaving);
+        let give_up = tokio::time::Instant::now() + DEADLINE;
+        while staying.read.values().map(Vec::len).sum::<usize>() < 10 {
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "timed out: {:?}",
+                staying.read
+            );
+            staying.step(64, Duration::from_millis(500), true).await;
+        }
+        let mut again: Vec<Record> = staying.read.values().flatten().cloned().collect();
+        again.sort_by_key(|record| (record.partition, record.offset));
+        assert_eq!(again, taken);
+        staying.quiet(Duration::from_millis(300)).await;
     }
 }

@@ -1,7 +1,7 @@
 //! The bus and store conformance suites (`tandem_testkit::conformance`)
 //! against the engines of this crate: the embedded log and SQLite.
 
-use tandem_testkit::conformance::Fresh;
+use tandem_testkit::conformance::{BusFeatures, Fresh, StoreFeatures};
 
 async fn embedded_log() -> Fresh<tandem::embedded::EmbeddedLog> {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -17,19 +17,42 @@ async fn embedded_log() -> Fresh<tandem::embedded::EmbeddedLog> {
     Fresh::new(log, dir)
 }
 
-async fn sqlite_store() -> Fresh<tandem::sqlite::SqliteStore> {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = tandem::sqlite::SqliteStore::open(
-        dir.path().join("store.db"),
+async fn open_sqlite(path: std::path::PathBuf) -> tandem::sqlite::SqliteStore {
+    tandem::sqlite::SqliteStore::open(
+        path,
         tandem::sqlite::SqliteOptions {
             synchronous: tandem::sqlite::Synchronous::Normal,
             ..tandem::sqlite::SqliteOptions::default()
         },
     )
     .await
-    .expect("open sqlite store");
-    Fresh::new(store, dir)
+    .expect("open sqlite store")
 }
 
-tandem_testkit::bus_conformance!(embedded, embedded_log());
-tandem_testkit::store_conformance!(sqlite, sqlite_store());
+/// A store on a new file; its peers open the same file again (two
+/// processes, as far as SQLite and the lease's file lock are concerned).
+async fn sqlite_store() -> Fresh<tandem::sqlite::SqliteStore> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("store.db");
+    let store = open_sqlite(path.clone()).await;
+    Fresh::new(store, dir).with_peer(move || open_sqlite(path.clone()))
+}
+
+tandem_testkit::bus_conformance!(
+    embedded,
+    embedded_log(),
+    BusFeatures {
+        every_member_reads_every_partition: true,
+        members_split_partitions: false,
+        shares_partitions: false,
+        redelivers_unacked_to_other_members: false,
+    }
+);
+tandem_testkit::store_conformance!(
+    sqlite,
+    sqlite_store(),
+    StoreFeatures {
+        // Closing the lock file releases the flock.
+        lease_free_as_soon_as_dropped: true,
+    }
+);

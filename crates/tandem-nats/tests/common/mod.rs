@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use tandem_nats::NatsBus;
-use tandem_testkit::conformance::Fresh;
 
 /// The test server's URL: `TANDEM_TEST_NATS`, default `nats://127.0.0.1:4222`.
 pub fn test_url() -> String {
@@ -48,10 +47,4 @@ impl Drop for Namespace {
             })
         });
     }
-}
-
-/// A bus in a fresh namespace, for the conformance suite.
-pub async fn fresh_nats() -> Fresh<NatsBus> {
-    let bus = connect(&unique_prefix(), "").await;
-    Fresh::new(bus.clone(), Namespace(bus))
 }
