@@ -9,6 +9,10 @@
 //! | `postgres://user@host:port/db?sslmode=…` | a PostgreSQL store ([`tandem_postgres`]) |
 //! | `host=… dbname=… sslmode=…` | the same, in PostgreSQL's key=value form |
 //!
+//! Every engine reads its URL with the one parser,
+//! [`tandem::engine::ParsedUrl`]: options percent-decoded once, a `+` kept
+//! as a plus (write a space `%20`), a comma list of hosts for Kafka.
+//!
 //! [`open_bus`] gives an `Arc<dyn Bus>`. The `Store` trait has generic
 //! methods, so it cannot be a trait object: [`AnyStore`] is an enum of the
 //! store engines that implements `Store` by delegating to the one it holds.
@@ -23,61 +27,40 @@ use tandem::sqlite::SqliteStore;
 use tandem::store::{ExternalChanges, Lease, Store, StoreError, StoreFuture, Tx};
 use tandem_postgres::PostgresStore;
 
+use tandem::engine::{ParsedUrl, UrlError};
+
 pub use tandem::engine::redact;
 
 /// Why an engine URL could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]
-    Url(#[from] tandem::engine::UrlError),
+    Url(#[from] UrlError),
     #[error("{0}")]
     Engine(String),
 }
 
-/// The URL's scheme, lower-cased; a URL without one is refused (without
-/// being shown).
+/// The URL's scheme, lower-cased, as the shared parser
+/// ([`tandem::engine::ParsedUrl`]) reads it; a URL without one, or that
+/// does not parse, is refused (without being shown).
 fn scheme(url: &str) -> Result<String, OpenError> {
-    if !tandem::engine::has_scheme(url) {
-        return Err(tandem::engine::UrlError::Malformed { url: redact(url) }.into());
-    }
-    Ok(url
-        .split_once("://")
-        .map(|(scheme, _)| scheme.to_ascii_lowercase())
-        .unwrap_or_default())
+    Ok(parse(url)?.scheme().to_owned())
+}
+
+fn parse(url: &str) -> Result<ParsedUrl, OpenError> {
+    ParsedUrl::parse(url).map_err(|error| UrlError::syntax(url, error).into())
 }
 
 /// Opens the bus a URL names. The option `namespace=NAME`, on any bus,
 /// puts every topic and consumer group under `NAME-` (see [`Namespaced`]).
 pub async fn open_bus(url: &str) -> Result<Arc<dyn Bus>, OpenError> {
-    let (url, namespace) = take_option(url, "namespace");
+    let (url, taken) = parse(url)?.without_options(&["namespace"]);
+    let namespace = taken.into_iter().last().map(|option| option.value);
     let bus = open_engine_bus(&url).await?;
     Ok(match namespace {
         Some(namespace) if !namespace.is_empty() => Arc::new(Namespaced::new(bus, &namespace)),
         _ => bus,
     })
-}
-
-/// Removes `name=value` from a URL's query; returns the URL and the value.
-fn take_option(url: &str, name: &str) -> (String, Option<String>) {
-    let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), None);
-    };
-    let mut value = None;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|option| match option.split_once('=') {
-            Some((key, found)) if key == name => {
-                value = Some(found.to_owned());
-                false
-            }
-            _ => !option.is_empty(),
-        })
-        .collect();
-    if kept.is_empty() {
-        (base.to_owned(), value)
-    } else {
-        (format!("{base}?{}", kept.join("&")), value)
-    }
 }
 
 async fn open_engine_bus(url: &str) -> Result<Arc<dyn Bus>, OpenError> {
@@ -352,25 +335,42 @@ impl Store for AnyStore {
 mod tests {
     use super::*;
 
+    fn take_namespace(url: &str) -> (String, Option<String>) {
+        let (url, taken) = parse(url).unwrap().without_options(&["namespace"]);
+        (url, taken.into_iter().last().map(|option| option.value))
+    }
+
     #[test]
     fn the_namespace_option_leaves_the_rest_of_the_url() {
         assert_eq!(
-            take_option(
-                "kafka://h:1?partitions=4&namespace=t1&acks=all",
-                "namespace"
-            ),
+            take_namespace("kafka://h:1?partitions=4&namespace=t1&acks=all"),
             (
                 "kafka://h:1?partitions=4&acks=all".to_owned(),
                 Some("t1".to_owned())
             )
         );
         assert_eq!(
-            take_option("nats://h:1?namespace=t1", "namespace"),
+            take_namespace("nats://h:1?namespace=t1"),
             ("nats://h:1".to_owned(), Some("t1".to_owned()))
         );
         assert_eq!(
-            take_option("nats://h:1", "namespace"),
+            take_namespace("nats://h:1"),
             ("nats://h:1".to_owned(), None)
+        );
+        // Multi-host Kafka and a sqlite path keep their text.
+        assert_eq!(
+            take_namespace("kafka://h1:9092,h2:9092?namespace=t%2D1&sasl.password=a+b%2B"),
+            (
+                "kafka://h1:9092,h2:9092?sasl.password=a+b%2B".to_owned(),
+                Some("t-1".to_owned())
+            )
+        );
+        assert_eq!(
+            take_namespace("sqlite://./data/bus.db?namespace=t1&partitions=2"),
+            (
+                "sqlite://./data/bus.db?partitions=2".to_owned(),
+                Some("t1".to_owned())
+            )
         );
     }
 

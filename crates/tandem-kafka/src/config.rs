@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tandem::bus::BusError;
 pub use tandem::engine::{is_secret, redact};
+use tandem::engine::{ParsedUrl, UrlSyntaxError};
 
 /// The environment variables' prefix: `TANDEM_KAFKA_SASL_PASSWORD` sets the
 /// librdkafka property `sasl.password`.
@@ -72,28 +73,27 @@ impl KafkaConfig {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, BusError> {
         let invalid = |why: String| BusError::Invalid(format!("{}: {why}", redact(url)));
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| invalid("not a URL (expected kafka://host:port)".into()))?;
-        if !scheme.eq_ignore_ascii_case("kafka") {
-            return Err(invalid(format!("scheme {scheme} is not kafka")));
+        let parsed = ParsedUrl::parse(url).map_err(|error| match error {
+            UrlSyntaxError::NoScheme => invalid("not a URL (expected kafka://host:port)".into()),
+            error => invalid(error.to_string()),
+        })?;
+        if parsed.scheme() != "kafka" {
+            return Err(invalid(format!("scheme {} is not kafka", parsed.scheme())));
         }
-        let (authority, query) = match rest.split_once('?') {
-            Some((authority, query)) => (authority, Some(query)),
-            None => (rest, None),
-        };
-        let authority = authority.trim_end_matches('/');
-        if authority.contains('/') || authority.contains('@') {
+        if !matches!(parsed.path(), "" | "/")
+            || !parsed.user().is_empty()
+            || parsed.password().is_some()
+        {
             return Err(invalid(
                 "expected kafka://host:port[,host:port] with no path or user \
                  (credentials go in sasl.username/sasl.password options or TANDEM_KAFKA_* variables)"
                     .into(),
             ));
         }
-        let brokers: Vec<&str> = authority.split(',').map(str::trim).collect();
-        if brokers.iter().any(|broker| broker.is_empty()) {
+        if parsed.hosts().is_empty() {
             return Err(invalid("no broker host:port".into()));
         }
+        let brokers: Vec<String> = parsed.hosts().iter().map(ToString::to_string).collect();
 
         let mut options: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in env {
@@ -104,17 +104,16 @@ impl KafkaConfig {
                 options.insert(property.to_ascii_lowercase().replace('_', "."), value);
             }
         }
-        for pair in query.into_iter().flat_map(|query| query.split('&')) {
-            if pair.is_empty() {
-                continue;
+        for option in parsed.options() {
+            if !option.has_value {
+                let shown = if is_secret(&option.name) {
+                    "(not shown)"
+                } else {
+                    &option.name
+                };
+                return Err(invalid(format!("option {shown} has no value")));
             }
-            let (name, value) = pair.split_once('=').ok_or_else(|| {
-                let shown = if is_secret(pair) { "(not shown)" } else { pair };
-                invalid(format!("option {shown} has no value"))
-            })?;
-            let name = form_decoded(name, "name").map_err(&invalid)?;
-            let value = form_decoded(value, &name).map_err(&invalid)?;
-            options.insert(name, value);
+            options.insert(option.name.clone(), option.value.clone());
         }
 
         let mut config = KafkaConfig {
@@ -167,16 +166,6 @@ impl KafkaConfig {
         }
         Ok(config)
     }
-}
-
-/// Decodes one part of a `name=value` option: `%XX` escapes, and `+` as a
-/// space. The error names the option, never the text (it may be a secret).
-fn form_decoded(text: &str, option: &str) -> Result<String, String> {
-    let spaced = text.replace('+', " ");
-    percent_encoding::percent_decode_str(&spaced)
-        .decode_utf8()
-        .map(|text| text.into_owned())
-        .map_err(|_| format!("option {option} is not UTF-8 once decoded"))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tandem::bus::BusError;
-use tandem::engine::redact;
+use tandem::engine::{redact, ParsedUrl, UrlSyntaxError};
 
 /// Everything [`crate::NatsBus`] needs to connect and to shape its streams
 /// and consumers. [`NatsConfig::from_url`] reads it from a URL; the fields
@@ -97,14 +97,6 @@ fn invalid(message: String) -> BusError {
     BusError::Invalid(message)
 }
 
-/// `text` percent-decoded; the error names `part`, never the text.
-fn decoded(part: &str, text: &str) -> Result<String, BusError> {
-    percent_encoding::percent_decode_str(text)
-        .decode_utf8()
-        .map(|text| text.into_owned())
-        .map_err(|_| invalid(format!("NATS URL {part} is not UTF-8 once decoded")))
-}
-
 fn millis(name: &str, value: &str) -> Result<Duration, BusError> {
     value
         .parse::<u64>()
@@ -143,11 +135,14 @@ impl NatsConfig {
     /// are used when set.
     pub fn from_url(url: &str) -> Result<NatsConfig, BusError> {
         let mut config = NatsConfig::default();
-        let parsed = url::Url::parse(url).map_err(|error| {
-            invalid(format!(
+        let parsed = ParsedUrl::parse(url).map_err(|error| match error {
+            UrlSyntaxError::NotUtf8(part) => {
+                invalid(format!("NATS URL {part} is not UTF-8 once decoded"))
+            }
+            error => invalid(format!(
                 "not a NATS URL ({error}; nats://host:port expected): {}",
                 redact(url)
-            ))
+            )),
         })?;
         match parsed.scheme() {
             "nats" => {}
@@ -159,18 +154,22 @@ impl NatsConfig {
                 )))
             }
         }
-        let user = decoded("user-info", parsed.username())?;
+        let user = parsed.user().to_owned();
         match parsed.password() {
             // `nats://token@host` is NATS's own spelling of a token.
             None if !user.is_empty() => config.token = Some(user),
             None => {}
-            Some(pass) => config.user_password = Some((user, decoded("user-info", pass)?)),
+            Some(pass) => config.user_password = Some((user, pass.to_owned())),
         }
-        let host = match parsed.host() {
-            Some(url::Host::Domain(host)) if !host.is_empty() => host.to_owned(),
-            Some(url::Host::Ipv4(address)) => address.to_string(),
-            Some(url::Host::Ipv6(address)) => format!("[{address}]"),
-            _ => return Err(invalid("NATS URL names no host".into())),
+        let host = match parsed.hosts() {
+            [host] => host,
+            [] => return Err(invalid("NATS URL names no host".into())),
+            _ => {
+                return Err(invalid(format!(
+                    "NATS URL names more than one host: {}",
+                    redact(url)
+                )))
+            }
         };
         if !matches!(parsed.path(), "" | "/") {
             return Err(invalid(format!(
@@ -178,17 +177,11 @@ impl NatsConfig {
                 redact(url)
             )));
         }
-        config.server = format!("{host}:{}", parsed.port().unwrap_or(4222));
-        // Options as NATS URLs have always had them: percent-decoded, a `+`
-        // left as it is (tokens may hold one).
-        for pair in parsed
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter(|pair| !pair.is_empty())
-        {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = decoded(name, value)?;
+        config.server = format!("{}:{}", host.host, host.port.unwrap_or(4222));
+        // Options decoded by the shared rule: `%XX` escapes, a `+` left as
+        // it is (tokens may hold one).
+        for option in parsed.options() {
+            let (name, value) = (option.name.as_str(), option.value.clone());
             match name {
                 "creds" => config.creds = Some(PathBuf::from(value)),
                 "token" => config.token = Some(value),

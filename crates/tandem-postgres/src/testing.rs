@@ -118,20 +118,13 @@ fn admin_connect(base: &str) -> Result<postgres::Client, StoreError> {
 
 /// `url` with its database (the path) replaced by `database`.
 pub fn with_database(url: &str, database: &str) -> Result<String, StoreError> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(StoreError::Engine(
-            "expected a postgres:// URL for scratch databases".into(),
-        ));
-    };
-    let (before_query, query) = match rest.split_once('?') {
-        Some((before, query)) => (before, Some(query)),
-        None => (rest, None),
-    };
-    let authority = before_query.split('/').next().unwrap_or(before_query);
-    let mut url = format!("{scheme}://{authority}/{database}");
-    if let Some(query) = query {
+    let parsed = tandem::engine::ParsedUrl::parse(url).map_err(|_| {
+        StoreError::Engine("expected a postgres:// URL for scratch databases".into())
+    })?;
+    let mut url = format!("{}/{database}", parsed.scheme_and_authority());
+    if let Some(query) = parsed.query() {
         url.push('?');
-        url.push_str(query);
+        url.push_str(&query);
     }
     Ok(url)
 }

@@ -68,6 +68,9 @@ pub(crate) struct TlsOptions {
     pub(crate) root_cert: Option<PathBuf>,
 }
 
+const NOT_POSTGRES: &str = "not a PostgreSQL connection string: expected \
+     postgres://user@host:port/database or key=value pairs";
+
 /// Takes `sslmode` and `sslrootcert` out of `connection` (a `postgres://`
 /// URL or a key=value string); returns the rest, for the `postgres` crate.
 pub(crate) fn take_tls_options(connection: &str) -> Result<(String, TlsOptions), StoreError> {
@@ -82,36 +85,21 @@ pub(crate) fn take_tls_options(connection: &str) -> Result<(String, TlsOptions),
         }
         Ok(true)
     };
-    let rest = if connection.starts_with("postgres://") || connection.starts_with("postgresql://") {
-        let Some((base, query)) = connection.split_once('?') else {
-            return Ok((connection.to_owned(), options));
-        };
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let decode = |text: &str| {
-                percent_encoding::percent_decode_str(text)
-                    .decode_utf8()
-                    .map(|text| text.into_owned())
-                    .map_err(|_| StoreError::Engine("a PostgreSQL URL option is not UTF-8".into()))
-            };
-            if !take(&decode(key)?, &decode(value)?)? {
-                kept.push(pair);
-            }
-        }
-        if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        }
-    } else {
-        let params = tandem::engine::parse_key_values(connection).ok_or_else(|| {
-            StoreError::Engine(
-                "not a PostgreSQL connection string: expected postgres://user@host:port/database \
-                 or key=value pairs"
-                    .into(),
-            )
+    let rest = if tandem::engine::has_scheme(connection) {
+        let parsed = tandem::engine::ParsedUrl::parse(connection).map_err(|error| {
+            StoreError::Engine(format!("a PostgreSQL URL that does not parse: {error}"))
         })?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+            return Err(StoreError::Engine(NOT_POSTGRES.into()));
+        }
+        let (rest, taken) = parsed.without_options(&["sslmode", "sslrootcert"]);
+        for option in taken {
+            take(&option.name, &option.value)?;
+        }
+        rest
+    } else {
+        let params = tandem::engine::parse_key_values(connection)
+            .ok_or_else(|| StoreError::Engine(NOT_POSTGRES.into()))?;
         let mut rest = String::with_capacity(connection.len());
         let mut from = 0;
         for param in params {

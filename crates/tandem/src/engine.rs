@@ -36,29 +36,46 @@ pub enum UrlError {
     MissingPath { url: String },
     #[error("{url}: unknown option {option} (known: synchronous=full|normal|off, partitions=N)")]
     UnknownOption { url: String, option: String },
+    #[error("{url}: {source}")]
+    Syntax {
+        url: String,
+        #[source]
+        source: UrlSyntaxError,
+    },
     #[error("{url}: the {scheme} engine is not known to the tandem crate (it opens sqlite; tandem-engines opens kafka, nats and postgres)")]
     Unsupported { url: String, scheme: String },
 }
 
-/// Parses `scheme://rest?options`. For sqlite, `sqlite:///abs/path` and
-/// `sqlite://relative/path` are both accepted.
+impl UrlError {
+    /// `error` of `url`, which is shown [`redact`]ed; a URL with no scheme
+    /// is [`UrlError::Malformed`].
+    pub fn syntax(url: &str, error: UrlSyntaxError) -> UrlError {
+        match error {
+            UrlSyntaxError::NoScheme => UrlError::Malformed { url: redact(url) },
+            source => UrlError::Syntax {
+                url: redact(url),
+                source,
+            },
+        }
+    }
+}
+
+/// Parses `scheme://rest?options` with [`ParsedUrl`]. For sqlite,
+/// `sqlite:///abs/path` and `sqlite://relative/path` are both accepted.
 pub fn parse(url: &str) -> Result<EngineUrl, UrlError> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(UrlError::Malformed { url: redact(url) });
-    };
-    if scheme != "sqlite" {
+    let parsed = ParsedUrl::parse(url).map_err(|error| UrlError::syntax(url, error))?;
+    if parsed.scheme() != "sqlite" {
         return Ok(EngineUrl::Other {
-            scheme: scheme.into(),
+            scheme: parsed.scheme().to_owned(),
         });
     }
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if path.is_empty() {
+    if parsed.path().is_empty() {
         return Err(UrlError::MissingPath { url: redact(url) });
     }
     let mut synchronous = None;
     let mut partitions = None;
-    for option in query.split('&').filter(|option| !option.is_empty()) {
-        let (name, value) = option.split_once('=').unwrap_or((option, ""));
+    for option in parsed.options() {
+        let (name, value) = (option.name.as_str(), option.value.as_str());
         let unknown = || UrlError::UnknownOption {
             url: redact(url),
             option: shown_option(name, value),
@@ -78,10 +95,288 @@ pub fn parse(url: &str) -> Result<EngineUrl, UrlError> {
         }
     }
     Ok(EngineUrl::Sqlite {
-        path: PathBuf::from(path),
+        path: PathBuf::from(parsed.path()),
         synchronous,
         partitions,
     })
+}
+
+// ---------------------------------------------------------------------------
+// The one URL parser.
+
+/// Why a URL does not parse. It holds nothing of the URL (a secret may be
+/// anywhere in it): a caller puts the [`redact`]ed URL in front.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum UrlSyntaxError {
+    #[error("expected scheme://...")]
+    NoScheme,
+    #[error("not a URL ({0})")]
+    Unparsable(String),
+    #[error("{0} is not UTF-8 once percent-decoded")]
+    NotUtf8(String),
+}
+
+/// One host of a URL: a name or address (IPv6 in brackets), and the port
+/// when the URL gives one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlHost {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl std::fmt::Display for UrlHost {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(port) => write!(formatter, "{}:{port}", self.host),
+            None => formatter.write_str(&self.host),
+        }
+    }
+}
+
+/// One `name=value` option of a URL's query, decoded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UrlOption {
+    pub name: String,
+    pub value: String,
+    /// Whether the option was written with a `=` (`tls` has none).
+    pub has_value: bool,
+    /// The pair as the URL writes it.
+    raw: String,
+}
+
+impl std::fmt::Debug for UrlOption {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&shown_option(&self.name, &self.value))
+    }
+}
+
+/// An engine URL, split once by the rules every engine shares (the
+/// SQLite engines here; Kafka, NATS and PostgreSQL in their crates):
+///
+/// - `scheme://` is required; the scheme is compared lower-cased.
+/// - A `sqlite://` URL holds a file path, not a host: all between
+///   `sqlite://` and the first `?` is the path, as written and not
+///   percent-decoded (a file name may hold `%`), so `sqlite:///abs/bus.db`,
+///   `sqlite://relative.db` and `sqlite://./data/bus.db` all name files.
+///   (`url::Url` would read `relative.db` as a host.)
+/// - Any other scheme has `[user[:password]@]host[:port][/path]`, read by
+///   `url::Url`; user and password are percent-decoded. A comma list of
+///   hosts (`kafka://h1:9092,h2:9092`, `postgres://u@h1,h2/db`), which
+///   `url` cannot read, is split here and each host read by `url`.
+/// - Options follow the first `?` (up to a `#`), `name=value` pairs apart
+///   by `&`. Names and values are percent-decoded, and **a `+` is a plus,
+///   never a space** (a token or password holding `+` arrives as written;
+///   write a space as `%20`). A `%` not followed by two hex digits stays as
+///   it is. Text that is not UTF-8 once decoded is refused by naming its
+///   part or option, never by showing it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ParsedUrl {
+    text: String,
+    scheme: String,
+    authority: String,
+    user: String,
+    password: Option<String>,
+    hosts: Vec<UrlHost>,
+    path: String,
+    /// Where the query starts in `text` (after the `?`), and ends.
+    query: Option<std::ops::Range<usize>>,
+    options: Vec<UrlOption>,
+}
+
+impl std::fmt::Debug for ParsedUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&redact(&self.text))
+    }
+}
+
+/// `text` percent-decoded (a `+` stays a plus); the error names `part`.
+fn url_decoded(part: &str, text: &str) -> Result<String, UrlSyntaxError> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| UrlSyntaxError::NotUtf8(part.to_owned()))
+}
+
+fn url_host(url: &url::Url) -> Option<UrlHost> {
+    let host = match url.host()? {
+        url::Host::Domain("") => return None,
+        url::Host::Domain(host) => host.to_owned(),
+        url::Host::Ipv4(address) => address.to_string(),
+        url::Host::Ipv6(address) => format!("[{address}]"),
+    };
+    Some(UrlHost {
+        host,
+        port: url.port(),
+    })
+}
+
+impl ParsedUrl {
+    /// Splits `text` by the rules above.
+    pub fn parse(text: &str) -> Result<ParsedUrl, UrlSyntaxError> {
+        if !has_scheme(text) {
+            return Err(UrlSyntaxError::NoScheme);
+        }
+        let (scheme, rest) = text.split_once("://").ok_or(UrlSyntaxError::NoScheme)?;
+        let scheme = scheme.to_ascii_lowercase();
+        let rest_start = text.len() - rest.len();
+        let mut parsed = ParsedUrl {
+            text: text.to_owned(),
+            scheme,
+            authority: String::new(),
+            user: String::new(),
+            password: None,
+            hosts: Vec::new(),
+            path: String::new(),
+            query: None,
+            options: Vec::new(),
+        };
+        if parsed.scheme == "sqlite" {
+            let end = rest.find('?').unwrap_or(rest.len());
+            parsed.path = rest[..end].to_owned();
+            if end < rest.len() {
+                let start = rest_start + end + 1;
+                let end = text[start..].find('#').map_or(text.len(), |at| start + at);
+                parsed.query = Some(start..end);
+            }
+        } else {
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            parsed.authority = rest[..authority_end].to_owned();
+            let hosts_start = parsed.authority.rfind('@').map_or(0, |at| at + 1);
+            let host_list = &parsed.authority[hosts_start..];
+            let unparsable = |error: url::ParseError| UrlSyntaxError::Unparsable(error.to_string());
+            let url = if host_list.contains(',') {
+                for host in host_list.split(',').map(str::trim) {
+                    if host.is_empty() {
+                        return Err(UrlSyntaxError::Unparsable("empty host in a list".into()));
+                    }
+                    let one = url::Url::parse(&format!("{}://{host}", parsed.scheme))
+                        .map_err(unparsable)?;
+                    match url_host(&one) {
+                        Some(host) if matches!(one.path(), "" | "/") => parsed.hosts.push(host),
+                        _ => return Err(UrlSyntaxError::Unparsable("bad host in a list".into())),
+                    }
+                }
+                // The rest of the URL around the first host.
+                let first = parsed.hosts[0].to_string();
+                let start = rest_start + hosts_start;
+                let end = rest_start + authority_end;
+                url::Url::parse(&format!("{}{first}{}", &text[..start], &text[end..]))
+                    .map_err(unparsable)?
+            } else {
+                let url = url::Url::parse(text).map_err(unparsable)?;
+                parsed.hosts.extend(url_host(&url));
+                url
+            };
+            parsed.user = url_decoded("user-info", url.username())?;
+            parsed.password = url
+                .password()
+                .map(|password| url_decoded("user-info", password))
+                .transpose()?;
+            parsed.path = url.path().to_owned();
+            let without_fragment = text.find('#').unwrap_or(text.len());
+            if let Some(at) = text[..without_fragment].find('?') {
+                parsed.query = Some(at + 1..without_fragment);
+            }
+        }
+        if let Some(range) = parsed.query.clone() {
+            for pair in text[range].split('&').filter(|pair| !pair.is_empty()) {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let name = url_decoded("an option name", name)?;
+                let value = url_decoded(&format!("option {name}"), value)?;
+                parsed.options.push(UrlOption {
+                    name,
+                    value,
+                    has_value: pair.contains('='),
+                    raw: pair.to_owned(),
+                });
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// The scheme, lower-cased.
+    pub fn scheme(&self) -> &str {
+        &self.scheme
+    }
+
+    /// The user-info's user, decoded; empty when there is none.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The user-info's password, decoded.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// The hosts, in order (none for `sqlite://`).
+    pub fn hosts(&self) -> &[UrlHost] {
+        &self.hosts
+    }
+
+    /// For `sqlite://`, the file path as written; otherwise the URL's path
+    /// as `url` writes it (`""` or `/…`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The options, decoded, in order.
+    pub fn options(&self) -> &[UrlOption] {
+        &self.options
+    }
+
+    /// The URL as written, up to its options: `scheme://authority/path`.
+    fn base(&self) -> &str {
+        match &self.query {
+            Some(range) => &self.text[..range.start - 1],
+            None => &self.text,
+        }
+    }
+
+    /// `scheme://[user-info@]hosts` as written (user-info not decoded).
+    pub fn scheme_and_authority(&self) -> String {
+        format!(
+            "{}://{}",
+            &self.text[..self.text.find("://").unwrap_or(0)],
+            self.authority
+        )
+    }
+
+    /// The raw query's pairs, as written, that `keep` accepts.
+    fn raw_query(&self, keep: impl Fn(&UrlOption) -> bool) -> Option<String> {
+        let kept: Vec<&str> = self
+            .options
+            .iter()
+            .filter(|option| keep(option))
+            .map(|option| option.raw.as_str())
+            .collect();
+        (!kept.is_empty()).then(|| kept.join("&"))
+    }
+
+    /// The query as written, `None` when there is none (or it is empty).
+    pub fn query(&self) -> Option<String> {
+        self.raw_query(|_| true)
+    }
+
+    /// Takes the options named `names` out: the URL as written without
+    /// them, and the options taken, in order.
+    pub fn without_options(&self, names: &[&str]) -> (String, Vec<UrlOption>) {
+        let taken: Vec<UrlOption> = self
+            .options
+            .iter()
+            .filter(|option| names.contains(&option.name.as_str()))
+            .cloned()
+            .collect();
+        if taken.is_empty() {
+            return (self.text.clone(), taken);
+        }
+        let mut rest = self.base().to_owned();
+        if let Some(query) = self.raw_query(|option| !names.contains(&option.name.as_str())) {
+            rest.push('?');
+            rest.push_str(&query);
+        }
+        (rest, taken)
+    }
 }
 
 /// Why an engine could not be opened; its URL is [`redact`]ed.
@@ -458,5 +753,110 @@ mod tests {
         assert_eq!(redact("u:p@h"), NOT_SHOWN);
         let error = parse("sqlite:///x.db?password=p").unwrap_err().to_string();
         assert!(error.contains("unknown option password=***"), "{error}");
+    }
+
+    fn hosts(parsed: &ParsedUrl) -> Vec<String> {
+        parsed.hosts().iter().map(ToString::to_string).collect()
+    }
+
+    fn options(parsed: &ParsedUrl) -> Vec<(&str, &str)> {
+        parsed
+            .options()
+            .iter()
+            .map(|option| (option.name.as_str(), option.value.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn one_parser_reads_every_engines_url() {
+        // sqlite: the path as written, absolute or relative.
+        for (url, path) in [
+            ("sqlite:///var/lib/bus.db?partitions=4", "/var/lib/bus.db"),
+            ("sqlite://relative.db", "relative.db"),
+            ("sqlite://./data/bus.db", "./data/bus.db"),
+            ("sqlite://data/bus.db?synchronous=off", "data/bus.db"),
+            ("SQLite:///tmp/a%41 b#c.db", "/tmp/a%41 b#c.db"),
+        ] {
+            let parsed = ParsedUrl::parse(url).unwrap();
+            assert_eq!(parsed.scheme(), "sqlite", "{url}");
+            assert_eq!(parsed.path(), path, "{url}");
+            assert!(parsed.hosts().is_empty(), "{url}");
+        }
+        // Kafka: a comma list of brokers, IPv6 among them.
+        let parsed =
+            ParsedUrl::parse("kafka://h1:9092, 10.0.0.2:9093,[::1]:9094/?acks=all&partitions=8")
+                .unwrap();
+        assert_eq!(hosts(&parsed), ["h1:9092", "10.0.0.2:9093", "[::1]:9094"]);
+        assert_eq!(parsed.path(), "/");
+        assert_eq!(options(&parsed), [("acks", "all"), ("partitions", "8")]);
+        // NATS: user-info decoded, a bare option.
+        let parsed = ParsedUrl::parse("nats://al%40ice:pa%2Fss@Example.org:4222?tls").unwrap();
+        assert_eq!(
+            (parsed.user(), parsed.password()),
+            ("al@ice", Some("pa/ss"))
+        );
+        assert_eq!(hosts(&parsed), ["Example.org:4222"]);
+        assert!(!parsed.options()[0].has_value);
+        // PostgreSQL: hosts with and without ports, a database, options.
+        let parsed =
+            ParsedUrl::parse("postgres://app:pw@h1:5432,h2/orders?sslmode=require#x").unwrap();
+        assert_eq!(hosts(&parsed), ["h1:5432", "h2"]);
+        assert_eq!(parsed.path(), "/orders");
+        assert_eq!(
+            parsed.scheme_and_authority(),
+            "postgres://app:pw@h1:5432,h2"
+        );
+        assert_eq!(parsed.query().as_deref(), Some("sslmode=require"));
+        assert_eq!(
+            parsed.without_options(&["sslmode"]).0,
+            "postgres://app:pw@h1:5432,h2/orders"
+        );
+        for bad in [
+            "bus.db",
+            "kafka://h1:9092,",
+            "kafka://h1:9092,h2:port",
+            "nats://u:p@h:port",
+            "postgres://u:p@[::1/db",
+        ] {
+            assert!(ParsedUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_plus_is_a_plus_and_escapes_are_decoded_once() {
+        for url in [
+            "sqlite:///x.db?token=a+b%2B%20c",
+            "kafka://h1:1,h2:2?token=a+b%2B%20c",
+            "nats://h:1?token=a+b%2B%20c",
+            "postgres://u@h/db?token=a+b%2B%20c",
+        ] {
+            let parsed = ParsedUrl::parse(url).unwrap();
+            assert_eq!(options(&parsed), [("token", "a+b+ c")], "{url}");
+            // Taken out or kept, the rest of the URL is as written.
+            let (rest, _) = parsed.without_options(&["other"]);
+            assert_eq!(rest, url);
+        }
+    }
+
+    #[test]
+    fn a_bad_escape_names_the_option_and_never_shows_it() {
+        for url in [
+            "sqlite:///x.db?password=%FF-s3cret",
+            "kafka://h1:1,h2:2?sasl.password=%C3-s3cret",
+            "nats://h:1?token=%FF-s3cret",
+            "nats://u:%FF-s3cret@h:1",
+            "postgres://u@h/db?password=%FF-s3cret",
+        ] {
+            let error = parse(url).unwrap_err().to_string();
+            assert!(!error.contains("s3cret"), "{error}");
+            assert!(
+                error.contains("password is not UTF-8")
+                    || error.contains("token is not UTF-8")
+                    || error.contains("user-info is not UTF-8"),
+                "{error}"
+            );
+        }
+        let error = format!("{:?}", ParsedUrl::parse("nats://h?token=s3cret").unwrap());
+        assert!(!error.contains("s3cret"), "{error}");
     }
 }
