@@ -124,6 +124,32 @@ async fn deposit_rounds(
     }
 }
 
+/// Deposits a round at a time until both instances have applied something
+/// (the group has split the partitions between them); returns the rounds
+/// deposited.
+async fn until_both_apply(
+    producer: &SqliteStore,
+    topic: &str,
+    instances: [&Running; 2],
+    expected: &mut BTreeMap<String, (i64, i64)>,
+) -> usize {
+    let applied = |index: usize| instances[index].applied.0.load(Ordering::SeqCst);
+    let mut round = 0;
+    let give_up = tokio::time::Instant::now() + WAIT;
+    while applied(0) == 0 || applied(1) == 0 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "both instances should apply events: {} and {}",
+            applied(0),
+            applied(1)
+        );
+        deposit_rounds(producer, topic, round..round + 1, 13, expected).await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    round
+}
+
 async fn wait_for_all(reader: &SqliteStore, expected: &BTreeMap<String, (i64, i64)>) {
     for (account, (_, count)) in expected {
         let reader = reader.clone();
@@ -190,23 +216,7 @@ async fn two_instances_of_one_consumer_share_the_work_and_one_stopping_loses_not
     let second = start_consumer(&reader, &bus, &name, &topic);
 
     let mut expected = BTreeMap::new();
-    let mut round = 0;
-    // Deposit until both instances have applied something (the group has
-    // split the partitions between them).
-    let give_up = tokio::time::Instant::now() + WAIT;
-    while first.applied.0.load(Ordering::SeqCst) == 0
-        || second.applied.0.load(Ordering::SeqCst) == 0
-    {
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "both instances should apply events: {} and {}",
-            first.applied.0.load(Ordering::SeqCst),
-            second.applied.0.load(Ordering::SeqCst)
-        );
-        deposit_rounds(&producer, &topic, round..round + 1, 13, &mut expected).await;
-        round += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut round = until_both_apply(&producer, &topic, [&first, &second], &mut expected).await;
     // More while the first instance stops midway.
     deposit_rounds(&producer, &topic, round..round + 10, 13, &mut expected).await;
     round += 10;
@@ -248,21 +258,7 @@ async fn a_replay_with_two_instances_rebuilds_every_partition_exactly_once() {
     let second = start_consumer(&reader, &bus, &name, &topic);
 
     let mut expected = BTreeMap::new();
-    let mut round = 0;
-    let give_up = tokio::time::Instant::now() + WAIT;
-    while first.applied.0.load(Ordering::SeqCst) == 0
-        || second.applied.0.load(Ordering::SeqCst) == 0
-    {
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "both instances should apply events: {} and {}",
-            first.applied.0.load(Ordering::SeqCst),
-            second.applied.0.load(Ordering::SeqCst)
-        );
-        deposit_rounds(&producer, &topic, round..round + 1, 13, &mut expected).await;
-        round += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut round = until_both_apply(&producer, &topic, [&first, &second], &mut expected).await;
     deposit_rounds(&producer, &topic, round..round + 5, 13, &mut expected).await;
     round += 5;
     wait_for_all(&reader, &expected).await;

@@ -495,6 +495,27 @@ async fn replay_rebuilds_the_same_read_model_while_serving() {
     system.stop().await;
 }
 
+/// Waits until `sql` finds a row (`present`) or none (`!present`).
+async fn wait_for_rows(
+    reader: &tandem::sqlite::SqliteStore,
+    what: &str,
+    sql: &'static str,
+    present: bool,
+) {
+    eventually(what, WAIT, || {
+        let reader = reader.clone();
+        async move {
+            reader
+                .read(move |tx| -> Result<bool, StoreError> {
+                    Ok(tx.query_opt(sql, &[])?.is_some() == present)
+                })
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+}
+
 /// Waits until `consumer` has exactly `count` parked dead letters.
 async fn wait_for_parked(reader: &tandem::sqlite::SqliteStore, count: usize, what: &str) {
     eventually(what, WAIT, || {
@@ -658,19 +679,12 @@ async fn discarding_a_gap_letter_applies_its_late_predecessor_and_replay_keeps_i
     dead_letter::request_replay(&system.reader, "ledger-view")
         .await
         .unwrap();
-    eventually("the consumer took the replay request", WAIT, || {
-        let reader = system.reader.clone();
-        async move {
-            reader
-                .read(|tx| -> Result<bool, StoreError> {
-                    Ok(tx
-                        .query_opt("SELECT 1 FROM tandem_consumer_requests", &[])?
-                        .is_none())
-                })
-                .await
-                .unwrap()
-        }
-    })
+    wait_for_rows(
+        &system.reader,
+        "the consumer took the replay request",
+        "SELECT 1 FROM tandem_consumer_requests",
+        false,
+    )
     .await;
     system.bus.publish(&[record(5, 5)]).await.unwrap();
     system.wait_for_applied("g", 5).await;
@@ -771,19 +785,12 @@ async fn a_held_event_waits_the_gap_timeout_whatever_the_wall_clock_says() {
     };
     system.bus.publish(&[record(1), record(3)]).await.unwrap();
     let reader = system.reader.clone();
-    eventually("3 held ahead of the gap", WAIT, || {
-        let reader = reader.clone();
-        async move {
-            reader
-                .read(|tx| -> Result<bool, StoreError> {
-                    Ok(tx
-                        .query_opt("SELECT 1 FROM tandem_pending WHERE subject = 'skew'", &[])?
-                        .is_some())
-                })
-                .await
-                .unwrap()
-        }
-    })
+    wait_for_rows(
+        &reader,
+        "3 held ahead of the gap",
+        "SELECT 1 FROM tandem_pending WHERE subject = 'skew'",
+        true,
+    )
     .await;
     let held_since = tokio::time::Instant::now();
     // As another host an hour behind would have written it.
