@@ -434,21 +434,27 @@ pub async fn open_bus(url: &str) -> Result<Arc<dyn Bus>, OpenError> {
 
 /// Opens the store a URL names.
 pub async fn open_sqlite_store(url: &str) -> Result<SqliteStore, OpenError> {
+    let (path, options) = store_path_and_options(url)?;
+    SqliteStore::open(&path, options)
+        .await
+        .map_err(|source| OpenError::Store {
+            url: redact(url),
+            source,
+        })
+}
+
+/// The file and options of a `sqlite://` store URL.
+fn store_path_and_options(url: &str) -> Result<(PathBuf, SqliteOptions), OpenError> {
     match parse(url)? {
         EngineUrl::Sqlite {
             path, synchronous, ..
-        } => {
-            let options = SqliteOptions {
+        } => Ok((
+            path,
+            SqliteOptions {
                 synchronous: synchronous.unwrap_or_default(),
                 ..SqliteOptions::default()
-            };
-            SqliteStore::open(&path, options)
-                .await
-                .map_err(|source| OpenError::Store {
-                    url: redact(url),
-                    source,
-                })
-        }
+            },
+        )),
         EngineUrl::Other { scheme } => Err(UrlError::Unsupported {
             url: redact(url),
             scheme,
@@ -653,27 +659,13 @@ pub fn parse_key_values(text: &str) -> Option<Vec<KeyValue>> {
 /// tables (the bus file, say) is refused (see
 /// [`SqliteStore::open_existing`]).
 pub async fn open_existing_sqlite_store(url: &str) -> Result<SqliteStore, OpenError> {
-    match parse(url)? {
-        EngineUrl::Sqlite {
-            path, synchronous, ..
-        } => {
-            let options = SqliteOptions {
-                synchronous: synchronous.unwrap_or_default(),
-                ..SqliteOptions::default()
-            };
-            SqliteStore::open_existing(&path, options)
-                .await
-                .map_err(|source| OpenError::Existing {
-                    url: redact(url),
-                    source,
-                })
-        }
-        EngineUrl::Other { scheme } => Err(UrlError::Unsupported {
+    let (path, options) = store_path_and_options(url)?;
+    SqliteStore::open_existing(&path, options)
+        .await
+        .map_err(|source| OpenError::Existing {
             url: redact(url),
-            scheme,
-        }
-        .into()),
-    }
+            source,
+        })
 }
 
 #[cfg(test)]
