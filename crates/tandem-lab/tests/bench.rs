@@ -51,7 +51,11 @@ fn a_small_pipeline_bench_prints_its_figures_as_one_json_line() {
     assert!((number("ratio") - ratio).abs() < 1e-9, "{report}");
     // 2000 events/s in commits every 2 ms: 4 events a commit.
     assert_eq!(number("latency_rate_per_sec"), 2000.0, "{report}");
-    assert!(number("latency_samples") >= 1000.0, "{report}");
+    // Every sample is an event of the latency phase: at least one, and no
+    // more than 1 s at the offered rate (plus a tick) committed. How close
+    // it comes to the rate depends on the machine's load: not asserted.
+    let samples = number("latency_samples");
+    assert!((1.0..=2100.0).contains(&samples), "{report}");
     assert!(number("p50_ms") <= number("p99_ms"), "{report}");
     assert!(number("p99_ms") <= number("max_ms"), "{report}");
     assert_eq!(report["synchronous"], "full", "{report}");
