@@ -128,7 +128,7 @@ impl Sync {
     }
 }
 
-/// rusqlite as Tandem uses it (crates/tandem/src/sqlite.rs): one thread owns
+/// rusqlite as Tandem uses it (crates/tandem/src/sqlite/mod.rs): one thread owns
 /// the connection; each transaction is one job sent over a channel, answered
 /// on a oneshot; statements come from the prepared-statement cache.
 mod with_rusqlite {
@@ -594,7 +594,7 @@ struct Sample {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args = parse_args();
-    // As Tandem does before its first connection (sqlite.rs,
+    // As Tandem does before its first connection (sqlite/mod.rs,
     // configure_library); both drivers link this one SQLite library.
     // SAFETY: no connection exists yet in this process.
     unsafe {

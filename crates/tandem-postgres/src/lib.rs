@@ -99,10 +99,11 @@ use postgres::types::{FromSql, IsNull, ToSql, Type};
 use postgres::{Client, GenericClient, Statement};
 use tandem::executor::{EngineConnection, Executor};
 use tandem::store::{
-    Dialect, ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
+    ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
 };
 use tokio::sync::{oneshot, watch};
 
+pub mod sql;
 pub mod testing;
 mod tls;
 
@@ -617,8 +618,8 @@ impl<'c, C: GenericClient> PostgresTx<'c, C> {
 }
 
 impl<C: GenericClient> Tx for PostgresTx<'_, C> {
-    fn dialect(&self) -> Dialect {
-        Dialect::Postgres
+    fn engine(&self) -> &'static dyn tandem::sql::EngineSql {
+        &sql::POSTGRES
     }
 
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {

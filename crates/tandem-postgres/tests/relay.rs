@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem::bus::{Bus, Delivery};
+use tandem::bus::Bus;
 use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
 use tandem::outbox::{self, NewEvent};
 use tandem::relay::{Relay, RelayConfig};
@@ -59,32 +59,14 @@ async fn published(bus: &dyn Bus) -> Vec<Envelope> {
         .iter()
         .map(|(_, end)| end)
         .sum();
-    let mut subscription = bus
-        .subscribe(&format!("check-{}", uuid_like()), &[TOPIC.to_owned()])
-        .await
-        .expect("subscribe");
-    let mut records = Vec::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while (records.len() as u64) < total {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "records did not come back"
-        );
-        match subscription
-            .next(1000, Duration::from_millis(200))
-            .await
-            .expect("next")
-        {
-            Some(Delivery::Assigned(partitions)) => {
-                for partition in &partitions {
-                    subscription.seek(partition, 0).await.expect("seek");
-                }
-            }
-            Some(Delivery::Records(batch)) => records.extend(batch),
-            _ => {}
-        }
-    }
-    records.sort_by_key(|record| (record.partition, record.offset));
+    let records = tandem_testkit::read_topic(
+        bus,
+        &format!("check-{}", uuid_like()),
+        TOPIC,
+        usize::try_from(total).expect("a count"),
+        DEADLINE,
+    )
+    .await;
     records
         .iter()
         .map(|record| Envelope::decode(&record.payload).expect("envelope"))

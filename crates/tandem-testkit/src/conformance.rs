@@ -1751,31 +1751,8 @@ pub mod store_lease_checks {
             .iter()
             .map(|(_, end)| end)
             .sum();
-        let mut subscription = bus
-            .subscribe(&unique("check"), &[topic.to_owned()])
-            .await
-            .expect("subscribe");
-        let mut records: Vec<Record> = Vec::new();
-        let give_up = tokio::time::Instant::now() + DEADLINE;
-        while (records.len() as u64) < total {
-            assert!(
-                tokio::time::Instant::now() < give_up,
-                "records did not come back"
-            );
-            match subscription
-                .next(1000, Duration::from_millis(200))
-                .await
-                .expect("next")
-            {
-                Some(Delivery::Assigned(partitions)) => {
-                    for partition in &partitions {
-                        subscription.seek(partition, 0).await.expect("seek");
-                    }
-                }
-                Some(Delivery::Records(batch)) => records.extend(batch),
-                _ => {}
-            }
-        }
+        let total = usize::try_from(total).expect("a count");
+        let records = crate::read_topic(bus, &unique("check"), topic, total, DEADLINE).await;
         records
             .iter()
             .map(|record| {

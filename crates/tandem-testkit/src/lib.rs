@@ -58,7 +58,7 @@ impl Ledger {
 }
 
 pub fn install_ledger(tx: &mut dyn Tx) -> Result<(), StoreError> {
-    let clustered = match tx.dialect() {
+    let clustered = match tx.engine().dialect() {
         tandem::store::Dialect::Sqlite => " WITHOUT ROWID",
         // Room for updates on the same page (HOT updates).
         tandem::store::Dialect::Postgres => " WITH (fillfactor = 70)",
@@ -114,7 +114,7 @@ impl Handler for Ledger {
     /// The same checks as `handle`: an account's deposits in the batch must
     /// follow what was applied without a gap, the first one inserting.
     fn handle_batch(&self, tx: &mut dyn Tx, events: &[Envelope]) -> Result<(), HandlerError> {
-        if tx.dialect() != tandem::store::Dialect::Postgres
+        if tx.engine().dialect() != tandem::store::Dialect::Postgres
             || events.len() < 2
             || self.fail_poison.load(Ordering::SeqCst)
         {
@@ -285,4 +285,45 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The first `count` records of `topic` on `bus`, read from offset 0 of
+/// every partition by a fresh group named `group`, in `(partition, offset)`
+/// order; panics when they have not all come within `deadline`.
+pub async fn read_topic(
+    bus: &dyn tandem::Bus,
+    group: &str,
+    topic: &str,
+    count: usize,
+    deadline: Duration,
+) -> Vec<tandem::Record> {
+    use tandem::Delivery;
+    let mut subscription = bus
+        .subscribe(group, &[topic.to_owned()])
+        .await
+        .expect("subscribe");
+    let give_up = tokio::time::Instant::now() + deadline;
+    let mut records = Vec::new();
+    while records.len() < count {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "only {} of {count} records of {topic} came back within {deadline:?}",
+            records.len()
+        );
+        match subscription
+            .next(1000, Duration::from_millis(200))
+            .await
+            .expect("next")
+        {
+            Some(Delivery::Assigned(partitions)) => {
+                for partition in &partitions {
+                    subscription.seek(partition, 0).await.expect("seek");
+                }
+            }
+            Some(Delivery::Records(batch)) => records.extend(batch),
+            _ => {}
+        }
+    }
+    records.sort_by_key(|record| (record.partition, record.offset));
+    records
 }

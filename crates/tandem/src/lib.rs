@@ -12,7 +12,9 @@
 //! - [`bus`]: the `Bus`/`Subscription` port; [`embedded`] its embedded
 //!   engine, a durable log in one file shared by processes.
 //! - [`outbox`], [`relay`], [`consumer`], [`dead_letter`]: the pipeline.
-//! - [`schema`]: the toolkit's own tables; [`fault`]: crash points for tests.
+//! - [`schema`]: the toolkit's own tables and their migrations; [`sql`]: the
+//!   trait behind which each engine implements the toolkit's SQL that
+//!   differs between engines; [`fault`]: crash points for tests.
 //! - [`engine`]: picks engines from URLs.
 //!
 //! The toolkit knows nothing of any domain.
@@ -29,6 +31,7 @@ pub mod fault;
 pub mod outbox;
 pub mod relay;
 pub mod schema;
+pub mod sql;
 pub mod sqlite;
 pub mod store;
 pub mod wait;

@@ -7,15 +7,14 @@
 //! does a writer whose expected sequence (`NewEvent::expect_sequence`) is
 //! stale.
 
-use std::collections::BTreeMap;
-
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::envelope::{Envelope, EventPayload};
 use crate::params;
 use crate::schema::now_micros;
-use crate::store::{Dialect, Param, StoreError, Tx};
+use crate::sql::OutboxRow;
+use crate::store::{Param, StoreError, Tx};
 
 /// Tracing and causality attributes carried with an event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,13 +99,10 @@ pub fn append(tx: &mut dyn Tx, source: &str, event: NewEvent) -> Result<Envelope
 /// with the same sequences and the same conflicts.
 ///
 /// Events without an expected sequence cost a few statements for the whole
-/// batch instead of two or three each:
-/// - PostgreSQL: one upsert takes every aggregate's sequences at once (its
-///   row lock held to the end of the transaction, as with [`append`]), one
-///   insert writes every row, fed by a JSON array.
-/// - SQLite: one query reads the aggregates' sequences, one upsert writes
-///   them back, and multi-row inserts write the events (one writer at a
-///   time, so nothing moves between the read and the write).
+/// batch instead of two or three each: the engine takes every aggregate's
+/// sequences at once ([`crate::sql::EngineSql::take_sequences`]) and
+/// writes every row in a statement or a few
+/// ([`crate::sql::EngineSql::insert_events`]).
 pub fn append_all(
     tx: &mut dyn Tx,
     source: &str,
@@ -121,158 +117,53 @@ pub fn append_all(
             .collect();
     }
     events.iter().try_for_each(check_subject)?;
-    match tx.dialect() {
-        Dialect::Postgres => append_all_postgres(tx, source, events),
-        Dialect::Sqlite => append_all_sqlite(tx, source, events),
-    }
-}
-
-fn append_all_postgres(
-    tx: &mut dyn Tx,
-    source: &str,
-    events: Vec<NewEvent>,
-) -> Result<Vec<Envelope>, StoreError> {
-    // How many events each aggregate gets, then its sequence after them.
-    let mut taken: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for event in &events {
-        taken.entry(event.subject.clone()).or_default().0 += 1;
-    }
-    let counts: Vec<(&str, u64)> = taken
-        .iter()
-        .map(|(subject, (n, _))| (subject.as_str(), *n))
-        .collect();
-    let counts = serde_json::to_string(&counts)
-        .map_err(|error| StoreError::Engine(format!("sequence request: {error}")))?;
-    let rows = tx.query(
-        "INSERT INTO tandem_aggregates AS a (topic, subject, sequence)
-         SELECT $1, item->>0, (item->>1)::bigint FROM jsonb_array_elements($2::text::jsonb) AS item
-         ON CONFLICT (topic, subject) DO UPDATE SET sequence = a.sequence + EXCLUDED.sequence
-         RETURNING subject, sequence",
-        params![source, counts.as_str()],
-    )?;
-    for row in &rows {
-        let last = u64::try_from(row.i64(1)?).unwrap_or(0);
-        if let Some((n, next)) = taken.get_mut(row.text(0)?) {
-            *next = last + 1 - *n;
-        }
-    }
-    let mut envelopes = Vec::with_capacity(events.len());
-    let mut outbox_rows = Vec::with_capacity(events.len());
-    for event in events {
-        let Some((_, next)) = taken.get_mut(event.subject.as_str()) else {
-            return Err(StoreError::Engine(
-                "sequence upsert skipped an aggregate".into(),
-            ));
-        };
-        let sequence = *next;
-        *next += 1;
-        let envelope = envelope_of(source, event, sequence);
-        let bytes = String::from_utf8(envelope.to_json())
-            .map_err(|error| StoreError::Engine(format!("envelope is not UTF-8: {error}")))?;
-        outbox_rows.push(serde_json::json!([
-            envelope.subject,
-            sequence,
-            envelope.id.to_string(),
-            envelope.event_type,
-            bytes
-        ]));
-        envelopes.push(envelope);
-    }
-    let outbox_rows = serde_json::Value::Array(outbox_rows).to_string();
-    tx.execute(
-        "INSERT INTO tandem_outbox (topic, subject, sequence, event_id, event_type, envelope, committed_at)
-         SELECT $1, item->>0, (item->>1)::bigint, item->>2, item->>3, convert_to(item->>4, 'UTF8'), $3
-         FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS input(item, ord)
-         ORDER BY ord",
-        params![source, outbox_rows.as_str(), now_micros()],
-    )?;
-    tx.outbox_appended();
-    Ok(envelopes)
-}
-
-/// [`append_all_sqlite`]'s event rows, 64 a statement.
-static SQLITE_INSERT_EVENTS: crate::sqlite::MultiRowInsert = crate::sqlite::MultiRowInsert::new(
-    "INSERT INTO tandem_outbox (topic, subject, sequence, event_id, event_type, envelope, committed_at) VALUES ",
-    7,
-    64,
-);
-
-fn append_all_sqlite(
-    tx: &mut dyn Tx,
-    source: &str,
-    events: Vec<NewEvent>,
-) -> Result<Vec<Envelope>, StoreError> {
-    // Each aggregate's last sequence: the stored one (0 if none), moved on
-    // by each of the batch's events of that aggregate.
-    let mut last: std::collections::HashMap<&str, u64> =
+    let engine = tx.engine();
+    // Each aggregate's count in order of first appearance, then the
+    // sequences the engine gave it.
+    let mut slot_of: std::collections::HashMap<&str, usize> =
         std::collections::HashMap::with_capacity(events.len());
+    let mut counts: Vec<(&str, u64)> = Vec::with_capacity(events.len());
     for event in &events {
-        last.entry(event.subject.as_str()).or_insert(0);
+        let slot = *slot_of.entry(event.subject.as_str()).or_insert_with(|| {
+            counts.push((event.subject.as_str(), 0));
+            counts.len() - 1
+        });
+        counts[slot].1 += 1;
     }
-    let subjects = serde_json::to_string(&last.keys().collect::<Vec<_>>())
-        .map_err(|error| StoreError::Engine(format!("sequence request: {error}")))?;
-    let rows = tx.query(
-        "SELECT a.subject, a.sequence
-         FROM json_each($2) AS wanted CROSS JOIN tandem_aggregates AS a
-         WHERE a.subject = wanted.value AND a.topic = $1",
-        params![source, subjects.as_str()],
-    )?;
-    for row in &rows {
-        if let Some(sequence) = last.get_mut(row.text(0)?) {
-            *sequence = u64::try_from(row.i64(1)?).unwrap_or(0);
-        }
+    let mut next = engine.take_sequences(tx, source, &counts)?;
+    if next.len() != counts.len() {
+        return Err(StoreError::Engine(format!(
+            "{} gave sequences for {} of {} aggregates",
+            engine.name(),
+            next.len(),
+            counts.len()
+        )));
     }
     let sequences: Vec<u64> = events
         .iter()
         .map(|event| {
-            let slot = last
-                .get_mut(event.subject.as_str())
-                .expect("every subject has a slot");
+            let slot = &mut next[slot_of[event.subject.as_str()]];
             *slot += 1;
-            *slot
+            *slot - 1
         })
         .collect();
-    // `{subject: last sequence}`: json_each gives each pair as `key` and
-    // `value`, which cost no extraction.
-    let last = serde_json::to_string(&last)
-        .map_err(|error| StoreError::Engine(format!("sequence request: {error}")))?;
-    tx.execute(
-        "INSERT INTO tandem_aggregates (topic, subject, sequence)
-         SELECT $1, key, value FROM json_each($2) WHERE true
-         ON CONFLICT (subject, topic) DO UPDATE SET sequence = excluded.sequence",
-        params![source, last.as_str()],
-    )?;
-
+    drop(slot_of);
     let envelopes: Vec<Envelope> = events
         .into_iter()
         .zip(sequences)
         .map(|(event, sequence)| envelope_of(source, event, sequence))
         .collect();
-    let rows: Vec<(Vec<u8>, String)> = envelopes
+    let written: Vec<(Vec<u8>, String)> = envelopes
         .iter()
         .map(|envelope| (envelope.to_json(), envelope.id.to_string()))
         .collect();
-    let committed_at = now_micros();
-    let per_statement = SQLITE_INSERT_EVENTS.rows_per_statement;
-    let mut params: Vec<Param<'_>> = Vec::new();
-    for (envelopes, rows) in envelopes
-        .chunks(per_statement)
-        .zip(rows.chunks(per_statement))
-    {
-        params.clear();
-        for (envelope, (bytes, event_id)) in envelopes.iter().zip(rows) {
-            params.extend([
-                Param::Text(source),
-                Param::Text(&envelope.subject),
-                Param::from(envelope.sequence),
-                Param::Text(event_id),
-                Param::Text(&envelope.event_type),
-                Param::Blob(bytes),
-                Param::Int(committed_at),
-            ]);
-        }
-        tx.execute(&SQLITE_INSERT_EVENTS.sql(envelopes.len()), &params)?;
-    }
+    let rows: Vec<OutboxRow<'_>> = envelopes
+        .iter()
+        .zip(&written)
+        .map(|(envelope, (json, id))| OutboxRow::of(envelope, json, id))
+        .collect();
+    engine.insert_events(tx, source, &rows, now_micros())?;
+    drop(rows);
     tx.outbox_appended();
     Ok(envelopes)
 }
@@ -300,59 +191,14 @@ fn envelope_of(source: &str, event: NewEvent, sequence: u64) -> Envelope {
     }
 }
 
-/// Takes the next sequence of aggregate `subject` in `topic`.
-///
-/// PostgreSQL: one upsert that returns the new sequence. A concurrent
-/// writer of the same aggregate holds the row until it ends, so this writer
-/// waits and then takes the sequence after it: two writers never commit the
-/// same sequence, and a writer that must not append behind another says so
-/// with an expected sequence ([`take_expected_sequence`]).
-///
-/// SQLite: writers are serialised per database, so a read and a plain
-/// insert or update suffice (an upsert with `RETURNING` builds a temporary
-/// table and a statement journal there, which tripled the outbox's cost).
+/// Takes the next sequence of aggregate `subject` in `topic`, the
+/// engine's way ([`crate::sql::EngineSql::next_sequence`]): a concurrent
+/// writer of the same aggregate makes this one wait and take the sequence
+/// after it, so two writers never commit the same sequence, and a writer
+/// that must not append behind another says so with an expected sequence
+/// ([`take_expected_sequence`]).
 fn next_sequence(tx: &mut dyn Tx, topic: &str, subject: &str) -> Result<u64, StoreError> {
-    if tx.dialect() == Dialect::Postgres {
-        let row = tx.query_opt(
-            "INSERT INTO tandem_aggregates AS a (topic, subject, sequence) VALUES ($1, $2, 1)
-             ON CONFLICT (topic, subject) DO UPDATE SET sequence = a.sequence + 1
-             RETURNING sequence",
-            params![topic, subject],
-        )?;
-        let sequence = row
-            .ok_or_else(|| StoreError::Engine("sequence upsert returned no row".into()))?
-            .i64(0)?;
-        return Ok(u64::try_from(sequence).unwrap_or(0));
-    }
-    let current = tx
-        .query_opt(
-            "SELECT sequence FROM tandem_aggregates WHERE topic = $1 AND subject = $2",
-            params![topic, subject],
-        )?
-        .map(|row| row.i64(0))
-        .transpose()?;
-    match current {
-        None => {
-            tx.execute(
-                "INSERT INTO tandem_aggregates (topic, subject, sequence) VALUES ($1, $2, 1)",
-                params![topic, subject],
-            )?;
-            Ok(1)
-        }
-        Some(current) => {
-            let changed = tx.execute(
-                "UPDATE tandem_aggregates SET sequence = $3
-                 WHERE topic = $1 AND subject = $2 AND sequence = $4",
-                params![topic, subject, current + 1, current],
-            )?;
-            if changed != 1 {
-                return Err(StoreError::Conflict(format!(
-                    "aggregate {topic}/{subject} moved past sequence {current} during this transaction"
-                )));
-            }
-            Ok(u64::try_from(current + 1).unwrap_or(0))
-        }
-    }
+    tx.engine().next_sequence(tx, topic, subject)
 }
 
 /// Takes sequence `expected + 1` of aggregate `subject`, or fails with
@@ -449,27 +295,6 @@ impl Cursor {
     };
 }
 
-/// The columns of a [`StoredEvent`], in its dialect.
-fn event_columns(tx: &dyn Tx) -> &'static str {
-    match tx.dialect() {
-        Dialect::Sqlite => "position, 0, topic, subject, envelope, committed_at, sequence",
-        Dialect::Postgres => "position, xid, topic, subject, envelope, committed_at, sequence",
-    }
-}
-
-/// Moves a row of [`event_columns`] into a [`StoredEvent`].
-fn stored_event(mut row: crate::store::Row) -> Result<StoredEvent, StoreError> {
-    Ok(StoredEvent {
-        position: row.i64(0)?,
-        xid: row.i64(1)?,
-        topic: row.take_text(2)?,
-        subject: row.take_text(3)?,
-        envelope: row.take_bytes(4)?,
-        committed_at_micros: row.i64(5)?,
-        sequence: u64::try_from(row.i64(6)?).unwrap_or(0),
-    })
-}
-
 /// Events after `position`, in position order: the event store's order of
 /// insertion. On PostgreSQL this is not commit order; relays use
 /// [`read_committed_after`].
@@ -480,10 +305,10 @@ pub fn read_after(
 ) -> Result<Vec<StoredEvent>, StoreError> {
     let sql = format!(
         "SELECT {} FROM tandem_outbox WHERE position > $1 ORDER BY position LIMIT $2",
-        event_columns(tx)
+        tx.engine().outbox_columns()
     );
     let rows = tx.query(&sql, params![position, limit as u64])?;
-    rows.into_iter().map(stored_event).collect()
+    rows.into_iter().map(crate::sql::stored_event).collect()
 }
 
 /// What [`read_committed_after`] found.
@@ -528,68 +353,7 @@ pub fn read_committed_after(
     limit: usize,
 ) -> Result<OutboxBatch, StoreError> {
     let limit = limit.max(1) as u64;
-    let (events, held_back) = match tx.dialect() {
-        Dialect::Sqlite => {
-            let rows = tx.query(
-                "SELECT position, 0, topic, subject, envelope, committed_at, sequence
-                 FROM tandem_outbox WHERE position > $1 ORDER BY position LIMIT $2",
-                params![after.position, limit],
-            )?;
-            (
-                rows.into_iter()
-                    .map(stored_event)
-                    .collect::<Result<Vec<_>, _>>()?,
-                false,
-            )
-        }
-        Dialect::Postgres => {
-            // One statement, so the rows and the horizon come from one
-            // snapshot; the last column tells whether rows wait beyond it.
-            // Every row at or above the horizon is past the cursor (the
-            // cursor only ever passed rows below an older horizon), so the
-            // test is `max(xid)`, one step down the index: an `EXISTS` with
-            // the cursor got a generic plan that scanned the whole table.
-            let rows = tx.query(
-                "WITH horizon AS (
-                   SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin
-                 ), batch AS (
-                   SELECT position, xid, topic, subject, envelope, committed_at, sequence
-                   FROM tandem_outbox
-                   WHERE (xid, position) > ($1, $2) AND xid < (SELECT xmin FROM horizon)
-                   ORDER BY xid, position LIMIT $3
-                 )
-                 SELECT position, xid, topic, subject, envelope, committed_at, sequence, NULL
-                 FROM batch
-                 UNION ALL
-                 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                   CASE WHEN (SELECT max(xid) FROM tandem_outbox) >= (SELECT xmin FROM horizon)
-                        THEN 1 ELSE 0 END
-                 ORDER BY 2, 1",
-                params![after.xid, after.position, limit],
-            )?;
-            let mut events = Vec::with_capacity(rows.len());
-            let mut held_back = false;
-            for row in rows {
-                match row.opt_i64(7)? {
-                    Some(flag) => held_back = flag != 0,
-                    None => events.push(stored_event(row)?),
-                }
-            }
-            (events, held_back)
-        }
-    };
-    let end = events.last().map_or(after, StoredEvent::cursor);
-    // On SQLite one writer at a time takes sequences and positions, so
-    // position order is already each aggregate's sequence order.
-    let events = match tx.dialect() {
-        Dialect::Sqlite => events,
-        Dialect::Postgres => in_sequence_per_aggregate(events),
-    };
-    Ok(OutboxBatch {
-        events,
-        end,
-        held_back,
-    })
+    tx.engine().read_committed_after(tx, after, limit)
 }
 
 /// Whether the database's transaction ids restarted below `cursor`
@@ -598,17 +362,7 @@ pub fn read_committed_after(
 /// id the server will hand out, and every new row would sort behind it.
 /// Never on SQLite, whose cursors carry no `xid`.
 pub fn xids_restarted(tx: &mut dyn Tx, cursor: Cursor) -> Result<bool, StoreError> {
-    if tx.dialect() != Dialect::Postgres || cursor.xid == 0 {
-        return Ok(false);
-    }
-    let next = tx
-        .query_opt(
-            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
-            &[],
-        )?
-        .ok_or_else(|| StoreError::Decode("no snapshot".into()))?
-        .i64(0)?;
-    Ok(cursor.xid >= next)
+    tx.engine().xids_restarted(tx, cursor)
 }
 
 /// Recovers relay cursors from restarted transaction ids (see
@@ -619,46 +373,12 @@ pub fn xids_restarted(tx: &mut dyn Tx, cursor: Cursor) -> Result<bool, StoreErro
 /// had published is relayed; a few published rows may go again, and
 /// consumers drop them as duplicates. Returns the number of rows renumbered.
 pub fn recover_restarted_xids(tx: &mut dyn Tx) -> Result<u64, StoreError> {
-    if tx.dialect() != Dialect::Postgres {
-        return Ok(0);
-    }
-    let Some(row) = tx.query_opt(
-        "SELECT xid, position, pg_snapshot_xmax(pg_current_snapshot())::text::bigint
-         FROM tandem_relay_positions ORDER BY xid, position LIMIT 1 FOR UPDATE",
-        &[],
-    )?
-    else {
-        return Ok(0);
-    };
-    let (xid, position, next) = (row.i64(0)?, row.i64(1)?, row.i64(2)?);
-    if xid < next {
-        return Ok(0);
-    }
-    let published = tx.execute(
-        "UPDATE tandem_outbox SET xid = 0
-         WHERE xid <> 0 AND position <= $2 AND (xid, position) <= ($1, $2)",
-        params![xid, position],
-    )?;
-    let beyond = tx.execute(
-        "UPDATE tandem_outbox SET xid = 1 WHERE xid >= $1",
-        params![next],
-    )?;
-    tx.execute(
-        "UPDATE tandem_relay_positions SET xid = 0, position = $1",
-        params![position],
-    )?;
-    tracing::warn!(
-        cursor_xid = xid,
-        next_xid = next,
-        renumbered = published + beyond,
-        "transaction ids restarted below the relay cursor (a restore or an upgrade?); cursors recovered"
-    );
-    Ok(published + beyond)
+    tx.engine().recover_restarted_xids(tx)
 }
 
 /// Keeps the batch's order, except that the slots taken by one aggregate's
 /// events get those events in `sequence` order.
-fn in_sequence_per_aggregate(mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
+pub fn in_sequence_per_aggregate(mut events: Vec<StoredEvent>) -> Vec<StoredEvent> {
     use std::collections::HashMap;
     let mut slots: HashMap<(&str, &str), Vec<(usize, u64)>> = HashMap::new();
     for (index, event) in events.iter().enumerate() {

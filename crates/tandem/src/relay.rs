@@ -410,26 +410,8 @@ pub async fn backlog<S: Store>(store: &S, relay: &str) -> Result<(u64, i64), Sto
     let relay = relay.to_owned();
     store
         .read(move |tx| -> Result<_, StoreError> {
-            let sql = match tx.dialect() {
-                crate::store::Dialect::Sqlite => {
-                    "SELECT COUNT(*), MIN(committed_at) FROM tandem_outbox
-                     WHERE position > COALESCE(
-                       (SELECT position FROM tandem_relay_positions WHERE relay = $1), 0)"
-                }
-                crate::store::Dialect::Postgres => {
-                    "SELECT COUNT(*), MIN(committed_at) FROM tandem_outbox
-                     WHERE (xid, position) > COALESCE(
-                       (SELECT (xid, position) FROM tandem_relay_positions WHERE relay = $1),
-                       (0::bigint, 0::bigint))"
-                }
-            };
-            let row = tx
-                .query_opt(sql, params![&relay])?
-                .ok_or_else(|| StoreError::Decode("count returned nothing".into()))?;
-            let count = u64::try_from(row.i64(0)?).unwrap_or(0);
-            let age = row
-                .opt_i64(1)?
-                .map_or(0, |oldest| (now_micros() - oldest).max(0));
+            let (count, oldest) = tx.engine().relay_backlog(tx, &relay)?;
+            let age = oldest.map_or(0, |oldest| (now_micros() - oldest).max(0));
             Ok((count, age))
         })
         .await

@@ -1,5 +1,8 @@
-//! The toolkit's own tables in a service's database. Installed by every
-//! store when it opens; each statement is idempotent.
+//! The toolkit's own tables in a service's database, and the migrations
+//! that make and upgrade them. Every store migrates its database when it
+//! opens; each engine writes the tables in its own SQL
+//! ([`crate::sql::EngineSql::migrations`]), and every database records the
+//! steps applied in `tandem_schema_version` (see [`migrate`]).
 //!
 //! - `tandem_outbox`: the event store and outbox. On SQLite `position` is
 //!   the relay's cursor (writers commit in position order); on PostgreSQL
@@ -26,305 +29,84 @@
 //!   partition (NATS), the offset ranges applied beyond the position, which
 //!   stays the first offset not yet applied by any member.
 
-use crate::store::{Dialect, StoreError, Tx};
+use crate::store::{StoreError, Tx};
 
-// On SQLite the tables keyed by text are `WITHOUT ROWID`: a lookup or an
-// update by key touches one b-tree instead of an index and a table, which
-// halved the cost of the per-event sequence bookkeeping.
+/// Where each database records the migrations applied to it: one row per
+/// step, by number, with what it did and when.
+pub const VERSION_TABLE: &str = "tandem_schema_version";
 
-const SQLITE: &str = "
-CREATE TABLE IF NOT EXISTS tandem_outbox (
-    position     INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic        TEXT    NOT NULL,
-    subject      TEXT    NOT NULL,
-    sequence     INTEGER NOT NULL,
-    event_id     TEXT    NOT NULL,
-    event_type   TEXT    NOT NULL,
-    envelope     BLOB    NOT NULL,
-    committed_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tandem_aggregates (
-    topic    TEXT    NOT NULL,
-    subject  TEXT    NOT NULL,
-    sequence INTEGER NOT NULL,
-    PRIMARY KEY (subject, topic)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tandem_relay_positions (
-    relay      TEXT    PRIMARY KEY,
-    position   INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    xid        INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS tandem_consumer_positions (
-    consumer    TEXT    NOT NULL,
-    topic       TEXT    NOT NULL,
-    partition   INTEGER NOT NULL,
-    next_offset INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL,
-    PRIMARY KEY (consumer, topic, partition)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tandem_consumer_aggregates (
-    consumer TEXT    NOT NULL,
-    source   TEXT    NOT NULL,
-    subject  TEXT    NOT NULL,
-    sequence INTEGER NOT NULL,
-    blocked_by INTEGER,
-    PRIMARY KEY (subject, source, consumer)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tandem_consumer_requests (
-    id             INTEGER PRIMARY KEY AUTOINCREMENT,
-    consumer       TEXT    NOT NULL,
-    command        TEXT    NOT NULL,
-    dead_letter_id INTEGER,
-    requested_at   INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tandem_pending (
-    consumer    TEXT    NOT NULL,
-    source      TEXT    NOT NULL,
-    subject     TEXT    NOT NULL,
-    sequence    INTEGER NOT NULL,
-    topic       TEXT    NOT NULL,
-    partition   INTEGER NOT NULL,
-    record_offset INTEGER NOT NULL,
-    payload     BLOB    NOT NULL,
-    received_at INTEGER NOT NULL,
-    PRIMARY KEY (consumer, source, subject, sequence)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tandem_dead_letters (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    consumer        TEXT    NOT NULL,
-    topic           TEXT    NOT NULL,
-    partition       INTEGER NOT NULL,
-    record_offset   INTEGER NOT NULL,
-    event_id        TEXT,
-    source          TEXT,
-    subject         TEXT,
-    sequence        INTEGER,
-    event_type      TEXT,
-    payload         BLOB    NOT NULL,
-    reason          TEXT    NOT NULL,
-    error           TEXT    NOT NULL,
-    attempts        INTEGER NOT NULL,
-    first_failed_at INTEGER NOT NULL,
-    last_failed_at  INTEGER NOT NULL,
-    status          TEXT    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tandem_dead_letters_consumer
-    ON tandem_dead_letters (consumer, status);
-CREATE INDEX IF NOT EXISTS tandem_dead_letters_aggregate
-    ON tandem_dead_letters (consumer, subject, source, sequence);
-CREATE TABLE IF NOT EXISTS tandem_consumer_generations (
-    consumer   TEXT    PRIMARY KEY,
-    generation INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tandem_consumer_offsets_ahead (
-    consumer     TEXT    NOT NULL,
-    topic        TEXT    NOT NULL,
-    partition    INTEGER NOT NULL,
-    first_offset INTEGER NOT NULL,
-    end_offset   INTEGER NOT NULL,
-    PRIMARY KEY (consumer, topic, partition, first_offset)
-) WITHOUT ROWID;
-";
-
-const POSTGRES: &str = "
-CREATE TABLE IF NOT EXISTS tandem_outbox (
-    position     BIGSERIAL PRIMARY KEY,
-    topic        TEXT    NOT NULL,
-    subject      TEXT    NOT NULL,
-    sequence     BIGINT  NOT NULL,
-    event_id     TEXT    NOT NULL,
-    event_type   TEXT    NOT NULL,
-    envelope     BYTEA   NOT NULL,
-    committed_at BIGINT  NOT NULL,
-    xid          BIGINT  NOT NULL DEFAULT (pg_current_xact_id()::text::bigint)
-);
-ALTER TABLE tandem_outbox
-    ADD COLUMN IF NOT EXISTS xid BIGINT NOT NULL DEFAULT (pg_current_xact_id()::text::bigint);
-CREATE INDEX IF NOT EXISTS tandem_outbox_commit_order ON tandem_outbox (xid, position);
-CREATE TABLE IF NOT EXISTS tandem_aggregates (
-    topic    TEXT   NOT NULL,
-    subject  TEXT   NOT NULL,
-    sequence BIGINT NOT NULL,
-    PRIMARY KEY (topic, subject)
-);
-CREATE TABLE IF NOT EXISTS tandem_relay_positions (
-    relay      TEXT   PRIMARY KEY,
-    position   BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    xid        BIGINT NOT NULL DEFAULT 0
-);
-ALTER TABLE tandem_relay_positions ADD COLUMN IF NOT EXISTS xid BIGINT NOT NULL DEFAULT 0;
-CREATE TABLE IF NOT EXISTS tandem_consumer_positions (
-    consumer    TEXT   NOT NULL,
-    topic       TEXT   NOT NULL,
-    partition   BIGINT NOT NULL,
-    next_offset BIGINT NOT NULL,
-    updated_at  BIGINT NOT NULL,
-    PRIMARY KEY (consumer, topic, partition)
-);
-CREATE TABLE IF NOT EXISTS tandem_consumer_aggregates (
-    consumer TEXT   NOT NULL,
-    source   TEXT   NOT NULL,
-    subject  TEXT   NOT NULL,
-    sequence BIGINT NOT NULL,
-    blocked_by BIGINT,
-    PRIMARY KEY (consumer, source, subject)
-);
--- Rows updated in place all the time: room on each page lets an update
--- stay on its page (a HOT update), which skips the index insert a moved
--- row needs, more than halving the cost of a batch's upsert. Set once:
--- the ALTER waits for any vacuum of the table, so opening a store skips it
--- when the setting is there.
-DO $tandem$
-DECLARE
-    relation text;
-BEGIN
-    FOREACH relation IN ARRAY ARRAY['tandem_aggregates', 'tandem_relay_positions',
-                                'tandem_consumer_positions', 'tandem_consumer_aggregates']
-    LOOP
-        IF NOT EXISTS (SELECT 1 FROM pg_class
-                       WHERE oid = to_regclass(relation)
-                         AND reloptions @> ARRAY['fillfactor=70']) THEN
-            EXECUTE format('ALTER TABLE %I SET (fillfactor = 70)', relation);
-        END IF;
-    END LOOP;
-END
-$tandem$;
-CREATE TABLE IF NOT EXISTS tandem_consumer_requests (
-    id             BIGSERIAL PRIMARY KEY,
-    consumer       TEXT   NOT NULL,
-    command        TEXT   NOT NULL,
-    dead_letter_id BIGINT,
-    requested_at   BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tandem_pending (
-    consumer      TEXT   NOT NULL,
-    source        TEXT   NOT NULL,
-    subject       TEXT   NOT NULL,
-    sequence      BIGINT NOT NULL,
-    topic         TEXT   NOT NULL,
-    partition     BIGINT NOT NULL,
-    record_offset BIGINT NOT NULL,
-    payload       BYTEA  NOT NULL,
-    received_at   BIGINT NOT NULL,
-    PRIMARY KEY (consumer, source, subject, sequence)
-);
-CREATE TABLE IF NOT EXISTS tandem_dead_letters (
-    id              BIGSERIAL PRIMARY KEY,
-    consumer        TEXT   NOT NULL,
-    topic           TEXT   NOT NULL,
-    partition       BIGINT NOT NULL,
-    record_offset   BIGINT NOT NULL,
-    event_id        TEXT,
-    source          TEXT,
-    subject         TEXT,
-    sequence        BIGINT,
-    event_type      TEXT,
-    payload         BYTEA  NOT NULL,
-    reason          TEXT   NOT NULL,
-    error           TEXT   NOT NULL,
-    attempts        BIGINT NOT NULL,
-    first_failed_at BIGINT NOT NULL,
-    last_failed_at  BIGINT NOT NULL,
-    status          TEXT   NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tandem_dead_letters_consumer
-    ON tandem_dead_letters (consumer, status);
-CREATE INDEX IF NOT EXISTS tandem_dead_letters_aggregate
-    ON tandem_dead_letters (consumer, subject, source, sequence);
-CREATE TABLE IF NOT EXISTS tandem_consumer_generations (
-    consumer   TEXT    PRIMARY KEY,
-    generation BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tandem_consumer_offsets_ahead (
-    consumer     TEXT    NOT NULL,
-    topic        TEXT    NOT NULL,
-    partition    BIGINT NOT NULL,
-    first_offset BIGINT NOT NULL,
-    end_offset   BIGINT NOT NULL,
-    PRIMARY KEY (consumer, topic, partition, first_offset)
-);
-";
-
-/// SQLite tables whose key starts with the subject (the column that tells
-/// rows apart) rather than with the topic or consumer, which every row of a
-/// service shares: a seek then settles most comparisons on the first
-/// column. Key comparisons were a fifth of the pipeline's instructions,
-/// and this halved them. `(table, columns in table order)`.
-const REKEYED: [(&str, &str); 2] = [
-    ("tandem_aggregates", "topic, subject, sequence"),
-    (
-        "tandem_consumer_aggregates",
-        "consumer, source, subject, sequence, blocked_by",
-    ),
-];
-
-/// Rebuilds `table` of a file made before its key started with `subject`.
-fn rekey_sqlite_table(tx: &mut dyn Tx, table: &str, columns: &str) -> Result<(), StoreError> {
-    let first = tx.query_opt(
-        "SELECT info.name FROM pragma_index_list($1) AS list, pragma_index_info(list.name) AS info
-         WHERE list.origin = 'pk' AND info.seqno = 0",
-        crate::params![table],
-    )?;
-    let first = match &first {
-        Some(row) => row.text(0)?,
-        None => return Ok(()),
-    };
-    if first == "subject" {
-        return Ok(());
-    }
-    let rekeyed = SQLITE
-        .split(';')
-        .find(|statement| {
-            statement
-                .trim()
-                .starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} ("))
-        })
-        .ok_or_else(|| StoreError::Engine(format!("no definition of {table}")))?
-        .replacen(
-            &format!("CREATE TABLE IF NOT EXISTS {table} ("),
-            &format!("CREATE TABLE {table}_rekeyed ("),
-            1,
-        );
-    tracing::info!(
-        table,
-        old_key_start = first,
-        "rebuilding the table with its key led by subject"
-    );
-    tx.execute_batch(&format!(
-        "{rekeyed};
-         INSERT INTO {table}_rekeyed ({columns}) SELECT {columns} FROM {table};
-         DROP TABLE {table};
-         ALTER TABLE {table}_rekeyed RENAME TO {table};"
-    ))
+/// What [`migrate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    /// The schema version found (0: a new database, or one made before
+    /// versions were recorded).
+    pub from: i64,
+    /// The version now recorded.
+    pub to: i64,
 }
 
-/// Creates the toolkit's tables if they do not exist yet.
+/// Creates the toolkit's tables, or brings them up to date: see [`migrate`].
 pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
-    match tx.dialect() {
-        Dialect::Sqlite => {
-            tx.execute_batch(SQLITE)?;
-            // Files made before relay cursors had an `xid` (always 0 on
-            // SQLite, whose writers commit in position order).
-            let has_xid = tx
-                .query_opt(
-                    "SELECT 1 FROM pragma_table_info('tandem_relay_positions') WHERE name = 'xid'",
-                    &[],
-                )?
-                .is_some();
-            if !has_xid {
-                tx.execute_batch(
-                    "ALTER TABLE tandem_relay_positions ADD COLUMN xid INTEGER NOT NULL DEFAULT 0",
-                )?;
-            }
-            for (table, columns) in REKEYED {
-                rekey_sqlite_table(tx, table, columns)?;
-            }
-            Ok(())
-        }
-        Dialect::Postgres => tx.execute_batch(POSTGRES),
+    migrate(tx).map(|_| ())
+}
+
+/// Applies, in order, each of the engine's migrations
+/// ([`crate::sql::EngineSql::migrations`]) above the version recorded in
+/// [`VERSION_TABLE`], recording each in the same transaction. Run it in a
+/// write transaction: writers are serialised, so two processes opening one
+/// database never apply a step twice. A database whose version is above
+/// every step this build knows (a newer build migrated it) is left as it
+/// is, with a warning: steps only add, so an older build keeps working
+/// during a rolling upgrade.
+pub fn migrate(tx: &mut dyn Tx) -> Result<Migrated, StoreError> {
+    let engine = tx.engine();
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS tandem_schema_version (
+             version     BIGINT PRIMARY KEY,
+             description TEXT   NOT NULL,
+             applied_at  BIGINT NOT NULL
+         )",
+    )?;
+    let from = schema_version(tx)?;
+    let migrations = engine.migrations();
+    let latest = migrations.last().map_or(0, |step| step.version);
+    if from > latest {
+        tracing::warn!(
+            engine = engine.name(),
+            version = from,
+            known = latest,
+            "the database's schema is newer than this build knows; using it as it is"
+        );
+        return Ok(Migrated { from, to: from });
     }
+    for step in migrations.iter().filter(|step| step.version > from) {
+        tracing::info!(
+            engine = engine.name(),
+            version = step.version,
+            description = step.description,
+            "applying schema migration"
+        );
+        (step.apply)(tx)?;
+        tx.execute(
+            "INSERT INTO tandem_schema_version (version, description, applied_at)
+             VALUES ($1, $2, $3)",
+            crate::params![step.version, step.description, now_micros()],
+        )?;
+    }
+    Ok(Migrated { from, to: latest })
+}
+
+/// The highest migration recorded (0 when none is, or when the version
+/// table is missing).
+pub fn schema_version(tx: &mut dyn Tx) -> Result<i64, StoreError> {
+    if !tx.engine().table_exists(tx, VERSION_TABLE)? {
+        return Ok(0);
+    }
+    let row = tx.query_opt(
+        "SELECT COALESCE(MAX(version), 0) FROM tandem_schema_version",
+        &[],
+    )?;
+    row.map_or(Ok(0), |row| row.i64(0))
 }
 
 /// Microseconds since the Unix epoch: the toolkit's timestamp column type.
@@ -363,15 +145,10 @@ pub enum ExistingError {
 
 /// Checks that the toolkit's tables are there, changing nothing.
 pub fn check_installed(tx: &mut dyn Tx) -> Result<(), ExistingError> {
-    let sql = match tx.dialect() {
-        Dialect::Sqlite => "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1",
-        Dialect::Postgres => {
-            "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = current_schema() AND tablename = $1"
-        }
-    };
+    let engine = tx.engine();
     let mut missing = Vec::new();
     for table in TABLES {
-        if tx.query_opt(sql, crate::params![table])?.is_none() {
+        if !engine.table_exists(tx, table)? {
             missing.push(table);
         }
     }

@@ -197,8 +197,10 @@ pub enum StoreError {
     Engine(String),
 }
 
-/// Which SQL dialect the engine speaks, for the few statements that differ
-/// (schema definitions, mostly).
+/// Which SQL family an engine speaks, for an application's own statements
+/// that differ (schema definitions, mostly); see
+/// [`crate::sql::EngineSql::dialect`]. The toolkit's own SQL that differs
+/// lives with each engine, behind [`crate::sql::EngineSql`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
@@ -207,7 +209,9 @@ pub enum Dialect {
 
 /// A transaction (or a read-only snapshot) on the service's database.
 pub trait Tx {
-    fn dialect(&self) -> Dialect;
+    /// The engine's implementation of the toolkit's SQL that differs
+    /// between engines (and, through it, the engine's [`Dialect`]).
+    fn engine(&self) -> &'static dyn crate::sql::EngineSql;
     /// Runs one statement; returns the number of rows changed.
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
     /// Runs a query and returns all its rows.

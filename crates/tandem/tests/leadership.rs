@@ -71,13 +71,15 @@ async fn a_file_from_before_cursor_xids_opens_and_relays() {
 }
 
 /// Makes a store file whose `tandem_relay_positions` has the old shape
-/// (no `xid`), with a cursor in it.
+/// (no `xid`), with a cursor in it, and no schema version (as files of
+/// that time had none).
 async fn old_shaped_store(path: &std::path::Path) -> SqliteStore {
     let store = open(path).await;
     store
         .write(|tx| {
             tx.execute_batch(
-                "DROP TABLE tandem_relay_positions;
+                "DROP TABLE tandem_schema_version;
+                 DROP TABLE tandem_relay_positions;
                  CREATE TABLE tandem_relay_positions (
                      relay      TEXT    PRIMARY KEY,
                      position   INTEGER NOT NULL,

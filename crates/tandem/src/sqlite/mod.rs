@@ -7,6 +7,8 @@
 //! `SQLITE_BUSY` in WAL mode). Reads run on a small pool of reader threads.
 //! The journal is WAL; the `synchronous` setting is the caller's choice.
 
+pub mod sql;
+
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,9 +18,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::watch;
 
 use crate::executor::{run_transaction, EngineConnection, Executor};
-use crate::store::{
-    Dialect, ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
-};
+use crate::store::{ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value};
 
 /// SQLite's `synchronous` pragma, in WAL mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -460,8 +460,8 @@ pub(crate) struct SqliteTx<'c> {
 }
 
 impl Tx for SqliteTx<'_> {
-    fn dialect(&self) -> Dialect {
-        Dialect::Sqlite
+    fn engine(&self) -> &'static dyn crate::sql::EngineSql {
+        &sql::SQLITE
     }
 
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
