@@ -228,6 +228,17 @@ impl Bus for Namespaced {
             .end_offsets(&format!("{}{topic}", self.prefix))
             .await
     }
+
+    async fn payload_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        self.inner
+            .payload_at(&format!("{}{topic}", self.prefix), partition, offset)
+            .await
+    }
 }
 
 struct NamespacedSubscription {

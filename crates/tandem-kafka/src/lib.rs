@@ -143,6 +143,8 @@ impl CreatedTopics {
 /// Routes librdkafka's log lines and errors to `tracing`.
 pub struct LogContext;
 
+impl rdkafka::consumer::ConsumerContext for LogContext {}
+
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         log_to_tracing(level, fac, log_message);
@@ -655,6 +657,58 @@ impl Bus for KafkaBus {
         })
         .await
         .map_err(|error| BusError::Engine(format!("kafka watermark thread: {error}")))?
+    }
+
+    /// A consumer of no group's offsets (it never subscribes or commits)
+    /// assigned to the one offset, polled until the record comes; `None`
+    /// without a fetch when the offset lies outside the watermarks.
+    async fn payload_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::Message;
+        check_topic(topic)?;
+        let config = self.consumer_config("tandem-payload-at");
+        let brokers = self.config.brokers.clone();
+        let name = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let what = format!("record {offset} of {name}/{partition}");
+            let consumer: BaseConsumer<LogContext> = config
+                .create_with_context(LogContext)
+                .map_err(|error| unavailable(&what, &brokers, error))?;
+            let (low, high) = consumer
+                .fetch_watermarks(&name, partition as i32, REQUEST_TIMEOUT)
+                .map_err(|error| unavailable(&what, &brokers, error))?;
+            let wanted = i64::try_from(offset).unwrap_or(i64::MAX);
+            if wanted < low || wanted >= high {
+                return Ok(None);
+            }
+            let mut assignment = rdkafka::TopicPartitionList::new();
+            assignment
+                .add_partition_offset(&name, partition as i32, rdkafka::Offset::Offset(wanted))
+                .map_err(|error| BusError::Engine(format!("{what}: {error}")))?;
+            consumer
+                .assign(&assignment)
+                .map_err(|error| unavailable(&what, &brokers, error))?;
+            let give_up = std::time::Instant::now() + REQUEST_TIMEOUT;
+            while std::time::Instant::now() < give_up {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(message)) if message.offset() == wanted => {
+                        return Ok(Some(message.payload().unwrap_or_default().to_vec()))
+                    }
+                    Some(Ok(_)) | None => {}
+                    Some(Err(error)) => return Err(unavailable(&what, &brokers, error)),
+                }
+            }
+            Err(BusError::Unavailable(format!(
+                "{what}: not fetched from Kafka brokers {brokers} within {REQUEST_TIMEOUT:?}"
+            )))
+        })
+        .await
+        .map_err(|error| BusError::Engine(format!("payload task failed: {error}")))?
     }
 }
 

@@ -619,6 +619,39 @@ impl Bus for NatsBus {
             }
         }
     }
+
+    /// The stream's message `offset + 1`, by a direct request to the
+    /// stream leader.
+    async fn payload_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        Inner::check_topic(topic)?;
+        if partition != 0 {
+            return Ok(None);
+        }
+        let name = self.inner.stream_name(topic);
+        let stream = match self.inner.jetstream.get_stream_no_info(&name).await {
+            Ok(stream) => stream,
+            Err(error) => return Err(self.inner.error(&format!("stream of {topic}"), error)),
+        };
+        match stream.get_raw_message(offset + 1).await {
+            Ok(message) => Ok(Some(message.payload.to_vec())),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(self
+                .inner
+                .error(&format!("record {offset} of {topic}"), error)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -134,6 +134,7 @@ macro_rules! bus_conformance {
                 first_delivery_assigns_every_partition_of_the_subscribed_topics,
                 seek_redelivers_from_the_given_offset,
                 end_offsets_count_the_records_of_each_partition,
+                payload_at_reads_the_record_at_an_offset_and_nothing_beyond_the_end,
                 one_publish_to_several_topics_lands_each_record_in_its_topic,
                 a_waiting_subscriber_is_woken_by_a_publish,
                 publishing_to_an_empty_topic_name_is_an_error,
@@ -454,6 +455,54 @@ pub mod bus_checks {
         let ends: BTreeMap<u32, u64> = ends.into_iter().collect();
         assert_eq!(ends, counted, "end offset = records in the partition");
         assert_eq!(ends.values().sum::<u64>(), total as u64);
+    }
+
+    pub async fn payload_at_reads_the_record_at_an_offset_and_nothing_beyond_the_end<B, F, Fut>(
+        make: F,
+    ) where
+        B: Bus,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<B>>,
+    {
+        let fresh = make().await;
+        let bus = &fresh.engine;
+        let topic = unique("payload");
+        let batch: Vec<OutgoingRecord> = (0..12)
+            .map(|index| {
+                record(
+                    &topic,
+                    &format!("k{}", index % 5),
+                    format!("payload {index}").into_bytes(),
+                )
+            })
+            .collect();
+        bus.publish(&batch).await.expect("publish");
+        let ends = bus.end_offsets(&topic).await.expect("end offsets");
+        let (mut subscription, _) =
+            subscribe_from_start(bus, &unique("group"), std::slice::from_ref(&topic)).await;
+        let records = read_records(&mut *subscription, batch.len()).await;
+        for record in &records {
+            let found = bus
+                .payload_at(&topic, record.partition, record.offset)
+                .await
+                .expect("payload at an offset");
+            assert_eq!(
+                found.as_deref(),
+                Some(record.payload.as_slice()),
+                "the payload at {}/{}",
+                record.partition,
+                record.offset
+            );
+        }
+        for (partition, end) in ends {
+            assert_eq!(
+                bus.payload_at(&topic, partition, end)
+                    .await
+                    .expect("payload at the end"),
+                None,
+                "nothing at the end offset of partition {partition}"
+            );
+        }
     }
 
     pub async fn one_publish_to_several_topics_lands_each_record_in_its_topic<B, F, Fut>(make: F)
@@ -1722,6 +1771,15 @@ pub mod store_lease_checks {
 
         async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
             self.inner.end_offsets(topic).await
+        }
+
+        async fn payload_at(
+            &self,
+            topic: &str,
+            partition: u32,
+            offset: u64,
+        ) -> Result<Option<Vec<u8>>, BusError> {
+            self.inner.payload_at(topic, partition, offset).await
         }
     }
 

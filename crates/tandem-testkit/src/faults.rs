@@ -132,6 +132,15 @@ impl Bus for HoldingBus {
         self.inner.end_offsets(topic).await
     }
 
+    async fn payload_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        self.inner.payload_at(topic, partition, offset).await
+    }
+
     fn shares_partitions(&self) -> bool {
         self.inner.shares_partitions()
     }

@@ -69,6 +69,18 @@ pub enum BusError {
     Invalid(String),
 }
 
+impl BusError {
+    /// The error's kind, as a bounded metric label: `unavailable`,
+    /// `engine`, `invalid`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BusError::Unavailable(_) => "unavailable",
+            BusError::Engine(_) => "engine",
+            BusError::Invalid(_) => "invalid",
+        }
+    }
+}
+
 impl From<crate::store::StoreError> for BusError {
     fn from(error: crate::store::StoreError) -> Self {
         match error {
@@ -95,6 +107,17 @@ pub trait Bus: Send + Sync + 'static {
     /// The next offset to be written in each partition of `topic`
     /// (the high-water marks), for lag and tests.
     async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError>;
+
+    /// The payload of the record at `offset` of `partition` of `topic`,
+    /// `None` when the bus holds none there (not written yet, or gone
+    /// with retention). Consumers' lag in seconds reads the record at a
+    /// consumer's position with it: the oldest event it has not applied.
+    async fn payload_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>, BusError>;
 
     /// Whether the members of one group may be handed records of the same
     /// partition at once (NATS: one shared durable per topic). The

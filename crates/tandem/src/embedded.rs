@@ -315,6 +315,30 @@ impl Bus for EmbeddedLog {
             .map(|partition| (partition, heads.get(&partition).copied().unwrap_or(0)))
             .collect())
     }
+
+    async fn payload_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<Vec<u8>>, BusError> {
+        let topic = topic.to_owned();
+        let found = self
+            .inner
+            .file
+            .read(move |tx| {
+                tx.query_opt(
+                    "SELECT payload FROM log_records
+                     WHERE topic = $1 AND partition = $2 AND record_offset = $3",
+                    params![&topic, partition, offset],
+                )
+            })
+            .await?;
+        Ok(match found {
+            Some(mut row) => Some(row.take_bytes(0)?),
+            None => None,
+        })
+    }
 }
 
 struct EmbeddedSubscription {
