@@ -184,6 +184,11 @@ impl Connector {
     }
 
     /// `host:port/database`, for messages.
+    /// The database's name (the metric label of its commits).
+    pub(crate) fn database(&self) -> &str {
+        self.config.get_dbname().unwrap_or("postgres")
+    }
+
     pub(crate) fn described(&self) -> &str {
         &self.described
     }
@@ -921,7 +926,7 @@ impl PostgresStore {
                 conn: None,
             })
             .collect();
-        let executor = Executor::start("tandem-pg", writer, readers)?;
+        let executor = Executor::start("tandem-pg", connector.database(), writer, readers)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 connector,

@@ -166,6 +166,16 @@ impl<S: Store> Service<S> {
                     source,
                 })?;
         }
+        let refresh = refresh_gauges(
+            store.clone(),
+            Arc::clone(&bus),
+            relay.as_ref().map(|config| config.name.clone()),
+            consumers
+                .iter()
+                .map(|(_, config, _)| (config.name.clone(), config.topics.clone()))
+                .collect(),
+        );
+        let router = crate::metrics::with_metrics(router, Some(refresh));
         let mut parts: Vec<(&'static str, BoxedTask)> = Vec::new();
         if let Some(config) = relay {
             let relay = Relay::new(store.clone(), Arc::clone(&bus), config);
@@ -179,4 +189,49 @@ impl<S: Store> Service<S> {
         }
         run_parts(listener, router, parts, shutdown).await
     }
+}
+
+/// Reads the outbox's backlog and each consumer's lag, gaps and dead
+/// letters into the process's gauges; what cannot be read is logged and
+/// keeps its last value.
+fn refresh_gauges<S: Store>(
+    store: S,
+    bus: Arc<dyn Bus>,
+    relay: Option<String>,
+    consumers: Vec<(String, Vec<String>)>,
+) -> crate::metrics::Refresh {
+    let consumers = Arc::new(consumers);
+    let cache = Arc::new(tandem::status::LagCache::default());
+    Arc::new(move || {
+        let store = store.clone();
+        let bus = Arc::clone(&bus);
+        let relay = relay.clone();
+        let consumers = Arc::clone(&consumers);
+        let cache = Arc::clone(&cache);
+        Box::pin(async move {
+            let metrics = tandem::metrics::metrics();
+            if let Some(topic) = relay {
+                match tandem::status::outbox_status(&store, &topic).await {
+                    Ok(status) => metrics.record_outbox(&status),
+                    Err(error) => tracing::warn!(%error, topic, "cannot read the outbox backlog"),
+                }
+            }
+            for (consumer, topics) in consumers.iter() {
+                match tandem::status::consumer_status(
+                    &store,
+                    bus.as_ref(),
+                    &cache,
+                    consumer,
+                    topics,
+                )
+                .await
+                {
+                    Ok(status) => metrics.record_consumer(&status),
+                    Err(error) => {
+                        tracing::warn!(%error, consumer, "cannot read the consumer's status")
+                    }
+                }
+            }
+        })
+    })
 }

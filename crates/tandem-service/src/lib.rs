@@ -26,6 +26,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 mod builder;
+pub mod metrics;
 mod serve;
 pub use builder::{Service, ServiceError};
 pub use serve::{serve, serve_with, ServeConfig};

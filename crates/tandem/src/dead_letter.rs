@@ -31,6 +31,15 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, for bounded metric labels.
+    pub const ALL: [Reason; 5] = [
+        Reason::Decode,
+        Reason::Handler,
+        Reason::Gap,
+        Reason::Blocked,
+        Reason::Store,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Decode => "decode",

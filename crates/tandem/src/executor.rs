@@ -106,13 +106,24 @@ pub struct Executor<C: EngineConnection> {
 impl<C: EngineConnection> Executor<C> {
     /// Starts the writer thread on `writer` and one reader thread on each of
     /// `readers` (at least one), named `{name}-writer` and `{name}-reader-N`.
-    pub fn start(name: &str, writer: C, readers: Vec<C>) -> Result<Self, StoreError> {
+    /// `store` names the database in the commit-duration metric
+    /// (`tandem_store_commit_duration_seconds{store}`): a file's stem, a
+    /// database's name.
+    pub fn start(name: &str, store: &str, writer: C, readers: Vec<C>) -> Result<Self, StoreError> {
         let (outbox_signal, _) = watch::channel(0u64);
         let (writer_sender, writer_receiver) = mpsc::channel::<Job<C>>();
         let writer_signal = outbox_signal.clone();
+        let commits = crate::metrics::metrics()
+            .store_commit_duration
+            .get_or_create_owned(&crate::metrics::StoreLabels {
+                store: store.to_owned(),
+            });
         std::thread::Builder::new()
             .name(format!("{name}-writer"))
-            .spawn(move || writer_loop(writer, writer_receiver, writer_signal))
+            .spawn(move || {
+                COMMITS.with(|slot| *slot.borrow_mut() = Some(commits));
+                writer_loop(writer, writer_receiver, writer_signal)
+            })
             .map_err(|error| StoreError::Engine(format!("cannot start writer thread: {error}")))?;
         let (reader_sender, reader_receiver) = mpsc::channel::<Job<C>>();
         let reader_receiver = Arc::new(Mutex::new(reader_receiver));
@@ -187,6 +198,24 @@ impl<C: EngineConnection> Executor<C> {
     }
 }
 
+thread_local! {
+    /// On a store's writer thread, the histogram its commits are timed in.
+    static COMMITS: std::cell::RefCell<Option<prometheus_client::metrics::histogram::Histogram>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `commit`, timing it on a writer thread.
+fn timed_commit(commit: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let committed = commit();
+    COMMITS.with(|slot| {
+        if let Some(histogram) = &*slot.borrow() {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+    });
+    committed
+}
+
 /// Runs a job alone, in a transaction of its own.
 fn run_alone<C: EngineConnection>(connection: &mut C, job: Job<C>, signal: &watch::Sender<u64>) {
     let answered = job(connection.open(), None, signal);
@@ -231,7 +260,7 @@ fn writer_loop<C: EngineConnection>(
         }
         let committed = connection
             .current()
-            .and_then(|open| C::finish(open, true, appended));
+            .and_then(|open| timed_commit(|| C::finish(open, true, appended)));
         connection.settle();
         if committed.is_ok() && appended {
             signal.send_modify(|count| *count = count.wrapping_add(1));
@@ -313,7 +342,11 @@ where
     let (result, appended) = C::run_work(open, work);
     match result {
         Ok(value) => {
-            C::finish(open, write, appended).map_err(E::from)?;
+            if write {
+                timed_commit(|| C::finish(open, write, appended)).map_err(E::from)?;
+            } else {
+                C::finish(open, write, appended).map_err(E::from)?;
+            }
             if write && appended {
                 signal.send_modify(|count| *count = count.wrapping_add(1));
             }

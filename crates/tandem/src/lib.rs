@@ -15,7 +15,8 @@
 //! - [`schema`]: the toolkit's own tables and their migrations; [`sql`]: the
 //!   trait behind which each engine implements the toolkit's SQL that
 //!   differs between engines; [`fault`]: crash points for tests.
-//! - [`engine`]: picks engines from URLs.
+//! - [`engine`]: picks engines from URLs; [`metrics`]: the process's
+//!   metrics (Prometheus and OpenMetrics).
 //!
 //! The toolkit knows nothing of any domain.
 
@@ -28,11 +29,13 @@ pub mod engine;
 pub mod envelope;
 pub mod executor;
 pub mod fault;
+pub mod metrics;
 pub mod outbox;
 pub mod relay;
 pub mod schema;
 pub mod sql;
 pub mod sqlite;
+pub mod status;
 pub mod store;
 pub mod wait;
 

@@ -203,8 +203,34 @@ impl<S: Store> Relay<S> {
             })
             .collect();
         fault::point("relay.before_publish");
-        self.bus.publish(&records).await?;
+        let started = std::time::Instant::now();
+        let published = self.bus.publish(&records).await;
+        let metrics = crate::metrics::metrics();
+        metrics.bus_operation(crate::metrics::Operation::send, started.elapsed());
+        let topic = &records[0].topic;
+        if let Err(error) = published {
+            metrics
+                .publish_failures
+                .get_or_create(&crate::metrics::TopicErrorLabels {
+                    topic: topic.clone(),
+                    error_type: error.kind().to_owned(),
+                })
+                .inc();
+            return Err(error.into());
+        }
         fault::point("relay.after_publish");
+        // One topic per relay as a rule; count each record's own anyway.
+        let mut counted = 0;
+        for run in records.chunk_by(|a, b| a.topic == b.topic) {
+            metrics
+                .sent_messages
+                .get_or_create(&crate::metrics::DestinationLabels {
+                    messaging_destination_name: run[0].topic.clone(),
+                })
+                .inc_by(run.len() as u64);
+            counted += run.len();
+        }
+        debug_assert_eq!(counted, records.len());
         Ok((records.len(), batch.end, batch.held_back))
     }
 

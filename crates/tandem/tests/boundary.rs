@@ -10,7 +10,7 @@ const ENGINE_ONLY: [&str; 12] = [
     "pg_",
     "jsonb",
     "::bigint",
-    "::text",
+    ")::text",
     "BIGSERIAL",
     "BYTEA",
     "LATERAL",

@@ -16,6 +16,8 @@ use super::{is_store_outage, CommittedBatch, Consumer};
 
 use crate::bus::Record;
 
+use crate::metrics::Outcome;
+
 use crate::dead_letter::{self, Reason};
 
 use crate::envelope::Envelope;
@@ -30,8 +32,9 @@ use crate::store::{Store, StoreError, Tx};
 pub(super) enum Step {
     /// Applied to the read model; carries the event's `time` (µs).
     Applied(i64),
-    /// Dropped as a duplicate, held ahead of a gap, or parked.
-    Consumed,
+    /// Dropped as a duplicate, held ahead of a gap, or parked (which of
+    /// them: the outcome counted in the metrics).
+    Consumed(Outcome),
     Failed(HandlerError),
 }
 
@@ -161,12 +164,12 @@ impl BatchContext {
                     1,
                     now_micros(),
                 )?;
-                return Ok(Step::Consumed);
+                return Ok(Step::Consumed(Outcome::parked));
             }
         };
         let mut state = self.state(tx, &envelope.source, &envelope.subject)?;
         if envelope.sequence <= state.applied {
-            return Ok(Step::Consumed);
+            return Ok(Step::Consumed(Outcome::duplicate));
         }
         if state.blocked_by.is_none()
             && self.skip_discarded(tx, &envelope.source, &envelope.subject, &mut state)?
@@ -176,7 +179,7 @@ impl BatchContext {
                 let (source, subject) = (envelope.source.clone(), envelope.subject.clone());
                 self.drain_held(tx, &source, &subject, &mut state)?;
                 self.save_state(tx, &source, &subject, state)?;
-                return Ok(Step::Consumed);
+                return Ok(Step::Consumed(Outcome::duplicate));
             }
             self.save_state(tx, &envelope.source, &envelope.subject, state)?;
         }
@@ -200,12 +203,13 @@ impl BatchContext {
                     0,
                     now_micros(),
                 )?;
+                return Ok(Step::Consumed(Outcome::parked));
             }
-            return Ok(Step::Consumed);
+            return Ok(Step::Consumed(Outcome::duplicate));
         }
         if Some(envelope.sequence) != state.applied.checked_add(1) {
             self.hold(tx, record, &envelope)?;
-            return Ok(Step::Consumed);
+            return Ok(Step::Consumed(Outcome::held));
         }
         let created_micros =
             i64::try_from(envelope.time.unix_timestamp_nanos() / 1000).unwrap_or(0);
@@ -256,6 +260,12 @@ pub(super) struct BatchOutcome {
     pub(super) consumed: usize,
     /// Creation times (µs) of the events applied.
     pub(super) applied_times: Vec<i64>,
+    /// The topic of each event applied (beside `applied_times`).
+    pub(super) applied_topics: Vec<String>,
+    /// Records dropped as duplicates, held and parked.
+    pub(super) skipped: Skipped,
+    /// How long the committed transaction took, from its start.
+    pub(super) took: std::time::Duration,
     /// The record at index `consumed` failed with this error.
     pub(super) failure: Option<HandlerError>,
     /// A replay reset the consumer: nothing was applied, and the member
@@ -268,8 +278,30 @@ impl BatchOutcome {
         BatchOutcome {
             consumed: 0,
             applied_times: Vec::new(),
+            applied_topics: Vec::new(),
+            skipped: Skipped::default(),
+            took: std::time::Duration::ZERO,
             failure: None,
             stale: false,
+        }
+    }
+}
+
+/// Records of a batch that were consumed without being applied.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Skipped {
+    pub(super) duplicate: u64,
+    pub(super) held: u64,
+    pub(super) parked: u64,
+}
+
+impl Skipped {
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::duplicate => self.duplicate += 1,
+            Outcome::held => self.held += 1,
+            Outcome::parked => self.parked += 1,
+            Outcome::applied | Outcome::retried => {}
         }
     }
 }
@@ -306,6 +338,7 @@ impl<S: Store> Consumer<S> {
                     let single = Box::pin(self.apply_batch(Arc::new(vec![record.clone()]))).await?;
                     total.consumed += single.consumed;
                     total.applied_times.extend(single.applied_times);
+                    total.applied_topics.extend(single.applied_topics);
                     if single.failure.is_some() || single.stale {
                         total.failure = single.failure;
                         total.stale = single.stale;
@@ -330,7 +363,9 @@ impl<S: Store> Consumer<S> {
         let batch = Arc::clone(&records);
         let shared = self.shared;
         let known = self.generation.load(std::sync::atomic::Ordering::SeqCst);
-        self.store
+        let started = std::time::Instant::now();
+        let mut outcome = self
+            .store
             .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, BatchError> {
                 if generation(tx, &consumer)? != known {
                     return Err(BatchError::Stale);
@@ -345,12 +380,18 @@ impl<S: Store> Consumer<S> {
                 context.preload_states(tx, &batch)?;
                 let mut consumed = 0;
                 let mut applied_times = Vec::with_capacity(batch.len());
+                let mut applied_topics = Vec::with_capacity(batch.len());
+                let mut skipped = Skipped::default();
                 for record in batch.iter() {
                     match context.apply_record(tx, record)? {
-                        Step::Consumed => consumed += 1,
+                        Step::Consumed(outcome) => {
+                            consumed += 1;
+                            skipped.count(outcome);
+                        }
                         Step::Applied(time) => {
                             consumed += 1;
                             applied_times.push(time);
+                            applied_topics.push(record.topic.clone());
                         }
                         // Roll the whole batch back; the caller applies the
                         // records before this one again, without it.
@@ -371,11 +412,18 @@ impl<S: Store> Consumer<S> {
                 Ok(BatchOutcome {
                     consumed,
                     applied_times,
+                    applied_topics,
+                    skipped,
+                    took: std::time::Duration::ZERO,
                     failure: None,
                     stale: false,
                 })
             })
-            .await
+            .await;
+        if let Ok(outcome) = &mut outcome {
+            outcome.took = started.elapsed();
+        }
+        outcome
     }
 
     /// What became of a batch: a handler failure at `index` commits the
@@ -411,14 +459,56 @@ impl<S: Store> Consumer<S> {
                 return Ok(outcome);
             }
         };
+        let committed_at_micros = now_micros();
+        self.record_metrics(&outcome, committed_at_micros);
         if let Some(observer) = &self.observer {
             observer.batch_committed(CommittedBatch {
                 consumer: &self.config.name,
                 consumed: outcome.consumed,
-                committed_at_micros: now_micros(),
+                committed_at_micros,
                 applied_created_micros: &outcome.applied_times,
             });
         }
         Ok(outcome)
+    }
+
+    /// Counts a committed batch's events by outcome, and observes its
+    /// duration and each applied event's end-to-end delay.
+    fn record_metrics(&self, outcome: &BatchOutcome, committed_at_micros: i64) {
+        let metrics = crate::metrics::metrics();
+        let consumer = &self.config.name;
+        metrics.consumer_events(
+            consumer,
+            Outcome::applied,
+            outcome.applied_times.len() as u64,
+        );
+        metrics.consumer_events(consumer, Outcome::duplicate, outcome.skipped.duplicate);
+        metrics.consumer_events(consumer, Outcome::held, outcome.skipped.held);
+        metrics.consumer_events(consumer, Outcome::parked, outcome.skipped.parked);
+        if outcome.consumed > 0 {
+            metrics
+                .process_duration
+                .get_or_create(&crate::metrics::ConsumerLabels {
+                    consumer: consumer.clone(),
+                })
+                .observe(outcome.took.as_secs_f64());
+        }
+        // One label lookup per run of a topic, not per event.
+        let mut index = 0;
+        let applied = &outcome.applied_times;
+        for run in outcome.applied_topics.chunk_by(|a, b| a == b) {
+            let histogram =
+                metrics
+                    .end_to_end
+                    .get_or_create_owned(&crate::metrics::ConsumerTopicLabels {
+                        consumer: consumer.clone(),
+                        topic: run[0].clone(),
+                    });
+            for created in &applied[index..index + run.len()] {
+                let delay = (committed_at_micros - created).max(0);
+                histogram.observe(delay as f64 / 1e6);
+            }
+            index += run.len();
+        }
     }
 }

@@ -115,6 +115,11 @@ impl<S: Store> Consumer<S> {
                 if stale {
                     return Ok(Drained::Stale);
                 }
+                crate::metrics::metrics().consumer_events(
+                    &self.config.name,
+                    crate::metrics::Outcome::parked,
+                    1,
+                );
                 subscription.ack(&record).await?;
                 return Ok(Drained::Done);
             }
@@ -122,6 +127,11 @@ impl<S: Store> Consumer<S> {
                 _ = shutdown.cancelled() => return Ok(Drained::Shutdown),
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
+            crate::metrics::metrics().consumer_events(
+                &self.config.name,
+                crate::metrics::Outcome::retried,
+                1,
+            );
             let outcome = self.apply_batch(Arc::clone(&record)).await?;
             if outcome.stale {
                 return Ok(Drained::Stale);

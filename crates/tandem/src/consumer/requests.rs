@@ -100,7 +100,7 @@ impl BatchContext {
                             appended_at_micros: 0,
                         };
                         match self.apply_record(tx, &record)? {
-                            Step::Consumed | Step::Applied(_) => Ok(()),
+                            Step::Consumed(_) | Step::Applied(_) => Ok(()),
                             Step::Failed(error) => {
                                 self.park_failed(tx, &record, &error, 1, now_micros())
                             }

@@ -97,10 +97,15 @@ impl<S: Store> Consumer<S> {
             }
             if buffer.is_empty() {
                 let wait = self.config.housekeeping_interval;
+                let asked = std::time::Instant::now();
                 let delivery = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     delivery = subscription.next(self.config.batch_size, wait) => delivery?,
                 };
+                if let Some(Delivery::Records(_)) = &delivery {
+                    crate::metrics::metrics()
+                        .bus_operation(crate::metrics::Operation::receive, asked.elapsed());
+                }
                 match delivery {
                     None => continue,
                     Some(Delivery::Assigned(partitions)) => {

@@ -618,8 +618,13 @@ impl SqliteStore {
                     .map(SqliteConnection)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let label = path.file_stem().map_or_else(
+            || "sqlite".into(),
+            |stem| stem.to_string_lossy().into_owned(),
+        );
         let executor = Executor::start(
             "tandem-sqlite",
+            &label,
             SqliteConnection(writer_connection),
             readers,
         )?;

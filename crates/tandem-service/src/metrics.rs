@@ -1,0 +1,98 @@
+//! `GET /metrics` on every service, and the HTTP request durations it
+//! reports.
+//!
+//! The scrape answers the Prometheus text format (0.0.4), or OpenMetrics
+//! when the scraper's `Accept` header asks for it; both are encoded by
+//! `prometheus-client` from the process's registry
+//! ([`tandem::metrics::metrics`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tandem::metrics::{metrics, wants_openmetrics, HttpLabels};
+
+/// Brings the gauges read from the database and the bus (backlogs, lag,
+/// dead letters) up to date before a scrape is encoded.
+pub type Refresh = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Longest a scrape waits for [`Refresh`]; past it, the gauges keep the
+/// values of the refresh before.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `router` with `/metrics`, and every one of its routes timed in
+/// `http_server_request_duration_seconds` by route template (never the
+/// path itself, which may carry ids), method and status. `refresh` runs
+/// before each scrape (one at a time).
+pub fn with_metrics(router: Router, refresh: Option<Refresh>) -> Router {
+    let gate = Arc::new(tokio::sync::Mutex::new(()));
+    router
+        .route(
+            "/metrics",
+            get(move |headers: HeaderMap| {
+                let refresh = refresh.clone();
+                let gate = Arc::clone(&gate);
+                async move {
+                    if let Some(refresh) = refresh {
+                        let _one_at_a_time = gate.lock().await;
+                        if tokio::time::timeout(REFRESH_TIMEOUT, refresh()).await.is_err() {
+                            tracing::warn!("metrics refresh took longer than {REFRESH_TIMEOUT:?}; serving the values before");
+                        }
+                    }
+                    scrape(&headers)
+                }
+            }),
+        )
+        .route_layer(axum::middleware::from_fn(time_request))
+}
+
+fn scrape(headers: &HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(wants_openmetrics);
+    let (content_type, body) = if openmetrics {
+        (
+            tandem::metrics::OPENMETRICS_CONTENT_TYPE,
+            metrics().encode_openmetrics(),
+        )
+    } else {
+        (
+            tandem::metrics::PROMETHEUS_CONTENT_TYPE,
+            metrics().encode_prometheus(),
+        )
+    };
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
+}
+
+async fn time_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    if let Some(http_route) = route {
+        metrics()
+            .http_duration
+            .get_or_create(&HttpLabels {
+                http_route,
+                http_request_method: method,
+                http_response_status_code: response.status().as_u16(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+    response
+}

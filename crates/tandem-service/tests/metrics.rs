@@ -1,0 +1,379 @@
+//! `/metrics` of a running [`Service`] (SQLite store, embedded log, relay,
+//! consumer, HTTP server on a real socket), read by an outside judge: the
+//! Prometheus text is parsed with the `prometheus-parse` crate, and the
+//! names, types and labels are those of OPERATIONS.md. A scraper that asks
+//! for OpenMetrics gets OpenMetrics. The gauges read from the database
+//! and the bus (backlog, lag, dead letters) tell a poison event apart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem::consumer::ConsumerConfig;
+use tandem::sqlite::SqliteStore;
+use tandem::{Bus, Store};
+use tandem_service::{probes, Service};
+use tandem_testkit::{deposit, eventually, install_ledger, open_log, Ledger, TOPIC};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// `GET path` with `accept`: the response's head and body.
+async fn get(address: SocketAddr, path: &str, accept: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
+    (head.to_owned(), body.to_owned())
+}
+
+/// What OPERATIONS.md names, as `(sample name, type, label names)`; the
+/// ones this flow must have produced a sample of.
+fn expected() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+    vec![
+        (
+            "messaging_client_sent_messages_total",
+            "counter",
+            vec!["messaging_destination_name"],
+        ),
+        (
+            "messaging_client_operation_duration_seconds",
+            "histogram",
+            vec!["messaging_operation_name"],
+        ),
+        (
+            "tandem_consumer_end_to_end_seconds",
+            "histogram",
+            vec!["consumer", "topic"],
+        ),
+        (
+            "messaging_process_duration_seconds",
+            "histogram",
+            vec!["consumer"],
+        ),
+        (
+            "tandem_consumer_events_total",
+            "counter",
+            vec!["consumer", "outcome"],
+        ),
+        (
+            "tandem_store_commit_duration_seconds",
+            "histogram",
+            vec!["store"],
+        ),
+        (
+            "http_server_request_duration_seconds",
+            "histogram",
+            vec![
+                "http_request_method",
+                "http_response_status_code",
+                "http_route",
+            ],
+        ),
+        ("tandem_build_info", "gauge", vec!["version"]),
+        ("tandem_outbox_pending_events", "gauge", vec!["topic"]),
+        (
+            "tandem_outbox_oldest_pending_age_seconds",
+            "gauge",
+            vec!["topic"],
+        ),
+        (
+            "tandem_consumer_lag_events",
+            "gauge",
+            vec!["consumer", "partition", "topic"],
+        ),
+        ("tandem_consumer_gaps_open", "gauge", vec!["consumer"]),
+        (
+            "tandem_dead_letters",
+            "gauge",
+            vec!["consumer", "error_type"],
+        ),
+        (
+            "tandem_dead_letter_oldest_age_seconds",
+            "gauge",
+            vec!["consumer"],
+        ),
+    ]
+}
+
+fn kind(value: &prometheus_parse::Value) -> &'static str {
+    match value {
+        prometheus_parse::Value::Counter(_) => "counter",
+        prometheus_parse::Value::Gauge(_) => "gauge",
+        prometheus_parse::Value::Histogram(_) => "histogram",
+        prometheus_parse::Value::Summary(_) => "summary",
+        prometheus_parse::Value::Untyped(_) => "untyped",
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("ledger.db"), Default::default())
+        .await
+        .unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let ledger = Ledger::new();
+    ledger.poison_amount.store(13, Ordering::SeqCst);
+    ledger.fail_poison.store(true, Ordering::SeqCst);
+    let mut config = ConsumerConfig::new("ledger-balances", &[TOPIC]);
+    config.max_attempts = 2;
+    let service = tokio::spawn(
+        Service::new("ledger", store.clone(), bus)
+            .install(install_ledger)
+            .relay(TOPIC)
+            .consumer("balances", config, ledger)
+            .http(|store| probes::for_store(store, "ledger database"))
+            .run(listener, shutdown.clone()),
+    );
+    deposit(
+        &store,
+        vec![("alice".into(), 5), ("bob".into(), 7), ("carol".into(), 13)],
+    )
+    .await;
+    eventually(
+        "two deposits applied, the poison parked",
+        Duration::from_secs(20),
+        || {
+            let store = store.clone();
+            async move {
+                store
+                    .read(|tx| {
+                        Ok::<_, tandem::StoreError>((
+                            tx.query("SELECT 1 FROM ledger", &[])?.len(),
+                            tx.query("SELECT 1 FROM tandem_dead_letters", &[])?.len(),
+                        ))
+                    })
+                    .await
+                    .is_ok_and(|counts| counts == (2, 1))
+            }
+        },
+    )
+    .await;
+    // The relay writes its cursor at most every 50 ms after the bus acked.
+    eventually(
+        "the relay's cursor caught up",
+        Duration::from_secs(20),
+        || {
+            let store = store.clone();
+            async move {
+                tandem::relay::backlog(&store, TOPIC)
+                    .await
+                    .is_ok_and(|(pending, _)| pending == 0)
+            }
+        },
+    )
+    .await;
+    let (ready, _) = get(address, "/ready", "*/*").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+
+    let (head, body) = get(address, "/metrics", "text/plain").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_owned())))
+        .expect("the Prometheus text parses");
+    let mut found: BTreeMap<&str, (&'static str, BTreeSet<String>)> = BTreeMap::new();
+    for sample in &scrape.samples {
+        let labels: BTreeSet<String> = sample.labels.keys().cloned().collect();
+        found.insert(sample.metric.as_str(), (kind(&sample.value), labels));
+    }
+    for (name, expected_kind, labels) in expected() {
+        let (found_kind, found_labels) = found
+            .get(name)
+            .unwrap_or_else(|| panic!("no sample of {name} in\n{body}"));
+        assert_eq!(*found_kind, expected_kind, "type of {name}");
+        let labels: BTreeSet<String> = labels.into_iter().map(str::to_owned).collect();
+        assert_eq!(found_labels, &labels, "labels of {name}");
+    }
+    // The figures say what happened: two events sent and applied, and the
+    // route of the scrape before this one timed by its template.
+    // Of this test's consumer (other tests of this binary share the
+    // process's registry) where the metric has a consumer label.
+    let value = |name: &str, label: (&str, &str)| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|sample| {
+                sample.metric == name
+                    && sample.labels.get(label.0) == Some(label.1)
+                    && sample
+                        .labels
+                        .get("consumer")
+                        .is_none_or(|consumer| consumer == "ledger-balances")
+            })
+            .map(|sample| match sample.value {
+                prometheus_parse::Value::Counter(value) | prometheus_parse::Value::Gauge(value) => {
+                    value
+                }
+                _ => panic!("{name} is not a counter or gauge"),
+            })
+            .unwrap_or_else(|| panic!("no {name} with {label:?}"))
+    };
+    assert!(
+        value(
+            "messaging_client_sent_messages_total",
+            ("messaging_destination_name", TOPIC)
+        ) >= 3.0
+    );
+    assert!(value("tandem_consumer_events_total", ("outcome", "applied")) >= 2.0);
+    assert!(value("tandem_consumer_events_total", ("outcome", "retried")) >= 1.0);
+    assert!(value("tandem_consumer_events_total", ("outcome", "parked")) >= 1.0);
+    assert_eq!(value("tandem_dead_letters", ("error_type", "handler")), 1.0);
+    assert_eq!(value("tandem_dead_letters", ("error_type", "decode")), 0.0);
+    assert_eq!(value("tandem_outbox_pending_events", ("topic", TOPIC)), 0.0);
+    assert_eq!(
+        value("tandem_consumer_gaps_open", ("consumer", "ledger-balances")),
+        0.0
+    );
+    let lag: f64 = scrape
+        .samples
+        .iter()
+        .filter(|sample| {
+            sample.metric == "tandem_consumer_lag_events"
+                && sample.labels.get("consumer") == Some("ledger-balances")
+        })
+        .map(|sample| match sample.value {
+            prometheus_parse::Value::Gauge(value) => value,
+            _ => panic!("lag is a gauge"),
+        })
+        .sum();
+    assert_eq!(lag, 0.0, "the consumer applied or parked every record");
+    assert!(scrape.samples.iter().any(|sample| sample
+        .metric
+        .starts_with("http_server_request_duration_seconds")
+        && sample.labels.get("http_route") == Some("/ready")));
+
+    // OpenMetrics on request, ending with its terminator.
+    let (head, body) = get(
+        address,
+        "/metrics",
+        "application/openmetrics-text; version=1.0.0,text/plain;q=0.5",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert!(
+        body.contains("# TYPE messaging_client_sent_messages counter"),
+        "{body}"
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), service)
+        .await
+        .expect("the service stops")
+        .unwrap()
+        .unwrap();
+}
+
+/// The sum of the samples of gauge `name` whose labels include `label`
+/// (over partitions, say), in a fresh scrape of `address`; `None` if there
+/// is none.
+async fn gauge(address: SocketAddr, name: &str, label: (&str, &str)) -> Option<f64> {
+    let (_, body) = get(address, "/metrics", "text/plain").await;
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_owned())))
+        .expect("the Prometheus text parses");
+    scrape
+        .samples
+        .iter()
+        .filter(|sample| sample.metric == name && sample.labels.get(label.0) == Some(label.1))
+        .map(|sample| match sample.value {
+            prometheus_parse::Value::Gauge(value) => value,
+            _ => panic!("{name} is a gauge"),
+        })
+        .fold(None, |sum, value| Some(sum.unwrap_or(0.0) + value))
+}
+
+/// A consumer that cannot apply an event (its handler fails, again and
+/// again, as if a downstream it needs were down) falls behind in seconds,
+/// not only in events: its lag grows while nothing new arrives, and
+/// returns to 0 once it applies the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_in_seconds_grows_while_a_consumer_is_stuck_and_returns_to_zero() {
+    const CONSUMER: &str = "ledger-lagging";
+    const PAUSE: f64 = 2.0;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("ledger.db"), Default::default())
+        .await
+        .unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let ledger = Ledger::new();
+    ledger.poison_amount.store(21, Ordering::SeqCst);
+    ledger.fail_poison.store(true, Ordering::SeqCst);
+    let failing = Arc::clone(&ledger.fail_poison);
+    let mut config = ConsumerConfig::new(CONSUMER, &[TOPIC]);
+    config.max_attempts = u32::MAX;
+    config.retry_max = Duration::from_millis(50);
+    let service = tokio::spawn(
+        Service::new("ledger", store.clone(), bus)
+            .install(install_ledger)
+            .relay_with(tandem::relay::RelayConfig {
+                name: "ledger-lag".into(),
+                ..Default::default()
+            })
+            .consumer("balances", config, ledger)
+            .http(|store| probes::for_store(store, "ledger database"))
+            .run(listener, shutdown.clone()),
+    );
+    deposit(&store, vec![("dave".into(), 21)]).await;
+
+    let label = ("consumer", CONSUMER);
+    eventually(
+        "the lag in seconds reaches the pause",
+        Duration::from_secs(30),
+        || async move {
+            gauge(address, "tandem_consumer_lag_seconds", label)
+                .await
+                .is_some_and(|lag| lag >= PAUSE)
+        },
+    )
+    .await;
+    assert_eq!(
+        gauge(address, "tandem_consumer_lag_events", label).await,
+        Some(1.0),
+        "the event it cannot apply"
+    );
+
+    failing.store(false, Ordering::SeqCst);
+    eventually(
+        "the lag returns to 0 once the event is applied",
+        Duration::from_secs(30),
+        || async move {
+            gauge(address, "tandem_consumer_lag_seconds", label).await == Some(0.0)
+                && gauge(address, "tandem_consumer_lag_events", label).await == Some(0.0)
+        },
+    )
+    .await;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), service)
+        .await
+        .expect("the service stops")
+        .unwrap()
+        .unwrap();
+}

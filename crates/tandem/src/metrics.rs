@@ -1,0 +1,399 @@
+//! The process's metrics, with the names, types and labels of
+//! `OPERATIONS.md` (OpenTelemetry messaging names where one exists, the
+//! `tandem_` prefix for Tandem's own), kept in one registry of the
+//! `prometheus-client` crate and encoded by it, in the Prometheus text
+//! format or OpenMetrics.
+//!
+//! The toolkit's parts record into [`metrics()`], one registry per process,
+//! as the Prometheus clients of other languages do with their default
+//! registry: a relay, a consumer and the HTTP server of one service share
+//! it, and `tandem_service` serves it at `/metrics`. Labels are bounded
+//! sets (consumer, topic, partition, outcome, error type, route): never an
+//! event, aggregate or order id.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::encode_prometheus`].
+pub const PROMETHEUS_CONTENT_TYPE: &str =
+    prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+/// The content type of [`Metrics::encode_openmetrics`].
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Buckets of durations that resolve single milliseconds up to 10 ms, and
+/// reach five minutes (seconds).
+const LATENCY_BUCKETS: [f64; 24] = [
+    0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Makes histograms with [`LATENCY_BUCKETS`].
+#[derive(Debug, Clone, Copy)]
+pub struct Buckets;
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(LATENCY_BUCKETS)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub messaging_destination_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicErrorLabels {
+    pub topic: String,
+    pub error_type: String,
+}
+
+/// A bus call, as OpenTelemetry's messaging conventions name it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Operation {
+    send,
+    receive,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub messaging_operation_name: Operation,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub consumer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerTopicLabels {
+    pub consumer: String,
+    pub topic: String,
+}
+
+/// What became of an event a consumer received.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// Applied to the read model.
+    applied,
+    /// Dropped: its sequence was applied already.
+    duplicate,
+    /// Held ahead of a gap in its aggregate's sequence.
+    held,
+    /// Failed and tried again.
+    retried,
+    /// Parked as a dead letter (failed, undecodable, or behind a parked
+    /// event of its aggregate).
+    parked,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerOutcomeLabels {
+    pub consumer: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerPartitionLabels {
+    pub consumer: String,
+    pub topic: String,
+    pub partition: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerErrorLabels {
+    pub consumer: String,
+    pub error_type: String,
+}
+
+/// A gauge of seconds.
+pub type Seconds = Gauge<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    pub store: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The route's template (`/orders/{id}`), never the path itself.
+    pub http_route: String,
+    pub http_request_method: String,
+    pub http_response_status_code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+/// Every metric the toolkit records.
+pub struct Metrics {
+    registry: Registry,
+    pub sent_messages: Family<DestinationLabels, Counter>,
+    pub publish_failures: Family<TopicErrorLabels, Counter>,
+    pub operation_duration: Family<OperationLabels, Histogram, Buckets>,
+    pub end_to_end: Family<ConsumerTopicLabels, Histogram, Buckets>,
+    pub process_duration: Family<ConsumerLabels, Histogram, Buckets>,
+    pub consumer_events: Family<ConsumerOutcomeLabels, Counter>,
+    pub store_commit_duration: Family<StoreLabels, Histogram, Buckets>,
+    pub http_duration: Family<HttpLabels, Histogram, Buckets>,
+    pub outbox_pending: Family<TopicLabels, Gauge>,
+    pub outbox_oldest_age: Family<TopicLabels, Seconds>,
+    pub consumer_lag_events: Family<ConsumerPartitionLabels, Gauge>,
+    pub consumer_lag_seconds: Family<ConsumerTopicLabels, Seconds>,
+    pub gaps_open: Family<ConsumerLabels, Gauge>,
+    pub dead_letters: Family<ConsumerErrorLabels, Gauge>,
+    pub dead_letter_oldest_age: Family<ConsumerLabels, Seconds>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let sent_messages = Family::default();
+        registry.register(
+            "messaging_client_sent_messages",
+            "Events the relay published, acknowledged by the bus",
+            sent_messages.clone(),
+        );
+        let publish_failures = Family::default();
+        registry.register(
+            "tandem_relay_publish_failures",
+            "Relay batches the bus refused (retried)",
+            publish_failures.clone(),
+        );
+        let operation_duration = Family::new_with_constructor(Buckets);
+        registry.register(
+            "messaging_client_operation_duration_seconds",
+            "Bus calls: a relay batch's publish (send), a consumer's fetch that returned events (receive)",
+            operation_duration.clone(),
+        );
+        let end_to_end = Family::new_with_constructor(Buckets);
+        registry.register(
+            "tandem_consumer_end_to_end_seconds",
+            "From an event's time to the commit of its effect",
+            end_to_end.clone(),
+        );
+        let process_duration = Family::new_with_constructor(Buckets);
+        registry.register(
+            "messaging_process_duration_seconds",
+            "A consumer batch's apply and commit",
+            process_duration.clone(),
+        );
+        let consumer_events = Family::default();
+        registry.register(
+            "tandem_consumer_events",
+            "Events a consumer received, by what became of them",
+            consumer_events.clone(),
+        );
+        let store_commit_duration = Family::new_with_constructor(Buckets);
+        registry.register(
+            "tandem_store_commit_duration_seconds",
+            "One commit of a store's writer (a group of write jobs)",
+            store_commit_duration.clone(),
+        );
+        let http_duration = Family::new_with_constructor(Buckets);
+        registry.register(
+            "http_server_request_duration_seconds",
+            "HTTP requests served, by route template, method and status",
+            http_duration.clone(),
+        );
+        let outbox_pending = Family::default();
+        registry.register(
+            "tandem_outbox_pending_events",
+            "Events committed to the outbox, not yet acknowledged by the bus",
+            outbox_pending.clone(),
+        );
+        let outbox_oldest_age = Family::default();
+        registry.register(
+            "tandem_outbox_oldest_pending_age_seconds",
+            "Age of the oldest event not yet acknowledged by the bus; 0 when none",
+            outbox_oldest_age.clone(),
+        );
+        let consumer_lag_events = Family::default();
+        registry.register(
+            "tandem_consumer_lag_events",
+            "Records on the bus a consumer has not applied: head offset - stored position",
+            consumer_lag_events.clone(),
+        );
+        let consumer_lag_seconds = Family::default();
+        registry.register(
+            "tandem_consumer_lag_seconds",
+            "Now - the time of the oldest event on the topic a consumer has not applied (at its position, parked or held); 0 when caught up",
+            consumer_lag_seconds.clone(),
+        );
+        let gaps_open = Family::default();
+        registry.register(
+            "tandem_consumer_gaps_open",
+            "Aggregates waiting for a missing sequence",
+            gaps_open.clone(),
+        );
+        let dead_letters = Family::default();
+        registry.register(
+            "tandem_dead_letters",
+            "Parked, unresolved dead letters, by reason",
+            dead_letters.clone(),
+        );
+        let dead_letter_oldest_age = Family::default();
+        registry.register(
+            "tandem_dead_letter_oldest_age_seconds",
+            "Age of the oldest parked, unresolved dead letter; 0 when none",
+            dead_letter_oldest_age.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register("tandem_build_info", "The running build", build_info);
+        Self {
+            registry,
+            sent_messages,
+            publish_failures,
+            operation_duration,
+            end_to_end,
+            process_duration,
+            consumer_events,
+            store_commit_duration,
+            http_duration,
+            outbox_pending,
+            outbox_oldest_age,
+            consumer_lag_events,
+            consumer_lag_seconds,
+            gaps_open,
+            dead_letters,
+            dead_letter_oldest_age,
+        }
+    }
+
+    /// Sets the gauges of an outbox.
+    pub fn record_outbox(&self, status: &crate::status::OutboxStatus) {
+        let labels = TopicLabels {
+            topic: status.topic.clone(),
+        };
+        self.outbox_pending
+            .get_or_create(&labels)
+            .set(i64::try_from(status.pending_events).unwrap_or(i64::MAX));
+        self.outbox_oldest_age
+            .get_or_create(&labels)
+            .set(status.oldest_pending_age_seconds);
+    }
+
+    /// Sets the gauges of a consumer: lag per partition, open gaps, and
+    /// dead letters for every reason (0 for those with none).
+    pub fn record_consumer(&self, status: &crate::status::ConsumerStatus) {
+        for partition in &status.partitions {
+            self.consumer_lag_events
+                .get_or_create(&ConsumerPartitionLabels {
+                    consumer: status.consumer.clone(),
+                    topic: partition.topic.clone(),
+                    partition: partition.partition,
+                })
+                .set(i64::try_from(partition.lag_events()).unwrap_or(i64::MAX));
+        }
+        for (topic, seconds) in status.lag_seconds_by_topic() {
+            self.consumer_lag_seconds
+                .get_or_create(&ConsumerTopicLabels {
+                    consumer: status.consumer.clone(),
+                    topic,
+                })
+                .set(seconds);
+        }
+        let consumer = ConsumerLabels {
+            consumer: status.consumer.clone(),
+        };
+        self.gaps_open
+            .get_or_create(&consumer)
+            .set(i64::try_from(status.gaps_open).unwrap_or(i64::MAX));
+        for reason in crate::dead_letter::Reason::ALL {
+            let count = status
+                .dead_letters
+                .iter()
+                .find(|(name, _)| name == reason.as_str())
+                .map_or(0, |(_, count)| *count);
+            self.dead_letters
+                .get_or_create(&ConsumerErrorLabels {
+                    consumer: status.consumer.clone(),
+                    error_type: reason.as_str().to_owned(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        self.dead_letter_oldest_age
+            .get_or_create(&consumer)
+            .set(status.oldest_dead_letter_age_seconds);
+    }
+
+    /// The Prometheus text format (version 0.0.4).
+    pub fn encode_prometheus(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+
+    /// OpenMetrics text (1.0.0), ending in `# EOF`.
+    pub fn encode_openmetrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+
+    /// Counts `count` events of `consumer` with `outcome`.
+    pub fn consumer_events(&self, consumer: &str, outcome: Outcome, count: u64) {
+        if count > 0 {
+            self.consumer_events
+                .get_or_create(&ConsumerOutcomeLabels {
+                    consumer: consumer.to_owned(),
+                    outcome,
+                })
+                .inc_by(count);
+        }
+    }
+
+    /// Records one bus call of `operation` that took `elapsed`.
+    pub fn bus_operation(&self, operation: Operation, elapsed: Duration) {
+        self.operation_duration
+            .get_or_create(&OperationLabels {
+                messaging_operation_name: operation,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Whether an HTTP `Accept` header asks for OpenMetrics rather than the
+/// Prometheus text format.
+pub fn wants_openmetrics(accept: &str) -> bool {
+    accept
+        .split(',')
+        .any(|kind| kind.trim().starts_with("application/openmetrics-text"))
+}
