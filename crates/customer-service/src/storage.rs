@@ -23,7 +23,7 @@ pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
 const COLUMNS: &str = "customer_id, name, email, address, credit_limit_cents, version";
 
 fn from_row(row: &Row) -> Result<Customer, StoreError> {
-    let corrupt = |error: crate::domain::Invalid| StoreError::Decode(error.to_string());
+    let corrupt = |error: crate::domain::Invalid| StoreError::Decode(error.to_string().into());
     Ok(Customer {
         id: CustomerId::parse(row.text(0)?).map_err(corrupt)?,
         name: Name::parse(row.text(1)?).map_err(corrupt)?,

@@ -58,7 +58,7 @@ pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
 const COLUMNS: &str = "product_id, sku, name, price_cents, available, reserved, version";
 
 fn from_row(row: &Row) -> Result<Product, StoreError> {
-    let corrupt = |error: crate::domain::Invalid| StoreError::Decode(error.to_string());
+    let corrupt = |error: crate::domain::Invalid| StoreError::Decode(error.to_string().into());
     Ok(Product {
         id: ProductId::parse(row.text(0)?).map_err(corrupt)?,
         sku: Sku::parse(row.text(1)?).map_err(corrupt)?,
@@ -176,8 +176,9 @@ pub fn find_reservation(
     else {
         return Ok(None);
     };
-    let status = ReservationStatus::parse(row.text(0)?)
-        .ok_or_else(|| StoreError::Decode(format!("reservation {order_id}: unknown status")))?;
+    let status = ReservationStatus::parse(row.text(0)?).ok_or_else(|| {
+        StoreError::Decode(format!("reservation {order_id}: unknown status").into())
+    })?;
     let reason = row.opt_text(1)?.map(str::to_owned);
     let lines = tx
         .query(

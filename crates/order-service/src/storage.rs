@@ -191,7 +191,7 @@ fn lines_to_json(lines: &[PricedLine]) -> String {
 
 fn lines_from_json(text: &str) -> Result<Vec<PricedLine>, StoreError> {
     let values: Vec<serde_json::Value> = serde_json::from_str(text)
-        .map_err(|error| StoreError::Decode(format!("order lines: {error}")))?;
+        .map_err(|error| StoreError::Decode(format!("order lines: {error}").into()))?;
     values
         .iter()
         .map(|value| {
@@ -207,7 +207,7 @@ fn lines_from_json(text: &str) -> Result<Vec<PricedLine>, StoreError> {
                     quantity,
                     unit_price_cents,
                 }),
-                _ => Err(StoreError::Decode(format!("order line {value}"))),
+                _ => Err(StoreError::Decode(format!("order line {value}").into())),
             }
         })
         .collect()
@@ -218,7 +218,7 @@ fn order_from_row(row: &Row) -> Result<StoredOrder, StoreError> {
         order_id: row.text(0)?.to_owned(),
         customer_id: row.text(1)?.to_owned(),
         status: Status::parse(row.text(2)?)
-            .ok_or_else(|| StoreError::Decode(format!("order status {:?}", row.text(2))))?,
+            .ok_or_else(|| StoreError::Decode(format!("order status {:?}", row.text(2)).into()))?,
         lines: lines_from_json(row.text(3)?)?,
         total_cents: row.i64(4)?,
         reason: row.opt_text(5)?.map(str::to_owned),

@@ -38,7 +38,7 @@ async fn apply(store: &SqliteStore, handler: impl Handler, event: Envelope) {
         .write(move |tx| {
             handler
                 .handle(tx, &event)
-                .map_err(|error| StoreError::Engine(error.message))
+                .map_err(|error| StoreError::Engine(error.message.into()))
         })
         .await
         .unwrap();

@@ -72,7 +72,7 @@ impl KafkaConfig {
         url: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, BusError> {
-        let invalid = |why: String| BusError::Invalid(format!("{}: {why}", redact(url)));
+        let invalid = |why: String| BusError::Invalid(format!("{}: {why}", redact(url)).into());
         let parsed = ParsedUrl::parse(url).map_err(|error| match error {
             UrlSyntaxError::NoScheme => invalid("not a URL (expected kafka://host:port)".into()),
             error => invalid(error.to_string()),

@@ -187,9 +187,12 @@ fn check_topic(topic: &str) -> Result<(), BusError> {
             .bytes()
             .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
     {
-        return Err(BusError::Invalid(format!(
-            "{topic:?} is not a Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
-        )));
+        return Err(BusError::Invalid(
+            format!(
+                "{topic:?} is not a Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
+            )
+            .into(),
+        ));
     }
     Ok(())
 }
@@ -219,8 +222,16 @@ pub fn cloudevents_headers(payload: &[u8]) -> Option<OwnedHeaders> {
     Some(headers)
 }
 
-fn unavailable(what: &str, brokers: &str, error: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(format!("{what} (Kafka brokers {brokers}): {error}"))
+/// The Kafka error stays the source.
+fn unavailable(
+    what: &str,
+    brokers: &str,
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> BusError {
+    BusError::Unavailable(tandem::Cause::with_source(
+        format!("{what} (Kafka brokers {brokers}): {error}"),
+        error,
+    ))
 }
 
 impl KafkaBus {
@@ -247,12 +258,17 @@ impl KafkaBus {
         apply_properties(&mut producer_config, &config);
         let producer: FutureProducer<LogContext> = producer_config
             .create_with_context(LogContext)
-            .map_err(|error| BusError::Invalid(format!("kafka producer configuration: {error}")))?;
+            .map_err(|error| {
+                BusError::Invalid(format!("kafka producer configuration: {error}").into())
+            })?;
         let mut admin_config = base_config(&config);
         apply_properties(&mut admin_config, &config);
-        let admin: AdminClient<LogContext> = admin_config
-            .create_with_context(LogContext)
-            .map_err(|error| BusError::Invalid(format!("kafka admin configuration: {error}")))?;
+        let admin: AdminClient<LogContext> =
+            admin_config
+                .create_with_context(LogContext)
+                .map_err(|error| {
+                    BusError::Invalid(format!("kafka admin configuration: {error}").into())
+                })?;
 
         // Fail now, naming the brokers, rather than at the first publish.
         let probe = producer.clone();
@@ -264,20 +280,26 @@ impl KafkaBus {
                 .map(|metadata| metadata.brokers().len())
         })
         .await
-        .map_err(|error| BusError::Engine(format!("kafka metadata thread: {error}")))?;
+        .map_err(|error| BusError::Engine(format!("kafka metadata thread: {error}").into()))?;
         match metadata {
             Ok(brokers) if brokers > 0 => {}
             Ok(_) => {
-                return Err(BusError::Unavailable(format!(
-                    "Kafka brokers {} answered with no broker in the cluster",
-                    config.brokers
-                )))
+                return Err(BusError::Unavailable(
+                    format!(
+                        "Kafka brokers {} answered with no broker in the cluster",
+                        config.brokers
+                    )
+                    .into(),
+                ))
             }
             Err(error) => {
-                return Err(BusError::Unavailable(format!(
-                    "Kafka brokers {} not reachable within {:?}: {error}",
-                    config.brokers, config.connect_timeout
-                )))
+                return Err(BusError::Unavailable(
+                    format!(
+                        "Kafka brokers {} not reachable within {:?}: {error}",
+                        config.brokers, config.connect_timeout
+                    )
+                    .into(),
+                ))
             }
         }
         Ok(KafkaBus {
@@ -429,7 +451,9 @@ impl KafkaBus {
                     known.remove(&topic);
                 }
                 Err((topic, code)) => {
-                    return Err(BusError::Engine(format!("deleting topic {topic}: {code}")))
+                    return Err(BusError::Engine(
+                        format!("deleting topic {topic}: {code}").into(),
+                    ))
                 }
             }
         }
@@ -459,7 +483,7 @@ impl KafkaBus {
                 )
             })
             .await
-            .map_err(|error| BusError::Engine(format!("kafka metadata thread: {error}")))?
+            .map_err(|error| BusError::Engine(format!("kafka metadata thread: {error}").into()))?
             .map_err(|error| unavailable(&format!("metadata of {topic}"), &brokers, error))?;
             if !listed.is_empty() {
                 let mut listed = listed;
@@ -468,9 +492,12 @@ impl KafkaBus {
             }
             // Just created: the metadata may lag behind for a moment.
             if tokio::time::Instant::now() >= give_up {
-                return Err(BusError::Unavailable(format!(
+                return Err(BusError::Unavailable(
+                    format!(
                     "topic {topic} has no partitions in the metadata of Kafka brokers {brokers}"
-                )));
+                )
+                    .into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -525,10 +552,10 @@ fn delivery_error(error: &KafkaError, brokers: &str) -> BusError {
             RDKafkaErrorCode::MessageSizeTooLarge
             | RDKafkaErrorCode::InvalidTopic
             | RDKafkaErrorCode::InvalidMessage,
-        ) => BusError::Invalid(format!(
-            "publish refused by Kafka brokers {brokers}: {error}"
-        )),
-        _ => unavailable("publish", brokers, error),
+        ) => {
+            BusError::Invalid(format!("publish refused by Kafka brokers {brokers}: {error}").into())
+        }
+        _ => unavailable("publish", brokers, error.clone()),
     }
 }
 
@@ -614,7 +641,9 @@ impl Bus for KafkaBus {
             return Err(BusError::Invalid("group must not be empty".into()));
         }
         if topics.is_empty() {
-            return Err(BusError::Invalid(format!("group {group} names no topic")));
+            return Err(BusError::Invalid(
+                format!("group {group} names no topic").into(),
+            ));
         }
         for topic in topics {
             check_topic(topic)?;
@@ -656,7 +685,7 @@ impl Bus for KafkaBus {
                 .collect()
         })
         .await
-        .map_err(|error| BusError::Engine(format!("kafka watermark thread: {error}")))?
+        .map_err(|error| BusError::Engine(format!("kafka watermark thread: {error}").into()))?
     }
 
     /// A consumer of no group's offsets (it never subscribes or commits)
@@ -689,7 +718,7 @@ impl Bus for KafkaBus {
             let mut assignment = rdkafka::TopicPartitionList::new();
             assignment
                 .add_partition_offset(&name, partition as i32, rdkafka::Offset::Offset(wanted))
-                .map_err(|error| BusError::Engine(format!("{what}: {error}")))?;
+                .map_err(|error| BusError::Engine(format!("{what}: {error}").into()))?;
             consumer
                 .assign(&assignment)
                 .map_err(|error| unavailable(&what, &brokers, error))?;
@@ -703,12 +732,15 @@ impl Bus for KafkaBus {
                     Some(Err(error)) => return Err(unavailable(&what, &brokers, error)),
                 }
             }
-            Err(BusError::Unavailable(format!(
-                "{what}: not fetched from Kafka brokers {brokers} within {REQUEST_TIMEOUT:?}"
-            )))
+            Err(BusError::Unavailable(
+                format!(
+                    "{what}: not fetched from Kafka brokers {brokers} within {REQUEST_TIMEOUT:?}"
+                )
+                .into(),
+            ))
         })
         .await
-        .map_err(|error| BusError::Engine(format!("payload task failed: {error}")))?
+        .map_err(|error| BusError::Engine(format!("payload task failed: {error}").into()))?
     }
 }
 

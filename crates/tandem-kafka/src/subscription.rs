@@ -248,10 +248,9 @@ impl Inner {
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(error)) => {
                     if let KafkaError::MessageConsumptionFatal(_) = error {
-                        return Err(BusError::Engine(format!(
-                            "kafka consumer of group {}: {error}",
-                            self.group
-                        )));
+                        return Err(BusError::Engine(
+                            format!("kafka consumer of group {}: {error}", self.group).into(),
+                        ));
                     }
                     // Broker hiccups: librdkafka reconnects by itself.
                     tracing::warn!(group = %self.group, %error, "kafka consumer error");
@@ -296,10 +295,13 @@ impl Inner {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(error) => {
-                    return Err(BusError::Unavailable(format!(
-                        "seeking {topic}/{partition} to {offset} in group {}: {error}",
-                        self.group
-                    )))
+                    return Err(BusError::Unavailable(
+                        format!(
+                            "seeking {topic}/{partition} to {offset} in group {}: {error}",
+                            self.group
+                        )
+                        .into(),
+                    ))
                 }
             }
         }
@@ -312,9 +314,9 @@ impl Inner {
         }
         let mut list = TopicPartitionList::new();
         list.add_partition(topic, partition);
-        self.consumer
-            .resume(&list)
-            .map_err(|error| BusError::Engine(format!("resuming {topic}/{partition}: {error}")))
+        self.consumer.resume(&list).map_err(|error| {
+            BusError::Engine(format!("resuming {topic}/{partition}: {error}").into())
+        })
     }
 }
 
@@ -334,13 +336,14 @@ impl KafkaSubscription {
             state: Arc::clone(&state),
             group: group.to_owned(),
         };
-        let consumer: BaseConsumer<GroupContext> = config
-            .create_with_context(context)
-            .map_err(|error| BusError::Invalid(format!("kafka consumer configuration: {error}")))?;
+        let consumer: BaseConsumer<GroupContext> =
+            config.create_with_context(context).map_err(|error| {
+                BusError::Invalid(format!("kafka consumer configuration: {error}").into())
+            })?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&names)
-            .map_err(|error| BusError::Engine(format!("subscribing to {topics:?}: {error}")))?;
+        consumer.subscribe(&names).map_err(|error| {
+            BusError::Engine(format!("subscribing to {topics:?}: {error}").into())
+        })?;
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 consumer,
@@ -360,7 +363,7 @@ impl KafkaSubscription {
         let inner = self.inner.as_ref().expect("subscription open");
         let mut state = lock(&inner.state);
         if let Some(failure) = state.failure.take() {
-            return Err(BusError::Engine(failure));
+            return Err(BusError::Engine(failure.into()));
         }
         if let Some(change) = state.changes.pop_front() {
             if let Delivery::Assigned(partitions) = &change {
@@ -391,7 +394,7 @@ impl KafkaSubscription {
         let inner = self.inner();
         tokio::task::spawn_blocking(move || work(&inner))
             .await
-            .map_err(|error| BusError::Engine(format!("kafka consumer thread: {error}")))?
+            .map_err(|error| BusError::Engine(format!("kafka consumer thread: {error}").into()))?
     }
 }
 
@@ -434,10 +437,10 @@ impl Subscription for KafkaSubscription {
     async fn seek(&mut self, partition: &TopicPartition, offset: u64) -> Result<(), BusError> {
         let topic = partition.topic.clone();
         let number = i32::try_from(partition.partition).map_err(|_| {
-            BusError::Invalid(format!("partition {} out of range", partition.partition))
+            BusError::Invalid(format!("partition {} out of range", partition.partition).into())
         })?;
         let offset = i64::try_from(offset)
-            .map_err(|_| BusError::Invalid(format!("offset {offset} out of range")))?;
+            .map_err(|_| BusError::Invalid(format!("offset {offset} out of range").into()))?;
         self.blocking(move |inner| inner.seek(&topic, number, offset))
             .await
     }

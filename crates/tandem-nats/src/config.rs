@@ -94,7 +94,7 @@ impl Default for NatsConfig {
 }
 
 fn invalid(message: String) -> BusError {
-    BusError::Invalid(message)
+    BusError::Invalid(message.into())
 }
 
 fn millis(name: &str, value: &str) -> Result<Duration, BusError> {

@@ -263,12 +263,17 @@ impl Inner {
     }
 
     /// Maps an engine error: `Unavailable` while the connection is down.
-    pub(crate) fn error(&self, what: &str, error: impl std::fmt::Display) -> BusError {
+    /// The NATS error stays the source.
+    pub(crate) fn error<E>(&self, what: &str, error: E) -> BusError
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync + 'static>> + std::fmt::Display,
+    {
         let message = format!("NATS {what} at {}: {error}", self.config.display_url());
+        let cause = tandem::Cause::with_boxed_source(message, error.into());
         if self.client.connection_state() == async_nats::connection::State::Connected {
-            BusError::Engine(message)
+            BusError::Engine(cause)
         } else {
-            BusError::Unavailable(message)
+            BusError::Unavailable(cause)
         }
     }
 
@@ -277,9 +282,12 @@ impl Inner {
             return Err(BusError::Invalid("topic must not be empty".into()));
         }
         if !config::valid_subject_part(topic) {
-            return Err(BusError::Invalid(format!(
+            return Err(BusError::Invalid(
+                format!(
                 "topic {topic:?} cannot be a NATS subject (no whitespace, '*', '>' or empty tokens)"
-            )));
+            )
+                .into(),
+            ));
         }
         Ok(())
     }
@@ -355,10 +363,9 @@ impl NatsBus {
     pub async fn connect_with(config: NatsConfig) -> Result<NatsBus, BusError> {
         let shown = config.display_url();
         if !config::valid_subject_part(&config.prefix) {
-            return Err(BusError::Invalid(format!(
-                "NATS subject prefix {:?} is not a subject",
-                config.prefix
-            )));
+            return Err(BusError::Invalid(
+                format!("NATS subject prefix {:?} is not a subject", config.prefix).into(),
+            ));
         }
         let mut options = async_nats::ConnectOptions::new()
             .name("tandem")
@@ -375,10 +382,9 @@ impl NatsBus {
         }
         if let Some(creds) = &config.creds {
             options = options.credentials_file(creds).await.map_err(|error| {
-                BusError::Invalid(format!(
-                    "NATS credentials file {}: {error}",
-                    creds.display()
-                ))
+                BusError::Invalid(
+                    format!("NATS credentials file {}: {error}", creds.display()).into(),
+                )
             })?;
         }
         let address = format!(
@@ -394,15 +400,18 @@ impl NatsBus {
             {
                 Ok(Ok(client)) => client,
                 Ok(Err(error)) => {
-                    return Err(BusError::Unavailable(format!(
-                        "NATS not reachable at {shown}: {error}"
-                    )))
+                    return Err(BusError::Unavailable(
+                        format!("NATS not reachable at {shown}: {error}").into(),
+                    ))
                 }
                 Err(_) => {
-                    return Err(BusError::Unavailable(format!(
-                        "NATS not reachable at {shown}: no connection within {:?}",
-                        config.connect_timeout
-                    )))
+                    return Err(BusError::Unavailable(
+                        format!(
+                            "NATS not reachable at {shown}: no connection within {:?}",
+                            config.connect_timeout
+                        )
+                        .into(),
+                    ))
                 }
             };
         let jetstream = jetstream::new(client.clone());
@@ -413,9 +422,9 @@ impl NatsBus {
             client.request("$JS.API.INFO", Bytes::new()),
         )
         .await
-        .map_err(|_| BusError::Unavailable(format!("JetStream did not answer at {shown}")))?
+        .map_err(|_| BusError::Unavailable(format!("JetStream did not answer at {shown}").into()))?
         .map_err(|error| {
-            BusError::Unavailable(format!("JetStream not available at {shown}: {error}"))
+            BusError::Unavailable(format!("JetStream not available at {shown}: {error}").into())
         })?;
         let text = String::from_utf8_lossy(&answer.payload);
         if answer
@@ -423,9 +432,9 @@ impl NatsBus {
             .is_some_and(|status| status != async_nats::StatusCode::OK)
             || text.contains("\"error\"")
         {
-            return Err(BusError::Unavailable(format!(
-                "JetStream not available at {shown}: {text}"
-            )));
+            return Err(BusError::Unavailable(
+                format!("JetStream not available at {shown}: {text}").into(),
+            ));
         }
         Ok(NatsBus {
             inner: Arc::new(Inner {
@@ -589,7 +598,9 @@ impl Bus for NatsBus {
         topics: &[String],
     ) -> Result<Box<dyn Subscription>, BusError> {
         if topics.is_empty() {
-            return Err(BusError::Invalid(format!("group {group} names no topic")));
+            return Err(BusError::Invalid(
+                format!("group {group} names no topic").into(),
+            ));
         }
         if group.is_empty() {
             return Err(BusError::Invalid("group must not be empty".into()));

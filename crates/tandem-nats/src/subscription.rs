@@ -184,10 +184,13 @@ impl PumpContext {
                 }
             }
             if started.elapsed() >= REBIND_WAIT * 3 {
-                return Err(BusError::Engine(format!(
-                    "NATS durable {} on {} can be neither bound nor created: {last_error}",
-                    self.durable, self.topic
-                )));
+                return Err(BusError::Engine(
+                    format!(
+                        "NATS durable {} on {} can be neither bound nor created: {last_error}",
+                        self.durable, self.topic
+                    )
+                    .into(),
+                ));
             }
         }
     }
@@ -361,10 +364,13 @@ impl NatsSubscription {
             .position(|topic| topic.name == partition.topic)
             .filter(|_| partition.partition == 0)
             .ok_or_else(|| {
-                BusError::Invalid(format!(
-                    "partition {}/{} is not assigned to this member",
-                    partition.topic, partition.partition
-                ))
+                BusError::Invalid(
+                    format!(
+                        "partition {}/{} is not assigned to this member",
+                        partition.topic, partition.partition
+                    )
+                    .into(),
+                )
             })
     }
 
@@ -431,10 +437,13 @@ impl NatsSubscription {
                 }
             }
         }
-        Err(BusError::Engine(format!(
-            "NATS durable {} on {} could not be recreated: {last_error}",
-            self.durable, context.topic
-        )))
+        Err(BusError::Engine(
+            format!(
+                "NATS durable {} on {} could not be recreated: {last_error}",
+                self.durable, context.topic
+            )
+            .into(),
+        ))
     }
 }
 
@@ -493,10 +502,13 @@ impl Subscription for NatsSubscription {
                     if self.inner.client.connection_state()
                         != async_nats::connection::State::Connected
                     {
-                        return Err(BusError::Unavailable(format!(
-                            "NATS at {} is disconnected (reconnecting)",
-                            self.inner.config.display_url()
-                        )));
+                        return Err(BusError::Unavailable(
+                            format!(
+                                "NATS at {} is disconnected (reconnecting)",
+                                self.inner.config.display_url()
+                            )
+                            .into(),
+                        ));
                     }
                     return Ok(None);
                 }

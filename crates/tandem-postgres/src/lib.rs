@@ -99,7 +99,7 @@ use postgres::types::{FromSql, IsNull, ToSql, Type};
 use postgres::{Client, GenericClient, Statement};
 use tandem::executor::{EngineConnection, Executor};
 use tandem::store::{
-    ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
+    Cause, ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -159,10 +159,13 @@ impl Connector {
     pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, StoreError> {
         let (rest, tls_options) = tls::take_tls_options(url)?;
         let mut config: postgres::Config = rest.parse().map_err(|error| {
-            StoreError::Engine(format!(
-                "not a PostgreSQL URL ({}); expected postgres://user@host:port/database",
-                error_chain(&error)
-            ))
+            StoreError::Engine(
+                format!(
+                    "not a PostgreSQL URL ({}); expected postgres://user@host:port/database",
+                    error_chain(&error)
+                )
+                .into(),
+            )
         })?;
         config.ssl_mode(tls_options.mode.driver_mode());
         if config.get_connect_timeout().is_none() {
@@ -174,7 +177,7 @@ impl Connector {
         config.keepalives_idle(Duration::from_secs(15));
         let described = describe(&config);
         let tls = tls::connector(&tls_options)
-            .map_err(|error| StoreError::Engine(format!("{described}: {error}")))?;
+            .map_err(|error| StoreError::Engine(format!("{described}: {error}").into()))?;
         Ok(Self {
             config,
             tls,
@@ -220,10 +223,9 @@ impl Connector {
                 Some(db) => db.message().to_owned(),
                 None => error_chain(&error),
             };
-            StoreError::Unavailable(format!(
-                "PostgreSQL not reachable at {}: {reason}",
-                self.described
-            ))
+            StoreError::Unavailable(
+                format!("PostgreSQL not reachable at {}: {reason}", self.described).into(),
+            )
         })
     }
 }
@@ -269,9 +271,7 @@ pub(crate) fn map_error(error: postgres::Error, closed: bool) -> StoreError {
             },
             None => error.to_string(),
         };
-        if *code == SqlState::UNIQUE_VIOLATION {
-            return StoreError::Conflict(text);
-        }
+        let unique = *code == SqlState::UNIQUE_VIOLATION;
         let class = &code.code()[..2];
         if *code == SqlState::T_R_SERIALIZATION_FAILURE
             || *code == SqlState::T_R_DEADLOCK_DETECTED
@@ -281,15 +281,23 @@ pub(crate) fn map_error(error: postgres::Error, closed: bool) -> StoreError {
             || class == "57"
             || class == "53"
         {
-            return StoreError::Unavailable(text);
+            return StoreError::Unavailable(Cause::with_source(text, error));
         }
-        return StoreError::Engine(text);
+        let cause = Cause::with_source(text, error);
+        return if unique {
+            StoreError::Conflict(cause)
+        } else {
+            StoreError::Engine(cause)
+        };
     }
     let io = std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
     if closed || io || error.is_closed() {
-        StoreError::Unavailable(format!("connection lost: {error}"))
+        StoreError::Unavailable(Cause::with_source(
+            format!("connection lost: {error}"),
+            error,
+        ))
     } else {
-        StoreError::Engine(error.to_string())
+        StoreError::Engine(Cause::with_source(error.to_string(), error))
     }
 }
 
@@ -643,7 +651,9 @@ impl<C: GenericClient> Tx for PostgresTx<'_, C> {
                     .map(|index| {
                         row.try_get::<_, Read>(index)
                             .map(|read| read.0)
-                            .map_err(|error| StoreError::Decode(format!("column {index}: {error}")))
+                            .map_err(|error| {
+                                StoreError::Decode(format!("column {index}: {error}").into())
+                            })
                     })
                     .collect::<Result<Vec<Value>, StoreError>>()
                     .map(|values| Row { values })
@@ -881,10 +891,12 @@ pub(crate) async fn off_runtime<R: Send + 'static>(
         .spawn(move || {
             let _ = reply.send(work());
         })
-        .map_err(|error| StoreError::Engine(format!("cannot start thread {name}: {error}")))?;
+        .map_err(|error| {
+            StoreError::Engine(format!("cannot start thread {name}: {error}").into())
+        })?;
     answer
         .await
-        .map_err(|_| StoreError::Engine(format!("thread {name} stopped")))?
+        .map_err(|_| StoreError::Engine(format!("thread {name} stopped").into()))?
 }
 
 impl PostgresStore {
@@ -1004,7 +1016,9 @@ impl NotifyWatcher {
         std::thread::Builder::new()
             .name("tandem-pg-listen".into())
             .spawn(move || listen_loop(&connector, &thread_notified, &thread_stop))
-            .map_err(|error| StoreError::Engine(format!("cannot start listen thread: {error}")))?;
+            .map_err(|error| {
+                StoreError::Engine(format!("cannot start listen thread: {error}").into())
+            })?;
         Ok(Self { notified, stop })
     }
 }
@@ -1093,7 +1107,9 @@ impl AdvisoryLease {
                 }
                 let _ = client.batch_execute("SELECT pg_advisory_unlock_all()");
             })
-            .map_err(|error| StoreError::Engine(format!("cannot start lease thread: {error}")))?;
+            .map_err(|error| {
+                StoreError::Engine(format!("cannot start lease thread: {error}").into())
+            })?;
         Ok(Some(Self { held, _stop: stop }))
     }
 }

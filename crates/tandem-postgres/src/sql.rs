@@ -247,7 +247,7 @@ impl EngineSql for PostgresSql {
             .iter()
             .map(|row| {
                 let envelope = std::str::from_utf8(row.envelope).map_err(|error| {
-                    StoreError::Engine(format!("envelope is not UTF-8: {error}"))
+                    StoreError::Engine(format!("envelope is not UTF-8: {error}").into())
                 })?;
                 Ok((
                     row.subject,

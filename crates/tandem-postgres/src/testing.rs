@@ -112,7 +112,7 @@ fn admin_connect(base: &str) -> Result<postgres::Client, StoreError> {
     Connector::new(base, Duration::from_secs(5))?
         .connect()
         .map_err(|error| {
-            StoreError::Unavailable(format!("{error}: start it with scripts/engines up"))
+            StoreError::Unavailable(format!("{error}: start it with scripts/engines up").into())
         })
 }
 

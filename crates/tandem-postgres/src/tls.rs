@@ -43,9 +43,12 @@ impl SslMode {
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
             other => {
-                return Err(StoreError::Engine(format!(
+                return Err(StoreError::Engine(
+                    format!(
                     "sslmode={other}: expected disable, prefer, require, verify-ca or verify-full"
-                )))
+                )
+                    .into(),
+                ))
             }
         })
     }
@@ -87,7 +90,7 @@ pub(crate) fn take_tls_options(connection: &str) -> Result<(String, TlsOptions),
     };
     let rest = if tandem::engine::has_scheme(connection) {
         let parsed = tandem::engine::ParsedUrl::parse(connection).map_err(|error| {
-            StoreError::Engine(format!("a PostgreSQL URL that does not parse: {error}"))
+            StoreError::Engine(format!("a PostgreSQL URL that does not parse: {error}").into())
         })?;
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
             return Err(StoreError::Engine(NOT_POSTGRES.into()));
@@ -123,7 +126,7 @@ pub(crate) fn connector(options: &TlsOptions) -> Result<Option<MakeTlsConnector>
         (mode, _) => mode,
     };
     let setup = |error: openssl::error::ErrorStack| {
-        StoreError::Engine(format!("cannot set up TLS: {error}"))
+        StoreError::Engine(format!("cannot set up TLS: {error}").into())
     };
     // Verifies the peer against the system's CAs, and the host name.
     let mut builder = SslConnector::builder(SslMethod::tls()).map_err(setup)?;
@@ -145,24 +148,23 @@ pub(crate) fn connector(options: &TlsOptions) -> Result<Option<MakeTlsConnector>
 /// A store holding exactly the CAs of a PEM file.
 fn trust_store(path: &Path) -> Result<openssl::x509::store::X509Store, StoreError> {
     let shown = path.display();
-    let pem = std::fs::read(path)
-        .map_err(|error| StoreError::Engine(format!("cannot read sslrootcert {shown}: {error}")))?;
+    let pem = std::fs::read(path).map_err(|error| {
+        StoreError::Engine(format!("cannot read sslrootcert {shown}: {error}").into())
+    })?;
     let certificates = X509::stack_from_pem(&pem).map_err(|error| {
-        StoreError::Engine(format!(
-            "sslrootcert {shown} is not PEM certificates: {error}"
-        ))
+        StoreError::Engine(format!("sslrootcert {shown} is not PEM certificates: {error}").into())
     })?;
     if certificates.is_empty() {
-        return Err(StoreError::Engine(format!(
-            "sslrootcert {shown} holds no certificate"
-        )));
+        return Err(StoreError::Engine(
+            format!("sslrootcert {shown} holds no certificate").into(),
+        ));
     }
     let mut store = X509StoreBuilder::new()
-        .map_err(|error| StoreError::Engine(format!("cannot set up TLS: {error}")))?;
+        .map_err(|error| StoreError::Engine(format!("cannot set up TLS: {error}").into()))?;
     for certificate in certificates {
         store
             .add_cert(certificate)
-            .map_err(|error| StoreError::Engine(format!("sslrootcert {shown}: {error}")))?;
+            .map_err(|error| StoreError::Engine(format!("sslrootcert {shown}: {error}").into()))?;
     }
     Ok(store.build())
 }

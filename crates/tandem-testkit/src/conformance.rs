@@ -912,6 +912,17 @@ pub mod store_checks {
             .expect("read rules")
     }
 
+    /// The driver's own error stays reachable under a store error, so a
+    /// log line that follows the chain says what failed underneath.
+    fn assert_engine_error_is_the_source(error: &StoreError) {
+        let source = std::error::Error::source(error)
+            .unwrap_or_else(|| panic!("the engine's error is kept as the source: {error:?}"));
+        assert!(
+            !source.to_string().is_empty(),
+            "the source says something: {error:?}"
+        );
+    }
+
     pub async fn a_unique_index_violation_is_a_conflict<S, F, Fut>(make: F)
     where
         S: Store,
@@ -936,6 +947,7 @@ pub mod store_checks {
             matches!(error, StoreError::Conflict(_)),
             "a unique-column violation must be a Conflict: {error:?}"
         );
+        assert_engine_error_is_the_source(&error);
         let error = store
             .write(|tx| insert_rule(tx, 1, Some("b@example.com"), 1))
             .await
@@ -970,6 +982,7 @@ pub mod store_checks {
             matches!(error, StoreError::Engine(_)),
             "a NOT NULL violation must be an Engine error, not a Conflict: {error:?}"
         );
+        assert_engine_error_is_the_source(&error);
         let error = store
             .write(|tx| insert_rule(tx, 2, Some("a@example.com"), -1))
             .await
@@ -1061,7 +1074,7 @@ pub mod store_checks {
         for error in [&orphan, &child] {
             match error {
                 StoreError::Engine(message) => assert!(
-                    message.contains("group commit failed"),
+                    message.message().contains("group commit failed"),
                     "the error says the group's commit failed: {message}"
                 ),
                 other => panic!("a failed group commit must be an Engine error: {other:?}"),

@@ -7,6 +7,7 @@
 //! its own database. The bus never stores consumer positions that matter:
 //! [`Subscription::ack`] only tells brokers with redelivery (NATS) to stop.
 
+use crate::store::Cause;
 use std::time::Duration;
 
 /// A record to append.
@@ -59,17 +60,41 @@ pub enum Delivery {
     Records(Vec<Record>),
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Errors at the bus boundary; the engine's own error stays reachable as
+/// the [`std::error::Error::source`] (see [`Cause`]).
+#[derive(Debug)]
 pub enum BusError {
-    #[error("bus unavailable: {0}")]
-    Unavailable(String),
-    #[error("bus error: {0}")]
-    Engine(String),
-    #[error("invalid request: {0}")]
-    Invalid(String),
+    Unavailable(Cause),
+    Engine(Cause),
+    Invalid(Cause),
+}
+
+impl std::fmt::Display for BusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BusError::Unavailable(cause) => write!(f, "bus unavailable: {cause}"),
+            BusError::Engine(cause) => write!(f, "bus error: {cause}"),
+            BusError::Invalid(cause) => write!(f, "invalid request: {cause}"),
+        }
+    }
+}
+
+impl std::error::Error for BusError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause().source()
+    }
 }
 
 impl BusError {
+    /// What the error says (without its kind).
+    pub fn cause(&self) -> &Cause {
+        match self {
+            BusError::Unavailable(cause) | BusError::Engine(cause) | BusError::Invalid(cause) => {
+                cause
+            }
+        }
+    }
+
     /// The error's kind, as a bounded metric label: `unavailable`,
     /// `engine`, `invalid`.
     pub fn kind(&self) -> &'static str {
@@ -84,8 +109,8 @@ impl BusError {
 impl From<crate::store::StoreError> for BusError {
     fn from(error: crate::store::StoreError) -> Self {
         match error {
-            crate::store::StoreError::Unavailable(message) => BusError::Unavailable(message),
-            other => BusError::Engine(other.to_string()),
+            crate::store::StoreError::Unavailable(cause) => BusError::Unavailable(cause),
+            other => BusError::Engine(Cause::with_source(other.to_string(), other)),
         }
     }
 }

@@ -276,7 +276,9 @@ impl Bus for EmbeddedLog {
         topics: &[String],
     ) -> Result<Box<dyn Subscription>, BusError> {
         if topics.is_empty() {
-            return Err(BusError::Invalid(format!("group {group} names no topic")));
+            return Err(BusError::Invalid(
+                format!("group {group} names no topic").into(),
+            ));
         }
         let watcher = DataVersionWatcher::open(self.path(), &self.inner.options)?;
         Ok(Box::new(EmbeddedSubscription {
@@ -495,10 +497,13 @@ impl Subscription for EmbeddedSubscription {
 
     async fn seek(&mut self, partition: &TopicPartition, offset: u64) -> Result<(), BusError> {
         if !self.positions.contains_key(partition) {
-            return Err(BusError::Invalid(format!(
-                "partition {}/{} is not assigned to this member",
-                partition.topic, partition.partition
-            )));
+            return Err(BusError::Invalid(
+                format!(
+                    "partition {}/{} is not assigned to this member",
+                    partition.topic, partition.partition
+                )
+                .into(),
+            ));
         }
         self.positions.insert(partition.clone(), offset);
         self.ahead = None;

@@ -124,7 +124,9 @@ impl<C: EngineConnection> Executor<C> {
                 COMMITS.with(|slot| *slot.borrow_mut() = Some(commits));
                 writer_loop(writer, writer_receiver, writer_signal)
             })
-            .map_err(|error| StoreError::Engine(format!("cannot start writer thread: {error}")))?;
+            .map_err(|error| {
+                StoreError::Engine(format!("cannot start writer thread: {error}").into())
+            })?;
         let (reader_sender, reader_receiver) = mpsc::channel::<Job<C>>();
         let reader_receiver = Arc::new(Mutex::new(reader_receiver));
         for (index, reader) in readers.into_iter().enumerate() {
@@ -134,7 +136,7 @@ impl<C: EngineConnection> Executor<C> {
                 .name(format!("{name}-reader-{index}"))
                 .spawn(move || reader_loop(reader, &receiver, &signal))
                 .map_err(|error| {
-                    StoreError::Engine(format!("cannot start reader thread: {error}"))
+                    StoreError::Engine(format!("cannot start reader thread: {error}").into())
                 })?;
         }
         Ok(Self {
@@ -276,10 +278,12 @@ fn writer_loop<C: EngineConnection>(
 fn group_outcome(committed: &Result<(), StoreError>) -> Result<(), StoreError> {
     match committed {
         Ok(()) => Ok(()),
-        Err(StoreError::Unavailable(error)) => Err(StoreError::Unavailable(format!(
-            "group commit failed: {error}"
-        ))),
-        Err(error) => Err(StoreError::Engine(format!("group commit failed: {error}"))),
+        Err(StoreError::Unavailable(error)) => Err(StoreError::Unavailable(
+            format!("group commit failed: {error}").into(),
+        )),
+        Err(error) => Err(StoreError::Engine(
+            format!("group commit failed: {error}").into(),
+        )),
     }
 }
 

@@ -46,4 +46,4 @@ pub use consumer::{
 pub use envelope::{DecodeError, Envelope, EventPayload};
 pub use outbox::{EventContext, NewEvent};
 pub use relay::{Relay, RelayConfig};
-pub use store::{Param, Row, Store, StoreError, Tx};
+pub use store::{Cause, Param, Row, Store, StoreError, Tx};

@@ -43,8 +43,9 @@ impl NewEvent {
         subject: impl Into<String>,
         payload: &T,
     ) -> Result<Self, StoreError> {
-        let data = serde_json::to_value(payload)
-            .map_err(|error| StoreError::Engine(format!("payload does not serialise: {error}")))?;
+        let data = serde_json::to_value(payload).map_err(|error| {
+            StoreError::Engine(format!("payload does not serialise: {error}").into())
+        })?;
         Ok(Self {
             subject: subject.into(),
             event_type: T::TYPE.to_owned(),
@@ -132,12 +133,15 @@ pub fn append_all(
     }
     let mut next = engine.take_sequences(tx, source, &counts)?;
     if next.len() != counts.len() {
-        return Err(StoreError::Engine(format!(
-            "{} gave sequences for {} of {} aggregates",
-            engine.name(),
-            next.len(),
-            counts.len()
-        )));
+        return Err(StoreError::Engine(
+            format!(
+                "{} gave sequences for {} of {} aggregates",
+                engine.name(),
+                next.len(),
+                counts.len()
+            )
+            .into(),
+        ));
     }
     let sequences: Vec<u64> = events
         .iter()
@@ -213,8 +217,9 @@ fn take_expected_sequence(
     subject: &str,
     expected: u64,
 ) -> Result<u64, StoreError> {
-    let expected = i64::try_from(expected)
-        .map_err(|_| StoreError::Engine(format!("expected sequence {expected} is too large")))?;
+    let expected = i64::try_from(expected).map_err(|_| {
+        StoreError::Engine(format!("expected sequence {expected} is too large").into())
+    })?;
     let changed = if expected == 0 {
         tx.execute(
             "INSERT INTO tandem_aggregates (topic, subject, sequence) VALUES ($1, $2, 1)
@@ -239,9 +244,10 @@ fn take_expected_sequence(
         .map(|row| row.i64(0))
         .transpose()?
         .unwrap_or(0);
-    Err(StoreError::Conflict(format!(
-        "aggregate {topic}/{subject} is at sequence {current}, writer expected {expected}"
-    )))
+    Err(StoreError::Conflict(
+        format!("aggregate {topic}/{subject} is at sequence {current}, writer expected {expected}")
+            .into(),
+    ))
 }
 
 /// Appends a typed payload: `publish(tx, "customer", &id, &CustomerCreated {..})`.

@@ -240,5 +240,6 @@ pub fn json_param<T: serde::Serialize + ?Sized>(
     value: &T,
     what: &str,
 ) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|error| StoreError::Engine(format!("{what}: {error}")))
+    serde_json::to_string(value)
+        .map_err(|error| StoreError::Engine(format!("{what}: {error}").into()))
 }

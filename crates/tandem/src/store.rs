@@ -114,15 +114,15 @@ impl Row {
     fn value(&self, index: usize) -> Result<&Value, StoreError> {
         self.values
             .get(index)
-            .ok_or_else(|| StoreError::Decode(format!("no column {index}")))
+            .ok_or_else(|| StoreError::Decode(format!("no column {index}").into()))
     }
 
     pub fn i64(&self, index: usize) -> Result<i64, StoreError> {
         match self.value(index)? {
             Value::Int(value) => Ok(*value),
-            other => Err(StoreError::Decode(format!(
-                "column {index}: expected integer, found {other:?}"
-            ))),
+            other => Err(StoreError::Decode(
+                format!("column {index}: expected integer, found {other:?}").into(),
+            )),
         }
     }
 
@@ -136,9 +136,9 @@ impl Row {
     pub fn text(&self, index: usize) -> Result<&str, StoreError> {
         match self.value(index)? {
             Value::Text(value) => Ok(value),
-            other => Err(StoreError::Decode(format!(
-                "column {index}: expected text, found {other:?}"
-            ))),
+            other => Err(StoreError::Decode(
+                format!("column {index}: expected text, found {other:?}").into(),
+            )),
         }
     }
 
@@ -172,29 +172,137 @@ impl Row {
         match self.value(index)? {
             Value::Blob(value) => Ok(value),
             Value::Text(value) => Ok(value.as_bytes()),
-            other => Err(StoreError::Decode(format!(
-                "column {index}: expected bytes, found {other:?}"
-            ))),
+            other => Err(StoreError::Decode(
+                format!("column {index}: expected bytes, found {other:?}").into(),
+            )),
         }
     }
 }
 
+/// What an error of a port says, and the error underneath it, if any: an
+/// engine's own error (`rusqlite::Error`, `postgres::Error`, a Kafka or
+/// NATS error, an I/O error) stays reachable through
+/// [`std::error::Error::source`], so a log line that follows the chain
+/// says what failed underneath. Made from a message (`"...".into()`,
+/// `format!(..).into()`) or with [`Cause::with_source`].
+pub struct Cause {
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Cause {
+    /// `message`, with `source` as the error underneath it.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// `message`, with an already boxed `source` (`async_nats::Error`, say).
+    pub fn with_boxed_source(
+        message: impl Into<String>,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(source),
+        }
+    }
+
+    /// The message alone.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The error underneath, if any.
+    pub fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{:?} (source: {source:?})", self.message),
+            None => write!(f, "{:?}", self.message),
+        }
+    }
+}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            source: None,
+        }
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
+}
+
+impl PartialEq<&str> for Cause {
+    fn eq(&self, other: &&str) -> bool {
+        self.message == *other
+    }
+}
+
 /// Errors at the store boundary.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum StoreError {
     /// A uniqueness rule refused the write: for the outbox, another writer
     /// committed the same aggregate sequence first.
-    #[error("conflict: {0}")]
-    Conflict(String),
+    Conflict(Cause),
     /// The engine could not be reached or refused to work (locked, I/O).
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Cause),
     /// A column did not hold what the caller expected.
-    #[error("unexpected column value: {0}")]
-    Decode(String),
+    Decode(Cause),
     /// Any other engine error.
-    #[error("store error: {0}")]
-    Engine(String),
+    Engine(Cause),
+}
+
+impl StoreError {
+    /// What the error says (without its kind).
+    pub fn cause(&self) -> &Cause {
+        match self {
+            StoreError::Conflict(cause)
+            | StoreError::Unavailable(cause)
+            | StoreError::Decode(cause)
+            | StoreError::Engine(cause) => cause,
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Conflict(cause) => write!(f, "conflict: {cause}"),
+            StoreError::Unavailable(cause) => write!(f, "store unavailable: {cause}"),
+            StoreError::Decode(cause) => write!(f, "unexpected column value: {cause}"),
+            StoreError::Engine(cause) => write!(f, "store error: {cause}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause().source()
+    }
 }
 
 /// Which SQL family an engine speaks, for an application's own statements

@@ -134,7 +134,7 @@ impl BatchContext {
                 params![&self.consumer, source, subject, next],
             )?;
             let envelope = Envelope::decode(&record.payload)
-                .map_err(|error| StoreError::Decode(format!("held event: {error}")))?;
+                .map_err(|error| StoreError::Decode(format!("held event: {error}").into()))?;
             match self.run_handler(tx, &envelope)? {
                 Ok(()) => state.applied = envelope.sequence,
                 Err(error) => {
@@ -188,7 +188,7 @@ impl BatchContext {
                     appended_at_micros: 0,
                 };
                 let envelope = Envelope::decode(&record.payload)
-                    .map_err(|error| StoreError::Decode(format!("held event: {error}")))?;
+                    .map_err(|error| StoreError::Decode(format!("held event: {error}").into()))?;
                 let (reason, error) = match state.blocked_by {
                     None => (
                         Reason::Gap,

@@ -39,7 +39,7 @@ impl BatchContext {
         first_failed_at: i64,
     ) -> Result<(), StoreError> {
         let envelope = Envelope::decode(&record.payload)
-            .map_err(|error| StoreError::Decode(format!("failed event: {error}")))?;
+            .map_err(|error| StoreError::Decode(format!("failed event: {error}").into()))?;
         let mut state = self.state(tx, &envelope.source, &envelope.subject)?;
         if envelope.sequence <= state.applied {
             return Ok(());

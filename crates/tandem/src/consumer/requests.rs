@@ -37,7 +37,7 @@ impl BatchContext {
         state.blocked_by = None;
         for parked in dead_letter::parked_of_aggregate(tx, &self.consumer, source, subject)? {
             let envelope = Envelope::decode(&parked.payload)
-                .map_err(|error| StoreError::Decode(format!("parked event: {error}")))?;
+                .map_err(|error| StoreError::Decode(format!("parked event: {error}").into()))?;
             if envelope.sequence > state.applied.saturating_add(1) {
                 self.skip_discarded(tx, source, subject, &mut state)?;
             }
@@ -254,7 +254,7 @@ fn reset_for_replay(
 ) -> Result<(), StoreError> {
     handler
         .reset(tx)
-        .map_err(|error| StoreError::Engine(format!("read model reset failed: {error}")))?;
+        .map_err(|error| StoreError::Engine(format!("read model reset failed: {error}").into()))?;
     for table in [
         "tandem_consumer_positions",
         "tandem_consumer_offsets_ahead",

@@ -18,7 +18,9 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::watch;
 
 use crate::executor::{run_transaction, EngineConnection, Executor};
-use crate::store::{ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value};
+use crate::store::{
+    Cause, ExternalChanges, Lease, Param, Row, Store, StoreError, StoreFuture, Tx, Value,
+};
 
 /// SQLite's `synchronous` pragma, in WAL mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -173,10 +175,9 @@ fn open_unconfigured(path: &Path) -> Result<Connection, StoreError> {
             | OpenFlags::SQLITE_OPEN_NOFOLLOW,
     )
     .map_err(|error| {
-        StoreError::Unavailable(format!(
-            "cannot open sqlite file {}: {error}",
-            path.display()
-        ))
+        StoreError::Unavailable(
+            format!("cannot open sqlite file {}: {error}", path.display()).into(),
+        )
     })
 }
 
@@ -202,10 +203,9 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
         return Ok(());
     }
     let failed = |error: std::io::Error| {
-        StoreError::Unavailable(format!(
-            "cannot create directory {}: {error}",
-            dir.display()
-        ))
+        StoreError::Unavailable(
+            format!("cannot create directory {}: {error}", dir.display()).into(),
+        )
     };
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -225,12 +225,11 @@ pub(crate) fn open_private_file(path: &Path) -> Result<std::fs::File, StoreError
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let failed = |error: std::io::Error| {
         if error.raw_os_error() == Some(libc::ELOOP) {
-            StoreError::Unavailable(format!(
-                "refusing {}: it is a symbolic link",
-                path.display()
-            ))
+            StoreError::Unavailable(
+                format!("refusing {}: it is a symbolic link", path.display()).into(),
+            )
         } else {
-            StoreError::Unavailable(format!("cannot open {}: {error}", path.display()))
+            StoreError::Unavailable(format!("cannot open {}: {error}", path.display()).into())
         }
     };
     let mut options = std::fs::OpenOptions::new();
@@ -251,10 +250,9 @@ pub(crate) fn open_private_file(path: &Path) -> Result<std::fs::File, StoreError
         Err(error) => return Err(failed(error)),
     };
     if !file.metadata().map_err(failed)?.is_file() {
-        return Err(StoreError::Unavailable(format!(
-            "refusing {}: not a regular file",
-            path.display()
-        )));
+        return Err(StoreError::Unavailable(
+            format!("refusing {}: not a regular file", path.display()).into(),
+        ));
     }
     Ok(file)
 }
@@ -306,23 +304,24 @@ fn install_busy_handler(connection: &Connection, busy_timeout: Duration) -> Resu
 /// an I/O failure is [`StoreError::Unavailable`].
 pub(crate) fn map_error(error: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode;
-    match &error {
+    let kind: fn(Cause) -> StoreError = match &error {
         rusqlite::Error::SqliteFailure(failure, _) => match failure.code {
             ErrorCode::ConstraintViolation
                 if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
                     || failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
             {
-                StoreError::Conflict(error.to_string())
+                StoreError::Conflict
             }
             ErrorCode::DatabaseBusy
             | ErrorCode::DatabaseLocked
             | ErrorCode::CannotOpen
             | ErrorCode::DiskFull
-            | ErrorCode::SystemIoFailure => StoreError::Unavailable(error.to_string()),
-            _ => StoreError::Engine(error.to_string()),
+            | ErrorCode::SystemIoFailure => StoreError::Unavailable,
+            _ => StoreError::Engine,
         },
-        _ => StoreError::Engine(error.to_string()),
-    }
+        _ => StoreError::Engine,
+    };
+    kind(Cause::with_source(error.to_string(), error))
 }
 
 /// Rewrites `$1` placeholders to SQLite's `?1`, leaving quoted text alone.
@@ -545,7 +544,7 @@ impl SqliteStore {
                 create_private_dir(parent)?;
             }
             let path = resolve(&path).map_err(|error| {
-                StoreError::Unavailable(format!("cannot open {}: {error}", path.display()))
+                StoreError::Unavailable(format!("cannot open {}: {error}", path.display()).into())
             })?;
             // Made here, private, so that SQLite (whose WAL and shared-memory
             // files take the database's mode) never creates it.
@@ -553,7 +552,7 @@ impl SqliteStore {
             Self::open_blocking(path, options)
         })
         .await
-        .map_err(|error| StoreError::Engine(format!("open task failed: {error}")))?
+        .map_err(|error| StoreError::Engine(format!("open task failed: {error}").into()))?
     }
 
     /// Opens the database at `path` only if it exists and is a service's
@@ -572,10 +571,9 @@ impl SqliteStore {
             });
             let path = match looked {
                 Ok((_, metadata)) if metadata.file_type().is_symlink() => {
-                    return Err(StoreError::Unavailable(format!(
-                        "refusing {}: it is a symbolic link",
-                        path.display()
-                    ))
+                    return Err(StoreError::Unavailable(
+                        format!("refusing {}: it is a symbolic link", path.display()).into(),
+                    )
                     .into())
                 }
                 Ok((resolved, _)) => resolved,
@@ -583,10 +581,9 @@ impl SqliteStore {
                     return Err(ExistingError::Missing)
                 }
                 Err(error) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "cannot open {}: {error}",
-                        path.display()
-                    ))
+                    return Err(StoreError::Unavailable(
+                        format!("cannot open {}: {error}", path.display()).into(),
+                    )
                     .into())
                 }
             };
@@ -602,7 +599,7 @@ impl SqliteStore {
             Ok(Self::open_blocking(path, options)?)
         })
         .await
-        .map_err(|error| StoreError::Engine(format!("open task failed: {error}")))?
+        .map_err(|error| StoreError::Engine(format!("open task failed: {error}").into()))?
     }
 
     fn open_blocking(path: PathBuf, options: SqliteOptions) -> Result<Self, StoreError> {
@@ -640,7 +637,7 @@ impl SqliteStore {
             .name("tandem-sqlite-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpoint_connection, watched))
             .map_err(|error| {
-                StoreError::Engine(format!("cannot start checkpoint thread: {error}"))
+                StoreError::Engine(format!("cannot start checkpoint thread: {error}").into())
             })?;
         Ok(Self { shared })
     }
@@ -688,7 +685,7 @@ impl Store for SqliteStore {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || FileLease::try_acquire(&path))
                 .await
-                .map_err(|error| StoreError::Engine(format!("lease task failed: {error}")))?
+                .map_err(|error| StoreError::Engine(format!("lease task failed: {error}").into()))?
                 .map(|lease| lease.map(|lease| Box::new(lease) as Box<dyn Lease>))
         })
     }
@@ -732,10 +729,9 @@ impl FileLease {
         if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
             Ok(None)
         } else {
-            Err(StoreError::Unavailable(format!(
-                "cannot lock lease file {}: {error}",
-                path.display()
-            )))
+            Err(StoreError::Unavailable(
+                format!("cannot lock lease file {}: {error}", path.display()).into(),
+            ))
         }
     }
 }

@@ -184,7 +184,7 @@ fn rekey_table(tx: &mut dyn Tx, table: &str, columns: &str) -> Result<(), StoreE
                 .trim()
                 .starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} ("))
         })
-        .ok_or_else(|| StoreError::Engine(format!("no definition of {table}")))?
+        .ok_or_else(|| StoreError::Engine(format!("no definition of {table}").into()))?
         .replacen(
             &format!("CREATE TABLE IF NOT EXISTS {table} ("),
             &format!("CREATE TABLE {table}_rekeyed ("),
@@ -265,7 +265,7 @@ impl EngineSql for SqliteSql {
                 if changed != 1 {
                     return Err(StoreError::Conflict(format!(
                         "aggregate {topic}/{subject} moved past sequence {current} during this transaction"
-                    )));
+                    ).into()));
                 }
                 Ok(u64::try_from(current + 1).unwrap_or(0))
             }
