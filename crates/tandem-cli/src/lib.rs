@@ -17,6 +17,7 @@ pub mod demo;
 pub mod events;
 pub mod printable;
 pub mod serve;
+pub mod status;
 pub mod system;
 pub mod up;
 

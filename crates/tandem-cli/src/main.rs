@@ -1,13 +1,14 @@
 //! The `tandem` command; its subcommands live in the `tandem_cli` library.
 //!
 //! - `tandem up`, `tandem serve`, `tandem demo`: run the commerce system.
-//! - `tandem events tail`: watch the event bus.
+//! - `tandem events tail`: watch the event bus; `tandem status`: health,
+//!   lag and dead letters of every service.
 //! - `tandem dead-letters ...` and `tandem replay`: operate a consumer's
 //!   dead letters and rebuild its read model, from any process.
 //!
 //! The benchmarks and the crash-test workers are in `tandem-lab`.
 
-use tandem_cli::{admin, demo, events, serve, up};
+use tandem_cli::{admin, demo, events, serve, status, up};
 
 use std::process::ExitCode;
 
@@ -46,6 +47,9 @@ enum Command {
     /// Rebuild a consumer's read model from the start of the log (the
     /// running consumer carries it out while its service keeps serving).
     Replay(admin::ReplayArgs),
+    /// Every service's health, each consumer's lag and dead letters, each
+    /// outbox's backlog; exit 1 when anything is not ok.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,10 @@ fn main() -> ExitCode {
             Command::Events(command) => events::run(command).await,
             Command::Up(args) => up::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Status(args) => match status::run(args).await? {
+                0 => Ok(()),
+                code => std::process::exit(code.into()),
+            },
         }
     })
 }

@@ -166,16 +166,20 @@ impl<S: Store> Service<S> {
                     source,
                 })?;
         }
-        let refresh = refresh_gauges(
-            store.clone(),
-            Arc::clone(&bus),
-            relay.as_ref().map(|config| config.name.clone()),
-            consumers
-                .iter()
-                .map(|(_, config, _)| (config.name.clone(), config.topics.clone()))
-                .collect(),
-        );
-        let router = crate::metrics::with_metrics(router, Some(refresh));
+        let reporter = Reporter {
+            service: name,
+            store: store.clone(),
+            bus: Arc::clone(&bus),
+            relay: relay.as_ref().map(|config| config.name.clone()),
+            consumers: Arc::new(
+                consumers
+                    .iter()
+                    .map(|(_, config, _)| (config.name.clone(), config.topics.clone()))
+                    .collect(),
+            ),
+            cache: Arc::default(),
+        };
+        let router = crate::metrics::with_metrics(router, reporter);
         let mut parts: Vec<(&'static str, BoxedTask)> = Vec::new();
         if let Some(config) = relay {
             let relay = Relay::new(store.clone(), Arc::clone(&bus), config);
@@ -191,47 +195,40 @@ impl<S: Store> Service<S> {
     }
 }
 
-/// Reads the outbox's backlog and each consumer's lag, gaps and dead
-/// letters into the process's gauges; what cannot be read is logged and
-/// keeps its last value.
-fn refresh_gauges<S: Store>(
+/// Reads the service's report (outbox backlog, each consumer's lag, gaps,
+/// dead letters and health) and sets the process's gauges from it: run
+/// when `/metrics` is scraped and when `/status` is asked for.
+#[derive(Clone)]
+pub(crate) struct Reporter<S: Store> {
+    service: &'static str,
     store: S,
     bus: Arc<dyn Bus>,
     relay: Option<String>,
-    consumers: Vec<(String, Vec<String>)>,
-) -> crate::metrics::Refresh {
-    let consumers = Arc::new(consumers);
-    let cache = Arc::new(tandem::status::LagCache::default());
-    Arc::new(move || {
-        let store = store.clone();
-        let bus = Arc::clone(&bus);
-        let relay = relay.clone();
-        let consumers = Arc::clone(&consumers);
-        let cache = Arc::clone(&cache);
-        Box::pin(async move {
-            let metrics = tandem::metrics::metrics();
-            if let Some(topic) = relay {
-                match tandem::status::outbox_status(&store, &topic).await {
-                    Ok(status) => metrics.record_outbox(&status),
-                    Err(error) => tracing::warn!(%error, topic, "cannot read the outbox backlog"),
-                }
-            }
-            for (consumer, topics) in consumers.iter() {
-                match tandem::status::consumer_status(
-                    &store,
-                    bus.as_ref(),
-                    &cache,
-                    consumer,
-                    topics,
-                )
-                .await
-                {
-                    Ok(status) => metrics.record_consumer(&status),
-                    Err(error) => {
-                        tracing::warn!(%error, consumer, "cannot read the consumer's status")
-                    }
-                }
-            }
-        })
-    })
+    consumers: Arc<Vec<(String, Vec<String>)>>,
+    cache: Arc<tandem::status::LagCache>,
+}
+
+impl<S: Store> Reporter<S> {
+    pub(crate) async fn report(
+        &self,
+    ) -> Result<tandem::status::ServiceReport, tandem::status::StatusError> {
+        let (report, outbox, consumers) = tandem::status::service_report(
+            self.service,
+            &self.store,
+            self.bus.as_ref(),
+            &self.cache,
+            self.relay.as_deref(),
+            &self.consumers,
+            true,
+        )
+        .await?;
+        let metrics = tandem::metrics::metrics();
+        if let Some(outbox) = &outbox {
+            metrics.record_outbox(outbox);
+        }
+        for consumer in &consumers {
+            metrics.record_consumer(consumer);
+        }
+        Ok(report)
+    }
 }

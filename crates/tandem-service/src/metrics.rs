@@ -1,13 +1,11 @@
-//! `GET /metrics` on every service, and the HTTP request durations it
-//! reports.
+//! `GET /metrics` and `GET /status` on every service, and the HTTP request
+//! durations the metrics report.
 //!
 //! The scrape answers the Prometheus text format (0.0.4), or OpenMetrics
 //! when the scraper's `Accept` header asks for it; both are encoded by
 //! `prometheus-client` from the process's registry
 //! ([`tandem::metrics::metrics`]).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,35 +16,59 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tandem::metrics::{metrics, wants_openmetrics, HttpLabels};
+use tandem::Store;
 
-/// Brings the gauges read from the database and the bus (backlogs, lag,
-/// dead letters) up to date before a scrape is encoded.
-pub type Refresh = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+use crate::builder::Reporter;
 
 /// Longest a scrape waits for [`Refresh`]; past it, the gauges keep the
 /// values of the refresh before.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `router` with `/metrics`, and every one of its routes timed in
-/// `http_server_request_duration_seconds` by route template (never the
-/// path itself, which may carry ids), method and status. `refresh` runs
-/// before each scrape (one at a time).
-pub fn with_metrics(router: Router, refresh: Option<Refresh>) -> Router {
+/// `router` with `/metrics` and `/status`, and every one of its routes
+/// timed in `http_server_request_duration_seconds` by route template
+/// (never the path itself, which may carry ids), method and status. The
+/// gauges read from the database and the bus (backlogs, lag, dead
+/// letters) are brought up to date by `reporter` before a scrape is
+/// encoded, one refresh at a time.
+pub(crate) fn with_metrics<S: Store>(router: Router, reporter: Reporter<S>) -> Router {
     let gate = Arc::new(tokio::sync::Mutex::new(()));
+    let for_status = reporter.clone();
     router
         .route(
             "/metrics",
             get(move |headers: HeaderMap| {
-                let refresh = refresh.clone();
+                let reporter = reporter.clone();
                 let gate = Arc::clone(&gate);
                 async move {
-                    if let Some(refresh) = refresh {
-                        let _one_at_a_time = gate.lock().await;
-                        if tokio::time::timeout(REFRESH_TIMEOUT, refresh()).await.is_err() {
-                            tracing::warn!("metrics refresh took longer than {REFRESH_TIMEOUT:?}; serving the values before");
-                        }
+                    let _one_at_a_time = gate.lock().await;
+                    match tokio::time::timeout(REFRESH_TIMEOUT, reporter.report()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => tracing::warn!(%error, "cannot refresh the gauges"),
+                        Err(_) => tracing::warn!(
+                            "metrics refresh took longer than {REFRESH_TIMEOUT:?}; serving the values before"
+                        ),
                     }
                     scrape(&headers)
+                }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || {
+                let reporter = for_status.clone();
+                async move {
+                    match tokio::time::timeout(REFRESH_TIMEOUT, reporter.report()).await {
+                        Ok(Ok(report)) => axum::Json(report).into_response(),
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, "cannot read the service's status");
+                            crate::Problem::unavailable("the service's status cannot be read now")
+                                .into_response()
+                        }
+                        Err(_) => crate::Problem::unavailable(
+                            "the service's status took too long to read",
+                        )
+                        .into_response(),
+                    }
                 }
             }),
         )

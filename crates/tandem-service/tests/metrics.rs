@@ -261,6 +261,19 @@ async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
         .starts_with("http_server_request_duration_seconds")
         && sample.labels.get("http_route") == Some("/ready")));
 
+    // /status: the parked poison makes the consumer's health (and so the
+    // service's) "error", with the figures beside it.
+    let (head, body) = get(address, "/status", "application/json").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(status["health"], "error", "{status}");
+    assert_eq!(status["outbox"]["pendingEvents"], 0, "{status}");
+    let consumer = &status["consumers"][0];
+    assert_eq!(consumer["consumer"], "ledger-balances", "{status}");
+    assert_eq!(consumer["health"], "error", "{status}");
+    assert_eq!(consumer["deadLetters"], 1, "{status}");
+    assert_eq!(consumer["lagEvents"], 0, "{status}");
+
     // OpenMetrics on request, ending with its terminator.
     let (head, body) = get(
         address,
@@ -358,6 +371,19 @@ async fn lag_in_seconds_grows_while_a_consumer_is_stuck_and_returns_to_zero() {
         Some(1.0),
         "the event it cannot apply"
     );
+    let health = |body: String| -> (String, f64) {
+        let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let consumer = &status["consumers"][0];
+        (
+            consumer["health"].as_str().expect("a health").to_owned(),
+            consumer["lagSeconds"].as_f64().expect("lag seconds"),
+        )
+    };
+    let (stuck, lag) = health(get(address, "/status", "application/json").await.1);
+    assert!(
+        ["lagging", "stalled"].contains(&stuck.as_str()) && lag >= PAUSE,
+        "a stuck consumer is {stuck} with {lag} s of lag"
+    );
 
     failing.store(false, Ordering::SeqCst);
     eventually(
@@ -369,6 +395,10 @@ async fn lag_in_seconds_grows_while_a_consumer_is_stuck_and_returns_to_zero() {
         },
     )
     .await;
+    assert_eq!(
+        health(get(address, "/status", "application/json").await.1),
+        ("ok".to_owned(), 0.0)
+    );
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), service)

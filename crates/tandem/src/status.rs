@@ -60,7 +60,52 @@ pub struct ConsumerStatus {
     pub dead_letters: Vec<(String, u64)>,
     /// Age of the oldest of them; 0 when none.
     pub oldest_dead_letter_age_seconds: f64,
+    /// When the consumer last committed a batch (µs since the epoch).
+    pub last_progress_micros: Option<i64>,
 }
+
+/// A consumer's health, Burrow-style: from how its lag and its position
+/// move, not from one threshold.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Caught up, or behind by less than [`LAGGING_AFTER`].
+    Ok,
+    /// Behind by [`LAGGING_AFTER`] or more, and moving.
+    Lagging,
+    /// Parked dead letters wait for an operator (redrive or discard).
+    Error,
+    /// Behind, and its position has not moved for [`STALLED_AFTER`].
+    Stalled,
+    /// Not running (its service is down).
+    Stopped,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Lagging => "lagging",
+            Health::Error => "error",
+            Health::Stalled => "stalled",
+            Health::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lag in seconds from which a consumer is lagging.
+pub const LAGGING_AFTER: f64 = 1.0;
+/// How long a consumer with lag may go without committing a batch before
+/// it is stalled.
+pub const STALLED_AFTER: f64 = 5.0;
 
 impl ConsumerStatus {
     /// Every record of the consumer's topics not yet applied.
@@ -87,6 +132,30 @@ impl ConsumerStatus {
     /// Parked, unresolved dead letters of every reason.
     pub fn parked(&self) -> u64 {
         self.dead_letters.iter().map(|(_, count)| count).sum()
+    }
+
+    /// The largest lag in seconds of its topics; 0 when caught up.
+    pub fn lag_seconds(&self) -> f64 {
+        self.partitions
+            .iter()
+            .map(PartitionLag::lag_seconds)
+            .fold(0.0, f64::max)
+    }
+
+    /// Its health; `running`: whether the consumer runs now.
+    pub fn health(&self, running: bool) -> Health {
+        let behind = self.lag_events() > 0 || self.lag_seconds() > 0.0;
+        if !running {
+            Health::Stopped
+        } else if behind && seconds_since(self.last_progress_micros) >= STALLED_AFTER {
+            Health::Stalled
+        } else if self.parked() > 0 {
+            Health::Error
+        } else if self.lag_seconds() >= LAGGING_AFTER {
+            Health::Lagging
+        } else {
+            Health::Ok
+        }
     }
 }
 
@@ -154,7 +223,7 @@ pub async fn consumer_status<S: Store>(
         .read(move |tx| -> Result<_, StoreError> {
             let positions = tx
                 .query(
-                    "SELECT topic, partition, next_offset FROM tandem_consumer_positions
+                    "SELECT topic, partition, next_offset, updated_at FROM tandem_consumer_positions
                      WHERE consumer = $1",
                     params![&name],
                 )?
@@ -164,6 +233,7 @@ pub async fn consumer_status<S: Store>(
                         row.text(0)?.to_owned(),
                         u32::try_from(row.i64(1)?).unwrap_or(0),
                         u64::try_from(row.i64(2)?).unwrap_or(0),
+                        row.i64(3)?,
                     ))
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
@@ -244,8 +314,8 @@ pub async fn consumer_status<S: Store>(
         for (partition, end) in bus.end_offsets(topic).await? {
             let position = positions
                 .iter()
-                .find(|(t, p, _)| t == topic && *p == partition)
-                .map_or(0, |(_, _, offset)| *offset);
+                .find(|(t, p, _, _)| t == topic && *p == partition)
+                .map_or(0, |(_, _, offset, _)| *offset);
             let waiting = waiting.get(&(topic.clone(), partition));
             let oldest_unapplied_micros = match waiting {
                 // Parked or held before the position: older than it.
@@ -294,5 +364,158 @@ pub async fn consumer_status<S: Store>(
         gaps_open,
         dead_letters,
         oldest_dead_letter_age_seconds: seconds_since(oldest),
+        last_progress_micros: positions.iter().map(|(_, _, _, at)| *at).max(),
     })
+}
+
+/// The consumers a service database has a trace of, with the topics they
+/// read: the names and topics in its stored positions (a consumer that has
+/// not committed a batch yet is not there).
+pub async fn known_consumers<S: Store>(
+    store: &S,
+) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+    store
+        .read(|tx| {
+            let rows = tx.query(
+                "SELECT DISTINCT consumer, topic FROM tandem_consumer_positions
+                 ORDER BY consumer, topic",
+                &[],
+            )?;
+            let mut consumers: Vec<(String, Vec<String>)> = Vec::new();
+            for row in rows {
+                let (consumer, topic) = (row.text(0)?.to_owned(), row.text(1)?.to_owned());
+                match consumers.last_mut() {
+                    Some((name, topics)) if *name == consumer => topics.push(topic),
+                    _ => consumers.push((consumer, vec![topic])),
+                }
+            }
+            Ok(consumers)
+        })
+        .await
+}
+
+/// What a service reports at `/status` and `tandem status` prints: its
+/// outbox, each consumer with its lag and health, and the worst health.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceReport {
+    pub service: String,
+    pub health: Health,
+    pub outbox: Option<OutboxReport>,
+    pub consumers: Vec<ConsumerReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxReport {
+    pub topic: String,
+    pub pending_events: u64,
+    pub oldest_pending_age_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerReport {
+    pub consumer: String,
+    pub topics: Vec<String>,
+    pub health: Health,
+    pub lag_events: u64,
+    pub lag_seconds: f64,
+    pub gaps_open: u64,
+    /// Parked, unresolved dead letters.
+    pub dead_letters: u64,
+    pub oldest_dead_letter_age_seconds: f64,
+    pub partitions: Vec<PartitionReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionReport {
+    pub topic: String,
+    pub partition: u32,
+    pub position: u64,
+    pub end: u64,
+    pub lag_events: u64,
+    pub lag_seconds: f64,
+}
+
+impl ServiceReport {
+    /// The report of `status`es; `running`: whether the service runs now.
+    pub fn new(
+        service: &str,
+        outbox: Option<&OutboxStatus>,
+        consumers: &[(ConsumerStatus, Vec<String>)],
+        running: bool,
+    ) -> Self {
+        let consumers: Vec<ConsumerReport> = consumers
+            .iter()
+            .map(|(status, topics)| ConsumerReport {
+                consumer: status.consumer.clone(),
+                topics: topics.clone(),
+                health: status.health(running),
+                lag_events: status.lag_events(),
+                lag_seconds: status.lag_seconds(),
+                gaps_open: status.gaps_open,
+                dead_letters: status.parked(),
+                oldest_dead_letter_age_seconds: status.oldest_dead_letter_age_seconds,
+                partitions: status
+                    .partitions
+                    .iter()
+                    .map(|partition| PartitionReport {
+                        topic: partition.topic.clone(),
+                        partition: partition.partition,
+                        position: partition.position,
+                        end: partition.end,
+                        lag_events: partition.lag_events(),
+                        lag_seconds: partition.lag_seconds(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let worst = consumers
+            .iter()
+            .map(|consumer| consumer.health)
+            .max()
+            .unwrap_or(Health::Ok);
+        Self {
+            service: service.to_owned(),
+            health: if running { worst } else { Health::Stopped },
+            outbox: outbox.map(|outbox| OutboxReport {
+                topic: outbox.topic.clone(),
+                pending_events: outbox.pending_events,
+                oldest_pending_age_seconds: outbox.oldest_pending_age_seconds,
+            }),
+            consumers,
+        }
+    }
+}
+
+/// Reads a whole service's report: the backlog of relay `relay` and the
+/// status of each `(consumer, topics)`.
+pub async fn service_report<S: Store>(
+    service: &str,
+    store: &S,
+    bus: &dyn Bus,
+    cache: &LagCache,
+    relay: Option<&str>,
+    consumers: &[(String, Vec<String>)],
+    running: bool,
+) -> Result<(ServiceReport, Option<OutboxStatus>, Vec<ConsumerStatus>), StatusError> {
+    let outbox = match relay {
+        Some(topic) => Some(outbox_status(store, topic).await?),
+        None => None,
+    };
+    let mut statuses = Vec::with_capacity(consumers.len());
+    for (consumer, topics) in consumers {
+        statuses.push((
+            consumer_status(store, bus, cache, consumer, topics).await?,
+            topics.clone(),
+        ));
+    }
+    let report = ServiceReport::new(service, outbox.as_ref(), &statuses, running);
+    Ok((
+        report,
+        outbox,
+        statuses.into_iter().map(|(status, _)| status).collect(),
+    ))
 }
