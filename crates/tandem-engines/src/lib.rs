@@ -239,6 +239,17 @@ impl Bus for Namespaced {
             .payload_at(&format!("{}{topic}", self.prefix), partition, offset)
             .await
     }
+
+    // What the engine guarantees does not change with the names: a
+    // consumer on a namespaced NATS bus must still know that members share
+    // a partition, and how late a record may come again.
+    fn shares_partitions(&self) -> bool {
+        self.inner.shares_partitions()
+    }
+
+    fn redelivery_delay_max(&self) -> std::time::Duration {
+        self.inner.redelivery_delay_max()
+    }
 }
 
 struct NamespacedSubscription {
