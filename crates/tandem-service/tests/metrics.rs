@@ -322,16 +322,73 @@ async fn gauge(address: SocketAddr, name: &str, label: (&str, &str)) -> Option<f
 /// A consumer that cannot apply an event (its handler fails, again and
 /// again, as if a downstream it needs were down) falls behind in seconds,
 /// not only in events: its lag grows while nothing new arrives, and
-/// returns to 0 once it applies the event.
+/// returns to 0 once it applies the event. On the embedded engines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_in_seconds_grows_while_a_consumer_is_stuck_and_returns_to_zero() {
-    const CONSUMER: &str = "ledger-lagging";
-    const PAUSE: f64 = 2.0;
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("ledger.db"), Default::default())
         .await
         .unwrap();
     let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
+    lag_grows_while_stuck_and_returns(store, bus, "ledger-lagging").await;
+}
+
+/// The same on NATS JetStream and PostgreSQL (`scripts/engines up`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_in_seconds_on_nats_and_postgres() {
+    let (_database, store) = postgres_store("lag_nats").await;
+    let bus = namespaced_bus("nats://127.0.0.1:4222", "TANDEM_TEST_NATS").await;
+    lag_grows_while_stuck_and_returns(store, bus, "ledger-lagging-nats").await;
+}
+
+/// The same on a Kafka-protocol broker (tansu) and PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_in_seconds_on_kafka_and_postgres() {
+    let (_database, store) = postgres_store("lag_kafka").await;
+    let bus = namespaced_bus("kafka://127.0.0.1:19092", "TANDEM_TEST_KAFKA").await;
+    lag_grows_while_stuck_and_returns(store, bus, "ledger-lagging-kafka").await;
+}
+
+async fn postgres_store(
+    label: &str,
+) -> (
+    tandem_postgres::testing::ScratchDatabase,
+    tandem_postgres::PostgresStore,
+) {
+    let base = tandem_postgres::testing::base_url();
+    let database = tandem_postgres::testing::ScratchDatabase::create(&base, label)
+        .await
+        .unwrap_or_else(|error| {
+            panic!("PostgreSQL not reachable at {base}: start it with scripts/engines up ({error})")
+        });
+    let store = database.store().await.expect("store");
+    (database, store)
+}
+
+/// The bus at `$variable` (or `default`), in a namespace of its own.
+async fn namespaced_bus(default: &str, variable: &str) -> Arc<dyn Bus> {
+    let address = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
+    let namespace = format!(
+        "lag{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let separator = if address.contains('?') { '&' } else { '?' };
+    tandem_engines::open_bus(&format!("{address}{separator}namespace={namespace}"))
+        .await
+        .unwrap_or_else(|error| {
+            panic!("{address} not reachable: start it with scripts/engines up ({error})")
+        })
+}
+
+async fn lag_grows_while_stuck_and_returns<S: Store>(
+    store: S,
+    bus: Arc<dyn Bus>,
+    consumer: &'static str,
+) {
+    const PAUSE: f64 = 2.0;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -339,14 +396,14 @@ async fn lag_in_seconds_grows_while_a_consumer_is_stuck_and_returns_to_zero() {
     ledger.poison_amount.store(21, Ordering::SeqCst);
     ledger.fail_poison.store(true, Ordering::SeqCst);
     let failing = Arc::clone(&ledger.fail_poison);
-    let mut config = ConsumerConfig::new(CONSUMER, &[TOPIC]);
+    let mut config = ConsumerConfig::new(consumer, &[TOPIC]);
     config.max_attempts = u32::MAX;
     config.retry_max = Duration::from_millis(50);
     let service = tokio::spawn(
         Service::new("ledger", store.clone(), bus)
             .install(install_ledger)
             .relay_with(tandem::relay::RelayConfig {
-                name: "ledger-lag".into(),
+                name: format!("{consumer}-relay"),
                 ..Default::default()
             })
             .consumer("balances", config, ledger)
@@ -355,7 +412,7 @@ async fn lag_in_seconds_grows_while_a_consumer_is_stuck_and_returns_to_zero() {
     );
     deposit(&store, vec![("dave".into(), 21)]).await;
 
-    let label = ("consumer", CONSUMER);
+    let label = ("consumer", consumer);
     eventually(
         "the lag in seconds reaches the pause",
         Duration::from_secs(30),
