@@ -94,6 +94,10 @@ pub struct PipelineArgs {
     /// event at a time either way.
     #[arg(long)]
     one_by_one: bool,
+    /// Record the toolkit's metrics (on, as every service does) or not
+    /// (off): the two give what the instruments cost.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    metrics: String,
     /// Print exactly one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -126,6 +130,8 @@ struct Report {
     raw_kind: &'static str,
     /// `batch` (append_all, handle_batch) or `one-by-one`.
     calls: &'static str,
+    /// Whether the toolkit recorded its metrics (`on`, `off`).
+    metrics: String,
     events: u64,
     batch: usize,
     aggregates: u64,
@@ -359,6 +365,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     anyhow::ensure!(args.events >= 1, "--events must be at least 1");
     anyhow::ensure!(args.aggregates >= 1, "--aggregates must be at least 1");
+    tandem::metrics::set_enabled(args.metrics == "on");
     let temporary = tempfile::tempdir().context("cannot create a temporary directory")?;
     let dir = args
         .dir
@@ -636,6 +643,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             .map_or_else(|| "sqlite".to_owned(), tandem_engines::redact),
         raw_kind,
         calls,
+        metrics: args.metrics.clone(),
         events: args.events,
         batch: args.batch,
         aggregates: args.aggregates,

@@ -208,6 +208,9 @@ thread_local! {
 
 /// Runs `commit`, timing it on a writer thread.
 fn timed_commit(commit: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+    if !crate::metrics::enabled() {
+        return commit();
+    }
     let started = std::time::Instant::now();
     let committed = commit();
     COMMITS.with(|slot| {

@@ -169,6 +169,19 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the toolkit records metrics (on unless switched off).
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Switches recording on or off for the whole process: for measuring what
+/// the instruments cost (`tandem-lab bench pipeline --metrics off`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -370,7 +383,7 @@ impl Metrics {
 
     /// Counts `count` events of `consumer` with `outcome`.
     pub fn consumer_events(&self, consumer: &str, outcome: Outcome, count: u64) {
-        if count > 0 {
+        if count > 0 && enabled() {
             self.consumer_events
                 .get_or_create(&ConsumerOutcomeLabels {
                     consumer: consumer.to_owned(),
@@ -382,6 +395,9 @@ impl Metrics {
 
     /// Records one bus call of `operation` that took `elapsed`.
     pub fn bus_operation(&self, operation: Operation, elapsed: Duration) {
+        if !enabled() {
+            return;
+        }
         self.operation_duration
             .get_or_create(&OperationLabels {
                 messaging_operation_name: operation,

@@ -475,6 +475,9 @@ impl<S: Store> Consumer<S> {
     /// Counts a committed batch's events by outcome, and observes its
     /// duration and each applied event's end-to-end delay.
     fn record_metrics(&self, outcome: &BatchOutcome, committed_at_micros: i64) {
+        if !crate::metrics::enabled() {
+            return;
+        }
         let metrics = crate::metrics::metrics();
         let consumer = &self.config.name;
         metrics.consumer_events(
