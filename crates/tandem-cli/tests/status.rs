@@ -12,6 +12,7 @@ use common::{place, start_seeded, url};
 use serde_json::Value;
 use tandem::bus::OutgoingRecord;
 use tandem_cli::serve::Service;
+use tandem_testkit::exposition::{parse_prometheus, sum, Series};
 
 /// How long the Inventory Service stays down.
 const PAUSE: f64 = 2.0;
@@ -70,8 +71,8 @@ async fn status_until(
     .await
 }
 
-/// The samples of `/metrics` at `base`, parsed by `prometheus-parse`.
-async fn scrape(http: &reqwest::Client, base: &str) -> prometheus_parse::Scrape {
+/// The series of `/metrics` at `base`, read by an outside parser.
+async fn scrape(http: &reqwest::Client, base: &str) -> Vec<Series> {
     let body = http
         .get(format!("{base}/metrics"))
         .send()
@@ -80,22 +81,14 @@ async fn scrape(http: &reqwest::Client, base: &str) -> prometheus_parse::Scrape 
         .text()
         .await
         .expect("a body");
-    prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_owned())))
-        .expect("the Prometheus text parses")
+    parse_prometheus(&body)
 }
 
-fn kind_of(scrape: &prometheus_parse::Scrape, name: &str) -> Option<&'static str> {
-    scrape
-        .samples
+fn kind_of(series: &[Series], family: &str) -> Option<&'static str> {
+    series
         .iter()
-        .find(|sample| sample.metric == name)
-        .map(|sample| match sample.value {
-            prometheus_parse::Value::Counter(_) => "counter",
-            prometheus_parse::Value::Gauge(_) => "gauge",
-            prometheus_parse::Value::Histogram(_) => "histogram",
-            prometheus_parse::Value::Summary(_) => "summary",
-            prometheus_parse::Value::Untyped(_) => "untyped",
-        })
+        .find(|one| one.family == family)
+        .map(|one| one.kind)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,15 +176,11 @@ async fn status_and_metrics_follow_a_service_that_goes_down_comes_back_and_parks
     })
     .await;
     let after = scrape(&http, &url(&system, Service::Inventory)).await;
-    for sample in after
-        .samples
+    for one in after
         .iter()
-        .filter(|sample| sample.metric == "tandem_consumer_lag_seconds")
+        .filter(|one| one.family == "tandem_consumer_lag_seconds")
     {
-        assert!(
-            matches!(sample.value, prometheus_parse::Value::Gauge(lag) if lag == 0.0),
-            "{sample:?}"
-        );
+        assert_eq!(one.value, Some(0.0), "{one:?}");
     }
 
     // A poison event (bytes that are no event) on the order topic: the
@@ -220,11 +209,8 @@ async fn status_and_metrics_follow_a_service_that_goes_down_comes_back_and_parks
         let inventory = inventory.clone();
         async move {
             let metrics = scrape(&http, &inventory).await;
-            let parked = metrics.samples.iter().any(|sample| {
-                sample.metric == "tandem_dead_letters"
-                    && sample.labels.get("error_type") == Some("decode")
-                    && matches!(sample.value, prometheus_parse::Value::Gauge(count) if count == 1.0)
-            });
+            let parked =
+                sum(&metrics, "tandem_dead_letters", &[("error_type", "decode")]) == Some(1.0);
             if parked {
                 Ok(())
             } else {

@@ -1,6 +1,7 @@
 //! `/metrics` of a running [`Service`] (SQLite store, embedded log, relay,
 //! consumer, HTTP server on a real socket), read by an outside judge: the
-//! Prometheus text is parsed with the `prometheus-parse` crate, and the
+//! Prometheus text and OpenMetrics are parsed with the `openmetrics-parser`
+//! crate's grammars (tandem_testkit::exposition), and the
 //! names, types and labels are those of OPERATIONS.md. A scraper that asks
 //! for OpenMetrics gets OpenMetrics. The gauges read from the database
 //! and the bus (backlog, lag, dead letters) tell a poison event apart.
@@ -15,6 +16,7 @@ use tandem::consumer::ConsumerConfig;
 use tandem::sqlite::SqliteStore;
 use tandem::{Bus, Store};
 use tandem_service::{probes, Service};
+use tandem_testkit::exposition::{parse_openmetrics, parse_prometheus, sum};
 use tandem_testkit::{deposit, eventually, install_ledger, open_log, Ledger, TOPIC};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -107,16 +109,6 @@ fn expected() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
     ]
 }
 
-fn kind(value: &prometheus_parse::Value) -> &'static str {
-    match value {
-        prometheus_parse::Value::Counter(_) => "counter",
-        prometheus_parse::Value::Gauge(_) => "gauge",
-        prometheus_parse::Value::Histogram(_) => "histogram",
-        prometheus_parse::Value::Summary(_) => "summary",
-        prometheus_parse::Value::Untyped(_) => "untyped",
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,12 +180,11 @@ async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
             .contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_owned())))
-        .expect("the Prometheus text parses");
+    let series = parse_prometheus(&body);
     let mut found: BTreeMap<&str, (&'static str, BTreeSet<String>)> = BTreeMap::new();
-    for sample in &scrape.samples {
-        let labels: BTreeSet<String> = sample.labels.keys().cloned().collect();
-        found.insert(sample.metric.as_str(), (kind(&sample.value), labels));
+    for one in &series {
+        let labels: BTreeSet<String> = one.labels.keys().cloned().collect();
+        found.insert(one.family.as_str(), (one.kind, labels));
     }
     for (name, expected_kind, labels) in expected() {
         let (found_kind, found_labels) = found
@@ -208,23 +199,16 @@ async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
     // Of this test's consumer (other tests of this binary share the
     // process's registry) where the metric has a consumer label.
     let value = |name: &str, label: (&str, &str)| -> f64 {
-        scrape
-            .samples
+        series
             .iter()
-            .find(|sample| {
-                sample.metric == name
-                    && sample.labels.get(label.0) == Some(label.1)
-                    && sample
-                        .labels
-                        .get("consumer")
+            .find(|one| {
+                one.family == name
+                    && one.label(label.0) == Some(label.1)
+                    && one
+                        .label("consumer")
                         .is_none_or(|consumer| consumer == "ledger-balances")
             })
-            .map(|sample| match sample.value {
-                prometheus_parse::Value::Counter(value) | prometheus_parse::Value::Gauge(value) => {
-                    value
-                }
-                _ => panic!("{name} is not a counter or gauge"),
-            })
+            .and_then(|one| one.value)
             .unwrap_or_else(|| panic!("no {name} with {label:?}"))
     };
     assert!(
@@ -243,23 +227,19 @@ async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
         value("tandem_consumer_gaps_open", ("consumer", "ledger-balances")),
         0.0
     );
-    let lag: f64 = scrape
-        .samples
+    assert_eq!(
+        sum(
+            &series,
+            "tandem_consumer_lag_events",
+            &[("consumer", "ledger-balances")]
+        ),
+        Some(0.0),
+        "the consumer applied or parked every record"
+    );
+    assert!(series
         .iter()
-        .filter(|sample| {
-            sample.metric == "tandem_consumer_lag_events"
-                && sample.labels.get("consumer") == Some("ledger-balances")
-        })
-        .map(|sample| match sample.value {
-            prometheus_parse::Value::Gauge(value) => value,
-            _ => panic!("lag is a gauge"),
-        })
-        .sum();
-    assert_eq!(lag, 0.0, "the consumer applied or parked every record");
-    assert!(scrape.samples.iter().any(|sample| sample
-        .metric
-        .starts_with("http_server_request_duration_seconds")
-        && sample.labels.get("http_route") == Some("/ready")));
+        .any(|one| one.family == "http_server_request_duration_seconds"
+            && one.label("http_route") == Some("/ready")));
 
     // /status: the parked poison makes the consumer's health (and so the
     // service's) "error", with the figures beside it.
@@ -288,9 +268,20 @@ async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
         "{head}"
     );
     assert!(body.ends_with("# EOF\n"), "{body}");
-    assert!(
-        body.contains("# TYPE messaging_client_sent_messages counter"),
-        "{body}"
+    let families = parse_openmetrics(&body);
+    assert_eq!(
+        families
+            .get("messaging_client_sent_messages")
+            .map(String::as_str),
+        Some("counter"),
+        "{families:?}"
+    );
+    assert_eq!(
+        families
+            .get("tandem_consumer_end_to_end_seconds")
+            .map(String::as_str),
+        Some("histogram"),
+        "{families:?}"
     );
 
     shutdown.cancel();
@@ -306,17 +297,7 @@ async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
 /// is none.
 async fn gauge(address: SocketAddr, name: &str, label: (&str, &str)) -> Option<f64> {
     let (_, body) = get(address, "/metrics", "text/plain").await;
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_owned())))
-        .expect("the Prometheus text parses");
-    scrape
-        .samples
-        .iter()
-        .filter(|sample| sample.metric == name && sample.labels.get(label.0) == Some(label.1))
-        .map(|sample| match sample.value {
-            prometheus_parse::Value::Gauge(value) => value,
-            _ => panic!("{name} is a gauge"),
-        })
-        .fold(None, |sum, value| Some(sum.unwrap_or(0.0) + value))
+    sum(&parse_prometheus(&body), name, &[label])
 }
 
 /// A consumer that cannot apply an event (its handler fails, again and

@@ -17,6 +17,7 @@ use tandem::store::{Store, StoreError, Tx};
 use tandem::{params, Envelope, EventPayload, Handler, HandlerError};
 
 pub mod conformance;
+pub mod exposition;
 pub mod faults;
 
 pub const TOPIC: &str = "ledger";
