@@ -22,22 +22,40 @@ pub mod system;
 pub mod up;
 
 /// A command-line program's `main`: logs to stderr (filter `TANDEM_LOG`,
-/// default `warn`; colours only on a terminal), runs `command` on a
+/// default `warn`; `TANDEM_LOG_FORMAT=json` for one JSON object a line,
+/// otherwise text, coloured only on a terminal), runs `command` on a
 /// multi-threaded runtime, and turns its error into a message prefixed
 /// with `program` and a non-zero exit.
 pub fn run_main<F>(program: &str, command: F) -> std::process::ExitCode
 where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only for a terminal, never into log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+    };
+    match std::env::var("TANDEM_LOG_FORMAT").as_deref() {
+        // One JSON object a line, for log collectors.
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+        other => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(std::io::stderr)
+                // Colours only for a terminal, never into log files.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+            if let Ok(format) = other {
+                if format != "text" {
+                    tracing::warn!(format, "TANDEM_LOG_FORMAT is json or text; logging text");
+                }
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

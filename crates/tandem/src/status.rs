@@ -174,6 +174,32 @@ pub enum StatusError {
 pub struct LagCache {
     /// By (consumer, topic, partition): the position and its event's time.
     times: std::sync::Mutex<HashMap<PartitionOf, (u64, Option<i64>)>>,
+    /// By topic: the bus heads and when they were read.
+    heads: std::sync::Mutex<HashMap<String, (std::time::Instant, Heads)>>,
+}
+
+/// A topic's `(partition, next offset)` pairs.
+type Heads = Vec<(u32, u64)>;
+
+/// How long bus heads read for a status are used before being read again:
+/// scrapes and several consumers of one topic share one read.
+pub const HEADS_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl LagCache {
+    /// The heads of `topic`, read from `bus` at most every [`HEADS_REFRESH`].
+    async fn heads(&self, bus: &dyn Bus, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        if let Some((read, heads)) = self.heads.lock().expect("heads cache").get(topic) {
+            if read.elapsed() < HEADS_REFRESH {
+                return Ok(heads.clone());
+            }
+        }
+        let heads = bus.end_offsets(topic).await?;
+        self.heads
+            .lock()
+            .expect("heads cache")
+            .insert(topic.to_owned(), (std::time::Instant::now(), heads.clone()));
+        Ok(heads)
+    }
 }
 
 /// A consumer's partition: (consumer, topic, partition).
@@ -311,7 +337,7 @@ pub async fn consumer_status<S: Store>(
         .await?;
     let mut partitions = Vec::new();
     for topic in topics {
-        for (partition, end) in bus.end_offsets(topic).await? {
+        for (partition, end) in cache.heads(bus, topic).await? {
             let position = positions
                 .iter()
                 .find(|(t, p, _, _)| t == topic && *p == partition)
