@@ -7,6 +7,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::Store;
+use tandem_service::openapi::SharedResponses;
 use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -68,6 +69,7 @@ pub struct CustomerPage {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Customer id to start after.
@@ -118,6 +120,7 @@ async fn create_customer<S: Store>(
 
 /// One customer.
 #[utoipa::path(get, path = "/customers/{id}",
+    params(("id" = String, Path, description = "The customer id (1 to 64 letters, digits, - or _); any other is not found")),
     responses((status = 200, body = CustomerView), (status = 404, body = Problem)))]
 async fn get_customer<S: Store>(
     State(customers): State<Customers<S>>,
@@ -148,6 +151,7 @@ async fn list_customers<S: Store>(
 
 /// Change any of a customer's fields.
 #[utoipa::path(patch, path = "/customers/{id}", request_body = UpdateCustomer,
+    params(("id" = String, Path, description = "The customer id (1 to 64 letters, digits, - or _); any other is not found")),
     responses((status = 200, body = CustomerView), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn update_customer<S: Store>(
     State(customers): State<Customers<S>>,
@@ -185,6 +189,7 @@ async fn update_customer<S: Store>(
 
 #[derive(OpenApi)]
 #[openapi(
+    modifiers(&SharedResponses),
     info(
         title = "Tandem Customer Service",
         description = "Owns customers; publishes CustomerCreated and CustomerUpdated on topic `customer`."

@@ -7,6 +7,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::Store;
+use tandem_service::openapi::SharedResponses;
 use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -78,6 +79,7 @@ pub struct ProductPage {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Product id to start after.
@@ -129,6 +131,7 @@ async fn create_product<S: Store>(
 
 /// One product, with its available and reserved stock.
 #[utoipa::path(get, path = "/products/{id}",
+    params(("id" = String, Path, description = "The product id (1 to 64 letters, digits, - or _); any other is not found")),
     responses((status = 200, body = ProductView), (status = 404, body = Problem)))]
 async fn get_product<S: Store>(
     State(products): State<Products<S>>,
@@ -159,6 +162,7 @@ async fn list_products<S: Store>(
 
 /// Add stock to or take stock from a product's available units.
 #[utoipa::path(post, path = "/products/{id}/stock-adjustments", request_body = StockAdjustment,
+    params(("id" = String, Path, description = "The product id (1 to 64 letters, digits, - or _); any other is not found")),
     responses((status = 200, body = ProductView), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn adjust_stock<S: Store>(
     State(products): State<Products<S>>,
@@ -173,6 +177,7 @@ async fn adjust_stock<S: Store>(
 
 #[derive(OpenApi)]
 #[openapi(
+    modifiers(&SharedResponses),
     info(
         title = "Tandem Inventory Service",
         description = "Owns products and their stock; publishes ProductCreated, ProductStockChanged, \

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::Store;
+use tandem_service::openapi::SharedResponses;
 use tandem_service::{Problem, StrictJson, StrictQuery};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -123,6 +124,7 @@ pub struct LocalProductView {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrdersQuery {
     /// The customer whose orders to list.
@@ -218,7 +220,7 @@ async fn place_order<S: Store>(
 }
 
 /// One order, with the customer's current name and address from the local copy.
-#[utoipa::path(get, path = "/orders/{id}", responses((status = 200, body = OrderView), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/orders/{id}", params(("id" = String, Path, description = "The order id (a UUID); any other is not found")), responses((status = 200, body = OrderView), (status = 404, body = Problem)))]
 async fn get_order<S: Store>(
     State(orders): State<Orders<S>>,
     Path(id): Path<String>,
@@ -245,6 +247,7 @@ async fn list_orders<S: Store>(
 
 /// Cancel a pending or confirmed order; its reserved stock is released.
 #[utoipa::path(post, path = "/orders/{id}/cancel",
+    params(("id" = String, Path, description = "The order id (a UUID); any other is not found")), 
     responses((status = 200, body = OrderView), (status = 404, body = Problem), (status = 422, body = Problem, description = "not-cancellable")))]
 async fn cancel_order<S: Store>(
     State(orders): State<Orders<S>>,
@@ -254,7 +257,7 @@ async fn cancel_order<S: Store>(
 }
 
 /// The Order Service's local copy of a customer.
-#[utoipa::path(get, path = "/customers/{id}", responses((status = 200, body = LocalCustomerView), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/customers/{id}", params(("id" = String, Path, description = "The customer id (1 to 64 letters, digits, - or _); any other is not found")), responses((status = 200, body = LocalCustomerView), (status = 404, body = Problem)))]
 async fn get_local_customer<S: Store>(
     State(orders): State<Orders<S>>,
     Path(id): Path<String>,
@@ -272,7 +275,7 @@ async fn get_local_customer<S: Store>(
 }
 
 /// The Order Service's local copy of a product.
-#[utoipa::path(get, path = "/products/{id}", responses((status = 200, body = LocalProductView), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/products/{id}", params(("id" = String, Path, description = "The product id (1 to 64 letters, digits, - or _); any other is not found")), responses((status = 200, body = LocalProductView), (status = 404, body = Problem)))]
 async fn get_local_product<S: Store>(
     State(orders): State<Orders<S>>,
     Path(id): Path<String>,
@@ -292,6 +295,7 @@ async fn get_local_product<S: Store>(
 
 #[derive(OpenApi)]
 #[openapi(
+    modifiers(&SharedResponses),
     info(
         title = "Tandem Order Service",
         description = "Takes orders against local copies of customers and products built from events; publishes OrderPlaced, OrderConfirmed, OrderRejected and OrderCancelled on topic `order`."

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 mod builder;
 pub mod metrics;
+pub mod openapi;
 mod serve;
 pub use builder::{Service, ServiceError};
 pub use serve::{serve, serve_with, ServeConfig};
