@@ -9,9 +9,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use common::{start_seeded, url, CUSTOMERS, PRODUCTS};
+use common::{scrape, start_seeded, url, CUSTOMERS, PRODUCTS};
 use tandem_cli::serve::Service;
-use tandem_testkit::exposition::{parse_prometheus, Series};
 
 const ORDERS: usize = 10_000;
 /// Requests in flight at once.
@@ -22,18 +21,6 @@ const MOST_VALUES_PER_LABEL: usize = 16;
 /// Most series one service may expose (a histogram's label set counts
 /// once).
 const MOST_SERIES: usize = 1_000;
-
-async fn scrape(http: &reqwest::Client, base: &str) -> Vec<Series> {
-    let body = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("a body");
-    parse_prometheus(&body)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_stay_bounded_after_ten_thousand_orders() {

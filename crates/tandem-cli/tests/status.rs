@@ -8,11 +8,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{place, start_seeded, url};
+use common::{place, scrape, start_seeded, url};
 use serde_json::Value;
 use tandem::bus::OutgoingRecord;
 use tandem_cli::serve::Service;
-use tandem_testkit::exposition::{parse_prometheus, sum, Series};
+use tandem_testkit::exposition::{sum, Series};
 
 /// How long the Inventory Service stays down.
 const PAUSE: f64 = 2.0;
@@ -69,19 +69,6 @@ async fn status_until(
         }
     })
     .await
-}
-
-/// The series of `/metrics` at `base`, read by an outside parser.
-async fn scrape(http: &reqwest::Client, base: &str) -> Vec<Series> {
-    let body = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("a body");
-    parse_prometheus(&body)
 }
 
 fn kind_of(series: &[Series], family: &str) -> Option<&'static str> {

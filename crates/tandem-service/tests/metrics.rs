@@ -109,29 +109,73 @@ fn expected() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("ledger.db"), Default::default())
-        .await
-        .unwrap();
-    let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
+/// A ledger service with a relay named `relay` and one consumer, on a
+/// real socket: its address, its shutdown and its task.
+struct Running {
+    address: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), tandem_service::ServiceError>>,
+}
+
+async fn run_ledger<S: Store>(
+    store: S,
+    bus: Arc<dyn Bus>,
+    relay: &str,
+    config: ConsumerConfig,
+    ledger: Ledger,
+) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
+    let task = tokio::spawn(
+        Service::new("ledger", store, bus)
+            .install(install_ledger)
+            .relay_with(tandem::relay::RelayConfig {
+                name: relay.to_owned(),
+                ..Default::default()
+            })
+            .consumer("balances", config, ledger)
+            .http(|store| probes::for_store(store, "ledger database"))
+            .run(listener, shutdown.clone()),
+    );
+    Running {
+        address,
+        shutdown,
+        task,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the service stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A SQLite store and an embedded log in `dir`.
+async fn embedded(dir: &std::path::Path) -> (SqliteStore, Arc<dyn Bus>) {
+    let store = SqliteStore::open(dir.join("ledger.db"), Default::default())
+        .await
+        .unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.join("bus.db")).await);
+    (store, bus)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, bus) = embedded(dir.path()).await;
     let ledger = Ledger::new();
     ledger.poison_amount.store(13, Ordering::SeqCst);
     ledger.fail_poison.store(true, Ordering::SeqCst);
     let mut config = ConsumerConfig::new("ledger-balances", &[TOPIC]);
     config.max_attempts = 2;
-    let service = tokio::spawn(
-        Service::new("ledger", store.clone(), bus)
-            .install(install_ledger)
-            .relay(TOPIC)
-            .consumer("balances", config, ledger)
-            .http(|store| probes::for_store(store, "ledger database"))
-            .run(listener, shutdown.clone()),
-    );
+    let service = run_ledger(store.clone(), bus, TOPIC, config, ledger).await;
+    let address = service.address;
     deposit(
         &store,
         vec![("alice".into(), 5), ("bob".into(), 7), ("carol".into(), 13)],
@@ -284,12 +328,7 @@ async fn a_scrape_names_types_and_labels_every_part_as_operations_md_does() {
         "{families:?}"
     );
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), service)
-        .await
-        .expect("the service stops")
-        .unwrap()
-        .unwrap();
+    service.stop().await;
 }
 
 /// The sum of the samples of gauge `name` whose labels include `label`
@@ -307,10 +346,7 @@ async fn gauge(address: SocketAddr, name: &str, label: (&str, &str)) -> Option<f
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_in_seconds_grows_while_a_consumer_is_stuck_and_returns_to_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("ledger.db"), Default::default())
-        .await
-        .unwrap();
-    let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
+    let (store, bus) = embedded(dir.path()).await;
     lag_grows_while_stuck_and_returns(store, bus, "ledger-lagging").await;
 }
 
@@ -370,9 +406,6 @@ async fn lag_grows_while_stuck_and_returns<S: Store>(
     consumer: &'static str,
 ) {
     const PAUSE: f64 = 2.0;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
     let ledger = Ledger::new();
     ledger.poison_amount.store(21, Ordering::SeqCst);
     ledger.fail_poison.store(true, Ordering::SeqCst);
@@ -380,17 +413,15 @@ async fn lag_grows_while_stuck_and_returns<S: Store>(
     let mut config = ConsumerConfig::new(consumer, &[TOPIC]);
     config.max_attempts = u32::MAX;
     config.retry_max = Duration::from_millis(50);
-    let service = tokio::spawn(
-        Service::new("ledger", store.clone(), bus)
-            .install(install_ledger)
-            .relay_with(tandem::relay::RelayConfig {
-                name: format!("{consumer}-relay"),
-                ..Default::default()
-            })
-            .consumer("balances", config, ledger)
-            .http(|store| probes::for_store(store, "ledger database"))
-            .run(listener, shutdown.clone()),
-    );
+    let service = run_ledger(
+        store.clone(),
+        bus,
+        &format!("{consumer}-relay"),
+        config,
+        ledger,
+    )
+    .await;
+    let address = service.address;
     deposit(&store, vec![("dave".into(), 21)]).await;
 
     let label = ("consumer", consumer);
@@ -438,10 +469,5 @@ async fn lag_grows_while_stuck_and_returns<S: Store>(
         ("ok".to_owned(), 0.0)
     );
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), service)
-        .await
-        .expect("the service stops")
-        .unwrap()
-        .unwrap();
+    service.stop().await;
 }

@@ -591,3 +591,17 @@ pub fn inconsistencies(snapshot: &Snapshot, stock: &BTreeMap<&str, i64>) -> Vec<
     }
     found
 }
+
+/// The series of `/metrics` at `base`, read by an outside parser
+/// (tandem_testkit::exposition).
+pub async fn scrape(http: &Client, base: &str) -> Vec<tandem_testkit::exposition::Series> {
+    let body = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("a body");
+    tandem_testkit::exposition::parse_prometheus(&body)
+}
