@@ -54,7 +54,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tandem_cli::run_main("tandem", async move {
+    // A service's traces name the service.
+    let service = match &cli.command {
+        Command::Serve(args) => args.service_name(),
+        _ => "tandem",
+    };
+    tandem_cli::run_main_as("tandem", service, async move {
         match cli.command {
             Command::DeadLetters(command) => admin::dead_letters(command).await,
             Command::Replay(args) => admin::replay(args).await,

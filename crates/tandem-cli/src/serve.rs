@@ -52,6 +52,13 @@ pub struct ServeArgs {
     bus: String,
 }
 
+impl ServeArgs {
+    /// The name of the service these arguments run.
+    pub fn service_name(&self) -> &'static str {
+        self.service.name()
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = tandem_engines::open_store(&args.db).await?;
     let bus = tandem_engines::open_bus(&args.bus).await?;

@@ -338,8 +338,19 @@ async fn produce<S: Store>(
     one_by_one: bool,
 ) -> Result<(), StoreError> {
     let topic = topic.to_owned();
-    store
-        .write(move |tx| -> Result<(), StoreError> {
+    // With tracing on, each producer transaction runs in a span, as a
+    // request's would: its events get `create` spans and carry the trace,
+    // and the consumer processes them in `process` spans.
+    let span = if tandem::trace::enabled() {
+        tracing::info_span!("produce", otel.name = "produce deposits")
+    } else {
+        tracing::Span::none()
+    };
+    // Current while the work is handed to the store (which takes the
+    // span along), not across the await.
+    let write = {
+        let _entered = span.enter();
+        store.write(move |tx| -> Result<(), StoreError> {
             let events = (first..first + count)
                 .map(|number| deposit_event(&format!("acct-{}", number % aggregates), 1))
                 .collect::<Result<Vec<_>, _>>()?;
@@ -352,7 +363,8 @@ async fn produce<S: Store>(
             }
             Ok(())
         })
-        .await
+    };
+    write.await
 }
 
 async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {

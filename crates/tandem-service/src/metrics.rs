@@ -105,7 +105,31 @@ async fn time_request(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|path| path.as_str().to_owned());
     let method = request.method().as_str().to_owned();
-    let response = next.run(request).await;
+    let response = if tandem::trace::enabled() {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "request",
+            otel.name = format!("{method} {}", route.as_deref().unwrap_or("unmatched")),
+            otel.kind = "server",
+            http.request.method = method.as_str(),
+            http.route = route.as_deref().unwrap_or("unmatched"),
+            http.response.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        // A W3C traceparent from the caller continues its trace; without
+        // one the request starts a new trace.
+        let traceparent = request
+            .headers()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok());
+        tandem::trace::continue_from(&span, traceparent);
+        tandem::trace::record_trace_id(&span);
+        let response = next.run(request).instrument(span.clone()).await;
+        span.record("http.response.status_code", response.status().as_u16());
+        response
+    } else {
+        next.run(request).await
+    };
     if let Some(http_route) = route {
         metrics()
             .http_duration

@@ -161,10 +161,15 @@ impl<C: EngineConnection> Executor<C> {
         F: FnOnce(&mut dyn Tx) -> Result<R, E> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
+        // The caller's span goes with the work to the store's thread, so
+        // what the work logs or appends belongs to it (an event appended
+        // in a request carries the request's trace).
+        let span = crate::trace::enabled().then(tracing::Span::current);
         let job: Job<C> = Box::new(
             move |open: Result<&mut C::Open, StoreError>,
                   group: Option<&mut bool>,
                   signal: &watch::Sender<u64>| {
+                let _entered = span.as_ref().map(tracing::Span::enter);
                 let grouped = group.is_some();
                 let result = match open {
                     Err(error) => Err(E::from(error)),

@@ -37,6 +37,7 @@ pub mod sql;
 pub mod sqlite;
 pub mod status;
 pub mod store;
+pub mod trace;
 pub mod wait;
 
 pub use bus::{Bus, BusError, Delivery, OutgoingRecord, Record, Subscription, TopicPartition};

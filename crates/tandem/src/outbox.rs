@@ -180,6 +180,12 @@ fn check_subject(event: &NewEvent) -> Result<(), StoreError> {
 }
 
 fn envelope_of(source: &str, event: NewEvent, sequence: u64) -> Envelope {
+    // An event appended under a trace (a request's, a consumer's) carries
+    // its `create` span's context.
+    let traceparent = event
+        .context
+        .traceparent
+        .or_else(|| crate::trace::create(source, &event.event_type, &event.subject));
     Envelope {
         id: crate::envelope::new_event_id(),
         source: source.to_owned(),
@@ -189,7 +195,7 @@ fn envelope_of(source: &str, event: NewEvent, sequence: u64) -> Envelope {
         dataschema: event.dataschema,
         data: event.data,
         sequence,
-        traceparent: event.context.traceparent,
+        traceparent,
         correlationid: event.context.correlationid,
         causationid: event.context.causationid,
     }

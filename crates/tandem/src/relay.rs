@@ -204,7 +204,14 @@ impl<S: Store> Relay<S> {
             .collect();
         fault::point("relay.before_publish");
         let started = std::time::Instant::now();
-        let published = self.bus.publish(&records).await;
+        let published = if crate::trace::enabled() {
+            use tracing::Instrument;
+            let span =
+                crate::trace::send(&records[0].topic, records.len(), &traceparents(&records));
+            self.bus.publish(&records).instrument(span).await
+        } else {
+            self.bus.publish(&records).await
+        };
         let metrics = crate::metrics::metrics();
         let recording = crate::metrics::enabled();
         metrics.bus_operation(crate::metrics::Operation::send, started.elapsed());
@@ -426,6 +433,23 @@ impl<S: Store> Relay<S> {
 struct ReadAhead {
     after: Cursor,
     read: StoreFuture<OutboxBatch, StoreError>,
+}
+
+/// The `traceparent` of each record's envelope that has one (read without
+/// decoding the rest of the envelope).
+fn traceparents(records: &[OutgoingRecord]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Traced {
+        traceparent: Option<String>,
+    }
+    records
+        .iter()
+        .filter_map(|record| {
+            serde_json::from_slice::<Traced>(&record.payload)
+                .ok()?
+                .traceparent
+        })
+        .collect()
 }
 
 /// Longest time a busy relay goes without writing its cursor.

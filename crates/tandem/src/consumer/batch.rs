@@ -111,7 +111,11 @@ impl BatchContext {
                 collected.borrow_mut().push(envelope.clone());
                 Ok(Ok(()))
             }
-            Mode::Isolated | Mode::Batch => apply_handler(tx, &*self.handler, envelope),
+            Mode::Isolated | Mode::Batch => {
+                crate::trace::processing(&self.consumer, envelope, || {
+                    apply_handler(tx, &*self.handler, envelope)
+                })
+            }
         }
     }
 
@@ -122,6 +126,15 @@ impl BatchContext {
         };
         let events = std::mem::take(&mut *collected.borrow_mut());
         if events.is_empty() {
+            return Ok(());
+        }
+        // Traced events are handled one `handle` call each, inside their
+        // `process` span, so that what the handler publishes carries the
+        // event's trace (the default `handle_batch` does the same calls).
+        if crate::trace::enabled() && events.iter().any(|event| event.traceparent.is_some()) {
+            for event in &events {
+                crate::trace::processing(&self.consumer, event, || self.handler.handle(tx, event))?;
+            }
             return Ok(());
         }
         self.handler.handle_batch(tx, &events)
@@ -221,8 +234,12 @@ impl BatchContext {
                 collected.borrow_mut().push(envelope);
                 Ok(())
             }
-            Mode::Isolated => apply_handler(tx, &*self.handler, &envelope)?,
-            Mode::Batch => self.handler.handle(tx, &envelope),
+            Mode::Isolated => crate::trace::processing(&self.consumer, &envelope, || {
+                apply_handler(tx, &*self.handler, &envelope)
+            })?,
+            Mode::Batch => crate::trace::processing(&self.consumer, &envelope, || {
+                self.handler.handle(tx, &envelope)
+            }),
         };
         if let Err(error) = handled {
             return Ok(Step::Failed(error));
