@@ -138,23 +138,33 @@ async fn one_order_is_one_trace_across_the_order_and_inventory_services() {
         .find(|span| span.service == "order" && span.name == "POST /orders")
         .unwrap();
     let trace = &request.trace_id;
-    let find = |service: &str, name: &str| {
+    // The span of `service` named `name` whose parent is `parent` (a trace
+    // holds several `create order`: the order's placing, and its
+    // confirmation published while processing the Inventory's answer).
+    let child_of = |service: &str, name: &str, parent: &Received| -> Received {
         spans
             .iter()
-            .find(|span| span.service == service && span.name == name && span.trace_id == *trace)
-            .unwrap_or_else(|| panic!("no {name} of {service} in the trace"))
+            .find(|span| {
+                span.service == service
+                    && span.name == name
+                    && span.trace_id == *trace
+                    && span.parent_span_id == parent.span_id
+            })
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {name} of {service} under {} of {}: {spans:?}",
+                    parent.name, parent.service
+                )
+            })
     };
     // Parents: the request creates the event; the Inventory Service
     // processes it as a child of its creation, and what it publishes is
     // created inside that processing; the Order Service processes that.
-    let create_order = find("order", "create order");
-    assert_eq!(create_order.parent_span_id, request.span_id);
-    let process_order = find("inventory", "process order");
-    assert_eq!(process_order.parent_span_id, create_order.span_id);
-    let create_inventory = find("inventory", "create inventory");
-    assert_eq!(create_inventory.parent_span_id, process_order.span_id);
-    let process_inventory = find("order", "process inventory");
-    assert_eq!(process_inventory.parent_span_id, create_inventory.span_id);
+    let create_order = child_of("order", "create order", request);
+    let process_order = child_of("inventory", "process order", &create_order);
+    let create_inventory = child_of("inventory", "create inventory", &process_order);
+    child_of("order", "process inventory", &create_inventory);
     // The relays' sends link to what they sent.
     assert!(
         spans.iter().any(|span| span.service == "order"

@@ -118,6 +118,17 @@ pub fn append_all(
             .collect();
     }
     events.iter().try_for_each(check_subject)?;
+    // Under an unsampled trace every event carries the same traceparent:
+    // worked out once, not once an event.
+    let mut events = events;
+    if let Some(traceparent) = crate::trace::unsampled_parent() {
+        for event in events.iter_mut() {
+            event
+                .context
+                .traceparent
+                .get_or_insert_with(|| traceparent.clone());
+        }
+    }
     let engine = tx.engine();
     // Each aggregate's count in order of first appearance, then the
     // sequences the engine gave it.

@@ -12,6 +12,11 @@
 //!   the handler publishes carries it: one order is one trace across the
 //!   Order, Inventory and Order services again.
 //!
+//! The sampler's decision (`OTEL_TRACES_SAMPLER`, e.g.
+//! `parentbased_traceidratio` with `OTEL_TRACES_SAMPLER_ARG=0.01`) is
+//! kept along the chain: an unsampled trace makes no `create` or `process`
+//! span, only its `traceparent` travels.
+//!
 //! The spans are `tracing` spans; a process that installs the
 //! `tracing-opentelemetry` layer and a propagator (every `tandem` command
 //! does, exporting over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set)
@@ -95,8 +100,16 @@ pub fn create(topic: &str, event_type: &str, subject: &str) -> Option<String> {
         return None;
     }
     let current = tracing::Span::current();
-    if !current.context().span().span_context().is_valid() {
+    let context = current.context();
+    let span_context = context.span().span_context().clone();
+    if !span_context.is_valid() {
         return None;
+    }
+    // A trace the sampler left out is carried on as it is (its flags say
+    // so downstream) without a span of its own: unsampled events cost a
+    // string, not a span.
+    if !span_context.is_sampled() {
+        return traceparent_of(&current);
     }
     let span = tracing::info_span!(
         parent: &current,
@@ -110,6 +123,29 @@ pub fn create(topic: &str, event_type: &str, subject: &str) -> Option<String> {
         cloudevents.event_subject = subject,
     );
     traceparent_of(&span)
+}
+
+/// The current span's `traceparent` when it belongs to a trace the
+/// sampler left out: what every event appended under it carries, the same
+/// for all, without a span each. `None` when tracing is off, there is no
+/// trace, or the trace is sampled (its events get `create` spans).
+pub fn unsampled_parent() -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    let current = tracing::Span::current();
+    let context = current.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() && !span_context.is_sampled() {
+        traceparent_of(&current)
+    } else {
+        None
+    }
+}
+
+/// Whether `traceparent` names a trace the sampler kept.
+pub fn sampled(traceparent: &str) -> bool {
+    context_of(traceparent).is_some_and(|context| context.span().span_context().is_sampled())
 }
 
 /// A `send {topic}` span for a relay batch, linked to the `create` context
@@ -140,6 +176,10 @@ pub fn process(group: &str, envelope: &crate::Envelope) -> Option<tracing::Span>
         return None;
     }
     let context = envelope.traceparent.as_deref().and_then(context_of)?;
+    // An unsampled trace ends here: nothing of it is exported.
+    if !context.span().span_context().is_sampled() {
+        return None;
+    }
     let span = tracing::info_span!(
         "process",
         otel.name = format!("process {}", envelope.source),

@@ -128,10 +128,18 @@ impl BatchContext {
         if events.is_empty() {
             return Ok(());
         }
-        // Traced events are handled one `handle` call each, inside their
-        // `process` span, so that what the handler publishes carries the
-        // event's trace (the default `handle_batch` does the same calls).
-        if crate::trace::enabled() && events.iter().any(|event| event.traceparent.is_some()) {
+        // Events of sampled traces are handled one `handle` call each,
+        // inside their `process` span, so that what the handler publishes
+        // carries the event's trace (the default `handle_batch` does the
+        // same calls).
+        if crate::trace::enabled()
+            && events.iter().any(|event| {
+                event
+                    .traceparent
+                    .as_deref()
+                    .is_some_and(crate::trace::sampled)
+            })
+        {
             for event in &events {
                 crate::trace::processing(&self.consumer, event, || self.handler.handle(tx, event))?;
             }
