@@ -85,13 +85,11 @@ fn telemetry(service: &str) -> Option<opentelemetry_sdk::trace::SdkTracerProvide
             .json()
             .with_current_span(true)
             .with_writer(std::io::stderr)
-            .with_filter(filter)
             .boxed(),
         _ => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             // Colours only for a terminal, never into log files.
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_filter(filter)
             .boxed(),
     };
     let exporting = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|url| !url.is_empty());
@@ -121,16 +119,34 @@ fn telemetry(service: &str) -> Option<opentelemetry_sdk::trace::SdkTracerProvide
     } else {
         None
     };
-    let traces = provider.as_ref().map(|provider| {
-        use opentelemetry::trace::TracerProvider;
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("tandem"))
-            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
-    });
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(traces)
-        .init();
+    match &provider {
+        // The log filter applies to the log lines only; the spans the
+        // exporter needs are INFO, whatever the logs keep.
+        Some(provider) => {
+            use opentelemetry::trace::TracerProvider;
+            let traces = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("tandem"))
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+            // With per-layer filters a library's "is debug wanted?" hears
+            // yes; librdkafka then logs at debug level, which stalled its
+            // group rebalances. It stays at INFO at most here.
+            let librdkafka = tracing_subscriber::filter::Targets::new()
+                .with_default(tracing_subscriber::filter::LevelFilter::TRACE)
+                .with_target("librdkafka", tracing_subscriber::filter::LevelFilter::INFO);
+            tracing_subscriber::registry()
+                .with(logs.with_filter(filter))
+                .with(traces)
+                .with(librdkafka)
+                .init();
+        }
+        // No exporter: the filter is the whole subscriber's, so what it
+        // leaves out is never even built (and a library asking whether its
+        // debug output is wanted, librdkafka, hears no).
+        None => tracing_subscriber::registry()
+            .with(logs)
+            .with(filter)
+            .init(),
+    }
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
