@@ -48,12 +48,25 @@ pub struct System {
     /// Where each instance's log goes, and its filter (default: inherited
     /// stderr and the process's own `TANDEM_LOG`).
     logs: Option<(PathBuf, String)>,
+    /// Environment variables given to a service's processes at their next
+    /// start, beyond the inherited ones.
+    env: BTreeMap<&'static str, BTreeMap<String, String>>,
     /// How long [`System::stop_all`] waits for the services to exit after
     /// SIGTERM before it kills them.
     stop_deadline: Duration,
 }
 
 impl System {
+    /// Sets (`Some`) or removes (`None`) an environment variable of
+    /// `service`'s processes; it takes effect at their next start.
+    pub fn set_env(&mut self, service: Service, name: &str, value: Option<&str>) {
+        let vars = self.env.entry(service.name()).or_default();
+        match value {
+            Some(value) => vars.insert(name.to_owned(), value.to_owned()),
+            None => vars.remove(name),
+        };
+    }
+
     /// Prepares a system in `data_dir`; `base_port` 0 picks free ports.
     pub fn new(data_dir: &Path, base_port: u16) -> anyhow::Result<Self> {
         let data_dir = crate::data_dir::prepare(data_dir)?;
@@ -71,6 +84,7 @@ impl System {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .context("cannot build the HTTP client")?,
+            env: BTreeMap::new(),
         })
     }
 
@@ -203,6 +217,9 @@ impl System {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        if let Some(vars) = self.env.get(service.name()) {
+            command.envs(vars);
+        }
         die_with_parent(&mut command);
         if let (Some((_, filter)), Some(path)) = (&self.logs, self.log_file(service, instance)) {
             let file = std::fs::OpenOptions::new()

@@ -18,60 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::engines::{databases, kafka, namespaced, nats, system_on};
 use common::*;
 use reqwest::Client;
 use tandem_cli::serve::Service;
 use tandem_cli::system::System;
 use tokio::process::{Child, Command};
-
-/// A scratch PostgreSQL database per service, dropped with the guards.
-fn databases() -> (
-    Vec<(Service, String)>,
-    Vec<tandem_postgres::testing::ScratchDatabase>,
-) {
-    let base = std::env::var("TANDEM_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut urls = Vec::new();
-    let mut guards = Vec::new();
-    for service in Service::ALL {
-        let database = tandem_postgres::testing::ScratchDatabase::create_blocking(
-            &base,
-            &format!("e2e_{}", service.name()),
-        )
-        .unwrap_or_else(|error| {
-            panic!("PostgreSQL not reachable at {base}: start it with scripts/engines up ({error})")
-        });
-        urls.push((service, database.url().to_owned()));
-        guards.push(database);
-    }
-    (urls, guards)
-}
-
-/// `base` with a namespace of this test's own, so runs sharing a broker
-/// never see each other's topics or groups.
-fn namespaced(base: &str) -> String {
-    let separator = if base.contains('?') { '&' } else { '?' };
-    format!(
-        "{base}{separator}namespace=t{}",
-        uuid::Uuid::now_v7().simple()
-    )
-}
-
-fn kafka() -> String {
-    std::env::var("TANDEM_TEST_KAFKA").unwrap_or_else(|_| "kafka://127.0.0.1:19092".into())
-}
-
-fn nats() -> String {
-    std::env::var("TANDEM_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-async fn system_on(dir: &Path, bus: String, dbs: &[(Service, String)]) -> System {
-    System::new(dir, 0)
-        .expect("prepare the system")
-        .with_executable(env!("CARGO_BIN_EXE_tandem"))
-        .with_engines(bus, dbs)
-        .with_log_files("warn,tandem::consumer=info")
-}
 
 /// The consumers each instance of a service runs.
 fn consumers(service: Service) -> &'static [&'static str] {

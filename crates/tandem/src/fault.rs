@@ -25,11 +25,26 @@ pub fn point(name: &str) {
     if armed() != Some(name) {
         return;
     }
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "TANDEM_FAULT_REACHED {name}");
-    let _ = stdout.flush();
-    drop(stdout);
+    reached(name);
     loop {
         std::thread::park();
     }
+}
+
+/// The asynchronous kind of [`point`]: if this point is armed, the calling
+/// task never gets past it (the thread and every other task go on), so a
+/// test can hold one part of a live process, such as a consumer, while it
+/// watches the rest. The caller decides what may still cancel the wait.
+pub async fn hold(name: &str) {
+    if armed() != Some(name) {
+        return;
+    }
+    reached(name);
+    std::future::pending::<()>().await;
+}
+
+fn reached(name: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "TANDEM_FAULT_REACHED {name}");
+    let _ = stdout.flush();
 }

@@ -4,6 +4,8 @@
 //! deadline that names what did not happen.
 #![allow(dead_code)]
 
+pub mod engines;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;

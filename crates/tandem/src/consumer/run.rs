@@ -138,6 +138,10 @@ impl<S: Store> Consumer<S> {
                     Some(Delivery::Records(records)) => buffer.extend(records),
                 }
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = crate::fault::hold("consumer.before_batch") => {}
+            }
             match self
                 .drain_buffer(&mut buffer, &mut subscription, &shutdown)
                 .await?
