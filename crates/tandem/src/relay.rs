@@ -207,7 +207,7 @@ impl<S: Store> Relay<S> {
         let published = if crate::trace::enabled() {
             use tracing::Instrument;
             let span =
-                crate::trace::send(&records[0].topic, records.len(), &traceparents(&records));
+                crate::trace::send(&records[0].topic, records.len(), || traceparents(&records));
             self.bus.publish(&records).instrument(span).await
         } else {
             self.bus.publish(&records).await

@@ -143,14 +143,35 @@ pub fn unsampled_parent() -> Option<String> {
     }
 }
 
-/// Whether `traceparent` names a trace the sampler kept.
+/// Whether `traceparent` carries the sampled flag: a look at its last two
+/// hex digits (`00-<trace id>-<parent id>-<flags>`), with no parse of the
+/// rest. An unsampled event, the common case under ratio sampling, is
+/// thereby told apart for the price of a byte comparison; a sampled one is
+/// checked whole when its span is made ([`process`]), and an invalid one
+/// gets no span there.
 pub fn sampled(traceparent: &str) -> bool {
-    context_of(traceparent).is_some_and(|context| context.span().span_context().is_sampled())
+    let bytes = traceparent.as_bytes();
+    if bytes.len() != 55 || bytes[52] != b'-' {
+        return false;
+    }
+    let low = bytes[54];
+    let flags = match low {
+        b'0'..=b'9' => low - b'0',
+        b'a'..=b'f' => low - b'a' + 10,
+        _ => return false,
+    };
+    flags & 1 == 1
 }
 
 /// A `send {topic}` span for a relay batch, linked to the `create` context
-/// of each event that has one.
-pub fn send(topic: &str, count: usize, traceparents: &[String]) -> tracing::Span {
+/// of each sampled event that has one. `traceparents` is asked for only
+/// when the span itself is sampled, so an unsampled batch reads no
+/// envelope.
+pub fn send(
+    topic: &str,
+    count: usize,
+    traceparents: impl FnOnce() -> Vec<String>,
+) -> tracing::Span {
     let span = tracing::info_span!(
         "send",
         otel.name = format!("send {topic}"),
@@ -160,8 +181,14 @@ pub fn send(topic: &str, count: usize, traceparents: &[String]) -> tracing::Span
         messaging.destination.name = topic,
         messaging.batch.message_count = count,
     );
-    for traceparent in traceparents {
-        if let Some(context) = context_of(traceparent) {
+    if !span.context().span().span_context().is_sampled() {
+        return span;
+    }
+    for traceparent in traceparents() {
+        if !sampled(&traceparent) {
+            continue;
+        }
+        if let Some(context) = context_of(&traceparent) {
             span.add_link(context.span().span_context().clone());
         }
     }
@@ -175,8 +202,10 @@ pub fn process(group: &str, envelope: &crate::Envelope) -> Option<tracing::Span>
     if !enabled() {
         return None;
     }
-    let context = envelope.traceparent.as_deref().and_then(context_of)?;
-    // An unsampled trace ends here: nothing of it is exported.
+    // An unsampled trace ends here, told by its flags alone: nothing of it
+    // is parsed or exported.
+    let traceparent = envelope.traceparent.as_deref().filter(|tp| sampled(tp))?;
+    let context = context_of(traceparent)?;
     if !context.span().span_context().is_sampled() {
         return None;
     }
@@ -204,5 +233,24 @@ pub fn processing<R>(group: &str, envelope: &crate::Envelope, work: impl FnOnce(
     match process(group, envelope) {
         Some(span) => span.in_scope(work),
         None => work(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sampled;
+
+    #[test]
+    fn the_sampled_flag_is_read_from_the_last_two_hex_digits() {
+        let id = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7";
+        assert!(sampled(&format!("{id}-01")));
+        assert!(sampled(&format!("{id}-03")));
+        assert!(!sampled(&format!("{id}-00")));
+        assert!(!sampled(&format!("{id}-02")));
+        // Not a traceparent at all, or cut short: never sampled.
+        assert!(!sampled(""));
+        assert!(!sampled(&format!("{id}-0")));
+        assert!(!sampled(&format!("{id}-0g")));
+        assert!(!sampled(&format!("{id}_01")));
     }
 }
