@@ -211,7 +211,10 @@ pub fn router<S: Store>(customers: Customers<S>) -> Router {
             "/customers/{id}",
             get(get_customer::<S>).patch(update_customer::<S>),
         )
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(tandem_service::openapi::document(ApiDoc::openapi())) }),
+        )
         .with_state(customers)
         .merge(tandem_service::probes::for_store(
             ready_store,

@@ -29,10 +29,14 @@ pub async fn run<S: Store>(
     bus: Arc<dyn Bus>,
     shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
+    service(store, bus).run(listener, shutdown).await
+}
+
+/// The customer service's parts, to run as they are ([`run`]) or with more
+/// settings first (the admin tokens `tandem serve` gives it).
+pub fn service<S: Store>(store: S, bus: Arc<dyn Bus>) -> Service<S> {
     Service::new("customer", store, bus)
         .install(storage::install)
         .relay(topics::CUSTOMER)
         .http(|store| http::router(app::Customers::new(store)))
-        .run(listener, shutdown)
-        .await
 }

@@ -200,7 +200,10 @@ pub fn router<S: Store>(products: Products<S>) -> Router {
         )
         .route("/products/{id}", get(get_product::<S>))
         .route("/products/{id}/stock-adjustments", post(adjust_stock::<S>))
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(tandem_service::openapi::document(ApiDoc::openapi())) }),
+        )
         .with_state(products)
         .merge(tandem_service::probes::for_store(
             ready_store,

@@ -43,12 +43,16 @@ pub async fn run<S: Store>(
     bus: Arc<dyn Bus>,
     shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
+    service(store, bus).run(listener, shutdown).await
+}
+
+/// The inventory service's parts, to run as they are ([`run`]) or with more
+/// settings first (the admin tokens `tandem serve` gives it).
+pub fn service<S: Store>(store: S, bus: Arc<dyn Bus>) -> Service<S> {
     let orders = ConsumerConfig::new(reservations::CONSUMER, &[topics::ORDER]);
     Service::new("inventory", store, bus)
         .install(storage::install)
         .relay(topics::INVENTORY)
         .consumer("reservations consumer", orders, reservations::Reservations)
         .http(|store| http::router(app::Products::new(store)))
-        .run(listener, shutdown)
-        .await
 }

@@ -329,7 +329,10 @@ pub fn router<S: Store>(orders: Orders<S>) -> Router {
         .route("/orders/{id}/cancel", post(cancel_order::<S>))
         .route("/customers/{id}", get(get_local_customer::<S>))
         .route("/products/{id}", get(get_local_product::<S>))
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(tandem_service::openapi::document(ApiDoc::openapi())) }),
+        )
         .with_state(orders)
         .merge(tandem_service::probes::for_store(
             ready_store,

@@ -33,6 +33,12 @@ pub async fn run<S: Store>(
     bus: Arc<dyn Bus>,
     shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
+    service(store, bus).run(listener, shutdown).await
+}
+
+/// The order service's parts, to run as they are ([`run`]) or with more
+/// settings first (the admin tokens `tandem serve` gives it).
+pub fn service<S: Store>(store: S, bus: Arc<dyn Bus>) -> Service<S> {
     let copies = ConsumerConfig::new(
         handlers::LOCAL_COPIES,
         &[topics::CUSTOMER, topics::INVENTORY],
@@ -44,6 +50,4 @@ pub async fn run<S: Store>(
         .consumer("local copies", copies, handlers::LocalCopies)
         .consumer("settlement", settlement, handlers::Settlement)
         .http(|store| http::router(app::Orders::new(store)))
-        .run(listener, shutdown)
-        .await
 }

@@ -1,6 +1,7 @@
 //! Operating a consumer from the command line: its dead letters and replay.
-//! Requests are written to the consumer's database; the running consumer
-//! carries them out with its handler.
+//! Requests are written to the consumer's database (`--db`), or sent to a
+//! running service's admin API (`--url` and its admin token); the running
+//! consumer carries them out with its handler.
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -11,8 +12,105 @@ use crate::printable;
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The consumer's database, e.g. sqlite:///data/order.db
-    #[arg(long, env = "TANDEM_DB", hide_env_values = true)]
-    db: String,
+    #[arg(
+        long,
+        env = "TANDEM_DB",
+        hide_env_values = true,
+        required_unless_present = "url",
+        conflicts_with = "url"
+    )]
+    db: Option<String>,
+    /// A running service instead of its database, e.g.
+    /// http://127.0.0.1:8082: its admin API, with --admin-token.
+    #[arg(long)]
+    url: Option<String>,
+    /// The admin token for --url (`tandem up` keeps it in DATA_DIR/admin-token).
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+/// Where the commands act: the database, or a service's admin API.
+enum Target {
+    Db(tandem_engines::AnyStore),
+    Api(Api),
+}
+
+impl StoreArgs {
+    async fn open(&self) -> anyhow::Result<Target> {
+        match (&self.db, &self.url) {
+            (Some(db), _) => Ok(Target::Db(tandem_engines::open_existing_store(db).await?)),
+            (None, Some(url)) => Ok(Target::Api(Api::new(url, self.admin_token.as_deref())?)),
+            (None, None) => bail!("name the consumer's database (--db) or a service (--url)"),
+        }
+    }
+}
+
+/// A service's admin API.
+struct Api {
+    http: reqwest::Client,
+    base: url::Url,
+    token: String,
+}
+
+impl Api {
+    fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        let base = url::Url::parse(base).with_context(|| format!("--url {base} is not a URL"))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            bail!("--url must be http:// or https://, not {}", base.scheme());
+        }
+        let token = token
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .context("--url needs the admin token: --admin-token or TANDEM_ADMIN_TOKEN")?;
+        // The service's own NAME:SECRET form is accepted: the secret is sent.
+        let token = token.split_once(':').map_or(token, |(_, secret)| secret);
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?,
+            base,
+            token: token.to_owned(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut url = self.base.join(path)?;
+        if !query.is_empty() {
+            url.query_pairs_mut()
+                .extend_pairs(query.iter().map(|(key, value)| (*key, value.as_str())));
+        }
+        let mut request = self
+            .http
+            .request(method, url.clone())
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            let detail = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|problem| problem["detail"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            bail!(
+                "{} answered {status}: {}",
+                self.base,
+                printable::text(&detail)
+            );
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,8 +191,10 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             all,
             json,
         } => {
-            let store = tandem_engines::open_existing_store(&store.db).await?;
-            let letters = dead_letter::list(&store, consumer.as_deref(), all).await?;
+            let letters = match store.open().await? {
+                Target::Db(store) => dead_letter::list(&store, consumer.as_deref(), all).await?,
+                Target::Api(api) => list_over_api(&api, consumer.as_deref(), all).await?,
+            };
             for letter in &letters {
                 if json {
                     println!("{}", printable::json(&serde_json::to_string(letter)?));
@@ -107,7 +207,24 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             }
         }
         DeadLetterCommand::Show { store, id } => {
-            let store = tandem_engines::open_existing_store(&store.db).await?;
+            let store = match store.open().await? {
+                Target::Db(store) => store,
+                Target::Api(api) => {
+                    let shown = api
+                        .call(
+                            reqwest::Method::GET,
+                            &format!("admin/dead-letters/{id}"),
+                            &[],
+                            None,
+                        )
+                        .await?;
+                    println!(
+                        "{}",
+                        printable::json(&serde_json::to_string_pretty(&shown)?)
+                    );
+                    return Ok(());
+                }
+            };
             let Some(letter) = dead_letter::get(&store, id).await? else {
                 bail!("no dead letter {id}");
             };
@@ -127,7 +244,10 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             bail!("name a dead letter id or --all");
         }
         DeadLetterCommand::Redrive(target) => {
-            let store = tandem_engines::open_existing_store(&target.store.db).await?;
+            let store = match target.store.open().await? {
+                Target::Db(store) => store,
+                Target::Api(api) => return bulk_over_api(&api, &target, "redrive").await,
+            };
             check_parked(&store, &target).await?;
             dead_letter::request_redrive(&store, &target.consumer, target.id).await?;
             eprintln!(
@@ -136,7 +256,10 @@ pub async fn dead_letters(command: DeadLetterCommand) -> anyhow::Result<()> {
             );
         }
         DeadLetterCommand::Discard(target) => {
-            let store = tandem_engines::open_existing_store(&target.store.db).await?;
+            let store = match target.store.open().await? {
+                Target::Db(store) => store,
+                Target::Api(api) => return bulk_over_api(&api, &target, "discard").await,
+            };
             check_parked(&store, &target).await?;
             dead_letter::request_discard(&store, &target.consumer, target.id).await?;
             eprintln!(
@@ -170,11 +293,134 @@ async fn check_parked(store: &tandem_engines::AnyStore, target: &TargetArgs) -> 
 }
 
 pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
-    let store = tandem_engines::open_existing_store(&args.store.db).await?;
-    dead_letter::request_replay(&store, &args.consumer).await?;
+    match args.store.open().await? {
+        Target::Db(store) => dead_letter::request_replay(&store, &args.consumer).await?,
+        Target::Api(api) => {
+            let consumer: String =
+                url::form_urlencoded::byte_serialize(args.consumer.as_bytes()).collect();
+            api.call(
+                reqwest::Method::POST,
+                &format!("admin/consumers/{consumer}/replay"),
+                &[],
+                None,
+            )
+            .await?;
+        }
+    }
     eprintln!(
         "replay requested; consumer {} rebuilds its read model",
         args.consumer
+    );
+    Ok(())
+}
+
+/// Every dead letter the admin API lists for `consumer`, page by page, as
+/// the database listing gives them.
+async fn list_over_api(
+    api: &Api,
+    consumer: Option<&str>,
+    all: bool,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut letters = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query = vec![
+            ("status", if all { "all" } else { "parked" }.to_owned()),
+            ("limit", "500".to_owned()),
+        ];
+        if let Some(consumer) = consumer {
+            query.push(("consumer", consumer.to_owned()));
+        }
+        if let Some(cursor) = &cursor {
+            query.push(("cursor", cursor.clone()));
+        }
+        let page = api
+            .call(reqwest::Method::GET, "admin/dead-letters", &query, None)
+            .await?;
+        for item in page["items"].as_array().into_iter().flatten() {
+            letters.push(letter_of(item)?);
+        }
+        match page["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return Ok(letters),
+        }
+    }
+}
+
+/// A dead letter from its admin API view (times to microseconds).
+fn letter_of(item: &serde_json::Value) -> anyhow::Result<DeadLetter> {
+    let text = |key: &str| item[key].as_str().map(str::to_owned);
+    let micros = |key: &str| -> i64 {
+        item[key]
+            .as_str()
+            .and_then(|at| {
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map_or(0, |at| (at.unix_timestamp_nanos() / 1000) as i64)
+    };
+    Ok(DeadLetter {
+        id: item["id"].as_i64().context("a dead letter without an id")?,
+        consumer: text("consumer").unwrap_or_default(),
+        topic: text("topic").unwrap_or_default(),
+        partition: item["partition"].as_i64().unwrap_or(0),
+        offset: item["offset"].as_i64().unwrap_or(0),
+        event_id: text("eventId"),
+        source: text("source"),
+        subject: text("subject"),
+        sequence: item["sequence"].as_i64(),
+        event_type: text("eventType"),
+        reason: text("reason").unwrap_or_default(),
+        error: text("error").unwrap_or_default(),
+        attempts: item["attempts"].as_i64().unwrap_or(0),
+        first_failed_at_micros: micros("firstFailedAt"),
+        last_failed_at_micros: micros("lastFailedAt"),
+        status: text("status").unwrap_or_default(),
+        payload: Vec::new(),
+    })
+}
+
+/// A redrive or discard of one letter, or of all of a consumer's, through
+/// the admin API.
+async fn bulk_over_api(api: &Api, target: &TargetArgs, action: &str) -> anyhow::Result<()> {
+    if let Some(id) = target.id {
+        let letter = api
+            .call(
+                reqwest::Method::GET,
+                &format!("admin/dead-letters/{id}"),
+                &[],
+                None,
+            )
+            .await?;
+        if letter["consumer"] != target.consumer.as_str() {
+            bail!(
+                "dead letter {id} belongs to consumer {}, not {}",
+                printable::text(letter["consumer"].as_str().unwrap_or("?")),
+                target.consumer
+            );
+        }
+        if letter["status"] != "parked" {
+            bail!(
+                "dead letter {id} is {}, not parked",
+                printable::text(letter["status"].as_str().unwrap_or("?"))
+            );
+        }
+    }
+    let selection = match target.id {
+        Some(id) => serde_json::json!({ "ids": [id] }),
+        None => serde_json::json!({ "consumer": target.consumer }),
+    };
+    let answer = api
+        .call(
+            reqwest::Method::POST,
+            &format!("admin/dead-letters/{action}"),
+            &[],
+            Some(selection),
+        )
+        .await?;
+    let count = answer["requested"].as_array().map_or(0, Vec::len);
+    eprintln!(
+        "{action} of {count} dead letter(s) requested; consumer {} carries it out",
+        target.consumer
     );
     Ok(())
 }

@@ -72,3 +72,59 @@ pub fn prepare(path: &Path) -> anyhow::Result<PathBuf> {
     }
     Ok(resolved)
 }
+
+/// The file in a data directory that holds `tandem up`'s admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// The admin token kept in `dir` (prepared), made on first use: 32 random
+/// bytes as hex, written to a new file of mode 0600. Returns it, and
+/// whether it was made now (the only time it is printed). A token file
+/// that others can read is refused.
+pub fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::symlink_metadata(&path) {
+        Ok(metadata) => {
+            if !metadata.is_file() {
+                bail!("{} is not a regular file", path.display());
+            }
+            if metadata.mode() & 0o077 != 0 {
+                bail!(
+                    "{} can be read by others (mode {:o}); make it 0600 (chmod 600) or delete it for a new token",
+                    path.display(),
+                    metadata.mode() & 0o777
+                );
+            }
+            let token = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .trim()
+                .to_owned();
+            if token.len() < tandem_service::admin::MIN_SECRET_LEN {
+                bail!(
+                    "{} holds no usable token; delete it for a new one",
+                    path.display()
+                );
+            }
+            Ok((token, false))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes)
+                .map_err(|error| anyhow::anyhow!("no randomness for the admin token: {error}"))?;
+            let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            writeln!(file, "{token}")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            file.sync_all()
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok((token, true))
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot look at {}", path.display())),
+    }
+}

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use tandem_service::admin::AdminTokens;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -50,6 +51,13 @@ pub struct ServeArgs {
     /// nats://host:4222 (see README, Running at scale)
     #[arg(long, env = "TANDEM_BUS", hide_env_values = true)]
     bus: String,
+    /// Admin API tokens, NAME:SECRET[,NAME:SECRET...] (a SECRET alone is
+    /// named admin; 16 characters at least). Prefer the environment
+    /// variable: a flag's value shows in the process list. Without a
+    /// token the admin routes answer 401, and the service refuses to
+    /// listen on anything but a loopback address.
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -60,11 +68,12 @@ impl ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let store = tandem_engines::open_store(&args.db).await?;
-    let bus = tandem_engines::open_bus(&args.bus).await?;
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.service.default_port())));
+    let tokens = admin_tokens(args.admin_token.as_deref(), listen)?;
+    let store = tandem_engines::open_store(&args.db).await?;
+    let bus = tandem_engines::open_bus(&args.bus).await?;
     let listener = tandem_service::bind(listen).await?;
     let address = listener.local_addr().context("listener address")?;
     // Tools (tandem up, the tests) read this line to learn the port.
@@ -80,9 +89,42 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         on_signal.cancel();
     });
     let result = match args.service {
-        Service::Customer => customer_service::run(listener, store, bus, shutdown).await,
-        Service::Inventory => inventory_service::run(listener, store, bus, shutdown).await,
-        Service::Order => order_service::run(listener, store, bus, shutdown).await,
+        Service::Customer => {
+            customer_service::service(store, bus)
+                .admin(tokens)
+                .run(listener, shutdown)
+                .await
+        }
+        Service::Inventory => {
+            inventory_service::service(store, bus)
+                .admin(tokens)
+                .run(listener, shutdown)
+                .await
+        }
+        Service::Order => {
+            order_service::service(store, bus)
+                .admin(tokens)
+                .run(listener, shutdown)
+                .await
+        }
     };
     result.map_err(|error| anyhow::anyhow!("{} service stopped: {error}", args.service.name()))
+}
+
+/// The admin tokens of `spec`; none is refused on an address other hosts
+/// can reach, since the admin routes change state.
+fn admin_tokens(spec: Option<&str>, listen: SocketAddr) -> anyhow::Result<AdminTokens> {
+    let tokens = match spec.filter(|spec| !spec.trim().is_empty()) {
+        Some(spec) => AdminTokens::parse(spec).map_err(|error| anyhow::anyhow!("{error}"))?,
+        None => AdminTokens::none(),
+    };
+    if !tokens.is_configured() && !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {listen} without an admin token: the admin API (dead letters, \
+             replay) would be reachable from other hosts with no way to authenticate. Set \
+             TANDEM_ADMIN_TOKEN (or --admin-token) to a secret of 16 characters or more, or \
+             listen on 127.0.0.1"
+        );
+    }
+    Ok(tokens)
 }

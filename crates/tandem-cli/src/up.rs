@@ -39,6 +39,10 @@ pub struct UpArgs {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut system = System::new(&args.data_dir, args.base_port)?
         .with_stop_deadline(Duration::from_millis(args.stop_deadline_ms));
+    let (token, made_now) = crate::data_dir::admin_token(system.data_dir())?;
+    for service in Service::ALL {
+        system.set_env(service, "TANDEM_ADMIN_TOKEN", Some(&token));
+    }
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
@@ -65,6 +69,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             println!("  {:<10} {}", service.name(), system.url(service)?);
         }
         println!("  events     tandem events tail --bus {}", system.bus_url());
+        let kept = system.data_dir().join(crate::data_dir::ADMIN_TOKEN_FILE);
+        if made_now {
+            println!(
+                "  admin      token {token} (shown once; kept in {})",
+                kept.display()
+            );
+        } else {
+            println!("  admin      token in {}", kept.display());
+        }
         println!("Ctrl-C stops everything.");
         supervise(
             &mut system,

@@ -414,3 +414,53 @@ async fn stopping_waits_for_all_children_under_one_deadline() {
         assert!(!alive(pid), "child {pid} still runs after tandem up exited");
     }
 }
+
+/// `tandem up` makes an admin token on its first run, keeps it in the data
+/// directory (mode 0600), prints it that once, and gives it to every
+/// service: the admin API takes it and refuses calls without it. A second
+/// run reuses it and does not print it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_is_made_once_kept_private_and_reused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), &[]).await;
+    let line = up
+        .wait_for_line("the admin token line", |line| {
+            line.trim_start().starts_with("admin")
+        })
+        .await;
+    let file = dir.path().join("admin-token");
+    let kept = std::fs::read_to_string(&file).expect("the token file");
+    let kept = kept.trim();
+    assert_eq!(kept.len(), 64, "{kept}");
+    assert!(line.contains(kept), "the first run shows the token: {line}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "token file mode {mode:o}");
+
+    let http = reqwest::Client::new();
+    for service in SERVICES {
+        let url = format!("http://{}/admin/dead-letters", up.addresses[service]);
+        let refused = http.get(&url).send().await.unwrap();
+        assert_eq!(refused.status(), 401, "{service} without a token");
+        let taken = http.get(&url).bearer_auth(kept).send().await.unwrap();
+        assert_eq!(taken.status(), 200, "{service} with the token");
+    }
+    drop(up);
+
+    let again = Up::start(dir.path(), &[]).await;
+    let line = again
+        .wait_for_line("the admin token line", |line| {
+            line.trim_start().starts_with("admin")
+        })
+        .await;
+    assert!(!line.contains(kept), "a later run hides the token: {line}");
+    assert!(line.contains("admin-token"), "{line}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().trim(),
+        kept,
+        "the token is reused"
+    );
+    let url = format!("http://{}/admin/audit", again.addresses["order"]);
+    let taken = http.get(&url).bearer_auth(kept).send().await.unwrap();
+    assert_eq!(taken.status(), 200);
+}

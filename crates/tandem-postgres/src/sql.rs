@@ -25,11 +25,34 @@ pub struct PostgresSql;
 /// The one instance every PostgreSQL transaction hands out.
 pub static POSTGRES: PostgresSql = PostgresSql;
 
-static MIGRATIONS: [Migration; 1] = [Migration {
-    version: 1,
-    description: "the toolkit's tables",
-    apply: install_tables,
-}];
+static MIGRATIONS: [Migration; 2] = [
+    Migration {
+        version: 1,
+        description: "the toolkit's tables",
+        apply: install_tables,
+    },
+    Migration {
+        version: 2,
+        description: "the audit trail of operator actions",
+        apply: install_audit,
+    },
+];
+
+/// Migration 2: the audit trail (`tandem::audit`).
+fn install_audit(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    tx.execute_batch(AUDIT)
+}
+
+const AUDIT: &str = "
+CREATE TABLE IF NOT EXISTS tandem_admin_audit (
+    id     BIGSERIAL PRIMARY KEY,
+    at     BIGINT NOT NULL,
+    actor  TEXT   NOT NULL,
+    action TEXT   NOT NULL,
+    target TEXT   NOT NULL,
+    result TEXT   NOT NULL
+);
+";
 
 /// Migration 1: every table, and the upgrades of schemas made before
 /// migrations were numbered (the outbox's and the relay cursors' `xid`,

@@ -36,6 +36,7 @@ use tandem::relay::{Relay, RelayConfig};
 use tandem::{Bus, Handler, Store, StoreError, Tx};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::AdminTokens;
 use crate::{run_parts, task, BoxedTask};
 
 /// Why a service could not start or stopped with an error. The cause is
@@ -80,6 +81,7 @@ pub struct Service<S: Store> {
     relay: Option<RelayConfig>,
     consumers: Vec<(&'static str, ConsumerConfig, Arc<dyn Handler>)>,
     router: Router,
+    admin: AdminTokens,
 }
 
 impl<S: Store> Service<S> {
@@ -94,6 +96,7 @@ impl<S: Store> Service<S> {
             relay: None,
             consumers: Vec::new(),
             router: Router::new(),
+            admin: AdminTokens::none(),
         }
     }
 
@@ -141,6 +144,13 @@ impl<S: Store> Service<S> {
         self
     }
 
+    /// Accepts `tokens` on the admin routes (`/admin/...`, see
+    /// [`crate::admin`]); without any, they answer 401.
+    pub fn admin(mut self, tokens: AdminTokens) -> Self {
+        self.admin = tokens;
+        self
+    }
+
     /// Installs the tables, then runs every part on `listener` until
     /// `shutdown` fires or a part fails.
     pub async fn run(
@@ -156,6 +166,7 @@ impl<S: Store> Service<S> {
             relay,
             consumers,
             router,
+            admin,
         } = self;
         if let Some(install) = install {
             store
@@ -179,6 +190,7 @@ impl<S: Store> Service<S> {
             ),
             cache: Arc::default(),
         };
+        let router = crate::admin::with_admin(router, store.clone(), reporter.clone(), admin);
         let router = crate::metrics::with_metrics(router, reporter);
         let mut parts: Vec<(&'static str, BoxedTask)> = Vec::new();
         if let Some(config) = relay {

@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+pub mod admin;
 mod builder;
 pub mod metrics;
 pub mod openapi;

@@ -95,3 +95,13 @@ fn document_shared_errors(operation: &mut Operation) {
         "the service cannot answer now (its database is unavailable, or the request took too long)",
     );
 }
+
+/// A service's whole document: `own` (its domain routes) with the admin
+/// routes every service serves ([`crate::admin::AdminApi`], with their
+/// bearer security scheme), and the shared errors on every operation.
+pub fn document(own: OpenApi) -> OpenApi {
+    use utoipa::{Modify, OpenApi as _};
+    let mut document = own.merge_from(crate::admin::AdminApi::openapi());
+    SharedResponses.modify(&mut document);
+    document
+}

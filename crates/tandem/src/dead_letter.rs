@@ -424,3 +424,255 @@ pub(crate) fn take_request(
     )?;
     Ok(Some(command))
 }
+
+// ------------------------------------------------------------ failure groups
+
+/// `error` with its variable parts masked, so that failures of one cause
+/// read alike: a word with a digit in it (an id, a count, an offset, a
+/// UUID) becomes `{n}` when it is all digits and `{id}` otherwise, and
+/// the text is cut at 200 characters.
+pub fn masked(error: &str) -> String {
+    let mut out = String::with_capacity(error.len().min(200));
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.chars().any(|c| c.is_ascii_digit()) {
+            if word.chars().all(|c| c.is_ascii_digit()) {
+                out.push_str("{n}");
+            } else {
+                out.push_str("{id}");
+            }
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in error.chars() {
+        if c.is_alphanumeric() || c == '-' || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    if out.chars().count() > 200 {
+        out = out.chars().take(200).collect();
+    }
+    out
+}
+
+/// The failure group of a dead letter: a stable fingerprint (16 hex
+/// digits of SHA-256) of its consumer, event type, reason (the error
+/// kind) and [`masked`] error. Letters of one cause share it across
+/// restarts and versions, so an operator can redrive or discard them
+/// together.
+pub fn failure_group(letter: &DeadLetter) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in [
+        letter.consumer.as_str(),
+        letter.event_type.as_deref().unwrap_or(""),
+        letter.reason.as_str(),
+        &masked(&letter.error),
+    ] {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    hasher.finalize()[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// One failure group with its size and time span.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureGroup {
+    pub group: String,
+    pub consumer: String,
+    pub event_type: Option<String>,
+    pub reason: String,
+    /// The error with its variable parts masked.
+    pub error: String,
+    pub count: u64,
+    pub first_seen_micros: i64,
+    pub last_seen_micros: i64,
+}
+
+/// Which dead letters a listing or a bulk action takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only this consumer's.
+    pub consumer: Option<String>,
+    /// Only those of this status (`parked`, `resolved`, `discarded`); all
+    /// when `None`.
+    pub status: Option<String>,
+    /// Only this failure group's.
+    pub group: Option<String>,
+}
+
+impl Filter {
+    fn admits(&self, letter: &DeadLetter) -> bool {
+        self.group
+            .as_deref()
+            .is_none_or(|group| failure_group(letter) == group)
+    }
+}
+
+/// How many rows a filtered listing reads from the table at a time.
+const SCAN_CHUNK: i64 = 500;
+
+/// Dead letters that `filter` admits with an id above `after`, oldest
+/// first, at most `limit`, read in `tx`.
+pub fn page_in(
+    tx: &mut dyn Tx,
+    filter: &Filter,
+    after: Option<i64>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let mut found = Vec::new();
+    let mut cursor = after.unwrap_or(0);
+    while found.len() < limit {
+        let rows = tx.query(
+            &format!(
+                "SELECT {COLUMNS} FROM tandem_dead_letters
+                 WHERE id > $1 AND ($2 IS NULL OR consumer = $2) AND ($3 IS NULL OR status = $3)
+                 ORDER BY id LIMIT $4"
+            ),
+            params![
+                cursor,
+                filter.consumer.as_ref(),
+                filter.status.as_ref(),
+                SCAN_CHUNK
+            ],
+        )?;
+        let Some(last) = rows.last() else { break };
+        cursor = last.i64(0)?;
+        let full = rows.len() as i64 == SCAN_CHUNK;
+        for row in &rows {
+            let letter = from_row(row)?;
+            if filter.admits(&letter) && found.len() < limit {
+                found.push(letter);
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// [`page_in`] in a read transaction of its own.
+pub async fn page<S: Store>(
+    store: &S,
+    filter: Filter,
+    after: Option<i64>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    store
+        .read(move |tx| page_in(tx, &filter, after, limit))
+        .await
+}
+
+/// The failure groups of the dead letters `filter` admits, largest first.
+pub async fn groups<S: Store>(store: &S, filter: Filter) -> Result<Vec<FailureGroup>, StoreError> {
+    store
+        .read(move |tx| {
+            let mut groups: std::collections::BTreeMap<String, FailureGroup> =
+                std::collections::BTreeMap::new();
+            let mut after = None;
+            loop {
+                let letters = page_in(tx, &filter, after, SCAN_CHUNK as usize)?;
+                let Some(last) = letters.last() else { break };
+                after = Some(last.id);
+                for letter in &letters {
+                    let key = failure_group(letter);
+                    let entry = groups.entry(key.clone()).or_insert_with(|| FailureGroup {
+                        group: key,
+                        consumer: letter.consumer.clone(),
+                        event_type: letter.event_type.clone(),
+                        reason: letter.reason.clone(),
+                        error: masked(&letter.error),
+                        count: 0,
+                        first_seen_micros: letter.first_failed_at_micros,
+                        last_seen_micros: letter.last_failed_at_micros,
+                    });
+                    entry.count += 1;
+                    entry.first_seen_micros =
+                        entry.first_seen_micros.min(letter.first_failed_at_micros);
+                    entry.last_seen_micros =
+                        entry.last_seen_micros.max(letter.last_failed_at_micros);
+                }
+            }
+            let mut groups: Vec<FailureGroup> = groups.into_values().collect();
+            groups.sort_by(|a, b| b.count.cmp(&a.count).then(a.group.cmp(&b.group)));
+            Ok(groups)
+        })
+        .await
+}
+
+/// Records requests for the parked letters `ids` (each to its own
+/// consumer) in `tx`: what a bulk redrive or discard of a list or a
+/// failure group asks. Letters that are not parked (any more) are skipped;
+/// returns the ids asked for. The requests are carried out by the running
+/// consumers one transaction each, so a crash part-way applies each event
+/// at most once, and the rest are still pending when it is back.
+pub fn request_in(tx: &mut dyn Tx, ids: &[i64], command: Command) -> Result<Vec<i64>, StoreError> {
+    let name = match command {
+        Command::Redrive(_) => "redrive",
+        Command::Discard(_) => "discard",
+        Command::Replay => {
+            return Err(StoreError::Decode(
+                "a replay is asked of a consumer, not of dead letters".into(),
+            ))
+        }
+    };
+    let mut asked = Vec::new();
+    let now = now_micros();
+    for &id in ids {
+        let Some(letter) = get_in(tx, id)? else {
+            continue;
+        };
+        if letter.status != "parked" {
+            continue;
+        }
+        tx.execute(
+            "INSERT INTO tandem_consumer_requests (consumer, command, dead_letter_id, requested_at)
+             VALUES ($1, $2, $3, $4)",
+            params![&letter.consumer, name, id, now],
+        )?;
+        asked.push(id);
+    }
+    Ok(asked)
+}
+
+/// Records a replay request for `consumer` in `tx`; refused for a
+/// consumer the database does not know.
+pub fn request_replay_in(tx: &mut dyn Tx, consumer: &str) -> Result<(), RequestError> {
+    require_known(tx, consumer)?;
+    tx.execute(
+        "INSERT INTO tandem_consumer_requests (consumer, command, dead_letter_id, requested_at)
+         VALUES ($1, 'replay', NULL, $2)",
+        params![consumer, now_micros()],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::masked;
+
+    #[test]
+    fn masking_keeps_the_words_and_hides_the_ids_and_numbers() {
+        assert_eq!(
+            masked("customer 1234 has no credit for order ord-01J9Z at offset 77"),
+            "customer {n} has no credit for order {id} at offset {n}"
+        );
+        assert_eq!(
+            masked("unknown product \"0192f3a4-5b6c-7d8e-9f00-112233445566\""),
+            "unknown product \"{id}\""
+        );
+        assert_eq!(masked("no such table"), "no such table");
+        assert_eq!(masked(&"x".repeat(500)).len(), 200);
+    }
+}

@@ -20,6 +20,7 @@
 //!
 //! The toolkit knows nothing of any domain.
 
+pub mod audit;
 pub mod backoff;
 pub mod bus;
 pub mod consumer;

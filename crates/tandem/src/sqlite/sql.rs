@@ -22,11 +22,34 @@ pub struct SqliteSql;
 /// The one instance every SQLite transaction hands out.
 pub static SQLITE: SqliteSql = SqliteSql;
 
-static MIGRATIONS: [Migration; 1] = [Migration {
-    version: 1,
-    description: "the toolkit's tables",
-    apply: install_tables,
-}];
+static MIGRATIONS: [Migration; 2] = [
+    Migration {
+        version: 1,
+        description: "the toolkit's tables",
+        apply: install_tables,
+    },
+    Migration {
+        version: 2,
+        description: "the audit trail of operator actions",
+        apply: install_audit,
+    },
+];
+
+/// Migration 2: the audit trail (`tandem::audit`).
+fn install_audit(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    tx.execute_batch(AUDIT)
+}
+
+const AUDIT: &str = "
+CREATE TABLE IF NOT EXISTS tandem_admin_audit (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     INTEGER NOT NULL,
+    actor  TEXT    NOT NULL,
+    action TEXT    NOT NULL,
+    target TEXT    NOT NULL,
+    result TEXT    NOT NULL
+);
+";
 
 // The tables keyed by text are `WITHOUT ROWID`: a lookup or an update by
 // key touches one b-tree instead of an index and a table, which halved the
