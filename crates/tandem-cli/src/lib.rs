@@ -12,6 +12,7 @@
 //! live in `crates/tandem-lab` (binary `tandem-lab`), not in this one.
 
 pub mod admin;
+pub mod console;
 pub mod data_dir;
 pub mod demo;
 pub mod events;

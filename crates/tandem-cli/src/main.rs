@@ -3,12 +3,13 @@
 //! - `tandem up`, `tandem serve`, `tandem demo`: run the commerce system.
 //! - `tandem events tail`: watch the event bus; `tandem status`: health,
 //!   lag and dead letters of every service.
+//! - `tandem console`: the operator console for services anywhere.
 //! - `tandem dead-letters ...` and `tandem replay`: operate a consumer's
 //!   dead letters and rebuild its read model, from any process.
 //!
 //! The benchmarks and the crash-test workers are in `tandem-lab`.
 
-use tandem_cli::{admin, demo, events, serve, status, up};
+use tandem_cli::{admin, console, demo, events, serve, status, up};
 
 use std::process::ExitCode;
 
@@ -50,6 +51,9 @@ enum Command {
     /// Every service's health, each consumer's lag and dead letters, each
     /// outbox's backlog; exit 1 when anything is not ok.
     Status(status::StatusArgs),
+    /// The operator console (as `tandem up` serves it) for services
+    /// deployed anywhere: their map, lag, dead letters, rebuilds and audit.
+    Console(console::ConsoleArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
             Command::Events(command) => events::run(command).await,
             Command::Up(args) => up::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Console(args) => console::run(args).await,
             Command::Status(args) => match status::run(args).await? {
                 0 => Ok(()),
                 code => std::process::exit(code.into()),

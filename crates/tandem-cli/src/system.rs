@@ -310,6 +310,32 @@ impl System {
         Ok(())
     }
 
+    /// Stops a service's instances as a clean shutdown would: SIGTERM,
+    /// then SIGKILL if they are still running after the stop deadline.
+    pub async fn stop(&mut self, service: Service) {
+        let keys: Vec<_> = self
+            .running
+            .keys()
+            .filter(|key| key.0 == service.name())
+            .cloned()
+            .collect();
+        for key in keys {
+            let Some(mut running) = self.running.remove(&key) else {
+                continue;
+            };
+            if let Some(pid) = running.child.id() {
+                // SAFETY: kill(2) on our own child's pid with a valid signal.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            if tokio::time::timeout(self.stop_deadline, running.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = running.child.kill().await;
+            }
+        }
+    }
+
     /// Returns the services whose process has exited on its own.
     pub fn exited(&mut self) -> Vec<(Service, std::process::ExitStatus)> {
         let mut exited = Vec::new();

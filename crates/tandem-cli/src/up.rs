@@ -30,6 +30,9 @@ pub struct UpArgs {
     /// from the first step (the tests shorten it).
     #[arg(long, default_value_t = 30_000, hide = true)]
     healthy_after_ms: u64,
+    /// Port of the operator console (on 127.0.0.1); 0 for none.
+    #[arg(long, default_value_t = 8080)]
+    console_port: u16,
     /// How long the services get to stop on Ctrl-C before they are killed
     /// (the tests shorten it).
     #[arg(long, default_value_t = 15_000, hide = true)]
@@ -63,12 +66,56 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             return Err(error);
         }
     }
+    let (controls, requests, held) = if args.console_port == 0 || stop.is_cancelled() {
+        (None, None, None)
+    } else {
+        let tokens = tandem_service::admin::AdminTokens::parse(&token)
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        let (sender, requests) = tokio::sync::mpsc::channel(16);
+        let (held, held_receiver) = tokio::sync::watch::channel(Vec::new());
+        let controls = crate::console::Controls {
+            sender,
+            tokens,
+            held: held_receiver,
+        };
+        (Some(controls), Some(requests), Some(held))
+    };
+    let mut console_url = None;
+    if let Some(controls) = controls {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], args.console_port));
+        // The services matter more than their console: a port already
+        // taken costs the console, not the system.
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => {
+                console_url = Some(format!("http://{}", listener.local_addr()?));
+                let services = Service::ALL
+                    .iter()
+                    .map(|service| crate::console::watched(&system.url(*service)?))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if let Err(error) =
+                        crate::console::serve(listener, services, Some(controls), stop).await
+                    {
+                        eprintln!("the console stopped: {error:#}");
+                    }
+                });
+            }
+            Err(error) => eprintln!(
+                "no console: cannot listen on {address} ({error}); choose another port with \
+                 --console-port, or 0 for none"
+            ),
+        }
+    }
     if !stop.is_cancelled() {
         println!("Tandem is up; data in {}", system.data_dir().display());
         for service in Service::ALL {
             println!("  {:<10} {}", service.name(), system.url(service)?);
         }
         println!("  events     tandem events tail --bus {}", system.bus_url());
+        if let Some(url) = &console_url {
+            println!("  console    {url}");
+        }
         let kept = system.data_dir().join(crate::data_dir::ADMIN_TOKEN_FILE);
         if made_now {
             println!(
@@ -83,6 +130,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             &mut system,
             &stop,
             Duration::from_millis(args.healthy_after_ms),
+            requests,
+            held,
         )
         .await;
     }
@@ -108,6 +157,8 @@ struct Supervised {
     running_since: Option<Instant>,
     /// When to start it again, while it is down.
     restart_at: Option<Instant>,
+    /// Stopped or killed from the console: down until started from there.
+    held: bool,
 }
 
 impl Supervised {
@@ -120,13 +171,22 @@ impl Supervised {
 
 /// Restarts services that exit, until `stop` fires: after a backoff that
 /// grows with each exit or failed start in a row, and starts over once a
-/// service has run for `healthy_after`.
-async fn supervise(system: &mut System, stop: &CancellationToken, healthy_after: Duration) {
+/// service has run for `healthy_after`. Carries out the console's
+/// `controls` (a service stopped or killed there stays down until it is
+/// started there) and tells the console which services are held down.
+async fn supervise(
+    system: &mut System,
+    stop: &CancellationToken,
+    healthy_after: Duration,
+    mut controls: Option<tokio::sync::mpsc::Receiver<crate::console::Control>>,
+    held: Option<tokio::sync::watch::Sender<Vec<String>>>,
+) {
     let mut supervised = Service::ALL.map(|service| Supervised {
         service,
         backoff: FIRST_BACKOFF,
         running_since: Some(Instant::now()),
         restart_at: None,
+        held: false,
     });
     loop {
         for (service, status) in system.exited() {
@@ -171,11 +231,80 @@ async fn supervise(system: &mut System, stop: &CancellationToken, healthy_after:
                 }
             }
         }
-        tokio::select! {
+        let control = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(TICK) => None,
+            Some(control) = async {
+                match controls.as_mut() {
+                    Some(controls) => controls.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => Some(control),
+        };
+        if let Some(control) = control {
+            let answer = carry_out(system, &mut supervised, &control).await;
+            if let Some(held) = &held {
+                held.send_replace(
+                    supervised
+                        .iter()
+                        .filter(|state| state.held)
+                        .map(|state| state.service.name().to_owned())
+                        .collect(),
+                );
+            }
+            let _ = control.reply.send(answer);
         }
     }
+}
+
+/// Stops, kills or starts a supervised service as the console asked.
+async fn carry_out(
+    system: &mut System,
+    supervised: &mut [Supervised],
+    control: &crate::console::Control,
+) -> Result<(), String> {
+    use crate::console::Action;
+    let Some(state) = supervised
+        .iter_mut()
+        .find(|state| state.service.name() == control.service)
+    else {
+        return Err(format!("no service {} here", control.service));
+    };
+    let name = state.service.name();
+    match control.action {
+        Action::Stop => {
+            system.stop(state.service).await;
+            eprintln!("{name} service stopped from the console; it stays down until started");
+        }
+        Action::Kill => {
+            system
+                .kill(state.service)
+                .await
+                .map_err(|error| format!("cannot kill the {name} service: {error:#}"))?;
+            eprintln!(
+                "{name} service killed (SIGKILL) from the console; it stays down until started"
+            );
+        }
+        Action::Start => {
+            if system.is_running(state.service) {
+                return Err(format!("the {name} service is already running"));
+            }
+            system
+                .start(state.service)
+                .await
+                .map_err(|error| format!("cannot start the {name} service: {error:#}"))?;
+            state.held = false;
+            state.restart_at = None;
+            state.backoff = FIRST_BACKOFF;
+            state.running_since = Some(Instant::now());
+            eprintln!("{name} service started from the console");
+            return Ok(());
+        }
+    }
+    state.held = true;
+    state.restart_at = None;
+    state.running_since = None;
+    Ok(())
 }
 
 /// Demo data: customers and products with fixed ids.

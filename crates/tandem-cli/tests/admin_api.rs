@@ -392,3 +392,104 @@ async fn a_service_beyond_loopback_without_a_token_refuses_to_start() {
     assert!(message.contains("shorter than 16"), "{message}");
     assert!(!message.contains("tooshort99"), "{message}");
 }
+
+/// A paused consumer applies nothing: the order it should reserve stock
+/// for waits while its lag grows past two seconds and its health says
+/// paused (the exit code of `tandem status` too); resumed, the order
+/// settles. Pause and resume are audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_consumer_applies_nothing_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut system = start(dir.path()).await;
+    let http = system.http().clone();
+    let inventory = url(&system, Service::Inventory);
+    let order = url(&system, Service::Order);
+    let consumer = "inventory-reservations";
+
+    let paused = admin(
+        &http,
+        reqwest::Method::POST,
+        &format!("{inventory}/admin/consumers/{consumer}/pause"),
+        None,
+    )
+    .await;
+    assert_eq!(paused["changed"], true, "{paused}");
+    let again = admin(
+        &http,
+        reqwest::Method::POST,
+        &format!("{inventory}/admin/consumers/{consumer}/pause"),
+        None,
+    )
+    .await;
+    assert_eq!(again["changed"], false, "{again}");
+    let unknown = http
+        .post(format!(
+            "{inventory}/admin/consumers/order-settlement/pause"
+        ))
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404, "a consumer of another service");
+
+    let id = common::place(&http, &order, "1234", &[("widget", 1)]).await;
+    eventually("the paused consumer falls two seconds behind", || {
+        let http = http.clone();
+        let inventory = inventory.clone();
+        async move {
+            let status: Value = http
+                .get(format!("{inventory}/status"))
+                .send()
+                .await
+                .map_err(|error| error.to_string())?
+                .json()
+                .await
+                .map_err(|error| error.to_string())?;
+            let report = &status["consumers"][0];
+            if report["health"] == "paused" && report["lagSeconds"].as_f64().unwrap_or(0.0) >= 2.0 {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        common::get_order(&http, &order, &id).await["status"],
+        "PENDING",
+        "nothing was applied while paused"
+    );
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["status", "--url", &inventory])
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(1), "{status:?}");
+    assert!(String::from_utf8_lossy(&status.stdout).contains("paused"));
+
+    admin(
+        &http,
+        reqwest::Method::POST,
+        &format!("{inventory}/admin/consumers/{consumer}/resume"),
+        None,
+    )
+    .await;
+    common::settles_as(&http, &order, &id, "CONFIRMED").await;
+    let audit = get(&http, &format!("{inventory}/admin/audit")).await;
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "consumer.resume",
+            "consumer.pause",
+            "consumer.pause",
+            "consumer.pause"
+        ],
+        "{audit}"
+    );
+    system.stop_all().await;
+}

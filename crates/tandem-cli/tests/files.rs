@@ -41,7 +41,7 @@ fn up(data_dir: &Path) -> Up {
         .arg("up")
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--base-port", "0"])
+        .args(["--base-port", "0", "--console-port", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

@@ -37,7 +37,14 @@ struct Up {
 impl Up {
     async fn start(dir: &Path, extra: &[&str]) -> Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(["up", "--base-port", "0", "--data-dir"])
+            .args([
+                "up",
+                "--base-port",
+                "0",
+                "--console-port",
+                "0",
+                "--data-dir",
+            ])
             .arg(dir)
             .args(extra)
             .stdin(Stdio::null())

@@ -1,7 +1,8 @@
 //! The admin API every service serves under `/admin`: its dead letters
 //! (listed by consumer, status and failure group with cursor paging;
 //! shown; redriven or discarded one, a list or a whole failure group),
-//! its consumers with their lag (the progress of a rebuild) and replay,
+//! its consumers with their lag (the progress of a rebuild), replay,
+//! pause and resume,
 //! and the audit trail of what operators did.
 //!
 //! Every route needs `Authorization: Bearer <token>`; without one, or with
@@ -118,7 +119,7 @@ impl AdminTokens {
 
     /// The name of the token whose secret `presented` is, if any. Every
     /// token is compared, in constant time, whichever matches.
-    fn name_of(&self, presented: &str) -> Option<String> {
+    pub fn name_of(&self, presented: &str) -> Option<String> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
         for token in self.0.iter() {
@@ -208,6 +209,8 @@ pub(crate) fn with_admin<S: Store>(
         .route("/admin/failure-groups", get(failure_groups::<S>))
         .route("/admin/consumers", get(consumers::<S>))
         .route("/admin/consumers/{consumer}/replay", post(replay::<S>))
+        .route("/admin/consumers/{consumer}/pause", post(pause::<S>))
+        .route("/admin/consumers/{consumer}/resume", post(resume::<S>))
         .route("/admin/audit", get(audit::<S>))
         .with_state(AdminState { store, reporter })
         .route_layer(axum::middleware::from_fn_with_state(tokens, authenticate));
@@ -681,6 +684,103 @@ async fn replay<S: Store>(
     }
 }
 
+/// Whether a pause or resume changed anything.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseState {
+    pub consumer: String,
+    pub paused: bool,
+    /// `false` when it already was in that state.
+    pub changed: bool,
+}
+
+async fn set_paused<S: Store>(
+    state: AdminState<S>,
+    actor: Actor,
+    consumer: String,
+    pause: bool,
+) -> Result<Json<PauseState>, Problem> {
+    let known = state.reporter.consumers().contains(&consumer);
+    let action = if pause {
+        "consumer.pause"
+    } else {
+        "consumer.resume"
+    };
+    let target = consumer.clone();
+    let changed = state
+        .store
+        .write(move |tx| {
+            if !known {
+                tandem::audit::record(
+                    tx,
+                    &actor.0,
+                    action,
+                    &target,
+                    "refused: no such consumer in this service",
+                )?;
+                return Ok(None);
+            }
+            let changed = if pause {
+                tandem::consumer::pauses::pause_in(tx, &target, &actor.0)?
+            } else {
+                tandem::consumer::pauses::resume_in(tx, &target)?
+            };
+            let note = match (pause, changed) {
+                (true, true) => "ok: paused",
+                (true, false) => "ok: was paused already",
+                (false, true) => "ok: resumed",
+                (false, false) => "ok: was not paused",
+            };
+            tandem::audit::record(tx, &actor.0, action, &target, note)?;
+            Ok(Some(changed))
+        })
+        .await
+        .map_err(store_problem)?;
+    match changed {
+        Some(changed) => Ok(Json(PauseState {
+            consumer,
+            paused: pause,
+            changed,
+        })),
+        None => Err(
+            Problem::not_found(format!("no consumer {consumer} in this service"))
+                .with_field("consumer"),
+        ),
+    }
+}
+
+#[utoipa::path(post, path = "/admin/consumers/{consumer}/pause", tag = "admin",
+    params(("consumer" = String, Path, description = "the consumer's name")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "the consumer is paused: every instance leaves its group and applies nothing until resumed; its lag grows", body = PauseState),
+        (status = 401, description = "no admin token, or an unknown one", body = Problem),
+        (status = 404, description = "no such consumer in this service", body = Problem),
+    ))]
+async fn pause<S: Store>(
+    State(state): State<AdminState<S>>,
+    Extension(actor): Extension<Actor>,
+    Path(consumer): Path<String>,
+) -> Result<Json<PauseState>, Problem> {
+    set_paused(state, actor, consumer, true).await
+}
+
+#[utoipa::path(post, path = "/admin/consumers/{consumer}/resume", tag = "admin",
+    params(("consumer" = String, Path, description = "the consumer's name")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "the consumer applies again, from where it stopped", body = PauseState),
+        (status = 401, description = "no admin token, or an unknown one", body = Problem),
+        (status = 404, description = "no such consumer in this service", body = Problem),
+    ))]
+async fn resume<S: Store>(
+    State(state): State<AdminState<S>>,
+    Extension(actor): Extension<Actor>,
+    Path(consumer): Path<String>,
+) -> Result<Json<PauseState>, Problem> {
+    set_paused(state, actor, consumer, false).await
+}
+
 /// A page of the audit trail.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -765,6 +865,8 @@ async fn audit<S: Store>(
         failure_groups,
         consumers,
         replay,
+        pause,
+        resume,
         audit
     ),
     components(schemas(
@@ -772,6 +874,7 @@ async fn audit<S: Store>(
         DeadLetterPage,
         Selection,
         Requested,
+        PauseState,
         FailureGroupView,
         AuditView,
         AuditPage,

@@ -221,6 +221,14 @@ pub(crate) struct Reporter<S: Store> {
 }
 
 impl<S: Store> Reporter<S> {
+    /// The names of the service's consumers.
+    pub(crate) fn consumers(&self) -> Vec<String> {
+        self.consumers
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     pub(crate) async fn report(
         &self,
     ) -> Result<tandem::status::ServiceReport, tandem::status::StatusError> {

@@ -62,6 +62,8 @@ pub struct ConsumerStatus {
     pub oldest_dead_letter_age_seconds: f64,
     /// When the consumer last committed a batch (µs since the epoch).
     pub last_progress_micros: Option<i64>,
+    /// An operator paused it (`tandem::consumer::pauses`).
+    pub paused: bool,
 }
 
 /// A consumer's health, Burrow-style: from how its lag and its position
@@ -79,6 +81,8 @@ pub enum Health {
     Error,
     /// Behind, and its position has not moved for [`STALLED_AFTER`].
     Stalled,
+    /// Paused by an operator: applies nothing until resumed.
+    Paused,
     /// Not running (its service is down).
     Stopped,
 }
@@ -90,6 +94,7 @@ impl Health {
             Health::Lagging => "lagging",
             Health::Error => "error",
             Health::Stalled => "stalled",
+            Health::Paused => "paused",
             Health::Stopped => "stopped",
         }
     }
@@ -147,6 +152,8 @@ impl ConsumerStatus {
         let behind = self.lag_events() > 0 || self.lag_seconds() > 0.0;
         if !running {
             Health::Stopped
+        } else if self.paused {
+            Health::Paused
         } else if behind && seconds_since(self.last_progress_micros) >= STALLED_AFTER {
             Health::Stalled
         } else if self.parked() > 0 {
@@ -245,7 +252,7 @@ pub async fn consumer_status<S: Store>(
     topics: &[String],
 ) -> Result<ConsumerStatus, StatusError> {
     let name = consumer.to_owned();
-    let (positions, gaps_open, dead_letters, oldest, waiting) = store
+    let (positions, gaps_open, dead_letters, oldest, waiting, paused) = store
         .read(move |tx| -> Result<_, StoreError> {
             let positions = tx
                 .query(
@@ -326,12 +333,16 @@ pub async fn consumer_status<S: Store>(
                     }
                 }
             }
+            // A database older than the pauses' table has none.
+            let paused = crate::schema::schema_version(tx)? >= 2
+                && crate::consumer::pauses::paused_in(tx, &name)?;
             Ok((
                 positions,
                 u64::try_from(gaps).unwrap_or(0),
                 dead_letters,
                 oldest,
                 waiting,
+                paused,
             ))
         })
         .await?;
@@ -391,6 +402,7 @@ pub async fn consumer_status<S: Store>(
         dead_letters,
         oldest_dead_letter_age_seconds: seconds_since(oldest),
         last_progress_micros: positions.iter().map(|(_, _, _, at)| *at).max(),
+        paused,
     })
 }
 

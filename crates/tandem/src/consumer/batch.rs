@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::handler::{apply_handler, Handler, HandlerError};
 
-use super::positions::{generation, save_positions};
+use super::positions::{generation_and_pause, save_positions};
 
 use super::states::AggregateState;
 
@@ -128,24 +128,35 @@ impl BatchContext {
         if events.is_empty() {
             return Ok(());
         }
+        if !crate::trace::enabled() {
+            return self.handler.handle_batch(tx, &events);
+        }
         // Events of sampled traces are handled one `handle` call each,
         // inside their `process` span, so that what the handler publishes
         // carries the event's trace (the default `handle_batch` does the
-        // same calls).
-        if crate::trace::enabled()
-            && events.iter().any(|event| {
-                event
-                    .traceparent
-                    .as_deref()
-                    .is_some_and(crate::trace::sampled)
-            })
-        {
-            for event in &events {
-                crate::trace::processing(&self.consumer, event, || self.handler.handle(tx, event))?;
+        // same calls); the runs of unsampled events between them keep
+        // their `handle_batch` call, in order. Under ratio sampling a
+        // batch thus costs what it costs untraced, plus its few sampled
+        // events.
+        let is_sampled = |event: &Envelope| {
+            event
+                .traceparent
+                .as_deref()
+                .is_some_and(crate::trace::sampled)
+        };
+        let mut rest: &[Envelope] = &events;
+        while !rest.is_empty() {
+            let unsampled = rest.iter().position(is_sampled).unwrap_or(rest.len());
+            if unsampled > 0 {
+                self.handler.handle_batch(tx, &rest[..unsampled])?;
+                rest = &rest[unsampled..];
+                continue;
             }
-            return Ok(());
+            let event = &rest[0];
+            crate::trace::processing(&self.consumer, event, || self.handler.handle(tx, event))?;
+            rest = &rest[1..];
         }
-        self.handler.handle_batch(tx, &events)
+        Ok(())
     }
 
     /// Learns whether any event of this consumer is held ahead of a gap,
@@ -264,6 +275,8 @@ pub(super) enum BatchError {
     /// A replay reset the consumer since this member last sought: its
     /// buffered records and positions belong to the generation before.
     Stale,
+    /// An operator paused the consumer: nothing is applied.
+    Paused,
     /// The handler failed on the record at `index`.
     Handler {
         index: usize,
@@ -296,6 +309,8 @@ pub(super) struct BatchOutcome {
     /// A replay reset the consumer: nothing was applied, and the member
     /// must seek to the positions of the new generation.
     pub(super) stale: bool,
+    /// An operator paused the consumer: nothing was applied.
+    pub(super) paused: bool,
 }
 
 impl BatchOutcome {
@@ -308,6 +323,7 @@ impl BatchOutcome {
             took: std::time::Duration::ZERO,
             failure: None,
             stale: false,
+            paused: false,
         }
     }
 }
@@ -392,8 +408,12 @@ impl<S: Store> Consumer<S> {
         let mut outcome = self
             .store
             .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, BatchError> {
-                if generation(tx, &consumer)? != known {
+                let (generation, paused) = generation_and_pause(tx, &consumer)?;
+                if generation != known {
                     return Err(BatchError::Stale);
+                }
+                if paused {
+                    return Err(BatchError::Paused);
                 }
                 let mode = if collect {
                     Mode::collecting()
@@ -442,6 +462,7 @@ impl<S: Store> Consumer<S> {
                     took: std::time::Duration::ZERO,
                     failure: None,
                     stale: false,
+                    paused: false,
                 })
             })
             .await;
@@ -465,6 +486,11 @@ impl<S: Store> Consumer<S> {
             Err(BatchError::Stale) => {
                 let mut outcome = BatchOutcome::nothing();
                 outcome.stale = true;
+                return Ok(outcome);
+            }
+            Err(BatchError::Paused) => {
+                let mut outcome = BatchOutcome::nothing();
+                outcome.paused = true;
                 return Ok(outcome);
             }
             Err(BatchError::Collected) => {

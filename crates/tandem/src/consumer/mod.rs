@@ -22,6 +22,7 @@ mod batch;
 mod handler;
 mod ordering;
 mod parking;
+pub mod pauses;
 mod positions;
 mod requests;
 mod run;

@@ -136,6 +136,9 @@ impl<S: Store> Consumer<S> {
             if outcome.stale {
                 return Ok(Drained::Stale);
             }
+            if outcome.paused {
+                return Ok(Drained::Paused);
+            }
             attempts += 1;
             match outcome.failure {
                 None => {

@@ -155,6 +155,23 @@ pub(super) fn generation(tx: &mut dyn Tx, consumer: &str) -> Result<i64, StoreEr
     .map_or(Ok(0), |row| row.i64(0))
 }
 
+/// The consumer's replay generation, and whether it is paused, in one
+/// statement: what each batch checks before it applies anything.
+pub(super) fn generation_and_pause(
+    tx: &mut dyn Tx,
+    consumer: &str,
+) -> Result<(i64, bool), StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT COALESCE((SELECT generation FROM tandem_consumer_generations
+                              WHERE consumer = $1), 0),
+                    (SELECT COUNT(*) FROM tandem_consumer_paused WHERE consumer = $1)",
+            params![consumer],
+        )?
+        .ok_or_else(|| StoreError::Decode("the generation query returned no row".into()))?;
+    Ok((row.i64(0)?, row.i64(1)? > 0))
+}
+
 /// Where `consumer` resumes, per partition.
 pub async fn positions<S: Store>(
     store: &S,

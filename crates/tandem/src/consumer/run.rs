@@ -20,7 +20,7 @@ use crate::backoff::Backoff;
 
 use crate::bus::{Delivery, Record, Subscription, TopicPartition};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Tx};
 
 /// How [`Consumer::drain_buffer`] ended.
 pub(super) enum Drained {
@@ -30,6 +30,8 @@ pub(super) enum Drained {
     Shutdown,
     /// A replay reset the consumer: seek again and drop the buffer.
     Stale,
+    /// An operator paused the consumer: leave the group.
+    Paused,
 }
 
 impl<S: Store> Consumer<S> {
@@ -44,10 +46,27 @@ impl<S: Store> Consumer<S> {
     /// twice. Any other error ends `run`.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_outage_max);
+        let mut announced_pause = false;
         loop {
+            if self.paused().await.unwrap_or(false) {
+                if !announced_pause {
+                    tracing::info!(consumer = %self.config.name, "paused; applying nothing until resumed");
+                    announced_pause = true;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.config.housekeeping_interval) => {}
+                }
+                continue;
+            }
+            if announced_pause {
+                tracing::info!(consumer = %self.config.name, "resumed");
+                announced_pause = false;
+            }
             let started = Instant::now();
             let error = match self.run_subscribed(&shutdown).await {
-                Ok(()) => return Ok(()),
+                Ok(Ended::Shutdown) => return Ok(()),
+                Ok(Ended::Paused) => continue,
                 Err(error) if is_outage(&error) => error,
                 Err(error) => return Err(error),
             };
@@ -69,7 +88,15 @@ impl<S: Store> Consumer<S> {
         }
     }
 
-    async fn run_subscribed(&self, shutdown: &CancellationToken) -> Result<(), ConsumerError> {
+    /// Whether an operator has paused this consumer.
+    async fn paused(&self) -> Result<bool, StoreError> {
+        let consumer = self.config.name.clone();
+        self.store
+            .read(move |tx: &mut dyn Tx| super::pauses::paused_in(tx, &consumer))
+            .await
+    }
+
+    async fn run_subscribed(&self, shutdown: &CancellationToken) -> Result<Ended, ConsumerError> {
         let shutdown = shutdown.clone();
         let mut subscription = self
             .bus
@@ -81,10 +108,15 @@ impl<S: Store> Consumer<S> {
         let mut last_gap_check = Instant::now();
         loop {
             if shutdown.is_cancelled() {
-                return Ok(());
+                return Ok(Ended::Shutdown);
             }
             if last_housekeeping.elapsed() >= self.config.housekeeping_interval {
                 last_housekeeping = Instant::now();
+                // Paused: leave the group (drop the subscription); the
+                // records not applied are read again after the resume.
+                if self.paused().await? {
+                    return Ok(Ended::Paused);
+                }
                 if self.run_requests(&mut subscription, &assigned).await? {
                     buffer.clear();
                 }
@@ -99,7 +131,7 @@ impl<S: Store> Consumer<S> {
                 let wait = self.config.housekeeping_interval;
                 let asked = std::time::Instant::now();
                 let delivery = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
                     delivery = subscription.next(self.config.batch_size, wait) => delivery?,
                 };
                 if let Some(Delivery::Records(_)) = &delivery {
@@ -139,7 +171,7 @@ impl<S: Store> Consumer<S> {
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
                 _ = crate::fault::hold("consumer.before_batch") => {}
             }
             match self
@@ -147,7 +179,8 @@ impl<S: Store> Consumer<S> {
                 .await?
             {
                 Drained::Done => {}
-                Drained::Shutdown => return Ok(()),
+                Drained::Shutdown => return Ok(Ended::Shutdown),
+                Drained::Paused => return Ok(Ended::Paused),
                 Drained::Stale => {
                     tracing::info!(
                         consumer = %self.config.name,
@@ -197,6 +230,9 @@ impl<S: Store> Consumer<S> {
             if outcome.stale {
                 return Ok(Drained::Stale);
             }
+            if outcome.paused {
+                return Ok(Drained::Paused);
+            }
             buffer.drain(..outcome.consumed);
             subscription.ack(&records[..outcome.consumed]).await?;
             let Some(error) = outcome.failure else {
@@ -213,4 +249,11 @@ impl<S: Store> Consumer<S> {
         }
         Ok(Drained::Done)
     }
+}
+
+/// Why a subscription ended without an error.
+enum Ended {
+    Shutdown,
+    /// An operator paused the consumer.
+    Paused,
 }

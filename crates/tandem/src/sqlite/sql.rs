@@ -30,12 +30,13 @@ static MIGRATIONS: [Migration; 2] = [
     },
     Migration {
         version: 2,
-        description: "the audit trail of operator actions",
+        description: "the audit trail of operator actions, and consumer pauses",
         apply: install_audit,
     },
 ];
 
-/// Migration 2: the audit trail (`tandem::audit`).
+/// Migration 2: the audit trail (`tandem::audit`) and consumer pauses
+/// (`tandem::consumer::pauses`).
 fn install_audit(tx: &mut dyn Tx) -> Result<(), StoreError> {
     tx.execute_batch(AUDIT)
 }
@@ -48,6 +49,11 @@ CREATE TABLE IF NOT EXISTS tandem_admin_audit (
     action TEXT    NOT NULL,
     target TEXT    NOT NULL,
     result TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tandem_consumer_paused (
+    consumer  TEXT    PRIMARY KEY,
+    paused_at INTEGER NOT NULL,
+    paused_by TEXT    NOT NULL
 );
 ";
 

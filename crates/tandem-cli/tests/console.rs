@@ -1,0 +1,320 @@
+//! The operator console in a real browser (headless Chromium driven over
+//! WebDriver by chromedriver), served by a real `tandem up`: the live map
+//! shows the three services; with the admin token, a newcomer kills the
+//! Customer Service from the page, places an order that is still
+//! confirmed, starts it again; parked events appear as one failure group
+//! that is discarded with a confirmation; a rebuild is asked for; the
+//! audit trail shows both. The console's own controls refuse a caller
+//! without the token.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (scripts/engines up
+//! installs them).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use tandem::bus::OutgoingRecord;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// A running `tandem up` and what it printed.
+struct Up {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Up {
+    async fn start(dir: &Path) -> Up {
+        // --console-port 0 means no console: a port free a moment ago.
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args([
+                "up",
+                "--seed",
+                "--base-port",
+                "0",
+                "--console-port",
+                &port.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tandem up");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = Arc::clone(&lines);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let up = Up { child, lines };
+        up.line("tandem up is up", |line| line.contains("Ctrl-C stops"))
+            .await;
+        up
+    }
+
+    async fn line(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(line) = self.lines.lock().unwrap().iter().find(|line| matches(line)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no such line within {DEADLINE:?}: {:?}",
+                self.lines.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The value after `label` on its line of the start-up table.
+    async fn field(&self, label: &str) -> String {
+        let line = self
+            .line(label, |line| line.trim_start().starts_with(label))
+            .await;
+        line.trim_start()[label.len()..].trim().to_owned()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// chromedriver on a free port, killed on drop.
+struct Driver {
+    _child: Child,
+    url: String,
+}
+
+async fn chromedriver() -> Driver {
+    assert!(
+        Path::new(CHROMEDRIVER).exists() && Path::new(CHROMIUM).exists(),
+        "{CHROMEDRIVER} or {CHROMIUM} is missing: install Debian's chromium and chromium-driver \
+         (scripts/engines up does)"
+    );
+    let port = free_port();
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chromedriver");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + DEADLINE;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "chromedriver did not listen on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Driver { _child: child, url }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"],
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .expect("a headless Chromium session")
+}
+
+async fn wait_css(browser: &Client, css: &str) -> fantoccini::elements::Element {
+    browser
+        .wait()
+        .at_most(DEADLINE)
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|error| panic!("no element {css} within {DEADLINE:?}: {error}"))
+}
+
+async fn text_becomes(browser: &Client, css: &str, wanted: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(element) = browser.find(Locator::Css(css)).await {
+            last = element.text().await.unwrap_or_default();
+            if last == wanted {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let page = browser
+        .find(Locator::Css("main"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap_or_default();
+    panic!("{css} did not read {wanted:?} within {DEADLINE:?}; it read {last:?}; the page: {page}");
+}
+
+/// Clicks `css`, found afresh if the page redrew it in between.
+async fn click(browser: &Client, css: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let clicked = wait_css(browser, css).await.click().await;
+        match clicked {
+            Ok(()) => return,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("clicking {css} again: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("cannot click {css}: {error}"),
+        }
+    }
+}
+
+/// Clicks `css` and accepts the confirmation it opens.
+async fn click_and_confirm(browser: &Client, css: &str) {
+    click(browser, css).await;
+    browser
+        .accept_alert()
+        .await
+        .unwrap_or_else(|error| panic!("clicking {css} opened no confirmation: {error}"));
+}
+
+async fn tab(browser: &Client, name: &str) {
+    click(browser, &format!("nav a[data-tab=\"{name}\"]")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Up::start(dir.path()).await;
+    let console = up.field("console").await;
+    let bus = up
+        .field("events")
+        .await
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    let token = std::fs::read_to_string(dir.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // The console's controls refuse a caller without the token.
+    let http = reqwest::Client::new();
+    let refused = http
+        .post(format!("{console}/api/services/customer/kill"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let driver = chromedriver().await;
+    let browser = browser(&driver).await;
+    browser.goto(&console).await.unwrap();
+
+    // The live map: every service, ok.
+    for service in ["customer", "inventory", "order"] {
+        wait_css(
+            &browser,
+            &format!("#map g[data-service=\"{service}\"][data-health=\"ok\"]"),
+        )
+        .await;
+    }
+    wait_css(&browser, "#map g[data-consumer=\"inventory-reservations\"]").await;
+    wait_css(&browser, "#map path.edge").await;
+
+    // The token, as the page asks for it.
+    wait_css(&browser, "#token")
+        .await
+        .send_keys(&token)
+        .await
+        .unwrap();
+    click(&browser, "#token-save").await;
+
+    // Kill -9 the Customer Service from the page; the map shows it down,
+    // and an order placed from the page is still confirmed.
+    tab(&browser, "controls").await;
+    click_and_confirm(&browser, "#control-customer-kill").await;
+    wait_css(
+        &browser,
+        "#map g[data-service=\"customer\"][data-health=\"stopped\"]",
+    )
+    .await;
+    click(&browser, "#order-place").await;
+    text_becomes(&browser, "#order-status", "CONFIRMED").await;
+    click(&browser, "#control-customer-start").await;
+    wait_css(
+        &browser,
+        "#map g[data-service=\"customer\"][data-health=\"ok\"]",
+    )
+    .await;
+
+    // Two events of one cause, parked: one group of two; discarded from
+    // the page with a confirmation, and gone.
+    let log = tandem_engines::open_bus(&bus).await.expect("open the bus");
+    log.publish(
+        &(0..2)
+            .map(|n| OutgoingRecord {
+                topic: "order".into(),
+                key: format!("poison-{n}"),
+                payload: format!("not an event {n}").into_bytes(),
+            })
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("publish the poison");
+    tab(&browser, "dead-letters").await;
+    wait_css(&browser, "#groups tr[data-count=\"2\"]").await;
+    click_and_confirm(
+        &browser,
+        "#groups tr[data-count=\"2\"] button[id^=\"discard-\"]",
+    )
+    .await;
+    wait_css(&browser, "#groups tr.empty").await;
+
+    // A rebuild of the Inventory Service's consumer, asked from the page.
+    tab(&browser, "rebuilds").await;
+    click_and_confirm(&browser, "#rebuild-inventory-reservations").await;
+
+    // Both actions in the audit trail.
+    tab(&browser, "audit").await;
+    wait_css(&browser, "#audit tr[data-action=\"dead-letters.discard\"]").await;
+    wait_css(&browser, "#audit tr[data-action=\"consumer.replay\"]").await;
+
+    browser.close().await.unwrap();
+    // SAFETY: kill(2) with a valid signal on the child this test started.
+    unsafe { libc::kill(up.child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(DEADLINE, up.child.wait())
+        .await
+        .expect("tandem up stops")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
