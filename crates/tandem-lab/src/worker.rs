@@ -57,6 +57,10 @@ pub enum WorkerCommand {
         expect: i64,
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        /// Refuse every deposit (parked at once), and stop when `expect`
+        /// events are parked instead of applied.
+        #[arg(long)]
+        refuse: bool,
     },
     /// Appends `count` records keyed `w<writer>-<n>` straight to the bus.
     Append {
@@ -94,7 +98,8 @@ pub async fn run(command: WorkerCommand) -> anyhow::Result<()> {
             group,
             expect,
             batch,
-        } => consume(&db, &bus, &topic, &group, expect, batch).await,
+            refuse,
+        } => consume(&db, &bus, &topic, &group, expect, batch, refuse).await,
         WorkerCommand::Append {
             bus,
             topic,
@@ -182,16 +187,27 @@ async fn consume(
     group: &str,
     expect: i64,
     batch: usize,
+    refuse: bool,
 ) -> anyhow::Result<()> {
     let store = tandem_engines::open_store(db).await?;
     store.write(install_ledger).await?;
+    let ledger = Ledger::new();
+    ledger
+        .refuse_all
+        .store(refuse, std::sync::atomic::Ordering::SeqCst);
+    // What counts as done: events applied, or (refusing) parked.
+    let progress = if refuse {
+        "SELECT COUNT(*) FROM tandem_dead_letters WHERE status = 'parked'"
+    } else {
+        "SELECT COALESCE(SUM(applied), 0) FROM ledger"
+    };
     let bus = tandem_engines::open_bus(bus).await?;
     let mut config = ConsumerConfig::new(group, &[topic]);
     config.batch_size = batch;
     let consumer = Consumer::new(
         store.clone(),
         bus,
-        Arc::new(Ledger::new()) as Arc<dyn Handler>,
+        Arc::new(ledger) as Arc<dyn Handler>,
         config,
     );
     let shutdown = CancellationToken::new();
@@ -205,7 +221,7 @@ async fn consume(
         let applied = store
             .read(|tx| -> Result<i64, StoreError> {
                 Ok(tx
-                    .query_opt("SELECT COALESCE(SUM(applied), 0) FROM ledger", &[])?
+                    .query_opt(progress, &[])?
                     .map(|row| row.i64(0))
                     .transpose()?
                     .unwrap_or(0))

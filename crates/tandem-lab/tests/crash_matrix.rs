@@ -5,7 +5,9 @@
 //! rolled-back one appears. The matrix runs on every pair of engines:
 //! embedded log + SQLite, Kafka + PostgreSQL, NATS JetStream + PostgreSQL
 //! (`scripts/engines up` starts the servers). Also: several processes
-//! appending to the embedded log at once, one of them killed mid-way.
+//! appending to the embedded log at once, one of them killed mid-way; and
+//! a bulk redrive of 10,000 parked events whose consumer is killed
+//! part-way.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -537,5 +539,128 @@ fn processes_appending_at_once_get_dense_offsets_and_a_killed_one_tears_nothing(
         victim_numbers,
         (0..victim_numbers.len() as u64).collect::<Vec<u64>>(),
         "the killed writer's records are a prefix"
+    );
+}
+
+/// What the ledger must hold after deposits `0..count`, each applied once.
+fn ledger_after(count: u64) -> Vec<(String, i64, i64, i64)> {
+    let mut accounts = std::collections::BTreeMap::<String, (i64, i64)>::new();
+    for number in 0..count {
+        let entry = accounts.entry(format!("acct-{}", number % 17)).or_default();
+        entry.0 += number as i64 + 1;
+        entry.1 += 1;
+    }
+    accounts
+        .into_iter()
+        .map(|(account, (balance, applied))| (account, balance, applied, applied))
+        .collect()
+}
+
+/// A bulk redrive as the admin API records it (one request per parked
+/// letter, in one transaction), carried out by a consumer killed with
+/// SIGKILL part-way: after a restart every one of the 10,000 events is
+/// applied exactly once, and every letter is resolved.
+#[test]
+fn a_bulk_redrive_of_10000_parked_events_killed_part_way_applies_each_once() {
+    const PARKED: u64 = 10_000;
+    let setup = Setup::embedded();
+    let count = PARKED.to_string();
+    let mut produce = setup.produce();
+    produce[6] = &count;
+    produce[8] = "500";
+    run_worker(&produce);
+    let mut relay = setup.relay();
+    relay[6] = "500";
+    run_worker(&relay);
+    // Every deposit refused: each account's first parked, the rest parked
+    // behind it.
+    let mut refusing = setup.consume_expecting(&count, "500");
+    refusing.push("--refuse");
+    run_worker(&refusing);
+
+    let letters = |status: &'static str| -> i64 {
+        runtime().block_on(async {
+            let store = tandem_engines::open_store(&setup.reader).await.unwrap();
+            store
+                .read(move |tx| -> Result<i64, StoreError> {
+                    tx.query_opt(
+                        "SELECT COUNT(*) FROM tandem_dead_letters WHERE status = $1",
+                        tandem::params![status],
+                    )?
+                    .unwrap()
+                    .i64(0)
+                })
+                .await
+                .unwrap()
+        })
+    };
+    assert_eq!(letters("parked"), PARKED as i64);
+    let asked = runtime().block_on(async {
+        let store = tandem_engines::open_store(&setup.reader).await.unwrap();
+        store
+            .write(|tx| {
+                let filter = tandem::dead_letter::Filter {
+                    status: Some("parked".into()),
+                    ..Default::default()
+                };
+                let ids: Vec<i64> = tandem::dead_letter::page_in(tx, &filter, None, 100_000)?
+                    .iter()
+                    .map(|letter| letter.id)
+                    .collect();
+                tandem::dead_letter::request_in(
+                    tx,
+                    &ids,
+                    tandem::dead_letter::Command::Redrive(None),
+                )
+            })
+            .await
+            .unwrap()
+    });
+    assert_eq!(asked.len() as u64, PARKED);
+
+    // The consumer carries the requests out; it is killed once a good
+    // part, not all, is resolved.
+    let consume = setup.consume_expecting(&count, "500");
+    let mut child = KillOnDrop(
+        lab()
+            .arg("worker")
+            .args(&consume)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tandem-lab worker"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let resolved = letters("resolved");
+        if resolved >= 1_000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {resolved} letters resolved after 300 s"
+        );
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the consumer exited before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.0.kill().expect("SIGKILL the consumer");
+    child.0.wait().unwrap();
+    let resolved_at_kill = letters("resolved");
+    assert!(
+        resolved_at_kill < PARKED as i64,
+        "the kill came after the last redrive ({resolved_at_kill} resolved): not part-way"
+    );
+
+    // Restarted, it finishes what was asked.
+    run_worker(&consume);
+    assert_eq!(letters("resolved"), PARKED as i64);
+    assert_eq!(letters("parked"), 0);
+    assert_eq!(
+        setup.ledger(),
+        ledger_after(PARKED),
+        "each event applied once"
     );
 }

@@ -41,6 +41,8 @@ pub struct Ledger {
     /// When set, deposits of this amount fail.
     pub poison_amount: Arc<AtomicU64>,
     pub fail_poison: Arc<AtomicBool>,
+    /// When set, every deposit fails for good (and is parked at once).
+    pub refuse_all: Arc<AtomicBool>,
 }
 
 impl Default for Ledger {
@@ -54,6 +56,7 @@ impl Ledger {
         Self {
             poison_amount: Arc::new(AtomicU64::new(u64::MAX)),
             fail_poison: Arc::new(AtomicBool::new(false)),
+            refuse_all: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -77,6 +80,9 @@ pub fn install_ledger(tx: &mut dyn Tx) -> Result<(), StoreError> {
 impl Handler for Ledger {
     fn handle(&self, tx: &mut dyn Tx, event: &Envelope) -> Result<(), HandlerError> {
         let deposit: Deposited = event.payload()?;
+        if self.refuse_all.load(Ordering::SeqCst) {
+            return Err(HandlerError::permanent("every deposit is refused"));
+        }
         if self.fail_poison.load(Ordering::SeqCst)
             && deposit.amount_cents as u64 == self.poison_amount.load(Ordering::SeqCst)
         {
@@ -118,6 +124,7 @@ impl Handler for Ledger {
         if tx.engine().dialect() != tandem::store::Dialect::Postgres
             || events.len() < 2
             || self.fail_poison.load(Ordering::SeqCst)
+            || self.refuse_all.load(Ordering::SeqCst)
         {
             for event in events {
                 self.handle(tx, event)?;
