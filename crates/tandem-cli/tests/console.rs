@@ -318,3 +318,101 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// `tandem console --url ...` against services it does not run: its
+/// stream carries every service's report, admin calls pass through with
+/// the caller's token (401 without it), and there are no controls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_watches_services_deployed_elsewhere() {
+    use tandem_cli::serve::Service;
+    const SECRET: &str = "console-test-secret-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let mut system = tandem_cli::system::System::new(dir.path(), 0)
+        .unwrap()
+        .with_executable(env!("CARGO_BIN_EXE_tandem"));
+    for service in Service::ALL {
+        system.set_env(service, "TANDEM_ADMIN_TOKEN", Some(SECRET));
+    }
+    system.start_all().await.expect("start the services");
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    command
+        .args(["console", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    for service in Service::ALL {
+        command.args(["--url", &system.url(service).unwrap()]);
+    }
+    let mut console = command.spawn().expect("start tandem console");
+    let mut lines = BufReader::new(console.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("the console's first line")
+        .unwrap()
+        .unwrap();
+    let base = first.rsplit(' ').next().unwrap().to_owned();
+    assert_eq!(base, format!("http://127.0.0.1:{port}"), "{first}");
+
+    // The live stream: a snapshot naming all three services, up.
+    let http = reqwest::Client::new();
+    let mut stream = http.get(format!("{base}/api/stream")).send().await.unwrap();
+    assert_eq!(
+        stream.headers()["content-type"],
+        "text/event-stream",
+        "an SSE stream"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    let mut seen = String::new();
+    let snapshot = loop {
+        assert!(Instant::now() < deadline, "no full snapshot: {seen}");
+        let chunk = tokio::time::timeout(DEADLINE, stream.chunk())
+            .await
+            .expect("a chunk of the stream")
+            .unwrap()
+            .expect("the stream goes on");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        let full = seen.split("\n\n").find_map(|event| {
+            let data = event.lines().find_map(|line| line.strip_prefix("data:"))?;
+            let snapshot: serde_json::Value = serde_json::from_str(data.trim()).ok()?;
+            let services = snapshot["services"].as_array()?;
+            (services.len() == 3 && services.iter().all(|service| service["up"] == true))
+                .then_some(snapshot)
+        });
+        if let Some(snapshot) = full {
+            break snapshot;
+        }
+    };
+    assert_eq!(snapshot["controls"], false);
+    let names: Vec<&str> = snapshot["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|service| service["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["customer", "inventory", "order"]);
+
+    // Admin calls go through with the caller's token, and only with it.
+    let audit = format!("{base}/api/admin/inventory/audit");
+    assert_eq!(http.get(&audit).send().await.unwrap().status(), 401);
+    let page: serde_json::Value = http
+        .get(&audit)
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(page["items"].is_array(), "{page}");
+    // No controls here.
+    let control = http
+        .post(format!("{base}/api/services/customer/kill"))
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(control.status(), 404);
+    assert!(system.is_running(Service::Customer));
+    console.kill().await.unwrap();
+    system.stop_all().await;
+}
