@@ -11,6 +11,7 @@ const state = {
   history: new Map(), // "service/consumer" -> [{t, seconds, events}]
   backlog: new Map(), // service -> [{t, pending}]
   rebuilds: new Map(), // "service/consumer" -> {started, peak}
+  totals: new Map(), // "service/consumer" -> {count, sumSeconds}, the last reading
 };
 
 // ------------------------------------------------------------ helpers
@@ -150,7 +151,16 @@ function record(snapshot) {
     for (const consumer of service.report.consumers) {
       const key = `${service.name}/${consumer.consumer}`;
       const points = state.history.get(key) || [];
-      points.push({ t: now, seconds: consumer.lagSeconds, events: consumer.lagEvents });
+      // Propagation: the mean end-to-end delay of the events applied
+      // since the last snapshot (the service's running totals).
+      let propagation = null;
+      const totals = consumer.endToEnd;
+      const before = state.totals.get(key);
+      if (totals && before && totals.count > before.count) {
+        propagation = (totals.sumSeconds - before.sumSeconds) / (totals.count - before.count);
+      }
+      if (totals) state.totals.set(key, totals);
+      points.push({ t: now, seconds: consumer.lagSeconds, events: consumer.lagEvents, propagation });
       state.history.set(key, points.filter((point) => now - point.t <= HISTORY_MS));
       const rebuild = state.rebuilds.get(key);
       if (rebuild) rebuild.peak = Math.max(rebuild.peak, consumer.lagEvents);
@@ -269,7 +279,9 @@ function chart(title, series, key) {
       .join(" ");
     box.append(svg("polyline", { class: one.class, points }));
     const last = one.points.length ? one.points[one.points.length - 1].value : 0;
-    box.append(svg("text", { x: 6, y: one.class === "seconds" ? 14 : 28, "font-size": 11, fill: one.class === "seconds" ? "#c62828" : "#1565c0",
+    const row = { seconds: 14, events: 28, propagation: 42 }[one.class];
+    const colour = { seconds: "#c62828", events: "#1565c0", propagation: "#2e7d32" }[one.class];
+    box.append(svg("text", { class: one.class, x: 6, y: row, "font-size": 11, fill: colour,
       text: `${one.label}: ${one.format(last)} (max ${one.format(top === 1e-9 ? 0 : top)})` }));
   }
   return el("div", { class: "chart", "data-chart": key }, el("h3", { text: title }), box, all.length ? "" : el("p", { text: "no data yet" }));
@@ -282,7 +294,9 @@ function renderCharts() {
     parts.push(chart(key, [
       { class: "seconds", label: "lag", format: seconds, points: points.map((p) => ({ t: p.t, value: p.seconds })) },
       { class: "events", label: "behind", format: (v) => `${Math.round(v)} events`, points: points.map((p) => ({ t: p.t, value: p.events })) },
-    ], key));
+      { class: "propagation", label: "propagation (mean)", format: seconds,
+        points: points.filter((p) => p.propagation !== null).map((p) => ({ t: p.t, value: p.propagation })) },
+    ].filter((one) => one.class !== "propagation" || one.points.length), key));
   }
   for (const [service, points] of state.backlog) {
     parts.push(chart(`${service} outbox`, [

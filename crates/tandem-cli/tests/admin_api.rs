@@ -474,6 +474,21 @@ async fn a_paused_consumer_applies_nothing_until_resumed() {
     )
     .await;
     common::settles_as(&http, &order, &id, "CONFIRMED").await;
+    // The running totals the console's propagation chart reads.
+    let status: Value = http
+        .get(format!("{inventory}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let end_to_end = &status["consumers"][0]["endToEnd"];
+    assert!(end_to_end["count"].as_u64().unwrap_or(0) >= 1, "{status}");
+    assert!(
+        end_to_end["sumSeconds"].as_f64().unwrap_or(0.0) >= 2.0,
+        "paused ≥ 2 s: {status}"
+    );
     let audit = get(&http, &format!("{inventory}/admin/audit")).await;
     let actions: Vec<&str> = audit["items"]
         .as_array()

@@ -270,6 +270,13 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
     .await;
     click(&browser, "#order-place").await;
     text_becomes(&browser, "#order-status", "CONFIRMED").await;
+    // The order's events went through both consumers: their propagation
+    // is charted.
+    wait_css(
+        &browser,
+        ".chart[data-chart=\"inventory/inventory-reservations\"] text.propagation",
+    )
+    .await;
     click(&browser, "#control-customer-start").await;
     wait_css(
         &browser,

@@ -242,6 +242,10 @@ impl<S: Store> Reporter<S> {
             true,
         )
         .await?;
+        let mut report = report;
+        for consumer in &mut report.consumers {
+            consumer.end_to_end = Some(tandem::metrics::propagation(&consumer.consumer));
+        }
         let metrics = tandem::metrics::metrics();
         if let Some(outbox) = &outbox {
             metrics.record_outbox(outbox);

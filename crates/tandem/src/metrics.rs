@@ -413,3 +413,41 @@ pub fn wants_openmetrics(accept: &str) -> bool {
         .split(',')
         .any(|kind| kind.trim().starts_with("application/openmetrics-text"))
 }
+
+/// Running totals of end-to-end delays per consumer, for `/status` (a
+/// histogram cannot be read back): applied events and the sum of their
+/// delays in microseconds.
+#[derive(Debug, Default)]
+struct Propagation {
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+fn propagation_of(consumer: &str) -> std::sync::Arc<Propagation> {
+    static ALL: OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Propagation>>>,
+    > = OnceLock::new();
+    let mut all = ALL
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    std::sync::Arc::clone(all.entry(consumer.to_owned()).or_default())
+}
+
+/// Adds a committed batch's `count` end-to-end delays, `sum_micros` in all.
+pub fn record_propagation(consumer: &str, count: u64, sum_micros: u64) {
+    use std::sync::atomic::Ordering;
+    let totals = propagation_of(consumer);
+    totals.count.fetch_add(count, Ordering::Relaxed);
+    totals.sum_micros.fetch_add(sum_micros, Ordering::Relaxed);
+}
+
+/// The totals of `consumer` in this process.
+pub fn propagation(consumer: &str) -> crate::status::EndToEnd {
+    use std::sync::atomic::Ordering;
+    let totals = propagation_of(consumer);
+    crate::status::EndToEnd {
+        count: totals.count.load(Ordering::Relaxed),
+        sum_seconds: totals.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+    }
+}

@@ -464,6 +464,20 @@ pub struct ConsumerReport {
     pub dead_letters: u64,
     pub oldest_dead_letter_age_seconds: f64,
     pub partitions: Vec<PartitionReport>,
+    /// Events this process has applied, and the sum of their end-to-end
+    /// delays (event time to the commit of the effect), since it started:
+    /// two readings make the mean propagation between them. Only a
+    /// running service knows them (not `tandem status --data-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_to_end: Option<EndToEnd>,
+}
+
+/// Running totals of a consumer's end-to-end delays in this process.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndToEnd {
+    pub count: u64,
+    pub sum_seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -508,6 +522,7 @@ impl ServiceReport {
                         lag_seconds: partition.lag_seconds(),
                     })
                     .collect(),
+                end_to_end: None,
             })
             .collect();
         let worst = consumers

@@ -547,9 +547,14 @@ impl<S: Store> Consumer<S> {
                 })
                 .observe(outcome.took.as_secs_f64());
         }
+        let applied = &outcome.applied_times;
+        let sum_micros: i64 = applied
+            .iter()
+            .map(|created| (committed_at_micros - created).max(0))
+            .sum();
+        crate::metrics::record_propagation(consumer, applied.len() as u64, sum_micros as u64);
         // One label lookup per run of a topic, not per event.
         let mut index = 0;
-        let applied = &outcome.applied_times;
         for run in outcome.applied_topics.chunk_by(|a, b| a == b) {
             let histogram =
                 metrics
