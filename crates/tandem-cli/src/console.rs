@@ -345,9 +345,9 @@ async fn control(
         return Problem::not_found("this console controls no services (it is not tandem up's)")
             .into_response();
     };
-    let who = match authorize(&controls.tokens, &headers) {
+    let who = match controls.tokens.check(&headers) {
         Ok(who) => who,
-        Err(response) => return *response,
+        Err(detail) => return tandem_service::admin::unauthorized(detail),
     };
     let action = match action.as_str() {
         "stop" => Action::Stop,
@@ -376,33 +376,6 @@ async fn control(
         Ok(Ok(())) => StatusCode::ACCEPTED.into_response(),
         Ok(Err(message)) => Problem::conflict(message).into_response(),
         Err(_) => Problem::unavailable("the supervisor is stopping").into_response(),
-    }
-}
-
-/// The admin token check of the console's own controls.
-fn authorize(tokens: &AdminTokens, headers: &HeaderMap) -> Result<String, Box<Response>> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().to_owned());
-    match presented.and_then(|token| tokens.name_of(&token)) {
-        Some(name) => Ok(name),
-        None => {
-            let mut response = Problem::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send Authorization: Bearer <admin token>",
-            )
-            .with_field("authorization")
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"tandem-admin\""),
-            );
-            Err(Box::new(response))
-        }
     }
 }
 

@@ -135,7 +135,9 @@ impl AdminTokens {
 #[derive(Debug, Clone)]
 pub struct Actor(pub String);
 
-fn unauthorized(detail: &str) -> Response {
+/// A 401 problem naming the `Authorization` header, with the bearer
+/// challenge.
+pub fn unauthorized(detail: &str) -> Response {
     let mut response = Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
         .with_field("authorization")
         .into_response();
@@ -146,35 +148,41 @@ fn unauthorized(detail: &str) -> Response {
     response
 }
 
+impl AdminTokens {
+    /// The name of the token in `headers`' `Authorization: Bearer`, or the
+    /// 401 answer saying what is wrong (without echoing what was sent).
+    pub fn check(&self, headers: &axum::http::HeaderMap) -> Result<String, &'static str> {
+        if !self.is_configured() {
+            return Err(
+                "this service has no admin token; start it with --admin-token or TANDEM_ADMIN_TOKEN",
+            );
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| {
+                let (scheme, token) = value.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| token.trim().to_owned())
+            })
+            .ok_or("send Authorization: Bearer <admin token>")?;
+        self.name_of(&presented)
+            .ok_or("the admin token is not valid")
+    }
+}
+
 async fn authenticate(
     State(tokens): State<AdminTokens>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    if !tokens.is_configured() {
-        return unauthorized(
-            "this service has no admin token; start it with --admin-token or TANDEM_ADMIN_TOKEN",
-        );
-    }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| {
-            let (scheme, token) = value.split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| token.trim().to_owned())
-        });
-    let Some(presented) = presented else {
-        return unauthorized("send Authorization: Bearer <admin token>");
-    };
-    let Some(name) = tokens.name_of(&presented) else {
-        tracing::warn!(
-            path = %request.uri().path(),
-            "admin request refused: unknown token"
-        );
-        return unauthorized("the admin token is not valid");
+    let name = match tokens.check(request.headers()) {
+        Ok(name) => name,
+        Err(detail) => {
+            tracing::warn!(path = %request.uri().path(), detail, "admin request refused");
+            return unauthorized(detail);
+        }
     };
     request.extensions_mut().insert(Actor(name));
     next.run(request).await
