@@ -508,3 +508,122 @@ async fn a_paused_consumer_applies_nothing_until_resumed() {
     );
     system.stop_all().await;
 }
+
+/// Every admin route each service's OpenAPI document lists answers 401
+/// (problem+json) without a token and with a wrong one; a token given on
+/// the command line appears nowhere in the service's debug log, whatever
+/// is sent to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_admin_route_needs_the_token_and_the_log_never_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut system = start(dir.path()).await;
+    let http = system.http().clone();
+    for service in Service::ALL {
+        let base = url(&system, service);
+        let document: Value = http
+            .get(format!("{base}/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut checked = 0;
+        for (path, item) in document["paths"].as_object().unwrap() {
+            if !path.starts_with("/admin") {
+                continue;
+            }
+            let concrete = path
+                .replace("{id}", "1")
+                .replace("{consumer}", "some-consumer");
+            for method in ["get", "post"] {
+                if item.get(method).is_none() {
+                    continue;
+                }
+                for authorization in [None, Some("Bearer wrong-token-0123456789abcdef")] {
+                    let mut request = http.request(
+                        method.to_uppercase().parse().unwrap(),
+                        format!("{base}{concrete}"),
+                    );
+                    if let Some(value) = authorization {
+                        request = request.header("authorization", value);
+                    }
+                    if method == "post" {
+                        request = request.json(&json!({ "ids": [1] }));
+                    }
+                    let response = request.send().await.unwrap();
+                    assert_eq!(
+                        response.status(),
+                        401,
+                        "{service:?} {method} {path} with {authorization:?}"
+                    );
+                    assert_eq!(
+                        response.headers()["content-type"],
+                        "application/problem+json",
+                        "{service:?} {method} {path}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(
+            checked >= 20,
+            "{service:?}: only {checked} admin calls documented"
+        );
+    }
+    system.stop_all().await;
+
+    // A token on the command line, a debug log, calls with it and without.
+    let secret = "cli-given-secret-0123456789";
+    let db = format!("sqlite://{}/customer.db", dir.path().display());
+    let bus = format!("sqlite://{}/bus.db", dir.path().display());
+    let log = dir.path().join("serve.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["serve", "customer", "--listen", "127.0.0.1:0"])
+        .args(["--db", &db, "--bus", &bus])
+        .args(["--admin-token", &format!("ops:{secret}")])
+        .env_remove("TANDEM_ADMIN_TOKEN")
+        .env("TANDEM_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tandem serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = tokio::time::timeout(common::DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let base = format!("http://{}", first.rsplit("http://").next().unwrap());
+    let with = http
+        .get(format!("{base}/admin/audit"))
+        .bearer_auth(secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with.status(), 200);
+    let wrong = http
+        .get(format!("{base}/admin/audit"))
+        .bearer_auth(format!("{secret}-not"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    // SAFETY: kill(2) with a valid signal on the child this test started.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    tokio::time::timeout(common::DEADLINE, child.wait())
+        .await
+        .expect("tandem serve stops")
+        .unwrap();
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        written.contains("admin request refused"),
+        "the log was written: {written}"
+    );
+    assert!(
+        !written.contains(secret),
+        "the token is in the log:\n{written}"
+    );
+}
