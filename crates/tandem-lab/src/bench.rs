@@ -45,6 +45,9 @@ pub enum BenchCommand {
     /// POST /orders throughput and latency with a separate load generator
     /// (oha), and the time from POST /orders to CONFIRMED.
     Orders(crate::bench_orders::OrdersArgs),
+    /// The admin API's dead-letter listings and failure groups with many
+    /// letters parked, over a real socket.
+    DeadLetters(crate::bench_dead_letters::DeadLettersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +161,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Pipeline(args) => pipeline(args).await,
         BenchCommand::Orders(args) => crate::bench_orders::run(args).await,
+        BenchCommand::DeadLetters(args) => crate::bench_dead_letters::run(args).await,
     }
 }
 

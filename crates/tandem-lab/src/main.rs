@@ -5,12 +5,15 @@
 //!   bus → consumer → read model, against a raw baseline on the same disk or
 //!   broker.
 //! - `tandem-lab bench orders`: the Order Service under load.
+//! - `tandem-lab bench dead-letters`: the admin API's dead-letter listings
+//!   and failure groups with many letters parked.
 //! - `tandem-lab worker ...` (hidden): small programs the crash-matrix and
 //!   multi-process tests run as child processes.
 //! - `tandem-lab serve` (hidden): the product's `tandem serve`, so that
 //!   `bench orders` can start the services from this executable.
 
 mod bench;
+mod bench_dead_letters;
 mod bench_orders;
 mod progress;
 mod worker;

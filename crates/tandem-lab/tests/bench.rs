@@ -1,7 +1,7 @@
-//! `tandem-lab bench pipeline` as a user runs it: a real process on the embedded
-//! default, small enough for the test suite. Checks the contract of its
-//! output (one JSON object on the last line, with the fields the README
-//! quotes), never its speed.
+//! `tandem-lab bench pipeline` (and `bench dead-letters`) as a user runs
+//! it: a real process on the embedded default, small enough for the test
+//! suite. Checks the contract of its output (one JSON object on the last
+//! line, with the fields the README quotes), never its speed.
 
 use std::process::Command;
 
@@ -59,6 +59,66 @@ fn a_small_pipeline_bench_prints_its_figures_as_one_json_line() {
     assert!(number("p50_ms") <= number("p99_ms"), "{report}");
     assert!(number("p99_ms") <= number("max_ms"), "{report}");
     assert_eq!(report["synchronous"], "full", "{report}");
+}
+
+/// `tandem-lab bench dead-letters`, small: the table is filled, every kind
+/// of request is answered in full over the socket, and the figures come
+/// as one JSON object on the last line. Never its speed.
+#[test]
+fn a_small_dead_letters_bench_prints_its_figures_as_one_json_line() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
+        .args([
+            "bench",
+            "dead-letters",
+            "--parked",
+            "3000",
+            "--batch",
+            "1000",
+            "--requests",
+            "3",
+            "--json",
+        ])
+        .output()
+        .expect("run tandem-lab bench dead-letters");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    let report: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(report["parked"], 3000, "{report}");
+    assert_eq!(report["consumers"], 3, "{report}");
+    assert_eq!(report["groups"], 36, "every cause its own group: {report}");
+    let results = report["results"].as_array().expect("results");
+    let kinds: Vec<&str> = results
+        .iter()
+        .map(|result| result["name"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "first page",
+            "consumer",
+            "group",
+            "deep page",
+            "failure groups"
+        ],
+        "{report}"
+    );
+    for result in results {
+        let expected = if result["name"] == "failure groups" {
+            36
+        } else {
+            50
+        };
+        assert_eq!(result["items"], expected, "{result}");
+        let ms = |field: &str| result[field].as_f64().expect("a time");
+        assert!(ms("median_ms") > 0.0, "{result}");
+        assert!(ms("median_ms") <= ms("p95_ms"), "{result}");
+        assert!(ms("p95_ms") <= ms("max_ms"), "{result}");
+    }
 }
 
 /// Redirected to a file, the bench writes its finished progress lines and

@@ -25,7 +25,7 @@ pub struct PostgresSql;
 /// The one instance every PostgreSQL transaction hands out.
 pub static POSTGRES: PostgresSql = PostgresSql;
 
-static MIGRATIONS: [Migration; 2] = [
+static MIGRATIONS: [Migration; 3] = [
     Migration {
         version: 1,
         description: "the toolkit's tables",
@@ -36,7 +36,52 @@ static MIGRATIONS: [Migration; 2] = [
         description: "the audit trail of operator actions, and consumer pauses",
         apply: install_audit,
     },
+    Migration {
+        version: 3,
+        description: "dead letters' failure groups, stored and indexed",
+        apply: install_failure_groups,
+    },
 ];
+
+/// Migration 3: each dead letter's failure group
+/// (`tandem::dead_letter::failure_group`) in a column of its own, so that
+/// listings filter by it and count by it in SQL. The letters already
+/// there are filled first, in Rust (the group is a SHA-256 fingerprint:
+/// see `tandem::dead_letter::fill_failure_groups`), then indexed.
+fn install_failure_groups(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "ALTER TABLE tandem_dead_letters ADD COLUMN IF NOT EXISTS failure_group TEXT",
+    )?;
+    tandem::dead_letter::fill_failure_groups(tx)?;
+    tx.execute_batch(FAILURE_GROUPS)
+}
+
+// - `tandem_dead_letters_group` `(failure_group, status, id)`: a group's
+//   letters of a status in id order, so a page of a group after a cursor
+//   is one seek; and the letters without a group (none, but during a
+//   rolling upgrade) are found at once when a store connects.
+// - `tandem_dead_letters_parked_groups` `(consumer, failure_group,
+//   first_failed_at, last_failed_at, id)` of the parked letters only:
+//   their failure groups are counted from it by an index-only scan, in
+//   group order (for one consumer, from a range of it). The letters
+//   resolved and discarded, which stay on record, never make it longer.
+//   Used by the queries that name `status = 'parked'` as it is (see
+//   `tandem::dead_letter::Filter`).
+// No index starts with `status`, which nearly every letter shares: a
+// listing of the parked letters reads the table in id order even before
+// the table's statistics say so.
+// - `tandem_dead_letters_record` `(consumer, topic, partition,
+//   record_offset)`: whether a record that cannot be decoded is on record
+//   already (a replay meets it again), one seek.
+const FAILURE_GROUPS: &str = "
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_group
+    ON tandem_dead_letters (failure_group, status, id);
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_parked_groups
+    ON tandem_dead_letters (consumer, failure_group, first_failed_at, last_failed_at, id)
+    WHERE status = 'parked';
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_record
+    ON tandem_dead_letters (consumer, topic, partition, record_offset);
+";
 
 /// Migration 2: the audit trail (`tandem::audit`) and consumer pauses
 /// (`tandem::consumer::pauses`).

@@ -161,3 +161,92 @@ async fn a_schema_made_before_versions_is_migrated_and_its_relay_goes_on() {
     let ids: Vec<_> = appended.iter().map(|envelope| envelope.id).collect();
     assert_eq!(published, ids);
 }
+
+/// How many letters have no failure group.
+fn ungrouped(tx: &mut dyn Tx) -> Result<i64, StoreError> {
+    tx.query_opt(
+        "SELECT COUNT(*) FROM tandem_dead_letters WHERE failure_group IS NULL",
+        &[],
+    )?
+    .expect("a count")
+    .i64(0)
+}
+
+#[tokio::test]
+async fn a_schema_at_migration_2_gets_the_failure_groups_of_its_letters() {
+    use tandem_testkit::conformance::{
+        assert_failure_groups_agree, insert_letters_without_groups, migrate_to,
+    };
+    let base = base_url();
+    let database = ScratchDatabase::create(&base, "at_migration_2")
+        .await
+        .unwrap_or_else(|error| {
+            panic!("PostgreSQL not reachable at {base}: start it with scripts/engines up ({error})")
+        });
+    // A schema of a build at migration 2, made by that build's own steps,
+    // with letters parked as that build parked them (no group), more than
+    // one batch of the backfill.
+    let url = database.url().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut client = connect_raw(&url).expect("raw connection");
+        let mut transaction = client.transaction().expect("begin");
+        let (version, grouped) = tandem_postgres::testing::with_raw_tx(&mut transaction, |tx| {
+            migrate_to(tx, 2)?;
+            insert_letters_without_groups(tx, 1234)?;
+            let grouped = tx
+                .query_opt(
+                    "SELECT 1 FROM information_schema.columns
+                     WHERE table_name = 'tandem_dead_letters' AND column_name = 'failure_group'",
+                    &[],
+                )?
+                .is_some();
+            Ok::<_, StoreError>((schema_version(tx)?, grouped))
+        })
+        .expect("a schema at migration 2");
+        transaction.commit().expect("commit");
+        assert_eq!((version, grouped), (2, false), "a schema at migration 2");
+    })
+    .await
+    .unwrap();
+
+    let store = database.store().await.expect("the schema opens");
+    let (version, left) = store
+        .read(|tx| Ok::<_, StoreError>((schema_version(tx)?, ungrouped(tx)?)))
+        .await
+        .unwrap();
+    assert_eq!(version, POSTGRES.migrations().last().unwrap().version);
+    assert_eq!(version, 3);
+    assert_eq!(left, 0, "every letter has its group");
+    assert_failure_groups_agree(&store, 50).await;
+    let indexes = store
+        .read(|tx| {
+            tx.query(
+                "SELECT indexname::text FROM pg_indexes
+                 WHERE schemaname = current_schema() AND tablename = 'tandem_dead_letters'",
+                &[],
+            )?
+            .iter()
+            .map(|row| Ok(row.text(0)?.to_owned()))
+            .collect::<Result<Vec<_>, StoreError>>()
+        })
+        .await
+        .unwrap();
+    for index in [
+        "tandem_dead_letters_group",
+        "tandem_dead_letters_parked_groups",
+    ] {
+        assert!(indexes.iter().any(|name| name == index), "{indexes:?}");
+    }
+
+    // A build still at migration 2 parks into the migrated schema (a
+    // rolling upgrade): its letters have no group until a store connects.
+    store
+        .write(|tx| insert_letters_without_groups(tx, 40))
+        .await
+        .unwrap();
+    assert_eq!(store.read(ungrouped).await.unwrap(), 40);
+    drop(store);
+    let store = database.store().await.expect("the schema opens again");
+    assert_eq!(store.read(ungrouped).await.unwrap(), 0);
+    assert_failure_groups_agree(&store, 50).await;
+}

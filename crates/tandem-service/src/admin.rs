@@ -497,10 +497,7 @@ async fn bulk<S: Store>(
         .store
         .write(move |tx| {
             let ids = match &filter {
-                Some(filter) => dead_letter::page_in(tx, filter, None, MAX_SELECTION)?
-                    .into_iter()
-                    .map(|letter| letter.id)
-                    .collect(),
+                Some(filter) => dead_letter::ids_in(tx, filter, MAX_SELECTION)?,
                 None => ids,
             };
             let requested = dead_letter::request_in(tx, &ids, command)?;

@@ -181,6 +181,7 @@ macro_rules! store_conformance {
                 an_outbox_commit_bumps_the_outbox_signal,
                 toolkit_tables_exist_after_open,
                 a_consumer_applies_duplicated_and_reordered_deliveries_once_in_order,
+                failure_groups_and_pages_by_group_agree_with_each_letters_group,
             ],
             featured: store_lease_checks,
             $crate::conformance::StoreFeatures = $features,
@@ -677,6 +678,245 @@ pub mod bus_checks {
                 "forty keys all landed in partition {used:?} of {}",
                 assigned.len()
             );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Failure groups, as stored and counted by the store.
+
+/// The failure groups as [`tandem::dead_letter::failure_group`] makes them
+/// from each letter (the way they were counted before the store kept
+/// them): by group, with the first letter's consumer, event type, reason
+/// and masked error, largest first, then by group.
+pub fn failure_groups_of(
+    letters: &[&tandem::dead_letter::DeadLetter],
+) -> Vec<tandem::dead_letter::FailureGroup> {
+    use tandem::dead_letter::{failure_group, masked, FailureGroup};
+    let mut groups: BTreeMap<String, FailureGroup> = BTreeMap::new();
+    for letter in letters {
+        let key = failure_group(letter);
+        let entry = groups.entry(key.clone()).or_insert_with(|| FailureGroup {
+            group: key,
+            consumer: letter.consumer.clone(),
+            event_type: letter.event_type.clone(),
+            reason: letter.reason.clone(),
+            error: masked(&letter.error),
+            count: 0,
+            first_seen_micros: letter.first_failed_at_micros,
+            last_seen_micros: letter.last_failed_at_micros,
+        });
+        entry.count += 1;
+        entry.first_seen_micros = entry.first_seen_micros.min(letter.first_failed_at_micros);
+        entry.last_seen_micros = entry.last_seen_micros.max(letter.last_failed_at_micros);
+    }
+    let mut groups: Vec<_> = groups.into_values().collect();
+    groups.sort_by(|a, b| b.count.cmp(&a.count).then(a.group.cmp(&b.group)));
+    groups
+}
+
+/// Applies the engine's schema migrations up to `version`, recording
+/// each, as a build whose last migration was `version` did: for tests
+/// that make a database of that build and upgrade it.
+pub fn migrate_to(tx: &mut dyn Tx, version: i64) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS tandem_schema_version (
+             version     BIGINT PRIMARY KEY,
+             description TEXT   NOT NULL,
+             applied_at  BIGINT NOT NULL
+         )",
+    )?;
+    let from = tandem::schema::schema_version(tx)?;
+    for step in tx.engine().migrations() {
+        if step.version <= from || step.version > version {
+            continue;
+        }
+        (step.apply)(tx)?;
+        tx.execute(
+            "INSERT INTO tandem_schema_version (version, description, applied_at)
+             VALUES ($1, $2, 0)",
+            tandem::params![step.version, step.description],
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes `count` dead letters as a build before schema migration 3 did,
+/// with no `failure_group`: three consumers, a dozen causes whose errors
+/// name ids and numbers (masked alike), events that did not decode (no
+/// event type), and every tenth letter resolved, every seventeenth
+/// discarded. For the schema tests of that migration.
+pub fn insert_letters_without_groups(tx: &mut dyn Tx, count: usize) -> Result<(), StoreError> {
+    const CONSUMERS: [&str; 3] = [
+        "inventory-reservations",
+        "order-local-copies",
+        "order-settlement",
+    ];
+    for index in 0..count {
+        let n = i64::try_from(index).unwrap_or(i64::MAX);
+        let consumer = CONSUMERS[index % 3];
+        let (event_type, reason, error) = match index % 4 {
+            0 => (
+                Some("OrderPlaced"),
+                "handler",
+                format!(
+                    "unknown product \"0192f3a4-5b6c-7d8e-9f00-{:012x}\"",
+                    n * 7919
+                ),
+            ),
+            1 => (
+                Some("OrderCancelled"),
+                "blocked",
+                format!("blocked behind dead letter {}", n / 2 + 1),
+            ),
+            2 => (
+                None,
+                "decode",
+                format!(
+                    "invalid envelope: expected value at line 1 column {}",
+                    n % 97
+                ),
+            ),
+            _ => (
+                Some("OrderPlaced"),
+                if index % 8 == 3 { "handler" } else { "store" },
+                format!(
+                    "customer cus-{n} has {} open orders, order ord-{n}x is one too many",
+                    n % 13
+                ),
+            ),
+        };
+        let status = if index % 17 == 0 {
+            "discarded"
+        } else if index % 10 == 0 {
+            "resolved"
+        } else {
+            "parked"
+        };
+        let subject = format!("agg-{}", index % 50);
+        tx.execute(
+            "INSERT INTO tandem_dead_letters (consumer, topic, partition, record_offset, event_id,
+               source, subject, sequence, event_type, payload, reason, error, attempts,
+               first_failed_at, last_failed_at, status)
+             VALUES ($1, 'order', 0, $2, NULL, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12)",
+            &[
+                tandem::Param::Text(consumer),
+                tandem::Param::Int(n),
+                tandem::Param::from(event_type.map(|_| "order")),
+                tandem::Param::from(event_type.map(|_| subject.as_str())),
+                tandem::Param::from(event_type.map(|_| n / 50 + 1)),
+                tandem::Param::from(event_type),
+                tandem::Param::Blob(format!("payload {index}").as_bytes()),
+                tandem::Param::Text(reason),
+                tandem::Param::Text(&error),
+                tandem::Param::Int(1_700_000_000_000_000 + n * 1_000_003 % 5_000_000_000),
+                tandem::Param::Int(1_700_000_000_000_000 + 5_000_000_000 + n),
+                tandem::Param::Text(status),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Checks the store's dead letters: every letter's stored group is its
+/// [`tandem::dead_letter::failure_group`]; for each filter (each status,
+/// each consumer, a consumer with no letter, none), the failure groups the
+/// store counts are [`failure_groups_of`] the letters it admits, and each
+/// group's letters, paged by cursor (`page`, a few at a time) and taken by
+/// `ids_in`, are exactly the admitted letters of that group, in id order.
+pub async fn assert_failure_groups_agree<S: Store>(store: &S, page: usize) {
+    use tandem::dead_letter::{self, failure_group, DeadLetter, Filter};
+    let letters = dead_letter::list(store, None, true)
+        .await
+        .expect("list dead letters");
+    let stored: BTreeMap<i64, Option<String>> = store
+        .read(|tx| -> Result<_, StoreError> {
+            tx.query("SELECT id, failure_group FROM tandem_dead_letters", &[])?
+                .iter()
+                .map(|row| Ok((row.i64(0)?, row.opt_text(1)?.map(str::to_owned))))
+                .collect()
+        })
+        .await
+        .expect("read the stored groups");
+    for letter in &letters {
+        assert_eq!(
+            stored[&letter.id].as_deref(),
+            Some(failure_group(letter).as_str()),
+            "the stored group of {letter:?}"
+        );
+    }
+    let consumers: BTreeSet<&str> = letters
+        .iter()
+        .map(|letter| letter.consumer.as_str())
+        .chain(["someone-else"])
+        .collect();
+    let mut filters = vec![Filter::default()];
+    for status in ["parked", "resolved", "discarded"] {
+        filters.push(Filter {
+            status: Some(status.into()),
+            ..Filter::default()
+        });
+    }
+    for consumer in consumers {
+        filters.push(Filter {
+            consumer: Some(consumer.into()),
+            status: Some("parked".into()),
+            group: None,
+        });
+        filters.push(Filter {
+            consumer: Some(consumer.into()),
+            ..Filter::default()
+        });
+    }
+    for filter in filters {
+        let admitted: Vec<&DeadLetter> = letters
+            .iter()
+            .filter(|letter| {
+                filter
+                    .status
+                    .as_ref()
+                    .is_none_or(|status| *status == letter.status)
+                    && filter
+                        .consumer
+                        .as_ref()
+                        .is_none_or(|consumer| *consumer == letter.consumer)
+            })
+            .collect();
+        let expected = failure_groups_of(&admitted);
+        let groups = dead_letter::groups(store, filter.clone())
+            .await
+            .expect("failure groups");
+        assert_eq!(groups, expected, "the failure groups of {filter:?}");
+        for group in &expected {
+            let by_group = Filter {
+                group: Some(group.group.clone()),
+                ..filter.clone()
+            };
+            let mut paged = Vec::new();
+            let mut after = None;
+            loop {
+                let letters = dead_letter::page(store, by_group.clone(), after, page)
+                    .await
+                    .expect("a page of a group");
+                assert!(letters.len() <= page, "a page of at most {page}");
+                let Some(last) = letters.last() else { break };
+                after = Some(last.id);
+                paged.extend(letters.iter().map(|letter| letter.id));
+            }
+            let expected_ids: Vec<i64> = admitted
+                .iter()
+                .filter(|letter| failure_group(letter) == group.group)
+                .map(|letter| letter.id)
+                .collect();
+            assert_eq!(paged, expected_ids, "the letters of {by_group:?}");
+            let ids = store
+                .read({
+                    let by_group = by_group.clone();
+                    move |tx| dead_letter::ids_in(tx, &by_group, 100_000)
+                })
+                .await
+                .expect("the ids of a group");
+            assert_eq!(ids, expected_ids, "the ids of {by_group:?}");
         }
     }
 }
@@ -1649,6 +1889,220 @@ pub mod store_checks {
         assert!(
             states.iter().all(|state| *state == (last, None)),
             "every state at the last sequence, unblocked"
+        );
+    }
+
+    /// Fails some deposits for good, with errors that name the account
+    /// and the amount; after `again` is set, the frozen accounts fail with
+    /// another error.
+    struct Picky {
+        again: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl tandem::Handler for Picky {
+        fn handle(
+            &self,
+            _tx: &mut dyn Tx,
+            event: &tandem::Envelope,
+        ) -> Result<(), tandem::HandlerError> {
+            let account: u64 = event
+                .subject
+                .trim_start_matches("acct-")
+                .parse()
+                .unwrap_or(1);
+            let amount = event.data["amount_cents"].as_i64().unwrap_or(0);
+            if account % 5 == 0 && event.sequence == 1 {
+                if self.again.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(tandem::HandlerError::permanent(format!(
+                        "account {} is still frozen after {amount} checks",
+                        event.subject
+                    )));
+                }
+                return Err(tandem::HandlerError::permanent(format!(
+                    "account {} is frozen until {amount}",
+                    event.subject
+                )));
+            }
+            if account % 7 == 3 && event.sequence == 2 {
+                return Err(tandem::HandlerError::permanent(format!(
+                    "a deposit of {amount} cents to {} is over the limit of 1000",
+                    event.subject
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    /// Letters parked by a consumer for several causes (handler errors
+    /// naming ids and amounts, the letters blocked behind them, payloads
+    /// that do not decode) are counted by failure group and paged by group
+    /// in the store, and agree with each letter's own
+    /// [`dead_letter::failure_group`]: for a status, a consumer, none;
+    /// after a redrive that fails with another error (the letter's group
+    /// follows its error) and after a discard.
+    pub async fn failure_groups_and_pages_by_group_agree_with_each_letters_group<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use tandem::consumer::{Consumer, ConsumerConfig};
+
+        const ACCOUNTS: u64 = 30;
+        let fresh = make().await;
+        let store = fresh.engine.clone();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bus: Arc<dyn Bus> = Arc::new(crate::open_log(&dir.path().join("bus.db")).await);
+        let topic = crate::TOPIC;
+        let mut records = Vec::new();
+        for sequence in 1..=3_u64 {
+            for account in 0..ACCOUNTS {
+                let account_id = format!("acct-{account:03}");
+                records.push(OutgoingRecord {
+                    topic: topic.into(),
+                    payload: crate::deposit_bytes(
+                        &account_id,
+                        sequence,
+                        i64::try_from(sequence * 1000 + account).unwrap_or(0),
+                    ),
+                    key: account_id,
+                });
+            }
+        }
+        for n in 0..4 {
+            records.push(OutgoingRecord {
+                topic: topic.into(),
+                key: format!("poison-{n}"),
+                payload: format!("not an event {n}").into_bytes(),
+            });
+        }
+        records.push(OutgoingRecord {
+            topic: topic.into(),
+            key: "odd".into(),
+            payload: b"{\"json\": \"but no envelope\"}".to_vec(),
+        });
+        bus.publish(&records).await.expect("publish");
+        // A frozen account parks its first deposit and the two behind it;
+        // an account over the limit its second and the one behind it.
+        let expected: u64 = (0..ACCOUNTS)
+            .map(|account| match (account % 5, account % 7) {
+                (0, _) => 3,
+                (_, 3) => 2,
+                _ => 0,
+            })
+            .sum::<u64>()
+            + 5;
+
+        let mut config = ConsumerConfig::new(unique("conformance-groups"), &[topic]);
+        config.batch_size = 64;
+        config.housekeeping_interval = Duration::from_millis(20);
+        let again = Arc::new(AtomicBool::new(false));
+        let consumer = Consumer::new(
+            store.clone(),
+            Arc::clone(&bus),
+            Arc::new(Picky {
+                again: Arc::clone(&again),
+            }) as Arc<dyn tandem::Handler>,
+            config.clone(),
+        );
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { consumer.run(shutdown).await }
+        });
+        let name = config.name.clone();
+        crate::eventually(
+            "every failing deposit and poison record parked",
+            Duration::from_secs(60),
+            || {
+                let store = store.clone();
+                let name = name.clone();
+                async move { dead_letter::depth(&store, &name).await.expect("depth") == expected }
+            },
+        )
+        .await;
+        crate::conformance::assert_failure_groups_agree(&store, 2).await;
+        let groups = dead_letter::groups(
+            &store,
+            dead_letter::Filter {
+                status: Some("parked".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("failure groups");
+        assert!(
+            groups.len() >= 5,
+            "frozen, over the limit, blocked, two kinds of poison: {groups:#?}"
+        );
+        assert_eq!(
+            groups.iter().map(|group| group.count).sum::<u64>(),
+            expected
+        );
+
+        // A redrive that fails with another error moves the letter to the
+        // group of that error; a discarded letter leaves the parked groups.
+        again.store(true, Ordering::SeqCst);
+        let letters = dead_letter::list(&store, Some(&name), false)
+            .await
+            .expect("list");
+        let frozen = letters
+            .iter()
+            .find(|letter| {
+                letter.subject.as_deref() == Some("acct-000") && letter.reason == "handler"
+            })
+            .expect("acct-000's first deposit parked")
+            .id;
+        let poison = letters
+            .iter()
+            .find(|letter| letter.reason == "decode")
+            .expect("a poison letter parked")
+            .id;
+        dead_letter::request_redrive(&store, &name, Some(frozen))
+            .await
+            .expect("redrive");
+        dead_letter::request_discard(&store, &name, Some(poison))
+            .await
+            .expect("discard");
+        crate::eventually(
+            "the redrive failed again and the discard is done",
+            Duration::from_secs(60),
+            || {
+                let store = store.clone();
+                async move {
+                    let frozen = dead_letter::get(&store, frozen).await.expect("get");
+                    let poison = dead_letter::get(&store, poison).await.expect("get");
+                    frozen.is_some_and(|letter| letter.error.contains("still frozen"))
+                        && poison.is_some_and(|letter| letter.status == "discarded")
+                }
+            },
+        )
+        .await;
+        shutdown.cancel();
+        task.await.expect("consumer task").expect("consumer run");
+        crate::conformance::assert_failure_groups_agree(&store, 2).await;
+        let refrozen = dead_letter::get(&store, frozen)
+            .await
+            .expect("get")
+            .expect("the redriven letter");
+        let alone = dead_letter::page(
+            &store,
+            dead_letter::Filter {
+                status: Some("parked".into()),
+                group: Some(dead_letter::failure_group(&refrozen)),
+                ..Default::default()
+            },
+            None,
+            10,
+        )
+        .await
+        .expect("the redriven letter's group");
+        assert_eq!(
+            alone.iter().map(|letter| letter.id).collect::<Vec<_>>(),
+            vec![frozen],
+            "alone in its new group"
         );
     }
 }

@@ -114,12 +114,15 @@ pub(crate) fn park(
     first_failed_at_micros: i64,
 ) -> Result<i64, StoreError> {
     let event_id = envelope.map(|envelope| envelope.id.to_string());
+    let event_type = envelope.map(|envelope| envelope.event_type.as_str());
+    let group = fingerprint(consumer, event_type, reason.as_str(), error);
     let row = tx
         .query_opt(
             "INSERT INTO tandem_dead_letters (consumer, topic, partition, record_offset, event_id,
                source, subject, sequence, event_type, payload, reason, error, attempts,
-               first_failed_at, last_failed_at, status)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'parked')
+               first_failed_at, last_failed_at, status, failure_group)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'parked',
+                     $16)
              RETURNING id",
             &[
                 Param::Text(consumer),
@@ -130,13 +133,14 @@ pub(crate) fn park(
                 Param::from(envelope.map(|envelope| envelope.source.as_str())),
                 Param::from(envelope.map(|envelope| envelope.subject.as_str())),
                 Param::from(envelope.map(|envelope| envelope.sequence)),
-                Param::from(envelope.map(|envelope| envelope.event_type.as_str())),
+                Param::from(event_type),
                 Param::Blob(&record.payload),
                 Param::Text(reason.as_str()),
                 Param::Text(error),
                 Param::from(attempts),
                 Param::Int(first_failed_at_micros),
                 Param::Int(now_micros()),
+                Param::Text(&group),
             ],
         )?
         .ok_or_else(|| StoreError::Decode("dead letter insert returned nothing".into()))?;
@@ -190,17 +194,25 @@ pub(crate) fn set_status(tx: &mut dyn Tx, id: i64, status: &str) -> Result<(), S
     Ok(())
 }
 
+/// Records that `letter` failed again with `error` (its failure group
+/// follows the new error).
 pub(crate) fn record_failure(
     tx: &mut dyn Tx,
-    id: i64,
+    letter: &DeadLetter,
     error: &str,
     tried: bool,
 ) -> Result<(), StoreError> {
+    let group = fingerprint(
+        &letter.consumer,
+        letter.event_type.as_deref(),
+        &letter.reason,
+        error,
+    );
     tx.execute(
         "UPDATE tandem_dead_letters
-         SET error = $2, attempts = attempts + $3, last_failed_at = $4
+         SET error = $2, attempts = attempts + $3, last_failed_at = $4, failure_group = $5
          WHERE id = $1",
-        params![id, error, i64::from(tried), now_micros()],
+        params![letter.id, error, i64::from(tried), now_micros(), &group],
     )?;
     Ok(())
 }
@@ -465,16 +477,24 @@ pub fn masked(error: &str) -> String {
 /// digits of SHA-256) of its consumer, event type, reason (the error
 /// kind) and [`masked`] error. Letters of one cause share it across
 /// restarts and versions, so an operator can redrive or discard them
-/// together.
+/// together. Each letter's is stored with it (`failure_group`, from
+/// schema migration 3 on), so listings filter and count by it in SQL.
 pub fn failure_group(letter: &DeadLetter) -> String {
+    fingerprint(
+        &letter.consumer,
+        letter.event_type.as_deref(),
+        &letter.reason,
+        &letter.error,
+    )
+}
+
+/// The failure group of a letter of `consumer` whose event has
+/// `event_type` (`None`: it did not decode), parked for `reason` (as
+/// [`Reason::as_str`] names it) with `error`: see [`failure_group`].
+pub fn fingerprint(consumer: &str, event_type: Option<&str>, reason: &str, error: &str) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    for part in [
-        letter.consumer.as_str(),
-        letter.event_type.as_deref().unwrap_or(""),
-        letter.reason.as_str(),
-        &masked(&letter.error),
-    ] {
+    for part in [consumer, event_type.unwrap_or(""), reason, &masked(error)] {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
@@ -482,6 +502,68 @@ pub fn failure_group(letter: &DeadLetter) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
+}
+
+/// How many letters [`fill_failure_groups`] reads, and writes in one
+/// statement, at a time.
+const FILL_BATCH: usize = 500;
+
+/// Stores the failure group of every letter that has none, and returns
+/// how many it filled: the letters parked before groups were stored
+/// (schema migration 3 runs this on each engine), or since then by a build
+/// older than that migration (a rolling upgrade; every store runs it again
+/// when it opens). The fingerprint is Rust's ([`fingerprint`]), so SQL
+/// alone cannot fill the column: each batch of [`FILL_BATCH`] letters is
+/// read in id order and written back in one `UPDATE ... FROM (VALUES ...)`.
+pub fn fill_failure_groups(tx: &mut dyn Tx) -> Result<u64, StoreError> {
+    let mut filled = 0_u64;
+    let mut after = 0_i64;
+    loop {
+        let rows = tx.query(
+            "SELECT id, consumer, event_type, reason, error FROM tandem_dead_letters
+             WHERE failure_group IS NULL AND id > $1
+             ORDER BY id LIMIT $2",
+            params![after, FILL_BATCH as i64],
+        )?;
+        let Some(last) = rows.last() else { break };
+        after = last.i64(0)?;
+        let groups = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.i64(0)?,
+                    fingerprint(row.text(1)?, row.opt_text(2)?, row.text(3)?, row.text(4)?),
+                ))
+            })
+            .collect::<Result<Vec<(i64, String)>, StoreError>>()?;
+        let values = (0..groups.len())
+            .map(|index| format!("(CAST(${} AS BIGINT), ${})", 2 * index + 1, 2 * index + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let params: Vec<Param<'_>> = groups
+            .iter()
+            .flat_map(|(id, group)| [Param::Int(*id), Param::Text(group)])
+            .collect();
+        tx.execute(
+            &format!(
+                "UPDATE tandem_dead_letters SET failure_group = fill.column2
+                 FROM (VALUES {values}) AS fill
+                 WHERE tandem_dead_letters.id = fill.column1"
+            ),
+            &params,
+        )?;
+        filled += groups.len() as u64;
+        if rows.len() < FILL_BATCH {
+            break;
+        }
+    }
+    if filled > 0 {
+        tracing::info!(
+            letters = filled,
+            "failure groups stored for dead letters that had none"
+        );
+    }
+    Ok(filled)
 }
 
 /// One failure group with its size and time span.
@@ -512,54 +594,79 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn admits(&self, letter: &DeadLetter) -> bool {
-        self.group
-            .as_deref()
-            .is_none_or(|group| failure_group(letter) == group)
+    /// The filter's conditions, `AND`ed, each with a placeholder numbered
+    /// after those already in `params` (its value pushed there); `1 = 1`
+    /// when it takes every letter. Only the conditions given are written
+    /// (no `$n IS NULL OR ...`), so each shape of filter is a statement of
+    /// its own that the engine plans on its indexes. The status `parked`
+    /// is written as it is, not as a parameter: the index that counts the
+    /// parked letters' groups holds theirs only, and an engine takes such
+    /// an index only for a query that names the value.
+    fn conditions<'a>(&'a self, params: &mut Vec<Param<'a>>) -> String {
+        let mut conditions = Vec::new();
+        for (column, value) in [
+            ("status", &self.status),
+            ("consumer", &self.consumer),
+            ("failure_group", &self.group),
+        ] {
+            match value.as_deref() {
+                None => {}
+                Some("parked") if column == "status" => {
+                    conditions.push("status = 'parked'".to_owned());
+                }
+                Some(value) => {
+                    params.push(Param::Text(value));
+                    conditions.push(format!("{column} = ${}", params.len()));
+                }
+            }
+        }
+        if conditions.is_empty() {
+            "1 = 1".to_owned()
+        } else {
+            conditions.join(" AND ")
+        }
     }
 }
 
-/// How many rows a filtered listing reads from the table at a time.
-const SCAN_CHUNK: i64 = 500;
-
 /// Dead letters that `filter` admits with an id above `after`, oldest
-/// first, at most `limit`, read in `tx`.
+/// first, at most `limit`, read in `tx`: one statement, on the index of
+/// the filter (the failure group's, a consumer's, or the ids').
 pub fn page_in(
     tx: &mut dyn Tx,
     filter: &Filter,
     after: Option<i64>,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, StoreError> {
-    let mut found = Vec::new();
-    let mut cursor = after.unwrap_or(0);
-    while found.len() < limit {
-        let rows = tx.query(
-            &format!(
-                "SELECT {COLUMNS} FROM tandem_dead_letters
-                 WHERE id > $1 AND ($2 IS NULL OR consumer = $2) AND ($3 IS NULL OR status = $3)
-                 ORDER BY id LIMIT $4"
-            ),
-            params![
-                cursor,
-                filter.consumer.as_ref(),
-                filter.status.as_ref(),
-                SCAN_CHUNK
-            ],
-        )?;
-        let Some(last) = rows.last() else { break };
-        cursor = last.i64(0)?;
-        let full = rows.len() as i64 == SCAN_CHUNK;
-        for row in &rows {
-            let letter = from_row(row)?;
-            if filter.admits(&letter) && found.len() < limit {
-                found.push(letter);
-            }
-        }
-        if !full {
-            break;
-        }
-    }
-    Ok(found)
+    let mut params = vec![
+        Param::Int(after.unwrap_or(0)),
+        Param::Int(i64::try_from(limit).unwrap_or(i64::MAX)),
+    ];
+    let conditions = filter.conditions(&mut params);
+    let rows = tx.query(
+        &format!(
+            "SELECT {COLUMNS} FROM tandem_dead_letters
+             WHERE id > $1 AND {conditions}
+             ORDER BY id LIMIT $2"
+        ),
+        &params,
+    )?;
+    rows.iter().map(from_row).collect()
+}
+
+/// The ids of the first `limit` dead letters that `filter` admits, oldest
+/// first, read in `tx`: what a bulk action over a filter takes.
+pub fn ids_in(tx: &mut dyn Tx, filter: &Filter, limit: usize) -> Result<Vec<i64>, StoreError> {
+    let mut params = vec![Param::Int(i64::try_from(limit).unwrap_or(i64::MAX))];
+    let conditions = filter.conditions(&mut params);
+    let rows = tx.query(
+        &format!(
+            "SELECT id FROM tandem_dead_letters
+             WHERE {conditions}
+             ORDER BY id LIMIT $1"
+        ),
+        &params,
+    )?;
+    rows.iter().map(|row| row.i64(0)).collect()
 }
 
 /// [`page_in`] in a read transaction of its own.
@@ -574,41 +681,52 @@ pub async fn page<S: Store>(
         .await
 }
 
-/// The failure groups of the dead letters `filter` admits, largest first.
-pub async fn groups<S: Store>(store: &S, filter: Filter) -> Result<Vec<FailureGroup>, StoreError> {
-    store
-        .read(move |tx| {
-            let mut groups: std::collections::BTreeMap<String, FailureGroup> =
-                std::collections::BTreeMap::new();
-            let mut after = None;
-            loop {
-                let letters = page_in(tx, &filter, after, SCAN_CHUNK as usize)?;
-                let Some(last) = letters.last() else { break };
-                after = Some(last.id);
-                for letter in &letters {
-                    let key = failure_group(letter);
-                    let entry = groups.entry(key.clone()).or_insert_with(|| FailureGroup {
-                        group: key,
-                        consumer: letter.consumer.clone(),
-                        event_type: letter.event_type.clone(),
-                        reason: letter.reason.clone(),
-                        error: masked(&letter.error),
-                        count: 0,
-                        first_seen_micros: letter.first_failed_at_micros,
-                        last_seen_micros: letter.last_failed_at_micros,
-                    });
-                    entry.count += 1;
-                    entry.first_seen_micros =
-                        entry.first_seen_micros.min(letter.first_failed_at_micros);
-                    entry.last_seen_micros =
-                        entry.last_seen_micros.max(letter.last_failed_at_micros);
-                }
-            }
-            let mut groups: Vec<FailureGroup> = groups.into_values().collect();
-            groups.sort_by(|a, b| b.count.cmp(&a.count).then(a.group.cmp(&b.group)));
-            Ok(groups)
+/// The failure groups of the dead letters `filter` admits, largest first
+/// (then by group), read in `tx`: one `GROUP BY` over the stored groups
+/// for the counts and time spans, joined to the first letter of each group
+/// for what the group shows (its event type, reason, masked error). A
+/// group belongs to one consumer (the fingerprint covers it), so grouping
+/// by consumer and group is grouping by group, in the order of the index
+/// the engines count the parked letters' groups from.
+pub fn groups_in(tx: &mut dyn Tx, filter: &Filter) -> Result<Vec<FailureGroup>, StoreError> {
+    let mut params = Vec::new();
+    let conditions = filter.conditions(&mut params);
+    let rows = tx.query(
+        &format!(
+            "SELECT g.failure_group, g.letters, g.first_seen, g.last_seen,
+                    g.consumer, d.event_type, d.reason, d.error
+             FROM (SELECT consumer, failure_group, COUNT(*) AS letters,
+                          MIN(first_failed_at) AS first_seen, MAX(last_failed_at) AS last_seen,
+                          MIN(id) AS sample
+                   FROM tandem_dead_letters
+                   WHERE {conditions}
+                   GROUP BY consumer, failure_group) AS g
+             JOIN tandem_dead_letters AS d ON d.id = g.sample"
+        ),
+        &params,
+    )?;
+    let mut groups = rows
+        .into_iter()
+        .map(|mut row| {
+            Ok(FailureGroup {
+                group: row.take_text(0)?,
+                count: u64::try_from(row.i64(1)?).unwrap_or(0),
+                first_seen_micros: row.i64(2)?,
+                last_seen_micros: row.i64(3)?,
+                consumer: row.take_text(4)?,
+                event_type: row.opt_text(5)?.map(str::to_owned),
+                reason: row.take_text(6)?,
+                error: masked(row.text(7)?),
+            })
         })
-        .await
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    groups.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.group.cmp(&b.group)));
+    Ok(groups)
+}
+
+/// [`groups_in`] in a read transaction of its own.
+pub async fn groups<S: Store>(store: &S, filter: Filter) -> Result<Vec<FailureGroup>, StoreError> {
+    store.read(move |tx| groups_in(tx, &filter)).await
 }
 
 /// Records requests for the parked letters `ids` (each to its own
@@ -630,16 +748,17 @@ pub fn request_in(tx: &mut dyn Tx, ids: &[i64], command: Command) -> Result<Vec<
     let mut asked = Vec::new();
     let now = now_micros();
     for &id in ids {
-        let Some(letter) = get_in(tx, id)? else {
+        let Some(letter) = tx.query_opt(
+            "SELECT consumer FROM tandem_dead_letters WHERE id = $1 AND status = 'parked'",
+            params![id],
+        )?
+        else {
             continue;
         };
-        if letter.status != "parked" {
-            continue;
-        }
         tx.execute(
             "INSERT INTO tandem_consumer_requests (consumer, command, dead_letter_id, requested_at)
              VALUES ($1, $2, $3, $4)",
-            params![&letter.consumer, name, id, now],
+            params![letter.text(0)?, name, id, now],
         )?;
         asked.push(id);
     }

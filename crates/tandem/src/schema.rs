@@ -19,7 +19,10 @@
 //! - `tandem_consumer_aggregates`: last sequence applied per consumer and
 //!   aggregate (the dedup and ordering record).
 //! - `tandem_pending`: events that arrived ahead of a gap, waiting.
-//! - `tandem_dead_letters`: parked events with their error and attempts.
+//! - `tandem_dead_letters`: parked events with their error and attempts,
+//!   and their failure group (a fingerprint of the cause, computed in Rust
+//!   and stored when the letter is parked; indexed for a group's page and
+//!   for counting the parked letters by group).
 //! - `tandem_consumer_requests`: replay, redrive and discard orders for a
 //!   running consumer, from any process.
 //! - `tandem_consumer_generations`: per consumer, how many replays reset
@@ -45,9 +48,15 @@ pub struct Migrated {
     pub to: i64,
 }
 
-/// Creates the toolkit's tables, or brings them up to date: see [`migrate`].
+/// Creates the toolkit's tables, or brings them up to date: see
+/// [`migrate`]. Then stores the failure group of any dead letter parked
+/// without one by a build older than migration 3 since this database was
+/// migrated (a rolling upgrade): otherwise one seek in the index of the
+/// groups, which finds none.
 pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
-    migrate(tx).map(|_| ())
+    migrate(tx)?;
+    crate::dead_letter::fill_failure_groups(tx)?;
+    Ok(())
 }
 
 /// Applies, in order, each of the engine's migrations

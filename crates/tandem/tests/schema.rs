@@ -343,3 +343,85 @@ async fn a_file_with_topic_first_sequence_keys_is_rebuilt_with_its_sequences() {
         vec![("a".into(), 6), ("b".into(), 3), ("c".into(), 1)]
     );
 }
+
+/// How many letters have no failure group.
+fn ungrouped(tx: &mut dyn Tx) -> Result<i64, StoreError> {
+    tx.query_opt(
+        "SELECT COUNT(*) FROM tandem_dead_letters WHERE failure_group IS NULL",
+        &[],
+    )?
+    .expect("a count")
+    .i64(0)
+}
+
+#[tokio::test]
+async fn a_file_at_migration_2_gets_the_failure_groups_of_its_letters() {
+    use tandem_testkit::conformance::{
+        assert_failure_groups_agree, insert_letters_without_groups, migrate_to,
+    };
+    // A file of a build at migration 2: the fixture made before versions,
+    // taken there by that build's own steps, with letters parked as that
+    // build parked them (no group), more than one batch of the backfill.
+    let dir = tempfile::tempdir().unwrap();
+    let path = copy_fixture(dir.path());
+    let existing = SqliteStore::open_existing(&path, SqliteOptions::default())
+        .await
+        .expect("the fixture opens as it is");
+    let (version, grouped) = existing
+        .write(|tx| {
+            migrate_to(tx, 2)?;
+            insert_letters_without_groups(tx, 1234)?;
+            let grouped = tx
+                .query_opt(
+                    "SELECT 1 FROM pragma_table_info('tandem_dead_letters')
+                     WHERE name = 'failure_group'",
+                    &[],
+                )?
+                .is_some();
+            Ok::<_, StoreError>((schema_version(tx)?, grouped))
+        })
+        .await
+        .unwrap();
+    assert_eq!((version, grouped), (2, false), "a file at migration 2");
+    drop(existing);
+
+    let store = open(&path).await;
+    let (version, left) = store
+        .read(|tx| Ok::<_, StoreError>((schema_version(tx)?, ungrouped(tx)?)))
+        .await
+        .unwrap();
+    assert_eq!(version, 3);
+    assert_eq!(left, 0, "every letter has its group");
+    assert_failure_groups_agree(&store, 50).await;
+    let indexes = store
+        .read(|tx| {
+            tx.query(
+                "SELECT name FROM sqlite_master
+                 WHERE type = 'index' AND tbl_name = 'tandem_dead_letters' ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|row| Ok(row.text(0)?.to_owned()))
+            .collect::<Result<Vec<_>, StoreError>>()
+        })
+        .await
+        .unwrap();
+    for index in [
+        "tandem_dead_letters_group",
+        "tandem_dead_letters_parked_groups",
+    ] {
+        assert!(indexes.iter().any(|name| name == index), "{indexes:?}");
+    }
+
+    // A build still at migration 2 parks into the migrated file (a rolling
+    // upgrade): its letters have no group until a store opens the file.
+    store
+        .write(|tx| insert_letters_without_groups(tx, 40))
+        .await
+        .unwrap();
+    assert_eq!(store.read(ungrouped).await.unwrap(), 40);
+    drop(store);
+    let store = open(&path).await;
+    assert_eq!(store.read(ungrouped).await.unwrap(), 0);
+    assert_failure_groups_agree(&store, 50).await;
+}

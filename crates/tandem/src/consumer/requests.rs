@@ -48,7 +48,7 @@ impl BatchContext {
             if envelope.sequence > state.applied.saturating_add(1) {
                 dead_letter::record_failure(
                     tx,
-                    parked.id,
+                    &parked,
                     &format!(
                         "gap: sequence {} has not been applied yet",
                         state.applied.saturating_add(1)
@@ -64,7 +64,7 @@ impl BatchContext {
                     dead_letter::set_status(tx, parked.id, "resolved")?;
                 }
                 Err(error) => {
-                    dead_letter::record_failure(tx, parked.id, &error.message, true)?;
+                    dead_letter::record_failure(tx, &parked, &error.message, true)?;
                     state.blocked_by = Some(parked.id);
                     break;
                 }
@@ -87,7 +87,7 @@ impl BatchContext {
                 // Never decoded: try decoding again (a newer version may).
                 match Envelope::decode(&dead_letter.payload) {
                     Err(error) => {
-                        dead_letter::record_failure(tx, dead_letter.id, &error.to_string(), true)
+                        dead_letter::record_failure(tx, dead_letter, &error.to_string(), true)
                     }
                     Ok(envelope) => {
                         dead_letter::set_status(tx, dead_letter.id, "resolved")?;
@@ -334,7 +334,7 @@ fn settle_parked(
                 context.states.borrow_mut().clear();
                 dead_letter::record_failure(
                     tx,
-                    current.id,
+                    &current,
                     &format!("the store refused it: {error}"),
                     true,
                 )?;

@@ -22,7 +22,7 @@ pub struct SqliteSql;
 /// The one instance every SQLite transaction hands out.
 pub static SQLITE: SqliteSql = SqliteSql;
 
-static MIGRATIONS: [Migration; 2] = [
+static MIGRATIONS: [Migration; 3] = [
     Migration {
         version: 1,
         description: "the toolkit's tables",
@@ -33,7 +33,62 @@ static MIGRATIONS: [Migration; 2] = [
         description: "the audit trail of operator actions, and consumer pauses",
         apply: install_audit,
     },
+    Migration {
+        version: 3,
+        description: "dead letters' failure groups, stored and indexed",
+        apply: install_failure_groups,
+    },
 ];
+
+/// Migration 3: each dead letter's failure group
+/// (`tandem::dead_letter::failure_group`) in a column of its own, so that
+/// listings filter by it and count by it in SQL. The letters already
+/// there are filled first, in Rust (the group is a SHA-256 fingerprint:
+/// see `tandem::dead_letter::fill_failure_groups`), then indexed. Like
+/// step 1, it leaves a table that has the column as it is, so it also runs
+/// on a file whose steps were not recorded.
+fn install_failure_groups(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    let has_group = tx
+        .query_opt(
+            "SELECT 1 FROM pragma_table_info('tandem_dead_letters') WHERE name = 'failure_group'",
+            &[],
+        )?
+        .is_some();
+    if !has_group {
+        tx.execute_batch("ALTER TABLE tandem_dead_letters ADD COLUMN failure_group TEXT")?;
+    }
+    crate::dead_letter::fill_failure_groups(tx)?;
+    tx.execute_batch(FAILURE_GROUPS)
+}
+
+// Every SQLite index ends with the rowid (the letter's id). With no
+// statistics SQLite takes an equality on an index's first column to be
+// selective, so no index here starts with `status`, which nearly every
+// letter shares: a listing of the parked letters would then sort them all
+// instead of reading the table in id order.
+// - `tandem_dead_letters_group` `(failure_group, status)`: a group's letters
+//   of a status in id order, so a page of a group after a cursor is one
+//   seek; and the letters without a group (none, but during a rolling
+//   upgrade) are found at once when a store opens.
+// - `tandem_dead_letters_parked_groups` `(consumer, failure_group,
+//   first_failed_at, last_failed_at)` of the parked letters only: their
+//   failure groups are counted from it alone, in group order, without
+//   reading a row or sorting (for one consumer, from a range of it). The
+//   letters resolved and discarded, which stay on record, never make it
+//   longer. Used by the queries that name `status = 'parked'` as it is
+//   (see `tandem::dead_letter::Filter`).
+// - `tandem_dead_letters_record` `(consumer, topic, partition,
+//   record_offset)`: whether a record that cannot be decoded is on record
+//   already (a replay meets it again), one seek.
+const FAILURE_GROUPS: &str = "
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_group
+    ON tandem_dead_letters (failure_group, status);
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_parked_groups
+    ON tandem_dead_letters (consumer, failure_group, first_failed_at, last_failed_at)
+    WHERE status = 'parked';
+CREATE INDEX IF NOT EXISTS tandem_dead_letters_record
+    ON tandem_dead_letters (consumer, topic, partition, record_offset);
+";
 
 /// Migration 2: the audit trail (`tandem::audit`) and consumer pauses
 /// (`tandem::consumer::pauses`).
