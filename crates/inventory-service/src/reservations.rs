@@ -45,6 +45,13 @@ pub struct Reservations;
 
 impl Handler for Reservations {
     fn handle(&self, tx: &mut dyn Tx, event: &Envelope) -> Result<(), HandlerError> {
+        if tandem::fault::failing("inventory.reserve") {
+            // A switchable failure for tests of the operator's redrive.
+            return Err(HandlerError::transient(format!(
+                "fault point inventory.reserve: cannot apply {} {} now",
+                event.event_type, event.subject
+            )));
+        }
         if event.event_type == OrderPlaced::TYPE {
             place(tx, &event.payload::<OrderPlaced>()?)
         } else if event.event_type == OrderCancelled::TYPE {

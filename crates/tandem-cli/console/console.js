@@ -4,7 +4,6 @@
 
 const HISTORY_MS = 5 * 60 * 1000;
 const POLL_MS = 2000;
-const TOKEN_KEY = "tandem-admin-token";
 
 const state = {
   snapshot: null,
@@ -12,6 +11,7 @@ const state = {
   backlog: new Map(), // service -> [{t, pending}]
   rebuilds: new Map(), // "service/consumer" -> {started, peak}
   totals: new Map(), // "service/consumer" -> {count, sumSeconds}, the last reading
+  session: null, // {who, csrf} while logged in; the token itself stays on the server
 };
 
 // ------------------------------------------------------------ helpers
@@ -43,8 +43,8 @@ function healthBadge(health) {
   return el("span", { class: "health", "data-health": health, text: health });
 }
 
-function token() {
-  return sessionStorage.getItem(TOKEN_KEY) || "";
+function loggedIn() {
+  return Boolean(state.session);
 }
 
 function say(text, kind = "info") {
@@ -58,11 +58,14 @@ function say(text, kind = "info") {
 
 async function call(method, path, body) {
   const headers = {};
-  if (token()) headers.authorization = "Bearer " + token();
+  // The session cookie goes by itself; a request that changes state also
+  // carries the session's CSRF token.
+  if (state.session && method !== "GET") headers["x-csrf-token"] = state.session.csrf;
   if (body !== undefined) headers["content-type"] = "application/json";
   const response = await fetch(path, {
     method,
     headers,
+    credentials: "same-origin",
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const text = await response.text();
@@ -72,6 +75,10 @@ async function call(method, path, body) {
     const detail = data && data.detail ? data.detail : response.statusText;
     const error = new Error(`${response.status}: ${detail}`);
     error.status = response.status;
+    if (response.status === 401 && state.session && path.startsWith("/api/") && path !== "/api/session") {
+      // The session ended (expired, or the console restarted).
+      showSession(null);
+    }
     throw error;
   }
   return data;
@@ -330,7 +337,7 @@ function renderRebuilds() {
         // CSSOM, not a style attribute: the page's CSP allows no inline style.
         fill.style.width = `${Math.round(done * 100)}%`;
         progress = el("div", { class: "bar", title: `${Math.round(done * 100)} %` }, fill);
-        eta = consumer.lagEvents === 0 ? "done" : rate > 0 ? seconds(consumer.lagEvents / rate) : "…";
+        eta = done >= 1 ? "done" : consumer.lagEvents === 0 ? "starting" : rate > 0 ? seconds(consumer.lagEvents / rate) : "…";
       }
       rows.push(el("tr", { "data-consumer": consumer.consumer },
         el("td", { text: service.name }),
@@ -452,7 +459,7 @@ let adminBusy = false;
 async function refreshAdmin() {
   if (adminBusy || !state.snapshot) return;
   const tab = (location.hash || "#map").slice(1);
-  const hasToken = Boolean(token());
+  const hasToken = loggedIn();
   for (const note of document.querySelectorAll(".needs-token")) note.hidden = hasToken;
   if (!hasToken || (tab !== "dead-letters" && tab !== "audit")) return;
   adminBusy = true;
@@ -471,7 +478,7 @@ async function refreshGroups() {
   for (const service of upServices()) {
     const groups = await call("GET", `/api/admin/${encodeURIComponent(service.name)}/failure-groups`);
     for (const group of groups) {
-      rows.push(el("tr", { "data-group": group.group, "data-count": group.count },
+      rows.push(el("tr", { "data-group": group.group, "data-count": group.count, "data-error": group.error },
         el("td", { text: service.name }),
         el("td", { text: group.consumer }),
         el("td", { text: group.eventType || "–" }),
@@ -481,7 +488,7 @@ async function refreshGroups() {
         el("td", { text: when(group.firstSeen) }),
         el("td", { text: when(group.lastSeen) }),
         el("td", {},
-          el("button", { text: "Inspect", onclick: () => inspect(service.name, group) }),
+          el("button", { id: `inspect-${group.group}`, text: "Inspect", onclick: () => inspect(service.name, group) }),
           el("button", { id: `redrive-${group.group}`, text: "Redrive", onclick: () => act(service.name, group, "redrive") }),
           el("button", { id: `discard-${group.group}`, text: "Discard", onclick: () => act(service.name, group, "discard") }))));
     }
@@ -535,14 +542,62 @@ async function refreshAudit() {
 
 // ------------------------------------------------------------ start
 
-document.addEventListener("DOMContentLoaded", () => {
-  document.getElementById("token").value = token();
-  document.getElementById("token-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    sessionStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
-    say("admin token set for this tab");
+function showSession(session) {
+  state.session = session;
+  document.getElementById("login-form").hidden = Boolean(session);
+  document.getElementById("signed-in").hidden = !session;
+  document.getElementById("who").textContent = session ? `signed in as ${session.who}` : "";
+  for (const note of document.querySelectorAll(".needs-token")) note.hidden = Boolean(session);
+}
+
+async function logIn(event) {
+  event.preventDefault();
+  const input = document.getElementById("token");
+  const token = input.value.trim();
+  // The token leaves the page with this request and is not kept here.
+  input.value = "";
+  try {
+    const session = await call("POST", "/api/session", { token });
+    showSession(session);
+    say(`signed in as ${session.who}`);
     refreshAdmin();
-  });
+  } catch (error) {
+    say(`login refused: ${error.message}`, "error");
+  }
+}
+
+async function logOut() {
+  try {
+    await call("DELETE", "/api/session");
+  } catch (error) {
+    say(`logout: ${error.message}`, "error");
+  }
+  showSession(null);
+}
+
+// On a narrow screen tables are laid out as cards: each cell carries its
+// column's heading, copied here whenever rows change.
+function labelCells(table) {
+  const headings = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const row of table.querySelectorAll("tbody tr")) {
+    [...row.children].forEach((cell, index) => {
+      if (headings[index] && !cell.hasAttribute("colspan")) cell.dataset.label = headings[index];
+    });
+  }
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  for (const table of document.querySelectorAll("table.cards")) {
+    new MutationObserver(() => labelCells(table)).observe(table.querySelector("tbody"), { childList: true });
+  }
+  document.getElementById("login-form").addEventListener("submit", logIn);
+  document.getElementById("logout").addEventListener("click", logOut);
+  try {
+    const session = await call("GET", "/api/session");
+    showSession(session.loggedIn ? session : null);
+  } catch {
+    showSession(null);
+  }
   document.getElementById("order-form").addEventListener("submit", placeOrder);
   window.addEventListener("hashchange", showTab);
   showTab();

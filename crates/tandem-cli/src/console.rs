@@ -7,7 +7,8 @@
 //! operator asks of a service goes to its admin API through
 //! `/api/admin/{service}/...`, with the operator's own bearer token passed
 //! on untouched: the console holds no secret of the services and can do
-//! nothing the token does not allow. Under `tandem up` it also stops,
+//! nothing the token does not allow. A browser logs in once with the
+//! token and is given a session cookie instead (see [`session`]). Under `tandem up` it also stops,
 //! kills and starts the supervised services (`/api/services/...`),
 //! behind the same token, and places orders through the Order Service's
 //! public API, so a newcomer can watch orders flow with a service down.
@@ -32,6 +33,9 @@ use tandem_service::admin::AdminTokens;
 use tandem_service::Problem;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+
+pub mod session;
+use session::Sessions;
 
 const INDEX: &str = include_str!("../console/index.html");
 const SCRIPT: &str = include_str!("../console/console.js");
@@ -106,6 +110,7 @@ struct Console {
     names: Arc<std::sync::RwLock<BTreeMap<String, url::Url>>>,
     snapshots: watch::Receiver<Arc<String>>,
     controls: Option<Controls>,
+    sessions: Sessions,
 }
 
 /// Serves the console on `listener` until `stop` fires.
@@ -126,6 +131,7 @@ pub async fn serve(
         names: Arc::default(),
         snapshots,
         controls,
+        sessions: Sessions::default(),
     };
     tokio::spawn(refresh(console.clone(), publish, stop.clone()));
     let router = Router::new()
@@ -142,6 +148,10 @@ pub async fn serve(
             get(|| async { page(STYLE, "text/css; charset=utf-8") }),
         )
         .route("/api/stream", get(stream))
+        .route(
+            "/api/session",
+            get(session_view).post(log_in).delete(log_out),
+        )
         .route("/api/admin/{service}/{*rest}", any(admin))
         .route("/api/services/{service}/{action}", post(control))
         .route("/api/orders", post(place_order))
@@ -312,6 +322,10 @@ async fn admin(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let credential = match console.sessions.credential(&method, &headers) {
+        Ok(credential) => credential,
+        Err(refused) => return refused,
+    };
     let base = match base_of(&console, &service) {
         Ok(base) => base,
         Err(problem) => return problem.into_response(),
@@ -323,11 +337,12 @@ async fn admin(
     let Ok(method) = reqwest::Method::from_bytes(method.as_str().as_bytes()) else {
         return Problem::invalid("method", "not an HTTP method").into_response();
     };
-    let mut request = console.http.request(method, target);
-    for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
-        if let Some(value) = headers.get(&name) {
-            request = request.header(name.as_str(), value.as_bytes());
-        }
+    let mut request = console
+        .http
+        .request(method, target)
+        .header(header::AUTHORIZATION.as_str(), credential.bearer());
+    if let Some(value) = headers.get(header::CONTENT_TYPE) {
+        request = request.header(header::CONTENT_TYPE.as_str(), value.as_bytes());
     }
     match request.body(body).send().await {
         Ok(response) => relay(response).await,
@@ -339,15 +354,19 @@ async fn admin(
 async fn control(
     State(console): State<Console>,
     Path((service, action)): Path<(String, String)>,
+    method: Method,
     headers: HeaderMap,
 ) -> Response {
     let Some(controls) = &console.controls else {
         return Problem::not_found("this console controls no services (it is not tandem up's)")
             .into_response();
     };
-    let who = match controls.tokens.check(&headers) {
-        Ok(who) => who,
-        Err(detail) => return tandem_service::admin::unauthorized(detail),
+    let credential = match console.sessions.credential(&method, &headers) {
+        Ok(credential) => credential,
+        Err(refused) => return refused,
+    };
+    let Some(who) = controls.tokens.name_of(&credential.secret) else {
+        return tandem_service::admin::unauthorized("the admin token is not valid");
     };
     let action = match action.as_str() {
         "stop" => Action::Stop,
@@ -376,6 +395,79 @@ async fn control(
         Ok(Ok(())) => StatusCode::ACCEPTED.into_response(),
         Ok(Err(message)) => Problem::conflict(message).into_response(),
         Err(_) => Problem::unavailable("the supervisor is stopping").into_response(),
+    }
+}
+
+/// `GET /api/session`: whether this browser is logged in, as whom, and
+/// its CSRF token.
+async fn session_view(State(console): State<Console>, headers: HeaderMap) -> Response {
+    axum::Json(console.sessions.view(&headers)).into_response()
+}
+
+/// The login form's body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    token: String,
+}
+
+/// `POST /api/session` with `{"token": ...}`: checks the admin token
+/// (under `tandem up` against its own; otherwise by asking the services
+/// which accept it) and opens a session.
+async fn log_in(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    tandem_service::StrictJson(login): tandem_service::StrictJson<Login>,
+) -> Response {
+    if !session::same_origin(&headers) {
+        return Problem::new(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            "a login from another site's page is refused",
+        )
+        .with_field("origin")
+        .into_response();
+    }
+    let secret = login.token.trim().to_owned();
+    let who = match &console.controls {
+        Some(controls) => controls.tokens.name_of(&secret),
+        None => accepted_by_a_service(&console, &secret).await,
+    };
+    let Some(who) = who else {
+        tracing::warn!("console: a login with a wrong admin token was refused");
+        return tandem_service::admin::unauthorized("the admin token is not valid").into_response();
+    };
+    tracing::info!(%who, "console: logged in");
+    let (cookie, view) = console.sessions.open(secret, who);
+    ([(header::SET_COOKIE, cookie)], axum::Json(view)).into_response()
+}
+
+/// The name an operator goes by when a service, not this console, accepted
+/// the token: the first service that answers its audit listing with it.
+async fn accepted_by_a_service(console: &Console, secret: &str) -> Option<String> {
+    for watched in console.services.iter() {
+        let Ok(url) = watched.base.join("admin/audit?limit=1") else {
+            continue;
+        };
+        let answer = console
+            .http
+            .get(url)
+            .bearer_auth(secret)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        if answer.is_ok_and(|response| response.status().is_success()) {
+            return Some("operator".to_owned());
+        }
+    }
+    None
+}
+
+/// `DELETE /api/session`: logs out.
+async fn log_out(State(console): State<Console>, method: Method, headers: HeaderMap) -> Response {
+    match console.sessions.close(&method, &headers) {
+        Ok(cookie) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response(),
+        Err(refused) => refused,
     }
 }
 

@@ -1,11 +1,15 @@
 //! The operator console in a real browser (headless Chromium driven over
 //! WebDriver by chromedriver), served by a real `tandem up`: the live map
-//! shows the three services; with the admin token, a newcomer kills the
-//! Customer Service from the page, places an order that is still
-//! confirmed, starts it again; parked events appear as one failure group
-//! that is discarded with a confirmation; a rebuild is asked for; the
-//! audit trail shows both. The console's own controls refuse a caller
-//! without the token.
+//! shows the three services; a newcomer logs in with the admin token (an
+//! HttpOnly, SameSite=Strict session cookie; state changes need the
+//! page's CSRF token), kills the Customer Service from the page, places
+//! an order that is still confirmed, starts it again; parked events
+//! appear as one failure group that is discarded with a confirmation; an
+//! order whose reservation fails at a fault point is found in its group,
+//! inspected and redriven once the fault is cleared, and reserves its
+//! stock exactly once; a rebuild is asked for; the audit trail shows it
+//! all; every page fits a phone's width. A screenshot of each page is
+//! saved in target/tmp/console-screenshots.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (scripts/engines up
 //! installs them).
@@ -32,7 +36,7 @@ struct Up {
 }
 
 impl Up {
-    async fn start(dir: &Path) -> Up {
+    async fn start(dir: &Path, faults: &Path) -> Up {
         // --console-port 0 means no console: a port free a moment ago.
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
@@ -46,6 +50,7 @@ impl Up {
             ])
             .arg("--data-dir")
             .arg(dir)
+            .env("TANDEM_FAULT_FILE", faults)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -210,11 +215,71 @@ async fn tab(browser: &Client, name: &str) {
     click(browser, &format!("nav a[data-tab=\"{name}\"]")).await;
 }
 
+/// Where the screenshots of each page go: `target/tmp/console-screenshots`.
+fn screenshots() -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shot(browser: &Client, name: &str) {
+    let png = browser.screenshot().await.expect("a screenshot");
+    let path = screenshots().join(format!("{name}.png"));
+    std::fs::write(&path, png).unwrap();
+    eprintln!("screenshot: {}", path.display());
+}
+
+/// The page is no wider than the window: only boxes of their own scroll
+/// sideways.
+async fn fits_the_width(browser: &Client, page: &str) {
+    let widths = browser
+        .execute(
+            "return [document.documentElement.scrollWidth, window.innerWidth];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let (scroll, window) = (widths[0].as_i64().unwrap(), widths[1].as_i64().unwrap());
+    assert!(
+        scroll <= window,
+        "the {page} page is {scroll} px wide in a {window} px window"
+    );
+}
+
+/// The product's `(available, reserved)` units.
+async fn stock(http: &reqwest::Client, inventory: &str, product: &str) -> (i64, i64) {
+    let product: serde_json::Value = http
+        .get(format!("{inventory}/products/{product}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        product["available"].as_i64().unwrap(),
+        product["reserved"].as_i64().unwrap(),
+    )
+}
+
+const PAGES: [&str; 6] = [
+    "map",
+    "charts",
+    "dead-letters",
+    "rebuilds",
+    "audit",
+    "controls",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Up::start(dir.path()).await;
+    // The Inventory Service's handler fails while this file lists
+    // `inventory.reserve` (tandem::fault::failing).
+    let faults = dir.path().join("faults");
+    let mut up = Up::start(dir.path(), &faults).await;
     let console = up.field("console").await;
+    let inventory = up.field("inventory").await;
     let bus = up
         .field("events")
         .await
@@ -227,7 +292,8 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
         .trim()
         .to_owned();
 
-    // The console's controls refuse a caller without the token.
+    // The console's controls refuse a caller without the token, and a
+    // login with a wrong one.
     let http = reqwest::Client::new();
     let refused = http
         .post(format!("{console}/api/services/customer/kill"))
@@ -235,9 +301,18 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
+    let wrong = http
+        .post(format!("{console}/api/session"))
+        .json(&serde_json::json!({ "token": "not-the-admin-token-at-all" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
 
     let driver = chromedriver().await;
     let browser = browser(&driver).await;
+    browser.set_window_size(1400, 1000).await.unwrap();
     browser.goto(&console).await.unwrap();
 
     // The live map: every service, ok.
@@ -251,13 +326,65 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
     wait_css(&browser, "#map g[data-consumer=\"inventory-reservations\"]").await;
     wait_css(&browser, "#map path.edge").await;
 
-    // The token, as the page asks for it.
+    // Log in with the token, as the page asks for it. The browser keeps a
+    // session cookie that no script can read and no other site sends; the
+    // page keeps no token.
     wait_css(&browser, "#token")
         .await
         .send_keys(&token)
         .await
         .unwrap();
-    click(&browser, "#token-save").await;
+    click(&browser, "#login").await;
+    text_becomes(&browser, "#who", "signed in as admin").await;
+    let cookies = browser.get_all_cookies().await.unwrap();
+    let session = cookies
+        .iter()
+        .find(|cookie| cookie.name() == "tandem_console")
+        .unwrap_or_else(|| panic!("no session cookie: {cookies:?}"));
+    assert_eq!(session.http_only(), Some(true), "{session:?}");
+    assert_eq!(
+        format!("{:?}", session.same_site()),
+        "Some(Strict)",
+        "{session:?}"
+    );
+    assert!(!session.value().contains(&token));
+    let seen_by_scripts = browser
+        .execute(
+            "return [document.cookie, document.documentElement.outerHTML,
+                     JSON.stringify(sessionStorage), JSON.stringify(localStorage)].join('\\n');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let seen_by_scripts = seen_by_scripts.as_str().unwrap();
+    assert!(
+        !seen_by_scripts.contains("tandem_console"),
+        "{seen_by_scripts}"
+    );
+    assert!(
+        !seen_by_scripts.contains(&token),
+        "the page holds the token"
+    );
+
+    // The cookie alone reads, but changes nothing: a state change needs
+    // the page's CSRF token (what a forged request from elsewhere lacks).
+    let cookie = format!("tandem_console={}", session.value());
+    let read = http
+        .get(format!("{console}/api/admin/order/audit"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    let forged = http
+        .post(format!("{console}/api/services/customer/kill"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    let problem: serde_json::Value = forged.json().await.unwrap();
+    assert_eq!(problem["field"], "x-csrf-token", "{problem}");
 
     // Kill -9 the Customer Service from the page; the map shows it down,
     // and an order placed from the page is still confirmed.
@@ -270,6 +397,7 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
     .await;
     click(&browser, "#order-place").await;
     text_becomes(&browser, "#order-status", "CONFIRMED").await;
+    shot(&browser, "controls").await;
     // The order's events went through both consumers: their propagation
     // is charted.
     wait_css(
@@ -283,6 +411,10 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
         "#map g[data-service=\"customer\"][data-health=\"ok\"]",
     )
     .await;
+    tab(&browser, "map").await;
+    shot(&browser, "map").await;
+    tab(&browser, "charts").await;
+    shot(&browser, "charts").await;
 
     // Two events of one cause, parked: one group of two; discarded from
     // the page with a confirmation, and gone.
@@ -307,14 +439,72 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
     .await;
     wait_css(&browser, "#groups tr.empty").await;
 
+    // An order whose reservation fails (the fault point) is parked in a
+    // failure group of its own; once the fault is cleared, the operator
+    // redrives it from the page and it is applied exactly once.
+    let before = stock(&http, &inventory, "widget").await;
+    std::fs::write(&faults, "inventory.reserve\n").unwrap();
+    tab(&browser, "controls").await;
+    click(&browser, "#order-place").await;
+    tab(&browser, "dead-letters").await;
+    let group = "#groups tr[data-count=\"1\"][data-error*=\"inventory.reserve\"]";
+    wait_css(&browser, group).await;
+    assert_eq!(text_of(&browser, "#order-status").await, "PENDING");
+    click(&browser, &format!("{group} button[id^=\"inspect-\"]")).await;
+    wait_css(&browser, "#letter:not([hidden])").await;
+    let inspected = text_of(&browser, "#letter-body").await;
+    assert!(
+        inspected.contains("fault point inventory.reserve") && inspected.contains("OrderPlaced"),
+        "{inspected}"
+    );
+    shot(&browser, "dead-letters").await;
+    std::fs::remove_file(&faults).unwrap();
+    click_and_confirm(&browser, &format!("{group} button[id^=\"redrive-\"]")).await;
+    wait_css(&browser, "#groups tr.empty").await;
+    tab(&browser, "controls").await;
+    text_becomes(&browser, "#order-status", "CONFIRMED").await;
+    let after = stock(&http, &inventory, "widget").await;
+    assert_eq!(
+        (after.0, after.1),
+        (before.0 - 1, before.1 + 1),
+        "one unit reserved, once: before {before:?}, after {after:?}"
+    );
+
     // A rebuild of the Inventory Service's consumer, asked from the page.
     tab(&browser, "rebuilds").await;
     click_and_confirm(&browser, "#rebuild-inventory-reservations").await;
+    shot(&browser, "rebuilds").await;
 
-    // Both actions in the audit trail.
+    // Every action in the audit trail, under the token's name.
     tab(&browser, "audit").await;
     wait_css(&browser, "#audit tr[data-action=\"dead-letters.discard\"]").await;
+    wait_css(&browser, "#audit tr[data-action=\"dead-letters.redrive\"]").await;
     wait_css(&browser, "#audit tr[data-action=\"consumer.replay\"]").await;
+    shot(&browser, "audit").await;
+
+    // Down to a phone's width, every page stays within the screen.
+    browser.set_window_size(390, 844).await.unwrap();
+    for page in PAGES {
+        tab(&browser, page).await;
+        wait_css(
+            &browser,
+            &format!("section[data-section=\"{page}\"]:not([hidden])"),
+        )
+        .await;
+        fits_the_width(&browser, page).await;
+        shot(&browser, &format!("phone-{page}")).await;
+    }
+
+    // Logging out ends the session: the cookie no longer reads.
+    click(&browser, "#logout").await;
+    wait_css(&browser, "#login-form:not([hidden])").await;
+    let after_logout = http
+        .get(format!("{console}/api/admin/order/audit"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after_logout.status(), 401);
 
     browser.close().await.unwrap();
     // SAFETY: kill(2) with a valid signal on the child this test started.
@@ -324,6 +514,20 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
         .expect("tandem up stops")
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// The text of `css`, shown or not (WebDriver reads no text of a hidden
+/// element).
+async fn text_of(browser: &Client, css: &str) -> String {
+    wait_css(browser, css).await;
+    let text = browser
+        .execute(
+            "return document.querySelector(arguments[0]).textContent;",
+            vec![serde_json::json!(css)],
+        )
+        .await
+        .unwrap();
+    text.as_str().unwrap_or_default().to_owned()
 }
 
 /// `tandem console --url ...` against services it does not run: its

@@ -258,3 +258,104 @@ async fn up_does_not_follow_a_link_planted_as_a_database() {
         );
     }
 }
+
+/// Tried as a new user would: `tandem up`, 30 customers, Ctrl-C. Every
+/// store checkpoints and closes on the way out, so no WAL is left holding
+/// data, and a copy of the `.db` files alone (the most common backup) has
+/// all 30 customers, in the Customer Service, in the Order Service's copy
+/// and in the log.
+#[tokio::test]
+async fn a_clean_stop_leaves_whole_database_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tandem-data");
+    let mut running = up(&data);
+    let stdout = running.child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut urls = std::collections::HashMap::new();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("tandem up did not come up in time")
+            .expect("read tandem up's output")
+            .expect("tandem up exited before it was up");
+        let mut words = line.split_whitespace();
+        if let (Some(name), Some(url)) = (words.next(), words.next()) {
+            if url.starts_with("http://") {
+                urls.insert(name.to_owned(), url.to_owned());
+            }
+        }
+        if line.starts_with("Ctrl-C stops") {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (customer, order) = (&urls["customer"], &urls["order"]);
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        let created: serde_json::Value = http
+            .post(format!("{customer}/customers"))
+            .json(&serde_json::json!({
+                "name": format!("Customer {n}"),
+                "email": format!("c{n}@example.com"),
+                "address": format!("{n} Road"),
+                "creditLimitCents": 1000,
+            }))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(created["customerId"].as_str().unwrap().to_owned());
+    }
+    // The Order Service has its copy of the last one (and so of all).
+    let last = ids.last().unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while !http
+        .get(format!("{order}/customers/{last}"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+    {
+        assert!(Instant::now() < deadline, "the Order Service has no copy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(&mut running).await;
+
+    for name in names(&data) {
+        if name.ends_with("-wal") {
+            let bytes = std::fs::metadata(data.join(&name)).unwrap().len();
+            assert_eq!(
+                bytes, 0,
+                "{name} still holds {bytes} bytes after a clean stop"
+            );
+        }
+    }
+    let backup = dir.path().join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    for name in ["bus.db", "customer.db", "order.db"] {
+        std::fs::copy(data.join(name), backup.join(name)).unwrap();
+    }
+    let count = |file: &str, sql: &str| -> i64 {
+        rusqlite::Connection::open(backup.join(file))
+            .unwrap()
+            .query_row(sql, [], |row| row.get(0))
+            .unwrap_or_else(|error| panic!("{file}: {sql}: {error}"))
+    };
+    assert_eq!(count("customer.db", "SELECT count(*) FROM customers"), 30);
+    assert_eq!(
+        count("order.db", "SELECT count(*) FROM local_customers"),
+        30,
+        "the Order Service's copies"
+    );
+    assert!(
+        count("bus.db", "SELECT count(*) FROM log_records") >= 30,
+        "the log"
+    );
+}

@@ -250,6 +250,9 @@ impl Bus for Namespaced {
     fn redelivery_delay_max(&self) -> std::time::Duration {
         self.inner.redelivery_delay_max()
     }
+    async fn close(&self) -> Result<(), BusError> {
+        self.inner.close().await
+    }
 }
 
 struct NamespacedSubscription {
@@ -350,6 +353,10 @@ impl Store for AnyStore {
 
     fn try_lead(&self, name: &str) -> StoreFuture<Option<Box<dyn Lease>>, StoreError> {
         delegate!(self, store => store.try_lead(name))
+    }
+
+    fn close(&self) -> StoreFuture<(), StoreError> {
+        delegate!(self, store => store.close())
     }
 }
 

@@ -8,6 +8,12 @@
 //!    accepted rate is the number of 202 answers per second;
 //! 3. fixed rate at 70 % of that: p50 and p99 latency of POST /orders;
 //! 4. POST /orders to CONFIRMED, one order at a time: p50 and p99.
+//!
+//! With `--console`, the operator console runs beside the system as an
+//! open page would use it, for the whole run: it reads every service's
+//! `/status` each second, `--console-pages` clients follow its live stream,
+//! and each of them reads the failure groups of every service through it
+//! every two seconds (the dead-letter page's poll), with the admin token.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -37,6 +43,87 @@ pub struct OrdersArgs {
     /// Print exactly one JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// Run the operator console, watched by open pages, during the run.
+    #[arg(long)]
+    console: bool,
+    /// Open console pages (with --console).
+    #[arg(long, default_value_t = 2)]
+    console_pages: usize,
+}
+
+/// The admin token the services get under --console.
+const BENCH_TOKEN: &str = "bench-orders-console-token";
+
+/// The console and its open pages, stopped on drop.
+struct OpenConsole {
+    stop: tokio_util::sync::CancellationToken,
+    snapshots: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for OpenConsole {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn open_console(system: &System, pages: usize) -> anyhow::Result<OpenConsole> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let services = Service::ALL
+        .iter()
+        .map(|&service| tandem_cli::console::watched(&system.url(service)?))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(tandem_cli::console::serve(
+        listener,
+        services,
+        None,
+        stop.clone(),
+    ));
+    let snapshots = Arc::new(AtomicU64::new(0));
+    for _ in 0..pages {
+        let (stop, snapshots, base) = (stop.clone(), Arc::clone(&snapshots), base.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let stream = async {
+                let mut response = http.get(format!("{base}/api/stream")).send().await?;
+                while let Some(chunk) = response.chunk().await? {
+                    let events = chunk.windows(6).filter(|w| w == b"event:").count();
+                    snapshots.fetch_add(events as u64, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            };
+            let poll = async {
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    tick.tick().await;
+                    for service in Service::ALL {
+                        let _ = http
+                            .get(format!(
+                                "{base}/api/admin/{}/failure-groups",
+                                service.name()
+                            ))
+                            .bearer_auth(BENCH_TOKEN)
+                            .send()
+                            .await
+                            .and_then(reqwest::Response::error_for_status)?
+                            .bytes()
+                            .await;
+                    }
+                }
+                #[allow(unreachable_code)]
+                anyhow::Ok(())
+            };
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                outcome = stream => if let Err(error) = outcome { eprintln!("console page: {error:#}") },
+                outcome = poll => if let Err(error) = outcome { eprintln!("console page: {error:#}") },
+            }
+        });
+    }
+    Ok(OpenConsole { stop, snapshots })
 }
 
 #[derive(Debug, Serialize)]
@@ -50,6 +137,7 @@ struct Report {
     confirm_p99_ms: f64,
     connections: u32,
     seconds: u64,
+    console: bool,
 }
 
 /// What one oha run measured.
@@ -223,11 +311,30 @@ async fn time_to_confirmed(system: &System, samples: usize) -> anyhow::Result<Ve
 pub async fn run(args: OrdersArgs) -> anyhow::Result<()> {
     let temporary = tempfile::tempdir().context("cannot create a temporary directory")?;
     let mut system = System::new(temporary.path(), 0)?;
+    if args.console {
+        for service in Service::ALL {
+            system.set_env(service, "TANDEM_ADMIN_TOKEN", Some(BENCH_TOKEN));
+        }
+    }
     let outcome = async {
         system.start_all().await?;
         tandem_cli::up::seed(&system).await?;
         prepare(&system).await?;
-        measure(&system, &args).await
+        let console = if args.console {
+            Some(open_console(&system, args.console_pages).await?)
+        } else {
+            None
+        };
+        let measured = measure(&system, &args).await;
+        if let Some(console) = console {
+            let seen = console.snapshots.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "console: {} pages received {seen} live snapshots",
+                args.console_pages
+            );
+            ensure!(seen > 0, "the console's pages received no snapshot");
+        }
+        measured
     }
     .await;
     system.stop_all().await;
@@ -277,6 +384,7 @@ async fn measure(system: &System, args: &OrdersArgs) -> anyhow::Result<()> {
         confirm_p99_ms: percentile(&confirmed, 0.99),
         connections: args.connections,
         seconds: args.seconds,
+        console: args.console,
     };
     println!();
     println!(

@@ -987,6 +987,17 @@ impl Store for PostgresStore {
 
     /// `pg_try_advisory_lock(hashtext('tandem-lead:' || name))` on a
     /// connection owned by the lease, which a thread checks every 250 ms.
+    /// Ends the store's threads, each closing its connection (the
+    /// server sees a clean disconnect, not a dropped socket).
+    fn close(&self) -> StoreFuture<(), StoreError> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || shared.executor.close())
+                .await
+                .map_err(|error| StoreError::Engine(format!("close task failed: {error}").into()))
+        })
+    }
+
     fn try_lead(&self, name: &str) -> StoreFuture<Option<Box<dyn Lease>>, StoreError> {
         let connector = self.shared.connector.clone();
         let name = name.to_owned();

@@ -203,7 +203,17 @@ impl<S: Store> Service<S> {
             let stop = shutdown.clone();
             parts.push((part, task(async move { consumer.run(stop).await })));
         }
-        run_parts(listener, router, parts, shutdown).await
+        let outcome = run_parts(listener, router, parts, shutdown).await;
+        // A clean stop leaves whole files: the store and the bus finish
+        // what was queued and close (SQLite: the WAL is checkpointed into
+        // the database file).
+        if let Err(error) = bus.close().await {
+            tracing::warn!(service = name, %error, "the bus did not close cleanly");
+        }
+        if let Err(error) = store.close().await {
+            tracing::warn!(service = name, %error, "the store did not close cleanly");
+        }
+        outcome
     }
 }
 

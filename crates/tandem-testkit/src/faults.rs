@@ -68,6 +68,10 @@ impl<S: Store> Store for FlakyStore<S> {
     fn try_lead(&self, name: &str) -> StoreFuture<Option<Box<dyn Lease>>, StoreError> {
         self.inner.try_lead(name)
     }
+
+    fn close(&self) -> StoreFuture<(), StoreError> {
+        self.inner.close()
+    }
 }
 
 /// The test's handle on a [`HoldingBus`]: whether the first batch is held,
@@ -147,6 +151,9 @@ impl Bus for HoldingBus {
 
     fn redelivery_delay_max(&self) -> Duration {
         self.inner.redelivery_delay_max()
+    }
+    async fn close(&self) -> Result<(), BusError> {
+        self.inner.close().await
     }
 }
 

@@ -159,6 +159,14 @@ pub trait Bus: Send + Sync + 'static {
     fn redelivery_delay_max(&self) -> Duration {
         Duration::ZERO
     }
+
+    /// Closes the bus at a clean stop: what this process publishes from
+    /// now fails, and what it holds open is released (the embedded log:
+    /// its file is checkpointed and closed as [`crate::Store::close`]
+    /// says). The default does nothing.
+    async fn close(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 }
 
 /// One member's view of a group.

@@ -239,6 +239,10 @@ static INSERT_RECORDS: MultiRowInsert = MultiRowInsert::new(
 
 #[async_trait::async_trait]
 impl Bus for EmbeddedLog {
+    async fn close(&self) -> Result<(), BusError> {
+        Ok(self.inner.file.close().await?)
+    }
+
     async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
         if records.is_empty() {
             return Ok(());

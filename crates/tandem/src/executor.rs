@@ -96,11 +96,15 @@ const RELEASE: &str = "RELEASE SAVEPOINT tandem_job";
 const UNDO: &str = "ROLLBACK TO SAVEPOINT tandem_job; RELEASE SAVEPOINT tandem_job";
 
 /// The writer thread and reader pool of one store. Dropping it (with the
-/// store's last handle) ends the threads once their queued jobs are done.
+/// store's last handle) ends the threads once their queued jobs are done;
+/// [`Executor::close`] ends them now and waits until their connections are
+/// closed.
 pub struct Executor<C: EngineConnection> {
     writer: mpsc::Sender<Job<C>>,
     readers: mpsc::Sender<Job<C>>,
     outbox_signal: watch::Sender<u64>,
+    closing: Arc<std::sync::atomic::AtomicBool>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl<C: EngineConnection> Executor<C> {
@@ -111,6 +115,8 @@ impl<C: EngineConnection> Executor<C> {
     /// database's name.
     pub fn start(name: &str, store: &str, writer: C, readers: Vec<C>) -> Result<Self, StoreError> {
         let (outbox_signal, _) = watch::channel(0u64);
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
         let (writer_sender, writer_receiver) = mpsc::channel::<Job<C>>();
         let writer_signal = outbox_signal.clone();
         let commits = crate::metrics::metrics()
@@ -118,32 +124,62 @@ impl<C: EngineConnection> Executor<C> {
             .get_or_create_owned(&crate::metrics::StoreLabels {
                 store: store.to_owned(),
             });
-        std::thread::Builder::new()
-            .name(format!("{name}-writer"))
-            .spawn(move || {
-                COMMITS.with(|slot| *slot.borrow_mut() = Some(commits));
-                writer_loop(writer, writer_receiver, writer_signal)
-            })
-            .map_err(|error| {
-                StoreError::Engine(format!("cannot start writer thread: {error}").into())
-            })?;
+        let writer_closing = Arc::clone(&closing);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("{name}-writer"))
+                .spawn(move || {
+                    COMMITS.with(|slot| *slot.borrow_mut() = Some(commits));
+                    writer_loop(writer, writer_receiver, writer_signal, &writer_closing)
+                })
+                .map_err(|error| {
+                    StoreError::Engine(format!("cannot start writer thread: {error}").into())
+                })?,
+        );
         let (reader_sender, reader_receiver) = mpsc::channel::<Job<C>>();
         let reader_receiver = Arc::new(Mutex::new(reader_receiver));
         for (index, reader) in readers.into_iter().enumerate() {
             let receiver = Arc::clone(&reader_receiver);
             let signal = outbox_signal.clone();
-            std::thread::Builder::new()
-                .name(format!("{name}-reader-{index}"))
-                .spawn(move || reader_loop(reader, &receiver, &signal))
-                .map_err(|error| {
-                    StoreError::Engine(format!("cannot start reader thread: {error}").into())
-                })?;
+            let reader_closing = Arc::clone(&closing);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("{name}-reader-{index}"))
+                    .spawn(move || reader_loop(reader, &receiver, &signal, &reader_closing))
+                    .map_err(|error| {
+                        StoreError::Engine(format!("cannot start reader thread: {error}").into())
+                    })?,
+            );
         }
         Ok(Self {
             writer: writer_sender,
             readers: reader_sender,
             outbox_signal,
+            closing,
+            threads: Mutex::new(threads),
         })
+    }
+
+    /// Ends the writer and reader threads and waits (blocking) until each
+    /// has closed its connection. Jobs queued on the writer before the call
+    /// still run; a job asked for afterwards fails as unavailable. Safe to
+    /// call more than once.
+    pub fn close(&self) {
+        use std::sync::atomic::Ordering;
+        self.closing.store(true, Ordering::Release);
+        let threads = std::mem::take(&mut *self.threads.lock().expect("executor threads lock"));
+        if threads.is_empty() {
+            return;
+        }
+        // One wake-up for each thread: a job that does nothing.
+        let wake = || -> Job<C> { Box::new(|_, _, _| None) };
+        let _ = self.writer.send(wake());
+        for _ in 1..threads.len() {
+            let _ = self.readers.send(wake());
+        }
+        for thread in threads {
+            let _ = thread.join();
+        }
     }
 
     /// A receiver of the counter bumped by every commit that appended to the
@@ -240,10 +276,19 @@ fn writer_loop<C: EngineConnection>(
     mut connection: C,
     jobs: mpsc::Receiver<Job<C>>,
     signal: watch::Sender<u64>,
+    closing: &std::sync::atomic::AtomicBool,
 ) {
     let mut group: Vec<Job<C>> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
     while let Ok(first) = jobs.recv() {
+        if closing.load(std::sync::atomic::Ordering::Acquire) {
+            // What was queued before the close still runs, one by one.
+            run_alone(&mut connection, first, &signal);
+            while let Ok(job) = jobs.try_recv() {
+                run_alone(&mut connection, job, &signal);
+            }
+            return;
+        }
         group.push(first);
         while group.len() < MAX_GROUP {
             match jobs.try_recv() {
@@ -299,8 +344,12 @@ fn reader_loop<C: EngineConnection>(
     mut connection: C,
     jobs: &Mutex<mpsc::Receiver<Job<C>>>,
     signal: &watch::Sender<u64>,
+    closing: &std::sync::atomic::AtomicBool,
 ) {
     loop {
+        if closing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let job = {
             let Ok(receiver) = jobs.lock() else {
                 return;
@@ -311,6 +360,9 @@ fn reader_loop<C: EngineConnection>(
             }
         };
         run_alone(&mut connection, job, signal);
+        if closing.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
     }
 }
 

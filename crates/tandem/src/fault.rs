@@ -5,6 +5,11 @@
 //! then stops making progress, holding whatever it holds (an open
 //! transaction, an unrecorded publish), so that the test can kill -9 it at
 //! exactly that moment. Unset, a point costs one load of a cached value.
+//!
+//! A test that needs a failure it can switch off while the process runs
+//! (an event that fails, then is redriven once the cause is cleared) uses
+//! [`failing`]: armed by `TANDEM_FAULT`, or while the file that
+//! `TANDEM_FAULT_FILE` names exists and lists the point on a line.
 
 use std::io::Write;
 use std::sync::OnceLock;
@@ -41,6 +46,24 @@ pub async fn hold(name: &str) {
     }
     reached(name);
     std::future::pending::<()>().await;
+}
+
+/// Whether the switchable failure `name` is on now: `TANDEM_FAULT` names
+/// it, or the file named by `TANDEM_FAULT_FILE` exists and has `name` on a
+/// line of its own (read at each call, so a test turns it off by removing
+/// the file). Without `TANDEM_FAULT_FILE` this costs what [`point`] costs.
+pub fn failing(name: &str) -> bool {
+    static FILE: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    if armed() == Some(name) {
+        return true;
+    }
+    let Some(file) = FILE
+        .get_or_init(|| std::env::var_os("TANDEM_FAULT_FILE").map(Into::into))
+        .as_deref()
+    else {
+        return false;
+    };
+    std::fs::read_to_string(file).is_ok_and(|text| text.lines().any(|line| line.trim() == name))
 }
 
 fn reached(name: &str) {

@@ -380,6 +380,16 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// dies (PostgreSQL: a session advisory lock on a connection of its own;
     /// SQLite: an OS file lock beside the database file).
     fn try_lead(&self, name: &str) -> StoreFuture<Option<Box<dyn Lease>>, StoreError>;
+
+    /// Closes the store at a clean stop, for every handle: what was queued
+    /// is done, the connections are closed and, for a file, everything
+    /// written is in the database file itself (SQLite: the WAL is
+    /// checkpointed and, unless another process has the file open,
+    /// removed), so that a copy of the file alone is a whole backup. Any
+    /// use afterwards fails as unavailable. The default does nothing.
+    fn close(&self) -> StoreFuture<(), StoreError> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A leadership held by this process; released on drop.

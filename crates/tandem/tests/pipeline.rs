@@ -710,6 +710,64 @@ async fn discarding_a_gap_letter_applies_its_late_predecessor_and_replay_keeps_i
     system.stop().await;
 }
 
+/// An undecodable record that an operator discarded stays discarded when
+/// a replay meets it again: it is not parked a second time.
+#[tokio::test]
+async fn a_discarded_undecodable_record_is_not_parked_again_by_a_replay() {
+    let system = start_skipping().await;
+    system
+        .bus
+        .publish(&[
+            OutgoingRecord {
+                topic: TOPIC.into(),
+                key: "junk".into(),
+                payload: b"not an envelope".to_vec(),
+            },
+            OutgoingRecord {
+                topic: TOPIC.into(),
+                key: "u".into(),
+                payload: tandem_testkit::deposit_bytes("u", 1, 1),
+            },
+        ])
+        .await
+        .unwrap();
+    wait_for_parked(&system.reader, 1, "the junk parked").await;
+    system.wait_for_applied("u", 1).await;
+    dead_letter::request_discard(&system.reader, "ledger-view", None)
+        .await
+        .unwrap();
+    wait_for_parked(&system.reader, 0, "nothing parked after the discard").await;
+
+    dead_letter::request_replay(&system.reader, "ledger-view")
+        .await
+        .unwrap();
+    wait_for_rows(
+        &system.reader,
+        "the consumer took the replay request",
+        "SELECT 1 FROM tandem_consumer_requests",
+        false,
+    )
+    .await;
+    // A record after the junk: once it is applied, the replay has passed
+    // the junk's offset.
+    system
+        .bus
+        .publish(&[OutgoingRecord {
+            topic: TOPIC.into(),
+            key: "u".into(),
+            payload: tandem_testkit::deposit_bytes("u", 2, 2),
+        }])
+        .await
+        .unwrap();
+    system.wait_for_applied("u", 2).await;
+    let history = dead_letter::list(&system.reader, Some("ledger-view"), true)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 1, "one letter on record: {history:?}");
+    assert_eq!(history[0].status, "discarded", "{history:?}");
+    system.stop().await;
+}
+
 /// Issue 18, point 6: a sequence above what a store can hold is refused
 /// by the decoder and parked; the consumer goes on, and starts again.
 #[tokio::test]

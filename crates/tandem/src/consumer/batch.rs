@@ -186,6 +186,23 @@ impl BatchContext {
         let envelope = match Envelope::decode(&record.payload) {
             Ok(envelope) => envelope,
             Err(error) => {
+                // A replay meets the record again: one an operator
+                // discarded (or that is still parked) is not parked twice.
+                let known = tx.query_opt(
+                    "SELECT 1 FROM tandem_dead_letters
+                     WHERE consumer = $1 AND topic = $2 AND partition = $3
+                       AND record_offset = $4 AND reason = 'decode'
+                     LIMIT 1",
+                    crate::params![
+                        &self.consumer,
+                        &record.topic,
+                        record.partition,
+                        record.offset
+                    ],
+                )?;
+                if known.is_some() {
+                    return Ok(Step::Consumed(Outcome::duplicate));
+                }
                 dead_letter::park(
                     tx,
                     &self.consumer,

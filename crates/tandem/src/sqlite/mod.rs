@@ -124,6 +124,9 @@ struct Shared {
     path: PathBuf,
     executor: Executor<SqliteConnection>,
     options: SqliteOptions,
+    /// The checkpoint thread, taken by [`SqliteStore::close`].
+    checkpointer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// A SQLite database file used as a service's store.
@@ -631,19 +634,63 @@ impl SqliteStore {
             path,
             executor,
             options,
+            checkpointer: std::sync::Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let watched = Arc::downgrade(&shared);
-        std::thread::Builder::new()
+        let checkpointer = std::thread::Builder::new()
             .name("tandem-sqlite-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpoint_connection, watched))
             .map_err(|error| {
                 StoreError::Engine(format!("cannot start checkpoint thread: {error}").into())
             })?;
+        *shared.checkpointer.lock().expect("checkpointer lock") = Some(checkpointer);
         Ok(Self { shared })
     }
 
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// [`Store::close`], blocking: ends the store's threads (closing their
+    /// connections), then checkpoints the WAL into the database file and
+    /// truncates it on a last connection of its own, whose close removes
+    /// the WAL unless another process still has the file open.
+    fn close_blocking(shared: &Shared) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        shared.executor.close();
+        let checkpointer = shared
+            .checkpointer
+            .lock()
+            .expect("checkpointer lock")
+            .take();
+        if let Some(checkpointer) = checkpointer {
+            let _ = checkpointer.join();
+        }
+        let last = open_connection(
+            &shared.path,
+            shared.options.synchronous,
+            shared.options.busy_timeout,
+        )?;
+        // (busy, WAL frames, frames checkpointed); busy when another
+        // process reads or writes the file now: it checkpoints when it
+        // closes.
+        let (busy, frames, copied): (i64, i64, i64) = last
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .map_err(map_error)?;
+        tracing::debug!(
+            path = %shared.path.display(),
+            busy = busy != 0,
+            frames,
+            copied,
+            "store closed"
+        );
+        last.close().map_err(|(_, error)| map_error(error))
     }
 }
 
@@ -680,6 +727,15 @@ impl Store for SqliteStore {
     /// An exclusive `flock` on `<database file>.<name>.lease`: one holder
     /// among every process (and every store handle) opening that file; the
     /// kernel releases it when the holder closes it or dies.
+    fn close(&self) -> StoreFuture<(), StoreError> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || Self::close_blocking(&shared))
+                .await
+                .map_err(|error| StoreError::Engine(format!("close task failed: {error}").into()))?
+        })
+    }
+
     fn try_lead(&self, name: &str) -> StoreFuture<Option<Box<dyn Lease>>, StoreError> {
         let path = lease_path(&self.shared.path, name);
         Box::pin(async move {
@@ -756,8 +812,10 @@ fn checkpoint_loop(connection: Connection, store: std::sync::Weak<Shared>) {
     let wal = connection.path().map(|path| format!("{path}-wal"));
     loop {
         std::thread::sleep(CHECKPOINT_EVERY);
-        if store.strong_count() == 0 {
-            return;
+        match store.upgrade() {
+            None => return,
+            Some(shared) if shared.closed.load(std::sync::atomic::Ordering::Acquire) => return,
+            Some(_) => {}
         }
         let wal_bytes = wal
             .as_deref()
