@@ -324,7 +324,7 @@ async fn admin(
 ) -> Response {
     let credential = match console.sessions.credential(&method, &headers) {
         Ok(credential) => credential,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let base = match base_of(&console, &service) {
         Ok(base) => base,
@@ -363,7 +363,7 @@ async fn control(
     };
     let credential = match console.sessions.credential(&method, &headers) {
         Ok(credential) => credential,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let Some(who) = controls.tokens.name_of(&credential.secret) else {
         return tandem_service::admin::unauthorized("the admin token is not valid");
@@ -467,7 +467,7 @@ async fn accepted_by_a_service(console: &Console, secret: &str) -> Option<String
 async fn log_out(State(console): State<Console>, method: Method, headers: HeaderMap) -> Response {
     match console.sessions.close(&method, &headers) {
         Ok(cookie) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response(),
-        Err(refused) => refused,
+        Err(refused) => refused.into_response(),
     }
 }
 

@@ -85,10 +85,32 @@ fn session_id(headers: &HeaderMap) -> Option<String> {
         .map(|cookie| cookie.value().to_owned())
 }
 
-fn forbidden(field: &str, detail: &str) -> Response {
-    Problem::new(StatusCode::FORBIDDEN, "csrf", detail)
-        .with_field(field)
-        .into_response()
+/// Why a request may not act: 401 (no or a dead session) or 403 (a state
+/// change without the CSRF token, or from another site).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    Unauthorized(&'static str),
+    Forbidden {
+        field: &'static str,
+        detail: &'static str,
+    },
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Unauthorized(detail) => tandem_service::admin::unauthorized(detail),
+            Refused::Forbidden { field, detail } => {
+                Problem::new(StatusCode::FORBIDDEN, "csrf", detail)
+                    .with_field(field)
+                    .into_response()
+            }
+        }
+    }
+}
+
+fn forbidden(field: &'static str, detail: &'static str) -> Refused {
+    Refused::Forbidden { field, detail }
 }
 
 /// Whether `Origin`, when the browser sent one, is this console's own
@@ -171,7 +193,7 @@ impl Sessions {
 
     /// Ends the session `headers` carry (a state change: the CSRF token is
     /// required) and returns the `Set-Cookie` value that clears it.
-    pub fn close(&self, method: &Method, headers: &HeaderMap) -> Result<HeaderValue, Response> {
+    pub fn close(&self, method: &Method, headers: &HeaderMap) -> Result<HeaderValue, Refused> {
         self.credential(method, headers)?;
         if let Some(id) = session_id(headers) {
             self.0.lock().expect("sessions lock").remove(&id);
@@ -190,7 +212,7 @@ impl Sessions {
     /// session, only with the session's CSRF token and from the console's
     /// own origin. Otherwise the answer to send (401 or 403, as
     /// problem+json).
-    pub fn credential(&self, method: &Method, headers: &HeaderMap) -> Result<Credential, Response> {
+    pub fn credential(&self, method: &Method, headers: &HeaderMap) -> Result<Credential, Refused> {
         if let Some(value) = headers.get(header::AUTHORIZATION) {
             let secret = value
                 .to_str()
@@ -198,15 +220,13 @@ impl Sessions {
                 .and_then(|value| value.split_once(' '))
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, token)| token.trim().to_owned())
-                .ok_or_else(|| {
-                    tandem_service::admin::unauthorized("send Authorization: Bearer <admin token>")
-                })?;
+                .ok_or(Refused::Unauthorized(
+                    "send Authorization: Bearer <admin token>",
+                ))?;
             return Ok(Credential { secret, who: None });
         }
         let Some(id) = session_id(headers) else {
-            return Err(tandem_service::admin::unauthorized(
-                "log in with the admin token first",
-            ));
+            return Err(Refused::Unauthorized("log in with the admin token first"));
         };
         let (secret, csrf, who) = {
             let mut sessions = self.0.lock().expect("sessions lock");
@@ -218,12 +238,12 @@ impl Sessions {
                 ),
                 Some(_) => {
                     sessions.remove(&id);
-                    return Err(tandem_service::admin::unauthorized(
+                    return Err(Refused::Unauthorized(
                         "the session has expired: log in again",
                     ));
                 }
                 None => {
-                    return Err(tandem_service::admin::unauthorized(
+                    return Err(Refused::Unauthorized(
                         "the session is unknown (the console restarted?): log in again",
                     ))
                 }
@@ -279,11 +299,19 @@ mod tests {
 
         let read = sessions.credential(&Method::GET, &headers).ok().unwrap();
         assert_eq!(read.secret, "s3cret-s3cret-s3cret");
-        let refused = sessions.credential(&Method::POST, &headers).err().unwrap();
+        let refused = sessions
+            .credential(&Method::POST, &headers)
+            .err()
+            .unwrap()
+            .into_response();
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
 
         headers.insert(CSRF_HEADER, HeaderValue::from_static("not-the-token"));
-        let refused = sessions.credential(&Method::POST, &headers).err().unwrap();
+        let refused = sessions
+            .credential(&Method::POST, &headers)
+            .err()
+            .unwrap()
+            .into_response();
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
 
         let csrf = view.csrf.unwrap();
@@ -294,7 +322,11 @@ mod tests {
             header::ORIGIN,
             HeaderValue::from_static("http://evil.example"),
         );
-        let refused = sessions.credential(&Method::POST, &headers).err().unwrap();
+        let refused = sessions
+            .credential(&Method::POST, &headers)
+            .err()
+            .unwrap()
+            .into_response();
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
         headers.insert(
             header::ORIGIN,
@@ -304,7 +336,11 @@ mod tests {
 
         let cleared = sessions.close(&Method::POST, &headers).ok().unwrap();
         assert!(cleared.to_str().unwrap().contains("Max-Age=0"));
-        let refused = sessions.credential(&Method::GET, &headers).err().unwrap();
+        let refused = sessions
+            .credential(&Method::GET, &headers)
+            .err()
+            .unwrap()
+            .into_response();
         assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     }
 
@@ -314,7 +350,8 @@ mod tests {
         let refused = sessions
             .credential(&Method::GET, &HeaderMap::new())
             .err()
-            .unwrap();
+            .unwrap()
+            .into_response();
         assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     }
 }
