@@ -62,6 +62,8 @@ pub enum Action {
 pub struct Control {
     pub service: String,
     pub action: Action,
+    /// The name of the admin token that asked (for the audit trail).
+    pub who: String,
     pub reply: oneshot::Sender<Result<(), String>>,
 }
 
@@ -385,6 +387,7 @@ async fn control(
         .send(Control {
             service: service.clone(),
             action,
+            who: who.clone(),
             reply,
         })
         .await;

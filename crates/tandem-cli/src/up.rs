@@ -243,6 +243,7 @@ async fn supervise(
         };
         if let Some(control) = control {
             let answer = carry_out(system, &mut supervised, &control).await;
+            audit_control(system, &control, &answer);
             if let Some(held) = &held {
                 held.send_replace(
                     supervised
@@ -255,6 +256,47 @@ async fn supervise(
             let _ = control.reply.send(answer);
         }
     }
+}
+
+/// Appends what the console asked of a service, and how it went, to the
+/// audit trail in that service's own database (beside its admin actions),
+/// even while the service is down; in a task of its own, so that the
+/// supervisor never waits on a database. A failure to record is logged,
+/// not fatal: the action has been carried out.
+fn audit_control(system: &System, control: &crate::console::Control, answer: &Result<(), String>) {
+    use crate::console::Action;
+    let Some(service) = Service::ALL
+        .into_iter()
+        .find(|service| service.name() == control.service)
+    else {
+        return;
+    };
+    let action = match control.action {
+        Action::Stop => "service.stop",
+        Action::Kill => "service.kill",
+        Action::Start => "service.start",
+    };
+    let result = match answer {
+        Ok(()) => "ok".to_owned(),
+        Err(message) => format!("refused: {message}"),
+    };
+    let (who, target) = (control.who.clone(), control.service.clone());
+    let url = system.db_url(service);
+    let recorded = async move {
+        use tandem::Store;
+        let store = tandem_engines::open_store(&url).await?;
+        let written = store
+            .write(move |tx| tandem::audit::record(tx, &who, action, &target, &result))
+            .await;
+        store.close().await?;
+        written?;
+        anyhow::Ok(())
+    };
+    tokio::spawn(async move {
+        if let Err(error) = recorded.await {
+            tracing::warn!(%error, "cannot record a service control in the audit trail");
+        }
+    });
 }
 
 /// Stops, kills or starts a supervised service as the console asked.

@@ -480,6 +480,9 @@ async fn a_newcomer_watches_kills_orders_triages_and_audits_from_the_console() {
     wait_css(&browser, "#audit tr[data-action=\"dead-letters.discard\"]").await;
     wait_css(&browser, "#audit tr[data-action=\"dead-letters.redrive\"]").await;
     wait_css(&browser, "#audit tr[data-action=\"consumer.replay\"]").await;
+    // The supervisor's controls, in the Customer Service's own trail.
+    wait_css(&browser, "#audit tr[data-action=\"service.kill\"]").await;
+    wait_css(&browser, "#audit tr[data-action=\"service.start\"]").await;
     shot(&browser, "audit").await;
 
     // Down to a phone's width, every page stays within the screen.

@@ -90,7 +90,10 @@ async fn open_console(system: &System, pages: usize) -> anyhow::Result<OpenConso
             let stream = async {
                 let mut response = http.get(format!("{base}/api/stream")).send().await?;
                 while let Some(chunk) = response.chunk().await? {
-                    let events = chunk.windows(6).filter(|w| w == b"event:").count();
+                    // A snapshot of the services (the stream opens with
+                    // an empty one).
+                    let marker = b"\"services\":";
+                    let events = chunk.windows(marker.len()).filter(|w| w == marker).count();
                     snapshots.fetch_add(events as u64, Ordering::Relaxed);
                 }
                 anyhow::Ok(())
@@ -99,6 +102,11 @@ async fn open_console(system: &System, pages: usize) -> anyhow::Result<OpenConso
                 let mut tick = tokio::time::interval(Duration::from_secs(2));
                 loop {
                     tick.tick().await;
+                    // The console knows the services by name once it has
+                    // read them: from the first snapshot on.
+                    if snapshots.load(Ordering::Relaxed) == 0 {
+                        continue;
+                    }
                     for service in Service::ALL {
                         let _ = http
                             .get(format!(
