@@ -38,5 +38,10 @@ pub fn service<S: Store>(store: S, bus: Arc<dyn Bus>) -> Service<S> {
     Service::new("customer", store, bus)
         .install(storage::install)
         .relay(topics::CUSTOMER)
+        // Customers are few and long-lived: their whole history stays in
+        // the outbox, from which it can be published again to a consumer
+        // that lost the log. (Inventory and orders, many and short-lived,
+        // keep a day.)
+        .keep_event_history()
         .http(|store| http::router(app::Customers::new(store)))
 }

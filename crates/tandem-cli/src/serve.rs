@@ -1,6 +1,7 @@
 //! `tandem serve SERVICE`: one service process, as it is deployed.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -58,6 +59,57 @@ pub struct ServeArgs {
     /// listen on anything but a loopback address.
     #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    #[command(flatten)]
+    retention: RetentionArgs,
+}
+
+/// The retention rules (README, Retention): an age such as 30s, 15m, 24h
+/// or 7d, or `keep`.
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// Published outbox rows older than this are pruned (a service that
+    /// keeps its event history, as the Customer Service does, keeps them).
+    #[arg(long, env = "TANDEM_RETAIN_OUTBOX", default_value = "24h", value_parser = age)]
+    retain_outbox: Age,
+    /// Embedded-log records older than this are pruned (Kafka and NATS:
+    /// by their topics' own settings).
+    #[arg(long, env = "TANDEM_RETAIN_LOG", default_value = "7d", value_parser = age)]
+    retain_log: Age,
+    /// At most this many records are kept in each embedded-log partition.
+    #[arg(long, env = "TANDEM_RETAIN_LOG_RECORDS")]
+    retain_log_records: Option<u64>,
+    /// Resolved dead letters older than this are pruned.
+    #[arg(long, env = "TANDEM_RETAIN_RESOLVED", default_value = "14d", value_parser = age)]
+    retain_resolved: Age,
+    /// Discarded dead letters older than this are pruned (by default kept:
+    /// a replay must skip them again).
+    #[arg(long, env = "TANDEM_RETAIN_DISCARDED", default_value = "keep", value_parser = age)]
+    retain_discarded: Age,
+    /// How often the rules are applied.
+    #[arg(long, env = "TANDEM_PRUNE_EVERY", default_value = "30s", value_parser = age)]
+    prune_every: Age,
+}
+
+/// An age, or `keep` (`None`).
+#[derive(Debug, Clone, Copy)]
+struct Age(Option<Duration>);
+
+fn age(text: &str) -> Result<Age, String> {
+    tandem::retention::parse_age(text).map(Age)
+}
+
+impl RetentionArgs {
+    fn rules(&self) -> tandem::retention::Retention {
+        tandem::retention::Retention {
+            outbox_age: self.retain_outbox.0,
+            resolved_age: self.retain_resolved.0,
+            discarded_age: self.retain_discarded.0,
+            log_age: self.retain_log.0,
+            log_records: self.retain_log_records,
+            every: self.prune_every.0.unwrap_or(Duration::from_secs(30)),
+            ..tandem::retention::Retention::default()
+        }
+    }
 }
 
 impl ServeArgs {
@@ -72,6 +124,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.service.default_port())));
     let tokens = admin_tokens(args.admin_token.as_deref(), listen)?;
+    let rules = args.retention.rules();
     let store = tandem_engines::open_store(&args.db).await?;
     let bus = tandem_engines::open_bus(&args.bus).await?;
     let listener = tandem_service::bind(listen).await?;
@@ -92,18 +145,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Service::Customer => {
             customer_service::service(store, bus)
                 .admin(tokens)
+                .retention(rules)
                 .run(listener, shutdown)
                 .await
         }
         Service::Inventory => {
             inventory_service::service(store, bus)
                 .admin(tokens)
+                .retention(rules)
                 .run(listener, shutdown)
                 .await
         }
         Service::Order => {
             order_service::service(store, bus)
                 .admin(tokens)
+                .retention(rules)
                 .run(listener, shutdown)
                 .await
         }

@@ -253,6 +253,15 @@ impl Bus for Namespaced {
     async fn close(&self) -> Result<(), BusError> {
         self.inner.close().await
     }
+
+    async fn prune(
+        &self,
+        max_age: Option<std::time::Duration>,
+        max_records: Option<u64>,
+        batch: u64,
+    ) -> Result<u64, BusError> {
+        self.inner.prune(max_age, max_records, batch).await
+    }
 }
 
 struct NamespacedSubscription {

@@ -406,6 +406,29 @@ impl EngineSql for PostgresSql {
         })
     }
 
+    /// The first `limit` rows in commit order `(xid, position)` up to the
+    /// relay's cursor (by the commit-order index), and of them those old
+    /// enough.
+    fn prune_published(
+        &self,
+        tx: &mut dyn Tx,
+        relay: &str,
+        before_micros: i64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
+        tx.execute(
+            "DELETE FROM tandem_outbox WHERE position IN (
+               SELECT position FROM (
+                 SELECT position, committed_at FROM tandem_outbox
+                 WHERE (xid, position) <= COALESCE(
+                   (SELECT (xid, position) FROM tandem_relay_positions WHERE relay = $1),
+                   (0::bigint, 0::bigint))
+                 ORDER BY xid, position LIMIT $3) AS oldest
+               WHERE committed_at < $2)",
+            params![relay, before_micros, limit as i64],
+        )
+    }
+
     fn relay_backlog(
         &self,
         tx: &mut dyn Tx,

@@ -82,6 +82,8 @@ pub struct Service<S: Store> {
     consumers: Vec<(&'static str, ConsumerConfig, Arc<dyn Handler>)>,
     router: Router,
     admin: AdminTokens,
+    retention: tandem::retention::Retention,
+    keeps_history: bool,
 }
 
 impl<S: Store> Service<S> {
@@ -97,6 +99,8 @@ impl<S: Store> Service<S> {
             consumers: Vec::new(),
             router: Router::new(),
             admin: AdminTokens::none(),
+            retention: tandem::retention::Retention::default(),
+            keeps_history: false,
         }
     }
 
@@ -151,6 +155,21 @@ impl<S: Store> Service<S> {
         self
     }
 
+    /// Prunes by `rules` (see [`tandem::retention`]); without this call, by
+    /// [`tandem::retention::Retention::default`].
+    pub fn retention(mut self, rules: tandem::retention::Retention) -> Self {
+        self.retention = rules;
+        self
+    }
+
+    /// Keeps the service's outbox whole, as its event history, whatever
+    /// the retention rules say of published rows: the service's own
+    /// choice, for a service whose history is worth re-publishing.
+    pub fn keep_event_history(mut self) -> Self {
+        self.keeps_history = true;
+        self
+    }
+
     /// Installs the tables, then runs every part on `listener` until
     /// `shutdown` fires or a part fails.
     pub async fn run(
@@ -167,7 +186,12 @@ impl<S: Store> Service<S> {
             consumers,
             router,
             admin,
+            mut retention,
+            keeps_history,
         } = self;
+        if keeps_history {
+            retention.outbox_age = None;
+        }
         if let Some(install) = install {
             store
                 .write(install)
@@ -193,6 +217,17 @@ impl<S: Store> Service<S> {
         let router = crate::admin::with_admin(router, store.clone(), reporter.clone(), admin);
         let router = crate::metrics::with_metrics(router, reporter);
         let mut parts: Vec<(&'static str, BoxedTask)> = Vec::new();
+        {
+            let (store, bus, stop) = (store.clone(), Arc::clone(&bus), shutdown.clone());
+            let relay = relay.as_ref().map(|config| config.name.clone());
+            parts.push((
+                "pruner",
+                task(async move {
+                    tandem::retention::run(store, bus, relay, retention, stop).await;
+                    Ok::<(), std::convert::Infallible>(())
+                }),
+            ));
+        }
         if let Some(config) = relay {
             let relay = Relay::new(store.clone(), Arc::clone(&bus), config);
             let stop = shutdown.clone();

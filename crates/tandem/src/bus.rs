@@ -160,6 +160,21 @@ pub trait Bus: Send + Sync + 'static {
         Duration::ZERO
     }
 
+    /// Prunes the records appended longer than `max_age` ago and those
+    /// beyond the newest `max_records` of each partition, `batch` a
+    /// transaction; returns how many. Only the embedded log does it here:
+    /// Kafka and NATS prune by their own topic settings. The default does
+    /// nothing.
+    async fn prune(
+        &self,
+        max_age: Option<Duration>,
+        max_records: Option<u64>,
+        batch: u64,
+    ) -> Result<u64, BusError> {
+        let _ = (max_age, max_records, batch);
+        Ok(0)
+    }
+
     /// Closes the bus at a clean stop: what this process publishes from
     /// now fails, and what it holds open is released (the embedded log:
     /// its file is checkpointed and closed as [`crate::Store::close`]

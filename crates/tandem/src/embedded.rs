@@ -243,6 +243,77 @@ impl Bus for EmbeddedLog {
         Ok(self.inner.file.close().await?)
     }
 
+    /// Under the file's `tandem-log-pruner` lease, so that of the processes
+    /// sharing the log one prunes at a time; a partition's oldest records
+    /// go first, `batch` a transaction. `log_heads` keeps each partition's
+    /// next offset, so offsets never repeat, however much is pruned.
+    async fn prune(
+        &self,
+        max_age: Option<Duration>,
+        max_records: Option<u64>,
+        batch: u64,
+    ) -> Result<u64, BusError> {
+        let Some(_lease) = self.inner.file.try_lead("tandem-log-pruner").await? else {
+            return Ok(0);
+        };
+        let before = max_age.map(|age| {
+            crate::schema::now_micros()
+                .saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX))
+        });
+        let keep = max_records.map(|records| i64::try_from(records).unwrap_or(i64::MAX));
+        let heads = self
+            .inner
+            .file
+            .read(|tx| -> Result<Vec<(String, i64, i64)>, StoreError> {
+                tx.query(
+                    "SELECT topic, partition, next_offset FROM log_heads ORDER BY topic, partition",
+                    &[],
+                )?
+                .iter()
+                .map(|row| Ok((row.text(0)?.to_owned(), row.i64(1)?, row.i64(2)?)))
+                .collect()
+            })
+            .await?;
+        // Each round looks at the `batch` oldest records of a partition
+        // only (offsets follow append times), however long the log.
+        let mut pruned = 0;
+        for (topic, partition, next) in heads {
+            // Below this offset every record goes, whatever its age.
+            let below = keep.map_or(0, |keep| next.saturating_sub(keep));
+            loop {
+                let topic = topic.clone();
+                let deleted = self
+                    .inner
+                    .file
+                    .write(move |tx| {
+                        tx.execute(
+                            "DELETE FROM log_records
+                             WHERE topic = $1 AND partition = $2 AND record_offset IN (
+                               SELECT record_offset FROM (
+                                 SELECT record_offset, appended_at FROM log_records
+                                 WHERE topic = $1 AND partition = $2
+                                 ORDER BY record_offset LIMIT $5)
+                               WHERE record_offset < $3 OR appended_at < $4)",
+                            params![
+                                &topic,
+                                partition,
+                                below,
+                                before.unwrap_or(i64::MIN),
+                                batch as i64
+                            ],
+                        )
+                    })
+                    .await?;
+                pruned += deleted;
+                if deleted < batch {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(pruned)
+    }
+
     async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
         if records.is_empty() {
             return Ok(());

@@ -33,6 +33,7 @@ pub mod fault;
 pub mod metrics;
 pub mod outbox;
 pub mod relay;
+pub mod retention;
 pub mod schema;
 pub mod sql;
 pub mod sqlite;

@@ -151,6 +151,18 @@ pub trait EngineSql: Send + Sync + 'static {
         limit: u64,
     ) -> Result<OutboxBatch, StoreError>;
 
+    /// Deletes at most `limit` of the oldest outbox rows that relay
+    /// `relay` has published (at or below its cursor) and that committed
+    /// before `before_micros`; returns how many. Looks at no more than
+    /// `limit` rows, so a call costs the same however long the outbox.
+    fn prune_published(
+        &self,
+        tx: &mut dyn Tx,
+        relay: &str,
+        before_micros: i64,
+        limit: u64,
+    ) -> Result<u64, StoreError>;
+
     /// How many events relay `relay` has not published yet, and when the
     /// oldest of them committed (microseconds since the epoch).
     fn relay_backlog(&self, tx: &mut dyn Tx, relay: &str)

@@ -458,6 +458,28 @@ impl EngineSql for SqliteSql {
         })
     }
 
+    /// The first `limit` rows in position order up to the relay's cursor,
+    /// and of them those old enough: positions are handed out in commit
+    /// order (one writer), so the oldest rows come first.
+    fn prune_published(
+        &self,
+        tx: &mut dyn Tx,
+        relay: &str,
+        before_micros: i64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
+        tx.execute(
+            "DELETE FROM tandem_outbox WHERE position IN (
+               SELECT position FROM (
+                 SELECT position, committed_at FROM tandem_outbox
+                 WHERE position <= COALESCE(
+                   (SELECT position FROM tandem_relay_positions WHERE relay = $1), 0)
+                 ORDER BY position LIMIT $3)
+               WHERE committed_at < $2)",
+            params![relay, before_micros, limit as i64],
+        )
+    }
+
     fn relay_backlog(
         &self,
         tx: &mut dyn Tx,
