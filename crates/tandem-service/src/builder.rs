@@ -290,6 +290,10 @@ impl<S: Store> Reporter<S> {
         let mut report = report;
         for consumer in &mut report.consumers {
             consumer.end_to_end = Some(tandem::metrics::propagation(&consumer.consumer));
+            consumer.stopped_by = tandem::metrics::fell_behind(&consumer.consumer);
+            if consumer.stopped_by.is_some() {
+                consumer.health = tandem::status::Health::Error;
+            }
         }
         let metrics = tandem::metrics::metrics();
         if let Some(outbox) = &outbox {

@@ -67,6 +67,9 @@ pub enum BusError {
     Unavailable(Cause),
     Engine(Cause),
     Invalid(Cause),
+    /// Records a member has not read yet were pruned from the log by its
+    /// retention: reading on would skip them, so the member stops there.
+    Pruned(Cause),
 }
 
 impl std::fmt::Display for BusError {
@@ -75,6 +78,7 @@ impl std::fmt::Display for BusError {
             BusError::Unavailable(cause) => write!(f, "bus unavailable: {cause}"),
             BusError::Engine(cause) => write!(f, "bus error: {cause}"),
             BusError::Invalid(cause) => write!(f, "invalid request: {cause}"),
+            BusError::Pruned(cause) => write!(f, "fell behind the log's retention: {cause}"),
         }
     }
 }
@@ -89,19 +93,21 @@ impl BusError {
     /// What the error says (without its kind).
     pub fn cause(&self) -> &Cause {
         match self {
-            BusError::Unavailable(cause) | BusError::Engine(cause) | BusError::Invalid(cause) => {
-                cause
-            }
+            BusError::Unavailable(cause)
+            | BusError::Engine(cause)
+            | BusError::Invalid(cause)
+            | BusError::Pruned(cause) => cause,
         }
     }
 
     /// The error's kind, as a bounded metric label: `unavailable`,
-    /// `engine`, `invalid`.
+    /// `engine`, `invalid`, `pruned`.
     pub fn kind(&self) -> &'static str {
         match self {
             BusError::Unavailable(_) => "unavailable",
             BusError::Engine(_) => "engine",
             BusError::Invalid(_) => "invalid",
+            BusError::Pruned(_) => "pruned",
         }
     }
 }

@@ -480,6 +480,29 @@ impl EmbeddedSubscription {
             })
     }
 
+    /// Refuses `records` (read from the current positions) if any
+    /// partition's first one is beyond its position: offsets are dense, so
+    /// the records between were pruned by the log's retention, and
+    /// reading on would skip them.
+    fn check_unbroken(&self, records: &[Record]) -> Result<(), BusError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for record in records {
+            let place = TopicPartition::new(record.topic.clone(), record.partition);
+            if !seen.insert(place.clone()) {
+                continue;
+            }
+            let expected = self.positions.get(&place).copied().unwrap_or(0);
+            if record.offset > expected {
+                return Err(BusError::Pruned(crate::store::Cause::from(format!(
+                    "records {expected}..{} of {}/{} were pruned before this member read them; \
+                     republish the source service (tandem republish) or replay from what is left",
+                    record.offset, record.topic, record.partition
+                ))));
+            }
+        }
+        Ok(())
+    }
+
     fn advance(&mut self, records: &[Record]) {
         for record in records {
             let place = TopicPartition::new(record.topic.clone(), record.partition);
@@ -497,12 +520,14 @@ impl EmbeddedSubscription {
             return Ok(Vec::new());
         }
         let mut records = ahead.read.await?;
+        self.check_unbroken(&records)?;
         self.advance(&records);
         if !records.is_empty()
             && records.len() < max_records
             && *self.signal.borrow() != ahead.appends_seen
         {
             let more = self.start_read(max_records - records.len()).await?;
+            self.check_unbroken(&more)?;
             self.advance(&more);
             records.extend(more);
         }
@@ -551,6 +576,7 @@ impl Subscription for EmbeddedSubscription {
             self.signal.borrow_and_update();
             self.external.changed()?;
             let records = self.start_read(max_records).await?;
+            self.check_unbroken(&records)?;
             self.advance(&records);
             if !records.is_empty() {
                 self.read_ahead(max_records);

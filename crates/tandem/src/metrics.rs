@@ -434,6 +434,36 @@ fn propagation_of(consumer: &str) -> std::sync::Arc<Propagation> {
     std::sync::Arc::clone(all.entry(consumer.to_owned()).or_default())
 }
 
+type FellBehind = std::collections::HashMap<String, (String, std::time::Instant)>;
+
+/// Consumers of this process that cannot go on, with why, until when the
+/// reading holds (the consumer says it again each time it tries).
+fn fell_behind_map() -> &'static std::sync::Mutex<FellBehind> {
+    static MAP: std::sync::OnceLock<std::sync::Mutex<FellBehind>> = std::sync::OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+/// Records that `consumer` cannot go on because of `why`, for `valid_for`.
+pub fn record_fell_behind(consumer: &str, why: &str, valid_for: std::time::Duration) {
+    fell_behind_map()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(
+            consumer.to_owned(),
+            (why.to_owned(), std::time::Instant::now() + valid_for),
+        );
+}
+
+/// Why `consumer` cannot go on, if it said so recently.
+pub fn fell_behind(consumer: &str) -> Option<String> {
+    let map = fell_behind_map()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    map.get(consumer)
+        .filter(|(_, until)| *until > std::time::Instant::now())
+        .map(|(why, _)| why.clone())
+}
+
 /// Adds a committed batch's `count` end-to-end delays, `sum_micros` in all.
 pub fn record_propagation(consumer: &str, count: u64, sum_micros: u64) {
     use std::sync::atomic::Ordering;

@@ -470,6 +470,10 @@ pub struct ConsumerReport {
     /// running service knows them (not `tandem status --data-dir`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_to_end: Option<EndToEnd>,
+    /// Why the consumer cannot go on, when a running service knows it
+    /// (it fell behind the log's retention): the health is then `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by: Option<String>,
 }
 
 /// Running totals of a consumer's end-to-end delays in this process.
@@ -523,6 +527,7 @@ impl ServiceReport {
                     })
                     .collect(),
                 end_to_end: None,
+                stopped_by: None,
             })
             .collect();
         let worst = consumers

@@ -231,3 +231,74 @@ async fn the_log_keeps_its_newest_records_and_its_offsets_never_repeat() {
         );
     }
 }
+
+/// A member whose next record was pruned is told so, with the topic and
+/// the missing range, instead of being handed what comes after; a
+/// consumer then applies nothing and says why (in the log, and in what
+/// its service reports), and never skips.
+#[tokio::test]
+async fn a_consumer_behind_the_retention_stops_with_the_missing_range_and_skips_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let reader = open_store(&dir.path().join("reader.db")).await;
+    let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
+    let records: Vec<OutgoingRecord> = (1..=5)
+        .map(|sequence| OutgoingRecord {
+            topic: TOPIC.into(),
+            key: "late".into(),
+            payload: deposit_bytes("late", sequence, 1),
+        })
+        .collect();
+    bus.publish(&records).await.unwrap();
+    let rules = Retention {
+        outbox_age: None,
+        log_records: Some(2),
+        ..prune_all()
+    };
+    let pruned = retention::prune_once(&reader, bus.as_ref(), None, &rules)
+        .await
+        .unwrap();
+    assert_eq!(pruned.log, 3);
+
+    // The bus itself: the missing range, named.
+    let mut member = bus
+        .subscribe("late-reader", &[TOPIC.to_owned()])
+        .await
+        .unwrap();
+    let mut refused = None;
+    for _ in 0..4 {
+        match member.next(10, Duration::from_millis(200)).await {
+            Ok(_) => continue,
+            Err(error) => {
+                refused = Some(error);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the member is told its records were pruned");
+    assert_eq!(refused.kind(), "pruned", "{refused}");
+    let text = refused.to_string();
+    assert!(text.contains("records 0..3 of ledger/"), "{text}");
+
+    // A consumer: nothing applied, the reason reported, not skipped.
+    let ledger = Arc::new(Ledger::new());
+    let mut config = tandem::consumer::ConsumerConfig::new("late-view", &[TOPIC]);
+    config.retry_outage_max = Duration::from_millis(200);
+    let consumer =
+        tandem::consumer::Consumer::new(reader.clone(), Arc::clone(&bus), ledger, config);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { consumer.run(stop).await }
+    });
+    eventually("the consumer says why it cannot go on", WAIT, || async {
+        tandem::metrics::fell_behind("late-view")
+            .is_some_and(|why| why.contains("records 0..3 of ledger/"))
+    })
+    .await;
+    assert!(
+        ledger_rows(&reader).await.is_empty(),
+        "nothing applied past the gap"
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}

@@ -18,7 +18,7 @@ use super::{describe, is_outage, Consumer, ConsumerError};
 
 use crate::backoff::Backoff;
 
-use crate::bus::{Delivery, Record, Subscription, TopicPartition};
+use crate::bus::{BusError, Delivery, Record, Subscription, TopicPartition};
 
 use crate::store::{Store, StoreError, Tx};
 
@@ -68,6 +68,26 @@ impl<S: Store> Consumer<S> {
                 Ok(Ended::Shutdown) => return Ok(()),
                 Ok(Ended::Paused) => continue,
                 Err(error) if is_outage(&error) => error,
+                Err(ConsumerError::Bus(BusError::Pruned(cause))) => {
+                    // Never skip: stay at the position stored with the
+                    // effects, say so, and look again now and then (an
+                    // operator may republish the source or replay).
+                    tracing::error!(
+                        consumer = %self.config.name,
+                        %cause,
+                        "cannot go on: events this consumer has not applied were pruned from the log"
+                    );
+                    crate::metrics::record_fell_behind(
+                        &self.config.name,
+                        &cause.to_string(),
+                        self.config.retry_outage_max * 3,
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(self.config.retry_outage_max) => {}
+                    }
+                    continue;
+                }
                 Err(error) => return Err(error),
             };
             // A subscription that worked for a while starts the backoff over.
