@@ -101,6 +101,21 @@ pub struct PipelineArgs {
     /// (off): the two give what the instruments cost.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     metrics: String,
+    /// Prune while the pipeline runs (a short rule: published outbox rows
+    /// at once, the embedded log down to its newest --retain-log-records
+    /// records), every --prune-every-ms.
+    #[arg(long)]
+    retain: bool,
+    /// With --retain: records kept per log partition.
+    #[arg(long, default_value_t = 50_000)]
+    retain_log_records: u64,
+    /// With --retain: milliseconds between pruning rounds.
+    #[arg(long, default_value_t = 1000)]
+    prune_every_ms: u64,
+    /// Report the database files' sizes every this many events applied
+    /// (0: never).
+    #[arg(long, default_value_t = 0)]
+    sizes_every: u64,
     /// Print exactly one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -122,6 +137,23 @@ impl Handler for OneByOne {
     fn reset(&self, tx: &mut dyn tandem::Tx) -> Result<(), tandem::HandlerError> {
         self.0.reset(tx)
     }
+}
+
+/// The files' sizes in bytes (each with its `-wal`) after `applied`
+/// events.
+#[derive(Debug, Serialize)]
+struct Sizes {
+    applied: u64,
+    producer: u64,
+    bus: u64,
+    reader: u64,
+}
+
+fn size_with_wal(path: &Path) -> u64 {
+    let size = |path: &Path| std::fs::metadata(path).map_or(0, |metadata| metadata.len());
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    size(path) + size(Path::new(&wal))
 }
 
 #[derive(Debug, Serialize)]
@@ -155,6 +187,8 @@ struct Report {
     created_p50_ms: f64,
     created_p99_ms: f64,
     payload_bytes: usize,
+    retain: bool,
+    sizes: Vec<Sizes>,
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -520,6 +554,34 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         tokio::spawn(async move { consumer.run(shutdown).await })
     };
 
+    let pruner_task = args.retain.then(|| {
+        let (producer, bus, shutdown) = (producer.clone(), Arc::clone(&bus), shutdown.clone());
+        let rules = tandem::retention::Retention {
+            outbox_age: Some(Duration::ZERO),
+            resolved_age: None,
+            discarded_age: None,
+            log_age: None,
+            log_records: Some(args.retain_log_records),
+            every: Duration::from_millis(args.prune_every_ms.max(1)),
+            ..tandem::retention::Retention::default()
+        };
+        tokio::spawn(tandem::retention::run(
+            producer,
+            bus,
+            Some("relay".to_owned()),
+            rules,
+            shutdown,
+        ))
+    });
+    let mut sizes = Vec::new();
+    let mut next_sizes = args.sizes_every;
+    let measure_sizes = |applied: u64| Sizes {
+        applied,
+        producer: size_with_wal(&dir.join("producer.db")),
+        bus: size_with_wal(&dir.join("bus.db")),
+        reader: size_with_wal(&dir.join("reader.db")),
+    };
+
     // Phase 2: throughput.
     progress.count("[2/3] pipeline: applied", args.events);
     let started = Instant::now();
@@ -542,9 +604,19 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     while recorder.consumed.load(Ordering::SeqCst) < args.events {
         anyhow::ensure!(!consumer_task.is_finished(), "the consumer stopped early");
         anyhow::ensure!(!relay_task.is_finished(), "the relay stopped early");
+        if let Some(why) = tandem::metrics::fell_behind("bench-ledger") {
+            anyhow::bail!(
+                "the consumer fell behind the log's retention: {why} (keep more records)"
+            );
+        }
         if last_report.elapsed() >= Duration::from_millis(100) {
             last_report = Instant::now();
             progress.set(recorder.consumed.load(Ordering::SeqCst));
+        }
+        let consumed = recorder.consumed.load(Ordering::SeqCst);
+        if next_sizes > 0 && consumed >= next_sizes {
+            sizes.push(measure_sizes(consumed));
+            next_sizes += args.sizes_every;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -597,6 +669,9 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     shutdown.cancel();
+    if let Some(pruner) = pruner_task {
+        pruner.await.context("pruner task")?;
+    }
     relay_task.await.context("relay task")??;
     consumer_task.await.context("consumer task")??;
 
@@ -676,6 +751,8 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         created_p50_ms,
         created_p99_ms,
         payload_bytes,
+        retain: args.retain,
+        sizes,
     };
     println!();
     println!("pipeline      {:>10.0} events/s", report.events_per_sec);
@@ -699,6 +776,22 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         "              creation to visible p50 {:.2} ms, p99 {:.2} ms",
         report.created_p50_ms, report.created_p99_ms
     );
+    if !report.sizes.is_empty() {
+        println!(
+            "file sizes    (with -wal, MB{}) applied: producer / bus / reader",
+            if report.retain { ", pruning" } else { "" }
+        );
+        for row in &report.sizes {
+            let mb = |bytes: u64| bytes as f64 / 1e6;
+            println!(
+                "              {:>9}: {:>8.1} / {:>8.1} / {:>8.1}",
+                row.applied,
+                mb(row.producer),
+                mb(row.bus),
+                mb(row.reader)
+            );
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
