@@ -112,6 +112,9 @@ pub struct PipelineArgs {
     /// With --retain: milliseconds between pruning rounds.
     #[arg(long, default_value_t = 1000)]
     prune_every_ms: u64,
+    /// With --retain: rows deleted per transaction.
+    #[arg(long, default_value_t = 1000)]
+    prune_batch: u64,
     /// Report the database files' sizes every this many events applied
     /// (0: never).
     #[arg(long, default_value_t = 0)]
@@ -147,13 +150,24 @@ struct Sizes {
     producer: u64,
     bus: u64,
     reader: u64,
+    /// Of which in the `-wal` files.
+    producer_wal: u64,
+    bus_wal: u64,
+    reader_wal: u64,
+}
+
+fn size_of(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |metadata| metadata.len())
+}
+
+fn wal_of(path: &Path) -> u64 {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    size_of(Path::new(&wal))
 }
 
 fn size_with_wal(path: &Path) -> u64 {
-    let size = |path: &Path| std::fs::metadata(path).map_or(0, |metadata| metadata.len());
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    size(path) + size(Path::new(&wal))
+    size_of(path) + wal_of(path)
 }
 
 #[derive(Debug, Serialize)]
@@ -563,7 +577,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             log_age: None,
             log_records: Some(args.retain_log_records),
             every: Duration::from_millis(args.prune_every_ms.max(1)),
-            ..tandem::retention::Retention::default()
+            batch: args.prune_batch.max(1),
         };
         tokio::spawn(tandem::retention::run(
             producer,
@@ -580,6 +594,9 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         producer: size_with_wal(&dir.join("producer.db")),
         bus: size_with_wal(&dir.join("bus.db")),
         reader: size_with_wal(&dir.join("reader.db")),
+        producer_wal: wal_of(&dir.join("producer.db")),
+        bus_wal: wal_of(&dir.join("bus.db")),
+        reader_wal: wal_of(&dir.join("reader.db")),
     };
 
     // Phase 2: throughput.
@@ -778,17 +795,20 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     );
     if !report.sizes.is_empty() {
         println!(
-            "file sizes    (with -wal, MB{}) applied: producer / bus / reader",
+            "file sizes    (MB with -wal, of which -wal{}) applied: producer / bus / reader",
             if report.retain { ", pruning" } else { "" }
         );
         for row in &report.sizes {
             let mb = |bytes: u64| bytes as f64 / 1e6;
             println!(
-                "              {:>9}: {:>8.1} / {:>8.1} / {:>8.1}",
+                "              {:>9}: {:>7.1} ({:>5.1}) / {:>7.1} ({:>5.1}) / {:>7.1} ({:>5.1})",
                 row.applied,
                 mb(row.producer),
+                mb(row.producer_wal),
                 mb(row.bus),
-                mb(row.reader)
+                mb(row.bus_wal),
+                mb(row.reader),
+                mb(row.reader_wal)
             );
         }
     }
