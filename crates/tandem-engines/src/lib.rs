@@ -254,6 +254,12 @@ impl Bus for Namespaced {
         self.inner.close().await
     }
 
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        self.inner
+            .start_offsets(&format!("{}{topic}", self.prefix))
+            .await
+    }
+
     async fn prune(
         &self,
         max_age: Option<std::time::Duration>,

@@ -156,6 +156,10 @@ impl Bus for HoldingBus {
         self.inner.close().await
     }
 
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        self.inner.start_offsets(topic).await
+    }
+
     async fn prune(
         &self,
         max_age: Option<std::time::Duration>,

@@ -166,6 +166,14 @@ pub trait Bus: Send + Sync + 'static {
         Duration::ZERO
     }
 
+    /// Each partition's first offset still held, where retention pruned
+    /// the records below it; partitions left out start at 0. The default
+    /// says nothing (every partition starts at 0).
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        let _ = topic;
+        Ok(Vec::new())
+    }
+
     /// Prunes the records appended longer than `max_age` ago and those
     /// beyond the newest `max_records` of each partition, `batch` a
     /// transaction; returns how many. Only the embedded log does it here:

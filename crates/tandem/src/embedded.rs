@@ -243,6 +243,34 @@ impl Bus for EmbeddedLog {
         Ok(self.inner.file.close().await?)
     }
 
+    /// The lowest offset left in each partition (its next offset when all
+    /// were pruned): one seek of the primary key each.
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        let topic = topic.to_owned();
+        Ok(self
+            .inner
+            .file
+            .read(move |tx| -> Result<Vec<(u32, u64)>, StoreError> {
+                tx.query(
+                    "SELECT h.partition, COALESCE(
+                       (SELECT MIN(r.record_offset) FROM log_records AS r
+                        WHERE r.topic = h.topic AND r.partition = h.partition),
+                       h.next_offset)
+                     FROM log_heads AS h WHERE h.topic = $1",
+                    params![&topic],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok((
+                        u32::try_from(row.i64(0)?).unwrap_or(0),
+                        u64::try_from(row.i64(1)?).unwrap_or(0),
+                    ))
+                })
+                .collect()
+            })
+            .await?)
+    }
+
     /// Under the file's `tandem-log-pruner` lease, so that of the processes
     /// sharing the log one prunes at a time; a partition's oldest records
     /// go first, `batch` a transaction. `log_heads` keeps each partition's

@@ -29,6 +29,9 @@ pub struct PartitionLag {
     pub position: u64,
     /// The bus's next offset to be written (its head).
     pub end: u64,
+    /// The first offset the bus still holds (its retention pruned those
+    /// below); 0 where the bus does not say.
+    pub start: u64,
     /// The creation time (µs since the epoch) of the oldest event of the
     /// partition the consumer has not applied: the one at its position,
     /// or an older one it parked or holds ahead of a gap. `None` when it
@@ -45,6 +48,18 @@ impl PartitionLag {
     /// Now − the time of the oldest event not applied; 0 when none.
     pub fn lag_seconds(&self) -> f64 {
         seconds_since(self.oldest_unapplied_micros)
+    }
+
+    /// The records the consumer has not applied that the bus pruned, if
+    /// any: the consumer cannot go on without them being published again.
+    pub fn pruned(&self) -> Option<String> {
+        let gone_to = self.start.min(self.end);
+        (self.position < gone_to).then(|| {
+            format!(
+                "records {}..{} of {}/{} were pruned before this consumer applied them",
+                self.position, gone_to, self.topic, self.partition
+            )
+        })
     }
 }
 
@@ -134,6 +149,12 @@ impl ConsumerStatus {
         by_topic
     }
 
+    /// Why the consumer cannot go on, if the bus pruned records it has not
+    /// applied (the first such partition).
+    pub fn pruned(&self) -> Option<String> {
+        self.partitions.iter().find_map(PartitionLag::pruned)
+    }
+
     /// Parked, unresolved dead letters of every reason.
     pub fn parked(&self) -> u64 {
         self.dead_letters.iter().map(|(_, count)| count).sum()
@@ -154,6 +175,8 @@ impl ConsumerStatus {
             Health::Stopped
         } else if self.paused {
             Health::Paused
+        } else if self.pruned().is_some() {
+            Health::Error
         } else if behind && seconds_since(self.last_progress_micros) >= STALLED_AFTER {
             Health::Stalled
         } else if self.parked() > 0 {
@@ -185,22 +208,35 @@ pub struct LagCache {
     heads: std::sync::Mutex<HashMap<String, (std::time::Instant, Heads)>>,
 }
 
-/// A topic's `(partition, next offset)` pairs.
-type Heads = Vec<(u32, u64)>;
+/// A topic's `(partition, next offset, first offset held)`.
+type Heads = Vec<(u32, u64, u64)>;
 
 /// How long bus heads read for a status are used before being read again:
 /// scrapes and several consumers of one topic share one read.
 pub const HEADS_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl LagCache {
-    /// The heads of `topic`, read from `bus` at most every [`HEADS_REFRESH`].
-    async fn heads(&self, bus: &dyn Bus, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+    /// The heads of `topic` (and where each partition starts), read from
+    /// `bus` at most every [`HEADS_REFRESH`].
+    async fn heads(&self, bus: &dyn Bus, topic: &str) -> Result<Heads, BusError> {
         if let Some((read, heads)) = self.heads.lock().expect("heads cache").get(topic) {
             if read.elapsed() < HEADS_REFRESH {
                 return Ok(heads.clone());
             }
         }
-        let heads = bus.end_offsets(topic).await?;
+        let starts = bus.start_offsets(topic).await?;
+        let heads: Heads = bus
+            .end_offsets(topic)
+            .await?
+            .into_iter()
+            .map(|(partition, end)| {
+                let start = starts
+                    .iter()
+                    .find(|(p, _)| *p == partition)
+                    .map_or(0, |(_, start)| *start);
+                (partition, end, start)
+            })
+            .collect();
         self.heads
             .lock()
             .expect("heads cache")
@@ -348,7 +384,7 @@ pub async fn consumer_status<S: Store>(
         .await?;
     let mut partitions = Vec::new();
     for topic in topics {
-        for (partition, end) in cache.heads(bus, topic).await? {
+        for (partition, end, start) in cache.heads(bus, topic).await? {
             let position = positions
                 .iter()
                 .find(|(t, p, _, _)| t == topic && *p == partition)
@@ -391,6 +427,7 @@ pub async fn consumer_status<S: Store>(
                 partition,
                 position,
                 end,
+                start,
                 oldest_unapplied_micros,
             });
         }
@@ -527,7 +564,7 @@ impl ServiceReport {
                     })
                     .collect(),
                 end_to_end: None,
-                stopped_by: None,
+                stopped_by: status.pruned(),
             })
             .collect();
         let worst = consumers

@@ -299,6 +299,20 @@ async fn a_consumer_behind_the_retention_stops_with_the_missing_range_and_skips_
         ledger_rows(&reader).await.is_empty(),
         "nothing applied past the gap"
     );
+    // What a status of the consumer says, from its database and the log
+    // (as `tandem status --data-dir` reads them): error, and why.
+    let status = tandem::status::consumer_status(
+        &reader,
+        bus.as_ref(),
+        &tandem::status::LagCache::default(),
+        "late-view",
+        &[TOPIC.to_owned()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.health(true), tandem::status::Health::Error);
+    let why = status.pruned().expect("the pruned range");
+    assert!(why.contains("records 0..3 of ledger/"), "{why}");
     stop.cancel();
     running.await.unwrap().unwrap();
 }
