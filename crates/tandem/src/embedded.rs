@@ -513,12 +513,16 @@ impl EmbeddedSubscription {
     /// the records between were pruned by the log's retention, and
     /// reading on would skip them.
     fn check_unbroken(&self, records: &[Record]) -> Result<(), BusError> {
-        let mut seen = std::collections::BTreeSet::new();
+        // A read returns each partition's records together, in offset
+        // order: only the first of each run is looked at.
+        let mut previous: Option<(&str, u32)> = None;
         for record in records {
-            let place = TopicPartition::new(record.topic.clone(), record.partition);
-            if !seen.insert(place.clone()) {
+            let here = (record.topic.as_str(), record.partition);
+            if previous == Some(here) {
                 continue;
             }
+            previous = Some(here);
+            let place = TopicPartition::new(record.topic.clone(), record.partition);
             let expected = self.positions.get(&place).copied().unwrap_or(0);
             if record.offset > expected {
                 return Err(BusError::Pruned(crate::store::Cause::from(format!(
