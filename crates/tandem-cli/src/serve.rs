@@ -67,27 +67,28 @@ pub struct ServeArgs {
 /// or 7d, or `keep`.
 #[derive(Debug, Args)]
 pub struct RetentionArgs {
-    /// Published outbox rows older than this are pruned (a service that
-    /// keeps its event history, as the Customer Service does, keeps them).
-    #[arg(long, env = "TANDEM_RETAIN_OUTBOX", default_value = "24h", value_parser = age)]
-    retain_outbox: Age,
-    /// Embedded-log records older than this are pruned (Kafka and NATS:
-    /// by their topics' own settings).
-    #[arg(long, env = "TANDEM_RETAIN_LOG", default_value = "7d", value_parser = age)]
-    retain_log: Age,
+    /// Published outbox rows older than this are pruned [default: 24h] (a
+    /// service that keeps its event history, as the Customer Service does,
+    /// keeps them).
+    #[arg(long, env = "TANDEM_RETAIN_OUTBOX", value_parser = age)]
+    retain_outbox: Option<Age>,
+    /// Embedded-log records older than this are pruned [default: 7d]
+    /// (Kafka and NATS: by their topics' own settings).
+    #[arg(long, env = "TANDEM_RETAIN_LOG", value_parser = age)]
+    retain_log: Option<Age>,
     /// At most this many records are kept in each embedded-log partition.
     #[arg(long, env = "TANDEM_RETAIN_LOG_RECORDS")]
     retain_log_records: Option<u64>,
-    /// Resolved dead letters older than this are pruned.
-    #[arg(long, env = "TANDEM_RETAIN_RESOLVED", default_value = "14d", value_parser = age)]
-    retain_resolved: Age,
-    /// Discarded dead letters older than this are pruned (by default kept:
-    /// a replay must skip them again).
-    #[arg(long, env = "TANDEM_RETAIN_DISCARDED", default_value = "keep", value_parser = age)]
-    retain_discarded: Age,
-    /// How often the rules are applied.
-    #[arg(long, env = "TANDEM_PRUNE_EVERY", default_value = "30s", value_parser = age)]
-    prune_every: Age,
+    /// Resolved dead letters older than this are pruned [default: 14d].
+    #[arg(long, env = "TANDEM_RETAIN_RESOLVED", value_parser = age)]
+    retain_resolved: Option<Age>,
+    /// Discarded dead letters older than this are pruned [default: keep, as
+    /// a replay must skip them again].
+    #[arg(long, env = "TANDEM_RETAIN_DISCARDED", value_parser = age)]
+    retain_discarded: Option<Age>,
+    /// How often the rules are applied [default: 30s].
+    #[arg(long, env = "TANDEM_PRUNE_EVERY", value_parser = every)]
+    prune_every: Option<Duration>,
 }
 
 /// An age, or `keep` (`None`).
@@ -98,17 +99,29 @@ fn age(text: &str) -> Result<Age, String> {
     tandem::retention::parse_age(text).map(Age)
 }
 
+fn every(text: &str) -> Result<Duration, String> {
+    tandem::retention::parse_age(text)?
+        .ok_or_else(|| format!("{text:?}: give an interval such as 30s"))
+}
+
 impl RetentionArgs {
+    /// [`tandem::retention::Retention::default`], with what was given.
     fn rules(&self) -> tandem::retention::Retention {
-        tandem::retention::Retention {
-            outbox_age: self.retain_outbox.0,
-            resolved_age: self.retain_resolved.0,
-            discarded_age: self.retain_discarded.0,
-            log_age: self.retain_log.0,
-            log_records: self.retain_log_records,
-            every: self.prune_every.0.unwrap_or(Duration::from_secs(30)),
-            ..tandem::retention::Retention::default()
+        let mut rules = tandem::retention::Retention::default();
+        let given = [
+            (self.retain_outbox, &mut rules.outbox_age),
+            (self.retain_log, &mut rules.log_age),
+            (self.retain_resolved, &mut rules.resolved_age),
+            (self.retain_discarded, &mut rules.discarded_age),
+        ];
+        for (age, rule) in given {
+            if let Some(Age(age)) = age {
+                *rule = age;
+            }
         }
+        rules.log_records = self.retain_log_records.or(rules.log_records);
+        rules.every = self.prune_every.unwrap_or(rules.every);
+        rules
     }
 }
 
@@ -183,4 +196,37 @@ fn admin_tokens(spec: Option<&str>, listen: SocketAddr) -> anyhow::Result<AdminT
         );
     }
     Ok(tokens)
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        retention: RetentionArgs,
+    }
+
+    #[test]
+    fn no_flag_gives_the_toolkit_defaults_and_a_flag_overrides_its_rule_only() {
+        let none = Flags::try_parse_from(["t"]).unwrap();
+        assert_eq!(
+            none.retention.rules(),
+            tandem::retention::Retention::default()
+        );
+        let some =
+            Flags::try_parse_from(["t", "--retain-outbox", "keep", "--retain-discarded", "3d"])
+                .unwrap()
+                .retention
+                .rules();
+        assert_eq!(some.outbox_age, None);
+        assert_eq!(some.discarded_age, Some(Duration::from_secs(3 * 86_400)));
+        assert_eq!(
+            some.log_age,
+            tandem::retention::Retention::default().log_age
+        );
+        assert!(Flags::try_parse_from(["t", "--prune-every", "keep"]).is_err());
+    }
 }
