@@ -73,7 +73,8 @@ pub struct RetentionArgs {
     #[arg(long, env = "TANDEM_RETAIN_OUTBOX", value_parser = age)]
     retain_outbox: Option<Age>,
     /// Embedded-log records older than this are pruned [default: 7d]
-    /// (Kafka and NATS: by their topics' own settings).
+    /// (Kafka and NATS: the retention of the topics and streams the bus
+    /// creates, unless the bus URL's retain_log option says).
     #[arg(long, env = "TANDEM_RETAIN_LOG", value_parser = age)]
     retain_log: Option<Age>,
     /// At most this many records are kept in each embedded-log partition.
@@ -137,9 +138,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.service.default_port())));
     let tokens = admin_tokens(args.admin_token.as_deref(), listen)?;
-    let rules = args.retention.rules();
-    let store = tandem_engines::open_store(&args.db).await?;
-    let bus = tandem_engines::open_bus(&args.bus).await?;
+    let mut rules = args.retention.rules();
+    let (db, bus) = tandem_engines::retention_from_urls(&args.db, &args.bus, &mut rules)?;
+    let store = tandem_engines::open_store(&db).await?;
+    let bus = tandem_engines::open_bus(&bus).await?;
     let listener = tandem_service::bind(listen).await?;
     let address = listener.local_addr().context("listener address")?;
     // Tools (tandem up, the tests) read this line to learn the port.

@@ -85,6 +85,85 @@ async fn open_engine_bus(url: &str) -> Result<Arc<dyn Bus>, OpenError> {
     }
 }
 
+/// The retention rules given as URL options, which win over `rules`
+/// (flags, environment, defaults): `retain_outbox`, `retain_resolved` and
+/// `retain_discarded` on the store URL, `retain_log` and
+/// `retain_log_records` on the bus URL. Returns the URLs to open.
+///
+/// The embedded log is pruned by the service, so its options are taken
+/// out of the URL. Kafka and NATS keep `retain_log` (and their other
+/// `retain_log_*` options) in theirs: it becomes the topic's or stream's
+/// own setting when the bus creates it, and `rules.log_age` fills it in
+/// when the URL does not say.
+pub fn retention_from_urls(
+    store_url: &str,
+    bus_url: &str,
+    rules: &mut tandem::retention::Retention,
+) -> Result<(String, String), OpenError> {
+    let age = |option: &tandem::engine::UrlOption| {
+        tandem::retention::parse_age(&option.value)
+            .map_err(|why| OpenError::Engine(format!("URL option {}: {why}", option.name)))
+    };
+    let store = if is_key_value_form(store_url) {
+        store_url.to_owned()
+    } else {
+        let (rest, taken) = parse(store_url)?.without_options(&[
+            "retain_outbox",
+            "retain_resolved",
+            "retain_discarded",
+        ]);
+        for option in &taken {
+            let value = age(option)?;
+            match option.name.as_str() {
+                "retain_outbox" => rules.outbox_age = value,
+                "retain_resolved" => rules.resolved_age = value,
+                _ => rules.discarded_age = value,
+            }
+        }
+        rest
+    };
+    let parsed = parse(bus_url)?;
+    let bus = match parsed.scheme() {
+        "sqlite" => {
+            let (rest, taken) = parsed.without_options(&["retain_log", "retain_log_records"]);
+            for option in &taken {
+                if option.name == "retain_log" {
+                    rules.log_age = age(option)?;
+                } else {
+                    rules.log_records = Some(option.value.parse().map_err(|_| {
+                        OpenError::Engine(format!(
+                            "URL option retain_log_records={}: a count expected",
+                            option.value
+                        ))
+                    })?);
+                }
+            }
+            rest
+        }
+        _ => {
+            if let Some(option) = parsed.options().iter().find(|o| o.name == "retain_log") {
+                rules.log_age = age(option)?;
+                bus_url.to_owned()
+            } else {
+                let written = match rules.log_age {
+                    None => "keep".to_owned(),
+                    Some(age) if age.subsec_millis() != 0 || age.as_secs() == 0 => {
+                        format!("{}ms", age.as_millis())
+                    }
+                    Some(age) => format!("{}s", age.as_secs()),
+                };
+                let separator = if parsed.options().is_empty() && !bus_url.contains('?') {
+                    '?'
+                } else {
+                    '&'
+                };
+                format!("{bus_url}{separator}retain_log={written}")
+            }
+        }
+    };
+    Ok((store, bus))
+}
+
 fn bus_error(url: &str, error: BusError) -> OpenError {
     OpenError::Engine(format!("cannot open bus {}: {error}", redact(url)))
 }
@@ -382,6 +461,50 @@ mod tests {
     fn take_namespace(url: &str) -> (String, Option<String>) {
         let (url, taken) = parse(url).unwrap().without_options(&["namespace"]);
         (url, taken.into_iter().last().map(|option| option.value))
+    }
+
+    #[test]
+    fn retention_options_win_over_the_flags_and_reach_kafka_and_nats_topics() {
+        use std::time::Duration;
+        use tandem::retention::Retention;
+        let mut rules = Retention::default();
+        let (store, bus) = retention_from_urls(
+            "sqlite:///d/order.db?retain_outbox=keep&synchronous=full&retain_resolved=2d",
+            "sqlite:///d/bus.db?retain_log=1h&partitions=4&retain_log_records=500",
+            &mut rules,
+        )
+        .unwrap();
+        assert_eq!(store, "sqlite:///d/order.db?synchronous=full");
+        assert_eq!(bus, "sqlite:///d/bus.db?partitions=4");
+        assert_eq!(rules.outbox_age, None);
+        assert_eq!(rules.resolved_age, Some(Duration::from_secs(2 * 86_400)));
+        assert_eq!(rules.log_age, Some(Duration::from_secs(3600)));
+        assert_eq!(rules.log_records, Some(500));
+
+        // Kafka and NATS: the flag's age written into the URL for topic
+        // creation, unless the URL says.
+        let mut rules = Retention {
+            log_age: Some(Duration::from_secs(36 * 3600)),
+            ..Retention::default()
+        };
+        let (_, bus) =
+            retention_from_urls("postgres://u@h/db", "kafka://h:1?partitions=2", &mut rules)
+                .unwrap();
+        assert_eq!(bus, "kafka://h:1?partitions=2&retain_log=129600s");
+        let (_, bus) = retention_from_urls("postgres://u@h/db", "nats://h:1", &mut rules).unwrap();
+        assert_eq!(bus, "nats://h:1?retain_log=129600s");
+        let (_, bus) = retention_from_urls(
+            "postgres://u@h/db",
+            "nats://h:1?retain_log=keep",
+            &mut rules,
+        )
+        .unwrap();
+        assert_eq!(bus, "nats://h:1?retain_log=keep");
+        assert_eq!(rules.log_age, None);
+        assert!(
+            retention_from_urls("sqlite:///a.db?retain_outbox=soon", "nats://h", &mut rules)
+                .is_err()
+        );
     }
 
     #[test]

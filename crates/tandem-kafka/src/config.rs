@@ -29,9 +29,20 @@ pub struct KafkaConfig {
     /// How long [`KafkaBus::connect`](crate::KafkaBus::connect) waits for
     /// the cluster's metadata (option `connect_timeout_ms`, default 8000).
     pub connect_timeout: Duration,
+    /// `retention.ms` of the topics this bus creates (option `retain_log`,
+    /// an age such as `7d` or `keep`; default 7 days, Kafka's own default,
+    /// written out so that it is explicit and documented). `None` keeps
+    /// records for good (`retention.ms=-1`).
+    pub retain_log: Option<Duration>,
+    /// `retention.bytes` of each partition of the topics this bus creates
+    /// (option `retain_log_bytes`; default none, no size limit).
+    pub retain_log_bytes: Option<u64>,
     /// librdkafka properties, applied after this crate's defaults.
     pub properties: BTreeMap<String, String>,
 }
+
+/// Kafka's own default `retention.ms`, and Tandem's embedded log's.
+pub const DEFAULT_RETAIN_LOG: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 impl std::fmt::Debug for KafkaConfig {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,6 +65,8 @@ impl std::fmt::Debug for KafkaConfig {
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
             .field("connect_timeout", &self.connect_timeout)
+            .field("retain_log", &self.retain_log)
+            .field("retain_log_bytes", &self.retain_log_bytes)
             .field("properties", &properties)
             .finish()
     }
@@ -121,6 +134,8 @@ impl KafkaConfig {
             partitions: 4,
             replication: 1,
             connect_timeout: Duration::from_secs(8),
+            retain_log: Some(DEFAULT_RETAIN_LOG),
+            retain_log_bytes: None,
             properties: BTreeMap::new(),
         };
         for (name, value) in options {
@@ -148,6 +163,23 @@ impl KafkaConfig {
                         invalid(format!("connect_timeout_ms={value}: need milliseconds"))
                     })?;
                     config.connect_timeout = Duration::from_millis(millis.max(1));
+                }
+                // Topic settings, not librdkafka properties (environment
+                // variables arrive with dots: TANDEM_KAFKA_RETAIN_LOG).
+                "retain_log" | "retain.log" => {
+                    config.retain_log = tandem::retention::parse_age(&value)
+                        .map_err(|why| invalid(format!("retain_log={value}: {why}")))?;
+                }
+                "retain_log_bytes" | "retain.log.bytes" => {
+                    config.retain_log_bytes = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|bytes| *bytes >= 1)
+                            .ok_or_else(|| {
+                                invalid(format!("retain_log_bytes={value}: need bytes >= 1"))
+                            })?,
+                    );
                 }
                 "bootstrap.servers" | "metadata.broker.list" => {
                     return Err(invalid(format!(
@@ -201,6 +233,27 @@ mod tests {
         assert_eq!(config.replication, 1);
         assert!(config.properties.is_empty());
         assert_eq!(config.connect_timeout, Duration::from_secs(8));
+        assert_eq!(config.retain_log, Some(DEFAULT_RETAIN_LOG));
+        assert_eq!(config.retain_log_bytes, None);
+    }
+
+    #[test]
+    fn retention_of_created_topics() {
+        let config = parse("kafka://h:1?retain_log=36h&retain_log_bytes=1000000", &[]).unwrap();
+        assert_eq!(config.retain_log, Some(Duration::from_secs(36 * 3600)));
+        assert_eq!(config.retain_log_bytes, Some(1_000_000));
+        assert!(config.properties.is_empty(), "not passed to librdkafka");
+        let kept = parse("kafka://h:1", &[("TANDEM_KAFKA_RETAIN_LOG", "keep")]).unwrap();
+        assert_eq!(kept.retain_log, None);
+        for bad in ["retain_log=7", "retain_log=soon", "retain_log_bytes=0"] {
+            assert!(
+                matches!(
+                    parse(&format!("kafka://h:1?{bad}"), &[]),
+                    Err(BusError::Invalid(_))
+                ),
+                "{bad} must be refused"
+            );
+        }
     }
 
     #[test]

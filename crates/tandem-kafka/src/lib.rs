@@ -374,6 +374,11 @@ impl KafkaBus {
         for topic in &missing {
             check_topic(topic)?;
         }
+        let retention_ms = self
+            .config
+            .retain_log
+            .map_or_else(|| "-1".to_owned(), |age| age.as_millis().max(1).to_string());
+        let retention_bytes = self.config.retain_log_bytes.map(|bytes| bytes.to_string());
         let new_topics: Vec<NewTopic<'_>> = missing
             .iter()
             .map(|topic| {
@@ -384,6 +389,13 @@ impl KafkaBus {
                 )
                 // Record timestamps say when the broker appended them.
                 .set("message.timestamp.type", "LogAppendTime")
+                // Retention by age (and size, if set): README, Retention.
+                .set("cleanup.policy", "delete")
+                .set("retention.ms", &retention_ms)
+            })
+            .map(|topic| match &retention_bytes {
+                Some(bytes) => topic.set("retention.bytes", bytes),
+                None => topic,
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
@@ -503,12 +515,53 @@ impl KafkaBus {
         }
     }
 
+    /// Each partition's low or high watermark.
+    async fn watermarks(&self, topic: &str, which: Watermark) -> Result<Vec<(u32, u64)>, BusError> {
+        check_topic(topic)?;
+        self.ensure_topics(&[topic]).await?;
+        let partitions = self.partitions(topic).await?;
+        let (_, producer) = self.producer();
+        let name = topic.to_owned();
+        let brokers = self.config.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .map(|partition| {
+                    let (low, high) = producer
+                        .client()
+                        .fetch_watermarks(&name, partition, REQUEST_TIMEOUT)
+                        .map_err(|error| {
+                            unavailable(
+                                &format!("watermarks of {name}/{partition}"),
+                                &brokers,
+                                error,
+                            )
+                        })?;
+                    let mark = match which {
+                        Watermark::Low => low,
+                        Watermark::High => high,
+                    };
+                    Ok((partition as u32, mark.max(0) as u64))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|error| BusError::Engine(format!("kafka watermark thread: {error}").into()))?
+    }
+
     fn consumer_config(&self, group: &str) -> ClientConfig {
         let mut config = base_config(&self.config);
         config
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // Positions are the consumer's own and every partition is
+            // sought before it is read. A position below the log's start
+            // is refused at the seek, and should librdkafka reset one that
+            // retention overtook later, the hole in the offsets is seen
+            // (`State::accept`): never a silent jump. (`error` instead
+            // puts a partition of a group with no committed offsets in an
+            // error state before the first seek.)
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "100")
@@ -521,6 +574,12 @@ impl KafkaBus {
         apply_properties(&mut config, &self.config);
         config
     }
+}
+
+#[derive(Clone, Copy)]
+enum Watermark {
+    Low,
+    High,
 }
 
 fn base_config(config: &KafkaConfig) -> ClientConfig {
@@ -660,32 +719,12 @@ impl Bus for KafkaBus {
     }
 
     async fn end_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
-        check_topic(topic)?;
-        self.ensure_topics(&[topic]).await?;
-        let partitions = self.partitions(topic).await?;
-        let (_, producer) = self.producer();
-        let name = topic.to_owned();
-        let brokers = self.config.brokers.clone();
-        tokio::task::spawn_blocking(move || {
-            partitions
-                .into_iter()
-                .map(|partition| {
-                    let (_, high) = producer
-                        .client()
-                        .fetch_watermarks(&name, partition, REQUEST_TIMEOUT)
-                        .map_err(|error| {
-                            unavailable(
-                                &format!("end offset of {name}/{partition}"),
-                                &brokers,
-                                error,
-                            )
-                        })?;
-                    Ok((partition as u32, high.max(0) as u64))
-                })
-                .collect()
-        })
-        .await
-        .map_err(|error| BusError::Engine(format!("kafka watermark thread: {error}").into()))?
+        self.watermarks(topic, Watermark::High).await
+    }
+
+    /// The low watermarks: the first offset each partition still holds.
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        self.watermarks(topic, Watermark::Low).await
     }
 
     /// A consumer of no group's offsets (it never subscribes or commits)

@@ -48,6 +48,9 @@ struct State {
     assigned: BTreeMap<(String, i32), Position>,
     /// An error from the rebalance callback, handed out by the next `next`.
     failure: Option<String>,
+    /// Records this member has not had were pruned from a partition it
+    /// reads (what and why): every `next` from now on says so.
+    pruned: Option<String>,
 }
 
 impl State {
@@ -61,6 +64,21 @@ impl State {
         let offset = record.offset as i64;
         if offset < *expected {
             // Prefetched before a seek moved the position.
+            return;
+        }
+        if offset > *expected {
+            // The offsets of the topics Tandem writes are dense (no
+            // transactions, no compaction): a jump means the records in
+            // between were deleted by the topic's retention before this
+            // member read them. Say so rather than skip them; nothing of
+            // this partition is handed out past the hole.
+            if self.pruned.is_none() {
+                self.pruned = Some(format!(
+                    "records {expected}..{offset} of {}/{partition} were deleted by the topic's \
+                     retention before this consumer read them",
+                    key.0
+                ));
+            }
             return;
         }
         *expected = offset + 1;
@@ -217,6 +235,7 @@ impl Inner {
                 let state = lock(&self.state);
                 if !state.changes.is_empty()
                     || state.failure.is_some()
+                    || state.pruned.is_some()
                     || state.buffer.len() >= max_records
                 {
                     return Ok(());
@@ -275,6 +294,23 @@ impl Inner {
             // Revoked meanwhile (the `Revoked` is queued): nothing to do.
             tracing::debug!(group = %self.group, topic, partition, "seek of a partition not held");
             return Ok(());
+        }
+        // A position below the log's start: retention deleted what this
+        // member has not read. Say so with the range (a fetch from there
+        // would fail with `auto.offset.reset=error`, or, on a broker that
+        // serves the next record instead, show a hole in the offsets).
+        if let Ok((low, _)) = self
+            .consumer
+            .fetch_watermarks(topic, partition, SEEK_TIMEOUT)
+        {
+            if offset < low {
+                let why = format!(
+                    "records {offset}..{low} of {topic}/{partition} were deleted by the topic's \
+                     retention before this consumer read them"
+                );
+                lock(&self.state).pruned.get_or_insert(why.clone());
+                return Err(BusError::Pruned(why.into()));
+            }
         }
         let give_up = Instant::now() + SEEK_SETTLE;
         loop {
@@ -364,6 +400,9 @@ impl KafkaSubscription {
         let mut state = lock(&inner.state);
         if let Some(failure) = state.failure.take() {
             return Err(BusError::Engine(failure.into()));
+        }
+        if let Some(pruned) = &state.pruned {
+            return Err(BusError::Pruned(pruned.clone().into()));
         }
         if let Some(change) = state.changes.pop_front() {
             if let Delivery::Assigned(partitions) = &change {

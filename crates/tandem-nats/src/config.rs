@@ -47,6 +47,16 @@ pub struct NatsConfig {
     pub fetch_batch: usize,
     /// Give up connecting after this long (`connect_timeout_ms=`, default 5 s).
     pub connect_timeout: Duration,
+    /// `max_age` of the streams this bus creates (`retain_log=`, an age
+    /// such as `7d` or `keep`; default 7 days, as the embedded log and
+    /// Kafka). `None`: no age limit.
+    pub retain_log: Option<Duration>,
+    /// `max_bytes` of the streams this bus creates (`retain_log_bytes=`;
+    /// default none).
+    pub retain_log_bytes: Option<u64>,
+    /// `max_msgs` of the streams this bus creates (`retain_log_records=`;
+    /// default none).
+    pub retain_log_records: Option<u64>,
 }
 
 impl std::fmt::Debug for NatsConfig {
@@ -68,6 +78,9 @@ impl std::fmt::Debug for NatsConfig {
             .field("max_ack_pending", &self.max_ack_pending)
             .field("fetch_batch", &self.fetch_batch)
             .field("connect_timeout", &self.connect_timeout)
+            .field("retain_log", &self.retain_log)
+            .field("retain_log_bytes", &self.retain_log_bytes)
+            .field("retain_log_records", &self.retain_log_records)
             .finish()
     }
 }
@@ -89,6 +102,9 @@ impl Default for NatsConfig {
             max_ack_pending: 20_000,
             fetch_batch: 500,
             connect_timeout: Duration::from_secs(5),
+            retain_log: Some(Duration::from_secs(7 * 24 * 60 * 60)),
+            retain_log_bytes: None,
+            retain_log_records: None,
         }
     }
 }
@@ -112,6 +128,16 @@ fn number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, BusError> 
     value
         .parse::<T>()
         .map_err(|_| invalid(format!("NATS URL option {name}={value}: a number expected")))
+}
+
+fn positive(name: &str, value: &str) -> Result<u64, BusError> {
+    Some(number::<u64>(name, value)?)
+        .filter(|number| *number >= 1)
+        .ok_or_else(|| {
+            invalid(format!(
+                "NATS URL option {name}={value}: 1 or more expected"
+            ))
+        })
 }
 
 /// Whether `text` is usable as one or more subject tokens.
@@ -221,6 +247,13 @@ impl NatsConfig {
                 "max_ack_pending" => config.max_ack_pending = number(name, &value)?,
                 "fetch_batch" => config.fetch_batch = number::<usize>(name, &value)?.max(1),
                 "connect_timeout_ms" => config.connect_timeout = millis(name, &value)?,
+                "retain_log" => {
+                    config.retain_log = tandem::retention::parse_age(&value).map_err(|why| {
+                        invalid(format!("NATS URL option retain_log={value}: {why}"))
+                    })?
+                }
+                "retain_log_bytes" => config.retain_log_bytes = Some(positive(name, &value)?),
+                "retain_log_records" => config.retain_log_records = Some(positive(name, &value)?),
                 other => {
                     return Err(invalid(format!("unknown NATS URL option {other:?}")));
                 }
@@ -288,6 +321,35 @@ mod tests {
         );
         assert_eq!(config.display_url(), "nats://example.org:4222");
         assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn retention_of_created_streams() {
+        let default = NatsConfig::from_url("nats://h").unwrap();
+        assert_eq!(default.retain_log, Some(Duration::from_secs(604_800)));
+        let config = NatsConfig::from_url(
+            "nats://h?retain_log=12h&retain_log_bytes=1000&retain_log_records=50",
+        )
+        .unwrap();
+        assert_eq!(config.retain_log, Some(Duration::from_secs(43_200)));
+        assert_eq!(config.retain_log_bytes, Some(1000));
+        assert_eq!(config.retain_log_records, Some(50));
+        assert_eq!(
+            NatsConfig::from_url("nats://h?retain_log=keep")
+                .unwrap()
+                .retain_log,
+            None
+        );
+        for bad in [
+            "retain_log=12",
+            "retain_log_bytes=0",
+            "retain_log_records=x",
+        ] {
+            assert!(
+                NatsConfig::from_url(&format!("nats://h?{bad}")).is_err(),
+                "{bad} must be refused"
+            );
+        }
     }
 
     #[test]

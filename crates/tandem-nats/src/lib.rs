@@ -307,7 +307,23 @@ impl Inner {
             subjects: vec![self.subject(topic)],
             storage: stream::StorageType::File,
             num_replicas: self.config.replicas.max(1),
-            duplicate_window: self.config.duplicate_window,
+            // NATS wants the duplicate window within the age limit.
+            duplicate_window: match self.config.retain_log {
+                Some(age) => self.config.duplicate_window.min(age),
+                None => self.config.duplicate_window,
+            },
+            // Retention (README, Retention): by age, and by size or count
+            // if set; the oldest messages go first.
+            max_age: self.config.retain_log.unwrap_or_default(),
+            max_bytes: self
+                .config
+                .retain_log_bytes
+                .map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX)),
+            max_messages: self
+                .config
+                .retain_log_records
+                .map_or(-1, |records| i64::try_from(records).unwrap_or(i64::MAX)),
+            discard: stream::DiscardPolicy::Old,
             ..Default::default()
         };
         self.jetstream
@@ -319,6 +335,31 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(topic.to_owned());
         Ok(())
+    }
+
+    /// The first offset the topic's stream still holds: `first_sequence −
+    /// 1`, or `last_sequence` once retention emptied it (NATS then puts
+    /// the first sequence one past the last); 0 with no stream yet.
+    pub(crate) async fn start_offset(&self, topic: &str) -> Result<u64, BusError> {
+        let name = self.stream_name(topic);
+        match self.jetstream.get_stream(&name).await {
+            Ok(stream) => {
+                let state = &stream.cached_info().state;
+                Ok(if state.messages == 0 {
+                    state.last_sequence
+                } else {
+                    state.first_sequence.saturating_sub(1)
+                })
+            }
+            Err(error) => {
+                if let jetstream::context::GetStreamErrorKind::JetStream(inner) = error.kind() {
+                    if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND {
+                        return Ok(0);
+                    }
+                }
+                Err(self.error(&format!("stream info of {topic}"), error))
+            }
+        }
     }
 
     pub(crate) fn forget_stream(&self, topic: &str) {
@@ -629,6 +670,13 @@ impl Bus for NatsBus {
                 Err(self.inner.error(&format!("stream info of {topic}"), error))
             }
         }
+    }
+
+    /// `[(0, first_sequence - 1)]`: the first offset the stream still
+    /// holds (its last sequence when retention emptied it).
+    async fn start_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
+        Inner::check_topic(topic)?;
+        Ok(vec![(0, self.inner.start_offset(topic).await?)])
     }
 
     /// The stream's message `offset + 1`, by a direct request to the

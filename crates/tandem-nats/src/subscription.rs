@@ -540,6 +540,20 @@ impl Subscription for NatsSubscription {
     async fn seek(&mut self, partition: &TopicPartition, offset: u64) -> Result<(), BusError> {
         let index = self.index_of(partition)?;
         let first = offset + 1;
+        // A position below the stream's first message: retention deleted
+        // what this consumer has not read. Say so; a durable would simply
+        // start at the first message still there.
+        let start = self.inner.start_offset(&partition.topic).await?;
+        if offset < start {
+            return Err(BusError::Pruned(
+                format!(
+                    "records {offset}..{start} of {}/0 were deleted by the stream's retention \
+                     before this consumer read them",
+                    partition.topic
+                )
+                .into(),
+            ));
+        }
         let stream = self.context(index).stream().await?;
         // What this member acked itself counts even before the server's
         // consumer info shows it; what other members acked, once it does.

@@ -16,6 +16,7 @@ use tandem::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use tandem::store::{Store, StoreError, Tx};
 use tandem::{params, Envelope, EventPayload, Handler, HandlerError};
 
+pub mod behind;
 pub mod conformance;
 pub mod exposition;
 pub mod faults;
@@ -257,6 +258,7 @@ pub fn deposit_bytes(account_id: &str, sequence: u64, amount_cents: i64) -> Vec<
         traceparent: None,
         correlationid: None,
         causationid: None,
+        snapshot: false,
     }
     .to_json()
 }

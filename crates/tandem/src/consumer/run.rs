@@ -126,6 +126,7 @@ impl<S: Store> Consumer<S> {
         let mut buffer: VecDeque<Record> = VecDeque::new();
         let mut last_housekeeping = Instant::now() - self.config.housekeeping_interval;
         let mut last_gap_check = Instant::now();
+        let mut behind = BehindCheck::default();
         loop {
             if shutdown.is_cancelled() {
                 return Ok(Ended::Shutdown);
@@ -145,6 +146,9 @@ impl<S: Store> Consumer<S> {
                 {
                     last_gap_check = Instant::now();
                     self.expire_gaps().await?;
+                }
+                if behind.due() {
+                    self.check_not_behind(&assigned, &mut behind).await?;
                 }
             }
             if buffer.is_empty() {
@@ -236,6 +240,62 @@ impl<S: Store> Consumer<S> {
         Ok(())
     }
 
+    /// Fails with [`BusError::Pruned`] when the log no longer holds the
+    /// next record of an assigned partition and the consumer has not moved
+    /// from that position since the previous check ([`BEHIND_CHECK_EVERY`]
+    /// ago): records it never had were deleted by the log's retention.
+    /// Each engine also says so when it is asked for such a record (the
+    /// embedded log on reading, Kafka and NATS on a seek or a hole in the
+    /// offsets); this check covers a consumer that is already reading
+    /// when retention overtakes it, which a NATS durable would otherwise
+    /// silently jump over. Waiting for a second sighting leaves room for
+    /// a record another member of a shared partition is applying right now.
+    async fn check_not_behind(
+        &self,
+        assigned: &[TopicPartition],
+        behind: &mut BehindCheck,
+    ) -> Result<(), ConsumerError> {
+        behind.last = Some(Instant::now());
+        if assigned.is_empty() {
+            behind.seen.clear();
+            return Ok(());
+        }
+        let consumer = self.config.name.clone();
+        let positions = self
+            .store
+            .read(move |tx| read_positions(tx, &consumer))
+            .await?;
+        let mut seen = Vec::new();
+        let mut topics: Vec<&str> = assigned.iter().map(|p| p.topic.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        for topic in topics {
+            for (partition, start) in self.bus.start_offsets(topic).await? {
+                let partition = TopicPartition::new(topic.to_owned(), partition);
+                if !assigned.contains(&partition) {
+                    continue;
+                }
+                let position = positions.get(&partition).copied().unwrap_or(0);
+                if position >= start {
+                    continue;
+                }
+                if behind.seen.contains(&(partition.clone(), position)) {
+                    return Err(ConsumerError::Bus(BusError::Pruned(
+                        format!(
+                            "records {position}..{start} of {}/{} were deleted by the log's \
+                             retention before this consumer applied them",
+                            partition.topic, partition.partition
+                        )
+                        .into(),
+                    )));
+                }
+                seen.push((partition, position));
+            }
+        }
+        behind.seen = seen;
+        Ok(())
+    }
+
     /// Applies everything in `buffer`. A shutdown that interrupts a retry
     /// leaves the record unapplied (it is redelivered on restart).
     async fn drain_buffer(
@@ -268,6 +328,24 @@ impl<S: Store> Consumer<S> {
             }
         }
         Ok(Drained::Done)
+    }
+}
+
+/// How often a consumer compares its positions with the log's start.
+const BEHIND_CHECK_EVERY: Duration = Duration::from_secs(15);
+
+/// What the previous [`Consumer::check_not_behind`] saw: the partitions
+/// whose position was below the log's start, at that position.
+#[derive(Default)]
+struct BehindCheck {
+    last: Option<Instant>,
+    seen: Vec<(TopicPartition, u64)>,
+}
+
+impl BehindCheck {
+    fn due(&self) -> bool {
+        self.last
+            .is_none_or(|last| last.elapsed() >= BEHIND_CHECK_EVERY)
     }
 }
 
