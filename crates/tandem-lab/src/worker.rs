@@ -39,6 +39,10 @@ pub enum WorkerCommand {
         bus: String,
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        /// Prune the outbox meanwhile, as a service's pruner does, with a
+        /// rule of zero age, 7 rows a transaction, every 5 ms.
+        #[arg(long)]
+        prune: bool,
     },
     /// Consumes into the ledger until `expect` events have been applied.
     Consume {
@@ -90,7 +94,12 @@ pub async fn run(command: WorkerCommand) -> anyhow::Result<()> {
             count,
             batch,
         } => produce(&db, &topic, count, batch).await,
-        WorkerCommand::Relay { db, bus, batch } => relay(&db, &bus, batch).await,
+        WorkerCommand::Relay {
+            db,
+            bus,
+            batch,
+            prune,
+        } => relay(&db, &bus, batch, prune).await,
         WorkerCommand::Consume {
             db,
             bus,
@@ -160,23 +169,43 @@ async fn produce(db: &str, topic: &str, count: u64, batch: u64) -> anyhow::Resul
     }
 }
 
-async fn relay(db: &str, bus: &str, batch: usize) -> anyhow::Result<()> {
+async fn relay(db: &str, bus: &str, batch: usize, prune: bool) -> anyhow::Result<()> {
     let store = tandem_engines::open_store(db).await?;
     let bus = tandem_engines::open_bus(bus).await?;
-    let relay = Relay::new(
-        store,
-        bus,
-        RelayConfig {
-            batch_size: batch,
-            ..RelayConfig::default()
-        },
-    );
+    let config = RelayConfig {
+        batch_size: batch,
+        ..RelayConfig::default()
+    };
+    let stop_pruning = tokio_util::sync::CancellationToken::new();
+    let _stop_on_return = stop_pruning.clone().drop_guard();
+    let rules = tandem::retention::Retention {
+        outbox_age: Some(Duration::ZERO),
+        batch: 7,
+        every: Duration::from_millis(5),
+        ..tandem::retention::Retention::default()
+    };
+    let relay_name = config.name.clone();
+    let relay = Relay::new(store.clone(), std::sync::Arc::clone(&bus), config);
     // Not "until a round moves nothing": on PostgreSQL a transaction running
     // anywhere in the cluster (a test creating its scratch database, say)
     // holds committed events back until it ends.
+    if prune {
+        tokio::spawn(tandem::retention::run(
+            store.clone(),
+            std::sync::Arc::clone(&bus),
+            Some(relay_name.clone()),
+            rules.clone(),
+            stop_pruning,
+        ));
+    }
     tokio::time::timeout(Duration::from_secs(60), relay.drain())
         .await
         .context("relay: committed events still held back after 60 s")??;
+    if prune {
+        // One last round once everything is published: the outbox ends
+        // holding nothing the bus has.
+        tandem::retention::prune_once(&store, bus.as_ref(), Some(&relay_name), &rules).await?;
+    }
     Ok(())
 }
 

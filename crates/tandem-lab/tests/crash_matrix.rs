@@ -227,6 +227,13 @@ impl Setup {
         ]
     }
 
+    /// The relay with the outbox pruned beside it, as in a service.
+    fn relay_pruning(&self) -> Vec<&str> {
+        let mut args = self.relay();
+        args.push("--prune");
+        args
+    }
+
     fn consume_expecting<'a>(&'a self, expect: &'a str, batch: &'a str) -> Vec<&'a str> {
         vec![
             "consume",
@@ -327,6 +334,27 @@ fn relay_killed_after_publishing_republishes_and_consumers_absorb_duplicates(set
     setup.assert_exactly_once();
 }
 
+/// The two relay crash points again, with the outbox pruned while the
+/// relay runs: pruning takes only what the bus acknowledged, so the
+/// restarted relay still finds everything it had not published, and the
+/// outbox ends empty.
+fn relay_killed_while_pruning_loses_nothing_and_duplicates_nothing(setup: Setup) {
+    run_worker(&setup.produce());
+    run_worker_until_killed("relay.before_publish", &setup.relay_pruning());
+    run_worker_until_killed("relay.after_publish", &setup.relay_pruning());
+    run_worker(&setup.relay_pruning());
+    run_worker(&setup.consume());
+    // The outbox is pruned, so the ledger alone shows exactly once.
+    assert_eq!(
+        setup.ledger(),
+        expected_ledger(),
+        "read model after recovery"
+    );
+    // What was published and pruned is only what the bus acknowledged.
+    assert!(setup.log_length() >= EVENTS);
+    assert_eq!(setup.outbox_count(), 0, "every published row pruned");
+}
+
 fn consumer_killed_in_the_middle_of_a_batch_applies_it_once_after_restart(setup: Setup) {
     run_worker(&setup.produce());
     run_worker(&setup.relay());
@@ -391,6 +419,7 @@ macro_rules! crash_matrix {
                 producer_killed_after_commit_keeps_the_committed_batch,
                 relay_killed_before_publishing_resumes_from_its_cursor,
                 relay_killed_after_publishing_republishes_and_consumers_absorb_duplicates,
+                relay_killed_while_pruning_loses_nothing_and_duplicates_nothing,
                 consumer_killed_in_the_middle_of_a_batch_applies_it_once_after_restart,
                 sigterm_stops_a_consumer_cleanly_with_every_batch_whole,
             );
