@@ -134,6 +134,7 @@ fn order_record_raw(
         traceparent: None,
         correlationid: None,
         causationid: None,
+        snapshot: false,
     };
     OutgoingRecord {
         topic: topics::ORDER.into(),

@@ -7,13 +7,16 @@
 //!   pending orders to CONFIRMED or REJECTED when the Inventory Service
 //!   answers, publishing `OrderConfirmed` or `OrderRejected`.
 
+use std::sync::Arc;
+
 use tandem::outbox::{self, NewEvent};
+use tandem::rebuild::{ModelTable, ReadModel, TableNames};
 use tandem::store::Tx;
 use tandem::EventPayload;
 use tandem::{Envelope, Handler, HandlerError};
-use tandem_contracts::customer::{CustomerCreated, CustomerUpdated};
+use tandem_contracts::customer::{CustomerCreated, CustomerSnapshot, CustomerUpdated};
 use tandem_contracts::inventory::{
-    ProductCreated, ProductStockChanged, StockReservationFailed, StockReserved,
+    ProductCreated, ProductSnapshot, ProductStockChanged, StockReservationFailed, StockReserved,
 };
 use tandem_contracts::order::{OrderConfirmed, OrderRejected};
 use tandem_contracts::topics;
@@ -28,15 +31,50 @@ fn changed_at(event: &Envelope) -> String {
     tandem::envelope::format_time(event.time)
 }
 
-pub struct LocalCopies;
+/// The local copies, kept in one version of their tables: the live ones
+/// ([`LocalCopies::live`]) or a rebuild's ([`Copies`]).
+#[derive(Debug, Clone)]
+pub struct LocalCopies {
+    customers: String,
+    products: String,
+}
+
+impl LocalCopies {
+    /// The copies readers see.
+    pub fn live() -> Self {
+        Self::in_tables(&TableNames::default())
+    }
+
+    fn in_tables(names: &TableNames) -> Self {
+        Self {
+            customers: names.get(storage::LOCAL_CUSTOMERS).to_owned(),
+            products: names.get(storage::LOCAL_PRODUCTS).to_owned(),
+        }
+    }
+}
+
+/// The local copies as a read model: consumer `order-local-copies` can be
+/// rebuilt side by side (`tandem rebuild`). Its handler never publishes.
+pub struct Copies;
+
+impl ReadModel for Copies {
+    fn tables(&self) -> &'static [ModelTable] {
+        &storage::COPY_TABLES
+    }
+
+    fn handler(&self, names: &TableNames) -> Arc<dyn Handler> {
+        Arc::new(LocalCopies::in_tables(names))
+    }
+}
 
 impl Handler for LocalCopies {
     fn handle(&self, tx: &mut dyn Tx, event: &Envelope) -> Result<(), HandlerError> {
         match event.event_type.as_str() {
             CustomerCreated::TYPE => {
                 let created: CustomerCreated = event.payload()?;
-                storage::save_customer(
+                storage::save_customer_in(
                     tx,
+                    &self.customers,
                     &LocalCustomer {
                         customer_id: created.customer_id,
                         name: created.name,
@@ -50,7 +88,9 @@ impl Handler for LocalCopies {
             }
             CustomerUpdated::TYPE => {
                 let updated: CustomerUpdated = event.payload()?;
-                let Some(mut customer) = storage::find_customer(tx, &updated.customer_id)? else {
+                let Some(mut customer) =
+                    storage::find_customer_in(tx, &self.customers, &updated.customer_id)?
+                else {
                     return Err(HandlerError::permanent(format!(
                         "CustomerUpdated for unknown customer {}",
                         updated.customer_id
@@ -70,12 +110,49 @@ impl Handler for LocalCopies {
                 }
                 customer.sequence = event.sequence as i64;
                 customer.changed_at = changed_at(event);
-                storage::save_customer(tx, &customer)?;
+                storage::save_customer_in(tx, &self.customers, &customer)?;
+            }
+            // A re-published snapshot: the toolkit applies it only when it
+            // is newer than the copy (its sequence above the last applied),
+            // so it replaces the copy whole.
+            CustomerSnapshot::TYPE => {
+                let snapshot: CustomerSnapshot = event.payload()?;
+                storage::save_customer_in(
+                    tx,
+                    &self.customers,
+                    &LocalCustomer {
+                        customer_id: snapshot.customer_id,
+                        name: snapshot.name,
+                        email: snapshot.email,
+                        address: snapshot.address,
+                        credit_limit_cents: snapshot.credit_limit_cents,
+                        sequence: event.sequence as i64,
+                        changed_at: changed_at(event),
+                    },
+                )?;
+            }
+            ProductSnapshot::TYPE => {
+                let snapshot: ProductSnapshot = event.payload()?;
+                storage::save_product_in(
+                    tx,
+                    &self.products,
+                    &LocalProduct {
+                        product_id: snapshot.product_id,
+                        sku: snapshot.sku,
+                        name: snapshot.name,
+                        price_cents: snapshot.price_cents,
+                        available: snapshot.available,
+                        reserved: snapshot.reserved,
+                        sequence: event.sequence as i64,
+                        changed_at: changed_at(event),
+                    },
+                )?;
             }
             ProductCreated::TYPE => {
                 let created: ProductCreated = event.payload()?;
-                storage::save_product(
+                storage::save_product_in(
                     tx,
+                    &self.products,
                     &LocalProduct {
                         product_id: created.product_id,
                         sku: created.sku,
@@ -90,7 +167,9 @@ impl Handler for LocalCopies {
             }
             ProductStockChanged::TYPE => {
                 let changed: ProductStockChanged = event.payload()?;
-                let Some(mut product) = storage::find_product(tx, &changed.product_id)? else {
+                let Some(mut product) =
+                    storage::find_product_in(tx, &self.products, &changed.product_id)?
+                else {
                     return Err(HandlerError::permanent(format!(
                         "ProductStockChanged for unknown product {}",
                         changed.product_id
@@ -100,7 +179,7 @@ impl Handler for LocalCopies {
                 product.reserved = changed.reserved;
                 product.sequence = event.sequence as i64;
                 product.changed_at = changed_at(event);
-                storage::save_product(tx, &product)?;
+                storage::save_product_in(tx, &self.products, &product)?;
             }
             _ => {}
         }
@@ -108,7 +187,10 @@ impl Handler for LocalCopies {
     }
 
     fn reset(&self, tx: &mut dyn Tx) -> Result<(), HandlerError> {
-        tx.execute_batch("DELETE FROM local_customers; DELETE FROM local_products;")?;
+        tx.execute_batch(&format!(
+            "DELETE FROM {}; DELETE FROM {};",
+            self.customers, self.products
+        ))?;
         Ok(())
     }
 }

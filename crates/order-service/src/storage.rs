@@ -2,13 +2,21 @@
 //! local copies of customers and products, orders, idempotency keys.
 
 use tandem::params;
+use tandem::rebuild::ModelTable;
 use tandem::store::{Row, StoreError, Tx};
 
 use crate::domain::{PricedLine, Status};
 
-pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
-    tx.execute_batch(
-        "CREATE TABLE IF NOT EXISTS local_customers (
+/// The local copies' tables (the read model of consumer
+/// `order-local-copies`), by their live names; a side-by-side rebuild
+/// fills a copy of each under another name (see [`tandem::rebuild`]).
+pub const LOCAL_CUSTOMERS: &str = "local_customers";
+pub const LOCAL_PRODUCTS: &str = "local_products";
+
+pub static COPY_TABLES: [ModelTable; 2] = [
+    ModelTable {
+        name: LOCAL_CUSTOMERS,
+        create: "CREATE TABLE IF NOT EXISTS {table} (
             customer_id        TEXT   PRIMARY KEY,
             name               TEXT   NOT NULL,
             email              TEXT   NOT NULL,
@@ -16,8 +24,11 @@ pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
             credit_limit_cents BIGINT NOT NULL,
             sequence           BIGINT NOT NULL,
             changed_at         TEXT   NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS local_products (
+        )",
+    },
+    ModelTable {
+        name: LOCAL_PRODUCTS,
+        create: "CREATE TABLE IF NOT EXISTS {table} (
             product_id  TEXT   PRIMARY KEY,
             sku         TEXT   NOT NULL,
             name        TEXT   NOT NULL,
@@ -26,8 +37,16 @@ pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
             reserved    BIGINT NOT NULL,
             sequence    BIGINT NOT NULL,
             changed_at  TEXT   NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS orders (
+        )",
+    },
+];
+
+pub fn install(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    for table in &COPY_TABLES {
+        tx.execute_batch(&table.create_as(table.name))?;
+    }
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS orders (
             order_id    TEXT   PRIMARY KEY,
             customer_id TEXT   NOT NULL,
             status      TEXT   NOT NULL,
@@ -77,9 +96,20 @@ pub struct LocalProduct {
 }
 
 pub fn find_customer(tx: &mut dyn Tx, id: &str) -> Result<Option<LocalCustomer>, StoreError> {
+    find_customer_in(tx, LOCAL_CUSTOMERS, id)
+}
+
+/// The copy of customer `id` in `table` (one version of the local copies).
+pub fn find_customer_in(
+    tx: &mut dyn Tx,
+    table: &str,
+    id: &str,
+) -> Result<Option<LocalCustomer>, StoreError> {
     tx.query_opt(
-        "SELECT customer_id, name, email, address, credit_limit_cents, sequence, changed_at
-         FROM local_customers WHERE customer_id = $1",
+        &format!(
+            "SELECT customer_id, name, email, address, credit_limit_cents, sequence, changed_at
+             FROM {table} WHERE customer_id = $1"
+        ),
         params![id],
     )?
     .map(|row| {
@@ -96,13 +126,21 @@ pub fn find_customer(tx: &mut dyn Tx, id: &str) -> Result<Option<LocalCustomer>,
     .transpose()
 }
 
-pub fn save_customer(tx: &mut dyn Tx, customer: &LocalCustomer) -> Result<(), StoreError> {
+pub fn save_customer_in(
+    tx: &mut dyn Tx,
+    table: &str,
+    customer: &LocalCustomer,
+) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO local_customers (customer_id, name, email, address, credit_limit_cents, sequence, changed_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (customer_id) DO UPDATE SET name = excluded.name, email = excluded.email,
-           address = excluded.address, credit_limit_cents = excluded.credit_limit_cents,
-           sequence = excluded.sequence, changed_at = excluded.changed_at",
+        &format!(
+            "INSERT INTO {table} (customer_id, name, email, address, credit_limit_cents,
+               sequence, changed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (customer_id) DO UPDATE SET name = excluded.name,
+               email = excluded.email, address = excluded.address,
+               credit_limit_cents = excluded.credit_limit_cents,
+               sequence = excluded.sequence, changed_at = excluded.changed_at"
+        ),
         params![
             &customer.customer_id,
             &customer.name,
@@ -117,9 +155,20 @@ pub fn save_customer(tx: &mut dyn Tx, customer: &LocalCustomer) -> Result<(), St
 }
 
 pub fn find_product(tx: &mut dyn Tx, id: &str) -> Result<Option<LocalProduct>, StoreError> {
+    find_product_in(tx, LOCAL_PRODUCTS, id)
+}
+
+/// The copy of product `id` in `table` (one version of the local copies).
+pub fn find_product_in(
+    tx: &mut dyn Tx,
+    table: &str,
+    id: &str,
+) -> Result<Option<LocalProduct>, StoreError> {
     tx.query_opt(
-        "SELECT product_id, sku, name, price_cents, available, reserved, sequence, changed_at
-         FROM local_products WHERE product_id = $1",
+        &format!(
+            "SELECT product_id, sku, name, price_cents, available, reserved, sequence, changed_at
+             FROM {table} WHERE product_id = $1"
+        ),
         params![id],
     )?
     .map(|row| {
@@ -137,13 +186,21 @@ pub fn find_product(tx: &mut dyn Tx, id: &str) -> Result<Option<LocalProduct>, S
     .transpose()
 }
 
-pub fn save_product(tx: &mut dyn Tx, product: &LocalProduct) -> Result<(), StoreError> {
+pub fn save_product_in(
+    tx: &mut dyn Tx,
+    table: &str,
+    product: &LocalProduct,
+) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO local_products (product_id, sku, name, price_cents, available, reserved, sequence, changed_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (product_id) DO UPDATE SET sku = excluded.sku, name = excluded.name,
-           price_cents = excluded.price_cents, available = excluded.available,
-           reserved = excluded.reserved, sequence = excluded.sequence, changed_at = excluded.changed_at",
+        &format!(
+            "INSERT INTO {table} (product_id, sku, name, price_cents, available, reserved,
+               sequence, changed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (product_id) DO UPDATE SET sku = excluded.sku, name = excluded.name,
+               price_cents = excluded.price_cents, available = excluded.available,
+               reserved = excluded.reserved, sequence = excluded.sequence,
+               changed_at = excluded.changed_at"
+        ),
         params![
             &product.product_id,
             &product.sku,

@@ -30,6 +30,7 @@ fn envelope<T: EventPayload + Serialize>(
         traceparent: None,
         correlationid: None,
         causationid: None,
+        snapshot: false,
     }
 }
 
@@ -59,7 +60,7 @@ async fn setup() -> (tempfile::TempDir, SqliteStore, Orders<SqliteStore>) {
     };
     apply(
         &store,
-        LocalCopies,
+        LocalCopies::live(),
         envelope("customer", "c1", 1, &customer),
     )
     .await;
@@ -72,7 +73,7 @@ async fn setup() -> (tempfile::TempDir, SqliteStore, Orders<SqliteStore>) {
     };
     apply(
         &store,
-        LocalCopies,
+        LocalCopies::live(),
         envelope("inventory", "p1", 1, &product),
     )
     .await;

@@ -46,14 +46,14 @@ impl StoreArgs {
 }
 
 /// A service's admin API.
-struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
     base: url::Url,
     token: String,
 }
 
 impl Api {
-    fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
+    pub(crate) fn new(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
         let base = url::Url::parse(base).with_context(|| format!("--url {base} is not a URL"))?;
         if !matches!(base.scheme(), "http" | "https") {
             bail!("--url must be http:// or https://, not {}", base.scheme());
@@ -73,7 +73,7 @@ impl Api {
         })
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -423,4 +423,153 @@ async fn bulk_over_api(api: &Api, target: &TargetArgs, action: &str) -> anyhow::
         target.consumer
     );
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct RepublishArgs {
+    /// The service that re-publishes, as `tandem up` runs it (its address
+    /// from --base-port, the token from DATA_DIR/admin-token); its
+    /// consumers' services are the other two.
+    #[arg(long, value_enum, required_unless_present = "url")]
+    service: Option<crate::serve::Service>,
+    /// The re-publishing service's base URL instead, e.g.
+    /// http://customer.internal:8081.
+    #[arg(long, conflicts_with = "service")]
+    url: Option<String>,
+    /// A service whose consumers of the re-published topic are then moved
+    /// past what the log lost (repeatable; default with --service: the
+    /// other services of `tandem up`).
+    #[arg(long = "consumers-at")]
+    consumers_at: Vec<String>,
+    /// `history` or `snapshots` [default: the kept history when the
+    /// service keeps one, else snapshots].
+    #[arg(long)]
+    mode: Option<String>,
+    /// The first port of `tandem up`'s services.
+    #[arg(long, default_value_t = 8081)]
+    base_port: u16,
+    /// The data directory of `tandem up` (for its admin token).
+    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "tandem-data")]
+    data_dir: std::path::PathBuf,
+    /// The admin token [default: DATA_DIR/admin-token].
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+/// `tandem republish`: the source re-emits its history or snapshots, then
+/// every consumer of its topic that fell behind the log's retention is
+/// moved to the log's start, so it catches up from the re-publication.
+pub async fn republish(args: RepublishArgs) -> anyhow::Result<()> {
+    let token = admin_token(args.admin_token.as_deref(), &args.data_dir)?;
+    let url_of = |service| up_url(args.base_port, service);
+    let (source, mut consumers_at) = match (args.service, &args.url) {
+        (Some(service), _) => (
+            url_of(service),
+            crate::serve::Service::ALL
+                .into_iter()
+                .filter(|other| *other != service)
+                .map(url_of)
+                .collect::<Vec<_>>(),
+        ),
+        (None, Some(url)) => (url.clone(), Vec::new()),
+        (None, None) => bail!("name the service (--service) or its URL (--url)"),
+    };
+    if !args.consumers_at.is_empty() {
+        consumers_at = args.consumers_at.clone();
+    }
+    let api = Api::new(&source, Some(&token))?;
+    let mut query = Vec::new();
+    if let Some(mode) = &args.mode {
+        query.push(("mode", mode.clone()));
+    }
+    let sent = api
+        .call(reqwest::Method::POST, "admin/republish", &query, None)
+        .await?;
+    let topics: Vec<String> = sent["topics"]
+        .as_array()
+        .map(|topics| {
+            topics
+                .iter()
+                .filter_map(|topic| topic.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "{source} re-published {} record(s) of {} from its {}",
+        sent["sent"],
+        printable::text(&topics.join(", ")),
+        printable::text(sent["mode"].as_str().unwrap_or("?"))
+    );
+    for url in consumers_at {
+        let api = Api::new(&url, Some(&token))?;
+        let report: tandem::status::ServiceReport = serde_json::from_value(
+            api.call(reqwest::Method::GET, "admin/consumers", &[], None)
+                .await?,
+        )
+        .with_context(|| format!("{url} sent a report this tandem cannot read"))?;
+        for consumer in report.consumers {
+            if !consumer.topics.iter().any(|topic| topics.contains(topic)) {
+                continue;
+            }
+            let name: String =
+                url::form_urlencoded::byte_serialize(consumer.consumer.as_bytes()).collect();
+            let moved = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("admin/consumers/{name}/skip-pruned"),
+                    &[],
+                    None,
+                )
+                .await?;
+            let skipped = moved["skipped"].as_array().cloned().unwrap_or_default();
+            if skipped.is_empty() {
+                eprintln!(
+                    "{}: not behind the log's start",
+                    printable::text(&consumer.consumer)
+                );
+            }
+            for part in skipped {
+                eprintln!(
+                    "{}: {}/{} resumes at {} (records {}..{} were pruned; the re-publication covers them)",
+                    printable::text(&consumer.consumer),
+                    printable::text(part["topic"].as_str().unwrap_or("?")),
+                    part["partition"],
+                    part["to"],
+                    part["from"],
+                    part["to"],
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The admin token given, or the one `tandem up` keeps in `data_dir`.
+pub(crate) fn admin_token(
+    given: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<String> {
+    if let Some(token) = given {
+        return Ok(token.to_owned());
+    }
+    let file = data_dir.join(crate::data_dir::ADMIN_TOKEN_FILE);
+    Ok(std::fs::read_to_string(&file)
+        .with_context(|| {
+            format!(
+                "no admin token: give --admin-token (or TANDEM_ADMIN_TOKEN), or the \
+                 --data-dir of tandem up ({} cannot be read)",
+                file.display()
+            )
+        })?
+        .trim()
+        .to_owned())
+}
+
+/// Where `tandem up` serves `service` when its first port is `base_port`.
+pub(crate) fn up_url(base_port: u16, service: crate::serve::Service) -> String {
+    let offset = crate::serve::Service::ALL
+        .iter()
+        .position(|s| *s == service)
+        .unwrap_or(0) as u16;
+    format!("http://127.0.0.1:{}", base_port + offset)
 }

@@ -17,6 +17,7 @@ pub mod data_dir;
 pub mod demo;
 pub mod events;
 pub mod printable;
+pub mod rebuild;
 pub mod serve;
 pub mod status;
 pub mod system;

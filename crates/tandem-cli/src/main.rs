@@ -6,10 +6,14 @@
 //! - `tandem console`: the operator console for services anywhere.
 //! - `tandem dead-letters ...` and `tandem replay`: operate a consumer's
 //!   dead letters and rebuild its read model, from any process.
+//! - `tandem rebuild`: a read model rebuilt beside the live one, switched
+//!   at once when level.
+//! - `tandem republish`: a service sends its history (or snapshots) again
+//!   for consumers that fell behind the log's retention.
 //!
 //! The benchmarks and the crash-test workers are in `tandem-lab`.
 
-use tandem_cli::{admin, console, demo, events, serve, status, up};
+use tandem_cli::{admin, console, demo, events, rebuild, serve, status, up};
 
 use std::process::ExitCode;
 
@@ -48,6 +52,14 @@ enum Command {
     /// Rebuild a consumer's read model from the start of the log (the
     /// running consumer carries it out while its service keeps serving).
     Replay(admin::ReplayArgs),
+    /// Rebuild a consumer's read model side by side: the new version fills
+    /// beside the live one, which keeps answering, and replaces it at once
+    /// when level; progress, ETA, cancel, or --in-place.
+    Rebuild(rebuild::RebuildArgs),
+    /// Make a service send its event history again, or a snapshot of every
+    /// aggregate, and move the consumers that fell behind the log's
+    /// retention past what it lost, so they catch up from it.
+    Republish(admin::RepublishArgs),
     /// Every service's health, each consumer's lag and dead letters, each
     /// outbox's backlog; exit 1 when anything is not ok.
     Status(status::StatusArgs),
@@ -67,6 +79,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::DeadLetters(command) => admin::dead_letters(command).await,
             Command::Replay(args) => admin::replay(args).await,
+            Command::Rebuild(args) => rebuild::run(args).await,
+            Command::Republish(args) => admin::republish(args).await,
             Command::Serve(args) => serve::run(args).await,
             Command::Events(command) => events::run(command).await,
             Command::Up(args) => up::run(args).await,

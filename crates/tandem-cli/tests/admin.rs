@@ -210,6 +210,7 @@ fn hostile_envelope() -> Vec<u8> {
         traceparent: None,
         correlationid: None,
         causationid: None,
+        snapshot: false,
     }
     .to_json()
 }

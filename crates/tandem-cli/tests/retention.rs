@@ -85,3 +85,178 @@ async fn published_rows_go_the_log_keeps_its_newest_and_the_customer_history_sta
     settles_as(&http, &order, &id, "CONFIRMED").await;
     system.stop_all().await;
 }
+
+const SECRET: &str = "republish-test-secret-0123456789";
+
+/// Whether the embedded log no longer holds the next record of some
+/// partition of `topic` for the Order Service's copies consumer.
+fn behind(data: &std::path::Path, topic: &str) -> bool {
+    let pairs = |path: &std::path::Path, sql: &str| -> Vec<(i64, i64)> {
+        let connection = rusqlite::Connection::open(path).unwrap();
+        let mut statement = connection.prepare(sql).unwrap();
+        statement
+            .query_map([topic], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let starts = pairs(
+        &data.join("bus.db"),
+        "SELECT partition, min(record_offset) FROM log_records WHERE topic = ?1 GROUP BY partition",
+    );
+    let positions = pairs(
+        &data.join("order.db"),
+        "SELECT partition, next_offset FROM tandem_consumer_positions
+         WHERE consumer = 'order-local-copies' AND topic = ?1",
+    );
+    starts.iter().any(|(partition, start)| {
+        let position = positions
+            .iter()
+            .find(|(p, _)| p == partition)
+            .map_or(0, |(_, next)| *next);
+        *start > position
+    })
+}
+
+/// The Order Service is down while customers and stock change and the
+/// log keeps only its newest records: when it comes back, its copies
+/// consumer stops with the pruned range (status error), applies nothing
+/// out of order, and `tandem republish` of the Customer Service (its kept
+/// history) and of the Inventory Service (product snapshots) brings the
+/// copies level with the owners', checked over HTTP; the system goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_behind_the_retention_is_caught_up_by_republish() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let mut system = tandem_cli::system::System::new(data, 0)
+        .unwrap()
+        .with_executable(env!("CARGO_BIN_EXE_tandem"));
+    // The log keeps 2 records a partition while the Order Service is
+    // away (the Customer and Inventory Services prune it).
+    for service in Service::ALL {
+        system.set_env(
+            service,
+            "TANDEM_ADMIN_TOKEN",
+            Some(&format!("ops:{SECRET}")),
+        );
+        system.set_env(service, "TANDEM_PRUNE_EVERY", Some("100ms"));
+    }
+    for service in [Service::Customer, Service::Inventory] {
+        system.set_env(service, "TANDEM_RETAIN_LOG_RECORDS", Some("2"));
+    }
+    system.start_all().await.expect("start the services");
+    common::seed(&system).await;
+    let http = system.http().clone();
+    let (customers, inventory, order) = (
+        url(&system, Service::Customer),
+        url(&system, Service::Inventory),
+        url(&system, Service::Order),
+    );
+    for id in CUSTOMERS {
+        common::local_customer_where(&http, &order, id, "copied", |_| true).await;
+    }
+
+    system.stop(Service::Order).await;
+    for round in 0..4 {
+        for id in CUSTOMERS {
+            common::expect(
+                http.patch(format!("{customers}/customers/{id}"))
+                    .json(&serde_json::json!({"creditLimitCents": 100_000 + round})),
+                200,
+                "raising a credit limit",
+            )
+            .await;
+        }
+        for id in PRODUCTS {
+            common::adjust_stock(&http, &inventory, id, 1).await;
+        }
+    }
+    eventually(
+        "the log dropped records the Order Service never read",
+        || async {
+            if behind(data, "customer") && behind(data, "inventory") {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        },
+    )
+    .await;
+
+    // Back to the default rule (7 days), so that what is re-published
+    // stays in the log long enough to be read.
+    for service in [Service::Customer, Service::Inventory] {
+        system.stop(service).await;
+        system.set_env(service, "TANDEM_RETAIN_LOG_RECORDS", None);
+        system.start(service).await.expect("restart");
+    }
+    let (customers, inventory) = (
+        url(&system, Service::Customer),
+        url(&system, Service::Inventory),
+    );
+    system.start(Service::Order).await.expect("restart order");
+    let order = url(&system, Service::Order);
+    let status = eventually("the copies consumer reports the pruned range", || async {
+        let reply = common::try_call(http.get(format!("{order}/status")))
+            .await
+            .map_err(|error| error.to_string())?;
+        let text = reply.body.to_string();
+        if text.contains("were pruned") || text.contains("deleted by") {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    assert!(status.contains("error"), "{status}");
+
+    let tandem = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .env("TANDEM_ADMIN_TOKEN", SECRET)
+            .output()
+            .expect("run tandem");
+        assert!(output.status.success(), "tandem {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let said = tandem(&["republish", "--url", &customers, "--consumers-at", &order]);
+    assert!(said.contains("from its history"), "{said}");
+    assert!(said.contains("order-local-copies"), "{said}");
+    let said = tandem(&["republish", "--url", &inventory, "--consumers-at", &order]);
+    assert!(said.contains("from its snapshots"), "{said}");
+
+    for id in CUSTOMERS {
+        let owner = common::customer(&http, &customers, id).await;
+        common::local_customer_where(&http, &order, id, "equal to the owner's", |copy| {
+            ["name", "email", "address", "creditLimitCents"]
+                .iter()
+                .all(|field| copy[field] == owner[field])
+        })
+        .await;
+    }
+    for id in PRODUCTS {
+        let owner = common::product(&http, &inventory, id).await;
+        common::local_product_where(&http, &order, id, "equal to the owner's", |copy| {
+            ["sku", "name", "priceCents", "available", "reserved"]
+                .iter()
+                .all(|field| copy[field] == owner[field])
+        })
+        .await;
+    }
+    // Healthy again, and the system goes on.
+    eventually("the copies consumer is healthy", || async {
+        let reply = common::try_call(http.get(format!("{order}/status")))
+            .await
+            .map_err(|error| error.to_string())?;
+        let text = reply.body.to_string();
+        if !text.contains("were pruned") && !text.contains("deleted by") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    let id = place(&http, &order, CUSTOMERS[0], &[(PRODUCTS[1], 1)]).await;
+    settles_as(&http, &order, &id, "CONFIRMED").await;
+    system.stop_all().await;
+}

@@ -58,6 +58,19 @@ pub mod customer {
         pub credit_limit_cents: Option<i64>,
     }
     contract!(CustomerUpdated, "customer");
+
+    /// A customer's whole state, sent as a snapshot event (`snapshot: true`)
+    /// by a re-publication: it replaces a copy older than its sequence.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct CustomerSnapshot {
+        pub customer_id: String,
+        pub name: String,
+        pub email: String,
+        pub address: String,
+        pub credit_limit_cents: i64,
+    }
+    contract!(CustomerSnapshot, "customer");
 }
 
 /// One product and quantity of an order.
@@ -95,6 +108,20 @@ pub mod inventory {
         pub reason: String,
     }
     contract!(ProductStockChanged, "inventory");
+
+    /// A product's whole state, sent as a snapshot event (`snapshot: true`)
+    /// by a re-publication: it replaces a copy older than its sequence.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ProductSnapshot {
+        pub product_id: String,
+        pub sku: String,
+        pub name: String,
+        pub price_cents: i64,
+        pub available: i64,
+        pub reserved: i64,
+    }
+    contract!(ProductSnapshot, "inventory");
 
     /// Every line of the order is reserved.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -182,8 +209,10 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
     vec![
         entry::<customer::CustomerCreated>(),
         entry::<customer::CustomerUpdated>(),
+        entry::<customer::CustomerSnapshot>(),
         entry::<inventory::ProductCreated>(),
         entry::<inventory::ProductStockChanged>(),
+        entry::<inventory::ProductSnapshot>(),
         entry::<inventory::StockReserved>(),
         entry::<inventory::StockReservationFailed>(),
         entry::<inventory::StockReleased>(),

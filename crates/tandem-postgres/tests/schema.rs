@@ -215,7 +215,7 @@ async fn a_schema_at_migration_2_gets_the_failure_groups_of_its_letters() {
         .await
         .unwrap();
     assert_eq!(version, POSTGRES.migrations().last().unwrap().version);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     assert_eq!(left, 0, "every letter has its group");
     assert_failure_groups_agree(&store, 50).await;
     let indexes = store

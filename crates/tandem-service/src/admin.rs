@@ -191,6 +191,9 @@ async fn authenticate(
 struct AdminState<S: Store> {
     store: S,
     reporter: Reporter<S>,
+    republisher: Arc<Republisher>,
+    /// The consumers whose read model can be rebuilt side by side.
+    rebuildable: Arc<Vec<String>>,
 }
 
 impl<S: Store> Clone for AdminState<S> {
@@ -198,8 +201,18 @@ impl<S: Store> Clone for AdminState<S> {
         Self {
             store: self.store.clone(),
             reporter: self.reporter.clone(),
+            republisher: Arc::clone(&self.republisher),
+            rebuildable: Arc::clone(&self.rebuildable),
         }
     }
+}
+
+/// What `POST /admin/republish` sends: the service's topics, and whether
+/// from its kept history or by snapshot.
+pub(crate) struct Republisher {
+    pub(crate) topics: Vec<String>,
+    pub(crate) keeps_history: bool,
+    pub(crate) snapshots: Option<Arc<dyn tandem::republish::Snapshots>>,
 }
 
 /// `router` with the admin routes, behind `tokens`.
@@ -207,6 +220,8 @@ pub(crate) fn with_admin<S: Store>(
     router: Router,
     store: S,
     reporter: Reporter<S>,
+    republisher: Republisher,
+    rebuildable: Vec<String>,
     tokens: AdminTokens,
 ) -> Router {
     let admin = Router::new()
@@ -217,10 +232,26 @@ pub(crate) fn with_admin<S: Store>(
         .route("/admin/failure-groups", get(failure_groups::<S>))
         .route("/admin/consumers", get(consumers::<S>))
         .route("/admin/consumers/{consumer}/replay", post(replay::<S>))
+        .route(
+            "/admin/consumers/{consumer}/rebuild",
+            post(rebuild::<S>)
+                .get(show_rebuild::<S>)
+                .delete(cancel_rebuild::<S>),
+        )
         .route("/admin/consumers/{consumer}/pause", post(pause::<S>))
         .route("/admin/consumers/{consumer}/resume", post(resume::<S>))
+        .route(
+            "/admin/consumers/{consumer}/skip-pruned",
+            post(skip_pruned::<S>),
+        )
+        .route("/admin/republish", post(republish::<S>))
         .route("/admin/audit", get(audit::<S>))
-        .with_state(AdminState { store, reporter })
+        .with_state(AdminState {
+            store,
+            reporter,
+            republisher: Arc::new(republisher),
+            rebuildable: Arc::new(rebuildable),
+        })
         .route_layer(axum::middleware::from_fn_with_state(tokens, authenticate));
     router.merge(admin)
 }
@@ -689,6 +720,391 @@ async fn replay<S: Store>(
     }
 }
 
+/// A side-by-side rebuild of a consumer's read model.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildView {
+    pub consumer: String,
+    /// Tells this rebuild's tables and consumer apart.
+    pub number: i64,
+    /// `building`, `cancelling`, `cancelled`, `failed` or `switched`.
+    pub state: String,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339, once it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Records the new version has consumed (while building).
+    pub events_applied: u64,
+    /// Records it has yet to consume (while building).
+    pub events_to_go: u64,
+    /// Seconds to go at the rate so far (while building).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RebuildView {
+    fn of(consumer: &str, report: tandem::rebuild::RebuildReport) -> Self {
+        Self {
+            consumer: consumer.to_owned(),
+            number: report.number,
+            state: serde_json::to_value(report.state)
+                .ok()
+                .and_then(|value| value.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            started_at: rfc3339(report.started_at_micros),
+            finished_at: report.finished_at_micros.map(rfc3339),
+            events_applied: report.events_applied,
+            events_to_go: report.events_to_go,
+            eta_seconds: report.eta_seconds,
+            error: report.error,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RebuildQuery {
+    /// `log-start`: begin at the first record the log still holds rather
+    /// than at offset 0, for a log pruned by retention, after the source
+    /// re-published snapshots (the switch waits until every aggregate the
+    /// live version has is as new in the new one).
+    pub from: Option<String>,
+}
+
+/// The consumer's topics, or 404; 409 when its model cannot be rebuilt.
+fn rebuildable<S: Store>(state: &AdminState<S>, consumer: &str) -> Result<Vec<String>, Problem> {
+    let Some(topics) = state.reporter.topics_of(consumer) else {
+        return Err(
+            Problem::not_found(format!("no consumer {consumer} in this service"))
+                .with_field("consumer"),
+        );
+    };
+    if !state.rebuildable.iter().any(|name| name == consumer) {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "not-a-read-model",
+            format!(
+                "consumer {consumer} keeps no read model that can be rebuilt side by side: \
+                 its handler's effects are the service's own state or events it publishes, \
+                 which a rebuild must not decide again (replay rebuilds in place)"
+            ),
+        )
+        .with_field("consumer"));
+    }
+    Ok(topics)
+}
+
+async fn rebuild_view<S: Store>(
+    state: &AdminState<S>,
+    consumer: &str,
+    topics: &[String],
+) -> Result<Option<RebuildView>, Problem> {
+    let bus = Arc::clone(state.reporter.bus());
+    let report = tandem::rebuild::report(&state.store, bus.as_ref(), consumer, topics)
+        .await
+        .map_err(|error| match error {
+            tandem::status::StatusError::Store(error) => store_problem(error),
+            tandem::status::StatusError::Bus(error) => {
+                Problem::unavailable(format!("the bus cannot be read now: {error}"))
+            }
+        })?;
+    Ok(report.map(|report| RebuildView::of(consumer, report)))
+}
+
+#[utoipa::path(post, path = "/admin/consumers/{consumer}/rebuild", tag = "admin",
+    params(("consumer" = String, Path, description = "the consumer's name"), RebuildQuery),
+    security(("admin_token" = [])),
+    responses(
+        (status = 202, description = "the rebuild started: the new version fills beside the live one, which keeps answering, and replaces it in one transaction once level; follow it here with GET or in /status", body = RebuildView),
+        (status = 401, description = "no admin token, or an unknown one", body = Problem),
+        (status = 404, description = "no such consumer in this service", body = Problem),
+        (status = 409, description = "the consumer is not a read model (not-a-read-model), or a rebuild of it is under way (rebuild-running)", body = Problem),
+        (status = 422, description = "from is not log-start", body = Problem),
+    ))]
+async fn rebuild<S: Store>(
+    State(state): State<AdminState<S>>,
+    Extension(actor): Extension<Actor>,
+    Path(consumer): Path<String>,
+    StrictQuery(query): StrictQuery<RebuildQuery>,
+) -> Result<(StatusCode, Json<RebuildView>), Problem> {
+    let from_log_start = match query.from.as_deref() {
+        None => false,
+        Some("log-start") => true,
+        Some(other) => {
+            return Err(Problem::invalid(
+                "from",
+                format!("from {other:?}: log-start, or leave it out for offset 0"),
+            ))
+        }
+    };
+    let topics = rebuildable(&state, &consumer)?;
+    let target = consumer.clone();
+    let outcome = state
+        .store
+        .write(move |tx| {
+            let result = tandem::rebuild::request(tx, &target, from_log_start, &actor.0);
+            let note = match &result {
+                Ok(rebuild) => format!("ok: rebuild {} requested", rebuild.number),
+                Err(error) => format!("refused: {error}"),
+            };
+            tandem::audit::record(tx, &actor.0, "consumer.rebuild", &target, &note)?;
+            Ok(result)
+        })
+        .await
+        .map_err(store_problem)?;
+    match outcome {
+        Ok(_) => {}
+        Err(error @ tandem::rebuild::RebuildError::Running { .. }) => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "rebuild-running",
+                error.to_string(),
+            ))
+        }
+        Err(tandem::rebuild::RebuildError::Store(error)) => return Err(store_problem(error)),
+        Err(error) => return Err(Problem::conflict(error.to_string())),
+    }
+    let view = rebuild_view(&state, &consumer, &topics)
+        .await?
+        .ok_or_else(|| Problem::unavailable("the rebuild just asked for is not on record"))?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+#[utoipa::path(get, path = "/admin/consumers/{consumer}/rebuild", tag = "admin",
+    params(("consumer" = String, Path, description = "the consumer's name")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "the consumer's newest rebuild: under way with its progress, or how it ended", body = RebuildView),
+        (status = 401, description = "no admin token, or an unknown one", body = Problem),
+        (status = 404, description = "no such consumer, or it was never rebuilt", body = Problem),
+        (status = 409, description = "the consumer is not a read model", body = Problem),
+    ))]
+async fn show_rebuild<S: Store>(
+    State(state): State<AdminState<S>>,
+    Path(consumer): Path<String>,
+) -> Result<Json<RebuildView>, Problem> {
+    let topics = rebuildable(&state, &consumer)?;
+    rebuild_view(&state, &consumer, &topics)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("consumer {consumer} was never rebuilt")))
+}
+
+#[utoipa::path(delete, path = "/admin/consumers/{consumer}/rebuild", tag = "admin",
+    params(("consumer" = String, Path, description = "the consumer's name")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 202, description = "the rebuild under way is cancelled: the service drops the new version; the live one is untouched", body = RebuildView),
+        (status = 401, description = "no admin token, or an unknown one", body = Problem),
+        (status = 404, description = "no such consumer, or no rebuild of it under way", body = Problem),
+        (status = 409, description = "the consumer is not a read model", body = Problem),
+    ))]
+async fn cancel_rebuild<S: Store>(
+    State(state): State<AdminState<S>>,
+    Extension(actor): Extension<Actor>,
+    Path(consumer): Path<String>,
+) -> Result<(StatusCode, Json<RebuildView>), Problem> {
+    let topics = rebuildable(&state, &consumer)?;
+    let target = consumer.clone();
+    let outcome = state
+        .store
+        .write(move |tx| {
+            let result = tandem::rebuild::cancel(tx, &target);
+            let note = match &result {
+                Ok(rebuild) => format!("ok: rebuild {} cancelled", rebuild.number),
+                Err(error) => format!("refused: {error}"),
+            };
+            tandem::audit::record(tx, &actor.0, "consumer.rebuild.cancel", &target, &note)?;
+            Ok(result)
+        })
+        .await
+        .map_err(store_problem)?;
+    match outcome {
+        Ok(_) => {}
+        Err(tandem::rebuild::RebuildError::Store(error)) => return Err(store_problem(error)),
+        Err(error) => return Err(Problem::not_found(error.to_string())),
+    }
+    let view = rebuild_view(&state, &consumer, &topics)
+        .await?
+        .ok_or_else(|| Problem::unavailable("the rebuild is not on record"))?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// What a re-publication sent.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepublishView {
+    /// `history` (the kept outbox, sent again) or `snapshots` (one
+    /// snapshot event per aggregate, at its current sequence).
+    pub mode: String,
+    pub topics: Vec<String>,
+    /// Records sent.
+    pub sent: u64,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RepublishQuery {
+    /// `history` or `snapshots`; by default the kept history when the
+    /// service keeps one, else snapshots.
+    pub mode: Option<String>,
+}
+
+#[utoipa::path(post, path = "/admin/republish", tag = "admin",
+    params(RepublishQuery),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "the service re-published: its kept event history if it keeps one, else a snapshot event of every aggregate at its current sequence. Consumers drop what they applied already and apply what is newer; nothing moves backwards and no side effect fires twice", body = RepublishView),
+        (status = 401, description = "no admin token, or an unknown one", body = Problem),
+        (status = 409, description = "the service publishes nothing, or describes no snapshots", body = Problem),
+        (status = 422, description = "mode is neither history nor snapshots", body = Problem),
+        (status = 503, description = "the bus or the database is unavailable; what was sent stays sent, and running it again is safe", body = Problem),
+    ))]
+async fn republish<S: Store>(
+    State(state): State<AdminState<S>>,
+    Extension(actor): Extension<Actor>,
+    StrictQuery(query): StrictQuery<RepublishQuery>,
+) -> Result<Json<RepublishView>, Problem> {
+    let republisher = Arc::clone(&state.republisher);
+    let bus = Arc::clone(state.reporter.bus());
+    let topics = republisher.topics.clone();
+    let history = match query.mode.as_deref() {
+        None => republisher.keeps_history,
+        Some("history") => true,
+        Some("snapshots") => false,
+        Some(other) => {
+            return Err(Problem::invalid(
+                "mode",
+                format!("mode {other:?}: history or snapshots"),
+            ))
+        }
+    };
+    let (mode, result) = if topics.is_empty() {
+        ("none", None)
+    } else if history {
+        let sent =
+            tandem::republish::history(&state.store, bus.as_ref(), &topics, 1000, |_| {}).await;
+        ("history", Some(sent))
+    } else if let Some(provider) = republisher.snapshots.clone() {
+        let sent =
+            tandem::republish::snapshots(&state.store, bus.as_ref(), provider, 500, |_| {}).await;
+        ("snapshots", Some(sent))
+    } else {
+        ("none", None)
+    };
+    let note = match &result {
+        None => "refused: nothing to re-publish from".to_owned(),
+        Some(Ok(sent)) => format!("ok: {sent} record(s) by {mode}"),
+        Some(Err(error)) => format!("failed: {error}"),
+    };
+    let target = topics.join(",");
+    let audited = state
+        .store
+        .write(move |tx| tandem::audit::record(tx, &actor.0, "service.republish", &target, &note))
+        .await;
+    if let Err(error) = audited {
+        tracing::warn!(%error, "the re-publication could not be audited");
+    }
+    match result {
+        None => Err(Problem::conflict(
+            "this service publishes nothing, or describes no snapshots of its aggregates",
+        )),
+        Some(Ok(sent)) => Ok(Json(RepublishView {
+            mode: mode.to_owned(),
+            topics,
+            sent,
+        })),
+        Some(Err(tandem::republish::RepublishError::Store(error))) => Err(store_problem(error)),
+        Some(Err(tandem::republish::RepublishError::Bus(error))) => Err(Problem::unavailable(
+            format!("re-publication stopped; running it again is safe: {error}"),
+        )),
+    }
+}
+
+/// Partitions a consumer was moved past the pruned part of the log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedView {
+    pub consumer: String,
+    pub skipped: Vec<SkippedPartition>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedPartition {
+    pub topic: String,
+    pub partition: u32,
+    /// The position before: the first record it had not applied.
+    pub from: u64,
+    /// The log's first offset, where it resumes.
+    pub to: u64,
+}
+
+#[utoipa::path(post, path = "/admin/consumers/{consumer}/skip-pruned", tag = "admin",
+    params(("consumer" = String, Path, description = "the consumer's name")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "each partition whose position was below the log's start now resumes at the start (an empty list: none was). Run it after the source re-published (tandem republish does both): the records skipped are gone from the log for good", body = SkippedView),
+        (status = 401, description = "no admin token, or an unknown one", body = Problem),
+        (status = 404, description = "no such consumer in this service", body = Problem),
+    ))]
+async fn skip_pruned<S: Store>(
+    State(state): State<AdminState<S>>,
+    Extension(actor): Extension<Actor>,
+    Path(consumer): Path<String>,
+) -> Result<Json<SkippedView>, Problem> {
+    let Some(topics) = state.reporter.topics_of(&consumer) else {
+        return Err(
+            Problem::not_found(format!("no consumer {consumer} in this service"))
+                .with_field("consumer"),
+        );
+    };
+    let bus = Arc::clone(state.reporter.bus());
+    let skipped = tandem::republish::skip_pruned(&state.store, bus.as_ref(), &consumer, &topics)
+        .await
+        .map_err(|error| match error {
+            tandem::republish::RepublishError::Store(error) => store_problem(error),
+            tandem::republish::RepublishError::Bus(error) => {
+                Problem::unavailable(format!("the bus did not say where its log starts: {error}"))
+            }
+        })?;
+    let note = if skipped.is_empty() {
+        "ok: nothing was behind the log's start".to_owned()
+    } else {
+        let parts: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("{}/{} {}..{}", s.topic, s.partition, s.from, s.to))
+            .collect();
+        format!("ok: skipped {}", parts.join(", "))
+    };
+    let target = consumer.clone();
+    state
+        .store
+        .write(move |tx| {
+            tandem::audit::record(tx, &actor.0, "consumer.skip-pruned", &target, &note)
+        })
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(SkippedView {
+        consumer,
+        skipped: skipped
+            .into_iter()
+            .map(|s| SkippedPartition {
+                topic: s.topic,
+                partition: s.partition,
+                from: s.from,
+                to: s.to,
+            })
+            .collect(),
+    }))
+}
+
 /// Whether a pause or resume changed anything.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -870,8 +1286,13 @@ async fn audit<S: Store>(
         failure_groups,
         consumers,
         replay,
+        rebuild,
+        show_rebuild,
+        cancel_rebuild,
         pause,
         resume,
+        skip_pruned,
+        republish,
         audit
     ),
     components(schemas(
@@ -880,6 +1301,10 @@ async fn audit<S: Store>(
         Selection,
         Requested,
         PauseState,
+        RepublishView,
+        RebuildView,
+        SkippedView,
+        SkippedPartition,
         FailureGroupView,
         AuditView,
         AuditPage,

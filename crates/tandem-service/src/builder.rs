@@ -80,10 +80,12 @@ pub struct Service<S: Store> {
     install: Option<Install>,
     relay: Option<RelayConfig>,
     consumers: Vec<(&'static str, ConsumerConfig, Arc<dyn Handler>)>,
+    read_models: Vec<tandem::rebuild::Rebuildable>,
     router: Router,
     admin: AdminTokens,
     retention: tandem::retention::Retention,
     keeps_history: bool,
+    snapshots: Option<Arc<dyn tandem::republish::Snapshots>>,
 }
 
 impl<S: Store> Service<S> {
@@ -97,10 +99,12 @@ impl<S: Store> Service<S> {
             install: None,
             relay: None,
             consumers: Vec::new(),
+            read_models: Vec::new(),
             router: Router::new(),
             admin: AdminTokens::none(),
             retention: tandem::retention::Retention::default(),
             keeps_history: false,
+            snapshots: None,
         }
     }
 
@@ -141,6 +145,26 @@ impl<S: Store> Service<S> {
         self
     }
 
+    /// Runs a consumer of `config.topics` that keeps the read model
+    /// `model` in its live tables (created before anything runs), and can
+    /// rebuild it side by side (`POST /admin/consumers/{name}/rebuild`,
+    /// `tandem rebuild`; see [`tandem::rebuild`]).
+    pub fn read_model<M: tandem::rebuild::ReadModel>(
+        mut self,
+        part: &'static str,
+        config: ConsumerConfig,
+        model: M,
+    ) -> Self {
+        let model: Arc<dyn tandem::rebuild::ReadModel> = Arc::new(model);
+        let handler = model.handler(&tandem::rebuild::TableNames::live(&*model));
+        self.read_models.push(tandem::rebuild::Rebuildable {
+            config: config.clone(),
+            model,
+        });
+        self.consumers.push((part, config, handler));
+        self
+    }
+
     /// Serves the router that `api` makes from the service's store (probes
     /// included: the service's router brings them).
     pub fn http(mut self, api: impl FnOnce(S) -> Router) -> Self {
@@ -170,6 +194,15 @@ impl<S: Store> Service<S> {
         self
     }
 
+    /// Describes the service's aggregates for a re-publication by
+    /// snapshot (`POST /admin/republish`, `tandem republish`; see
+    /// [`tandem::republish`]): what a service whose history is pruned
+    /// re-publishes.
+    pub fn snapshots(mut self, provider: impl tandem::republish::Snapshots) -> Self {
+        self.snapshots = Some(Arc::new(provider));
+        self
+    }
+
     /// Installs the tables, then runs every part on `listener` until
     /// `shutdown` fires or a part fails.
     pub async fn run(
@@ -184,13 +217,30 @@ impl<S: Store> Service<S> {
             install,
             relay,
             consumers,
+            read_models,
             router,
             admin,
             mut retention,
             keeps_history,
+            snapshots,
         } = self;
         if keeps_history {
             retention.outbox_age = None;
+        }
+        {
+            let models: Vec<_> = read_models.iter().map(|m| Arc::clone(&m.model)).collect();
+            store
+                .write(move |tx| {
+                    for model in &models {
+                        tandem::rebuild::install(tx, &**model)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|source| ServiceError::Setup {
+                    service: name,
+                    source,
+                })?;
         }
         if let Some(install) = install {
             store
@@ -214,7 +264,23 @@ impl<S: Store> Service<S> {
             ),
             cache: Arc::default(),
         };
-        let router = crate::admin::with_admin(router, store.clone(), reporter.clone(), admin);
+        let republisher = crate::admin::Republisher {
+            topics: relay.iter().map(|config| config.name.clone()).collect(),
+            keeps_history,
+            snapshots,
+        };
+        let rebuildable = read_models
+            .iter()
+            .map(|model| model.config.name.clone())
+            .collect();
+        let router = crate::admin::with_admin(
+            router,
+            store.clone(),
+            reporter.clone(),
+            republisher,
+            rebuildable,
+            admin,
+        );
         let router = crate::metrics::with_metrics(router, reporter);
         let mut parts: Vec<(&'static str, BoxedTask)> = Vec::new();
         {
@@ -224,6 +290,16 @@ impl<S: Store> Service<S> {
                 "pruner",
                 task(async move {
                     tandem::retention::run(store, bus, relay, retention, stop).await;
+                    Ok::<(), std::convert::Infallible>(())
+                }),
+            ));
+        }
+        if !read_models.is_empty() {
+            let (store, bus, stop) = (store.clone(), Arc::clone(&bus), shutdown.clone());
+            parts.push((
+                "rebuilder",
+                task(async move {
+                    tandem::rebuild::run(store, bus, read_models, stop).await;
                     Ok::<(), std::convert::Infallible>(())
                 }),
             ));
@@ -267,6 +343,19 @@ pub(crate) struct Reporter<S: Store> {
 
 impl<S: Store> Reporter<S> {
     /// The names of the service's consumers.
+    pub(crate) fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
+    }
+
+    /// The topics `consumer` reads; `None` when the service has no such
+    /// consumer.
+    pub(crate) fn topics_of(&self, consumer: &str) -> Option<Vec<String>> {
+        self.consumers
+            .iter()
+            .find(|(name, _)| name == consumer)
+            .map(|(_, topics)| topics.clone())
+    }
+
     pub(crate) fn consumers(&self) -> Vec<String> {
         self.consumers
             .iter()
@@ -301,6 +390,9 @@ impl<S: Store> Reporter<S> {
         }
         for consumer in &consumers {
             metrics.record_consumer(consumer);
+        }
+        for consumer in &report.consumers {
+            metrics.record_rebuild(&consumer.consumer, consumer.rebuild.as_ref());
         }
         Ok(report)
     }

@@ -1,6 +1,6 @@
 //! The wire format: CloudEvents 1.0 in JSON structured mode, with Tandem's
 //! extensions (`partitionkey`, `sequence`, `traceparent`, `correlationid`,
-//! `causationid`).
+//! `causationid`, and `snapshot` on a snapshot event).
 //!
 //! Encoding goes through [`Envelope::to_json`]; decoding through
 //! [`Envelope::decode`], which is strict (every required attribute present and
@@ -49,6 +49,11 @@ pub struct Envelope {
     pub traceparent: Option<String>,
     pub correlationid: Option<String>,
     pub causationid: Option<String>,
+    /// A snapshot event (extension attribute `snapshot: true`, written
+    /// only when set): the aggregate's whole state at `sequence`, which
+    /// replaces what a consumer holds when it is newer, even across a gap
+    /// (see [`crate::republish`]).
+    pub snapshot: bool,
 }
 
 /// Why a byte string is not a valid envelope. `field` names the attribute at
@@ -105,6 +110,7 @@ impl Envelope {
             traceparent: self.traceparent.as_deref(),
             correlationid: self.correlationid.as_deref(),
             causationid: self.causationid.as_deref(),
+            snapshot: self.snapshot,
             data: &self.data,
         };
         serde_json::to_vec(&wire).expect("an envelope always serialises")
@@ -192,6 +198,11 @@ impl Envelope {
         let traceparent = optional_string(wire.traceparent, "traceparent")?;
         let correlationid = optional_string(wire.correlationid, "correlationid")?;
         let causationid = optional_string(wire.causationid, "causationid")?;
+        let snapshot = match wire.snapshot.map(RawValue::get) {
+            None | Some("null") | Some("false") => false,
+            Some("true") => true,
+            Some(_) => return Err(DecodeError::new("snapshot", "must be true or false")),
+        };
         let data = wire
             .data
             .ok_or_else(|| DecodeError::new("data", "missing"))?;
@@ -212,6 +223,7 @@ impl Envelope {
             traceparent,
             correlationid,
             causationid,
+            snapshot,
         })
     }
 
@@ -247,6 +259,7 @@ impl Envelope {
             traceparent: wire.traceparent.map(str::to_owned),
             correlationid: wire.correlationid.map(str::to_owned),
             causationid: wire.causationid.map(str::to_owned),
+            snapshot: wire.snapshot.unwrap_or(false),
         })
     }
 
@@ -303,6 +316,7 @@ struct WireFast<'a> {
     traceparent: Option<&'a str>,
     correlationid: Option<&'a str>,
     causationid: Option<&'a str>,
+    snapshot: Option<bool>,
     data: Option<Value>,
 }
 
@@ -326,6 +340,8 @@ struct WireOut<'a> {
     correlationid: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     causationid: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    snapshot: bool,
     data: &'a Value,
 }
 
@@ -360,6 +376,8 @@ struct WireIn<'a> {
     correlationid: Option<&'a RawValue>,
     #[serde(borrow)]
     causationid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    snapshot: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
 }
@@ -433,6 +451,7 @@ mod tests {
             traceparent: None,
             correlationid: Some("c-1".into()),
             causationid: None,
+            snapshot: false,
         }
     }
 

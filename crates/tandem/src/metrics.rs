@@ -161,6 +161,8 @@ pub struct Metrics {
     pub gaps_open: Family<ConsumerLabels, Gauge>,
     pub dead_letters: Family<ConsumerErrorLabels, Gauge>,
     pub dead_letter_oldest_age: Family<ConsumerLabels, Seconds>,
+    pub rebuild_applied: Family<ConsumerLabels, Gauge>,
+    pub rebuild_to_go: Family<ConsumerLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -281,6 +283,18 @@ impl Metrics {
             "Age of the oldest parked, unresolved dead letter; 0 when none",
             dead_letter_oldest_age.clone(),
         );
+        let rebuild_applied = Family::default();
+        registry.register(
+            "tandem_rebuild_events_applied",
+            "Records the new version of a consumer's read model has consumed in its side-by-side rebuild; 0 when none is under way",
+            rebuild_applied.clone(),
+        );
+        let rebuild_to_go = Family::default();
+        registry.register(
+            "tandem_rebuild_events_remaining",
+            "Records on the bus the new version of a consumer's read model has yet to consume before it can switch; 0 when no rebuild is under way",
+            rebuild_to_go.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -305,7 +319,28 @@ impl Metrics {
             gaps_open,
             dead_letters,
             dead_letter_oldest_age,
+            rebuild_applied,
+            rebuild_to_go,
         }
+    }
+
+    /// Sets the gauges of a consumer's rebuild (both 0 when none is under
+    /// way).
+    pub fn record_rebuild(&self, consumer: &str, rebuild: Option<&crate::rebuild::RebuildReport>) {
+        let (applied, to_go) = rebuild
+            .filter(|rebuild| rebuild.state.active())
+            .map_or((0, 0), |rebuild| {
+                (rebuild.events_applied, rebuild.events_to_go)
+            });
+        let labels = ConsumerLabels {
+            consumer: consumer.to_owned(),
+        };
+        self.rebuild_applied
+            .get_or_create(&labels)
+            .set(i64::try_from(applied).unwrap_or(i64::MAX));
+        self.rebuild_to_go
+            .get_or_create(&labels)
+            .set(i64::try_from(to_go).unwrap_or(i64::MAX));
     }
 
     /// Sets the gauges of an outbox.

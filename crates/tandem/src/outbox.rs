@@ -209,6 +209,7 @@ fn envelope_of(source: &str, event: NewEvent, sequence: u64) -> Envelope {
         traceparent,
         correlationid: event.context.correlationid,
         causationid: event.context.causationid,
+        snapshot: false,
     }
 }
 

@@ -445,7 +445,8 @@ pub async fn consumer_status<S: Store>(
 
 /// The consumers a service database has a trace of, with the topics they
 /// read: the names and topics in its stored positions (a consumer that has
-/// not committed a batch yet is not there).
+/// not committed a batch yet is not there; the consumer filling a
+/// rebuild's new version is shown with the rebuild, not as a consumer).
 pub async fn known_consumers<S: Store>(
     store: &S,
 ) -> Result<Vec<(String, Vec<String>)>, StoreError> {
@@ -453,6 +454,8 @@ pub async fn known_consumers<S: Store>(
         .read(|tx| {
             let rows = tx.query(
                 "SELECT DISTINCT consumer, topic FROM tandem_consumer_positions
+                 WHERE consumer NOT IN
+                   (SELECT consumer || '-rebuild-' || number FROM tandem_rebuilds)
                  ORDER BY consumer, topic",
                 &[],
             )?;
@@ -511,6 +514,10 @@ pub struct ConsumerReport {
     /// (it fell behind the log's retention): the health is then `error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_by: Option<String>,
+    /// The consumer's newest side-by-side rebuild, under way or finished
+    /// (see [`crate::rebuild`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<crate::rebuild::RebuildReport>,
 }
 
 /// Running totals of a consumer's end-to-end delays in this process.
@@ -565,6 +572,7 @@ impl ServiceReport {
                     .collect(),
                 end_to_end: None,
                 stopped_by: status.pruned(),
+                rebuild: None,
             })
             .collect();
         let worst = consumers
@@ -607,7 +615,10 @@ pub async fn service_report<S: Store>(
             topics.clone(),
         ));
     }
-    let report = ServiceReport::new(service, outbox.as_ref(), &statuses, running);
+    let mut report = ServiceReport::new(service, outbox.as_ref(), &statuses, running);
+    for (consumer, (_, topics)) in report.consumers.iter_mut().zip(&statuses) {
+        consumer.rebuild = crate::rebuild::report(store, bus, &consumer.consumer, topics).await?;
+    }
     Ok((
         report,
         outbox,

@@ -124,6 +124,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                     traceparent: context.0,
                     correlationid: context.1,
                     causationid: context.2,
+                    snapshot: false,
                 }
             },
         )
@@ -385,6 +386,7 @@ fn an_array_of_the_attribute_values_is_not_an_envelope() {
         traceparent: None,
         correlationid: None,
         causationid: None,
+        snapshot: false,
     };
     let map = object_of(&envelope);
     let in_order = [

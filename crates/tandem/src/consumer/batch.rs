@@ -256,10 +256,14 @@ impl BatchContext {
             }
             return Ok(Step::Consumed(Outcome::duplicate));
         }
-        if Some(envelope.sequence) != state.applied.checked_add(1) {
+        // A snapshot is the aggregate's whole state at its sequence: newer
+        // than what was applied, it applies across a gap (the events it
+        // sums up need not come); older or equal, it was a duplicate above.
+        if !envelope.snapshot && Some(envelope.sequence) != state.applied.checked_add(1) {
             self.hold(tx, record, &envelope)?;
             return Ok(Step::Consumed(Outcome::held));
         }
+        let snapshot = envelope.snapshot.then_some(envelope.sequence);
         let created_micros =
             i64::try_from(envelope.time.unix_timestamp_nanos() / 1000).unwrap_or(0);
         let (source, subject) = (envelope.source.clone(), envelope.subject.clone());
@@ -279,6 +283,14 @@ impl BatchContext {
         };
         if let Err(error) = handled {
             return Ok(Step::Failed(error));
+        }
+        if let Some(sequence) = snapshot {
+            // What waited for the gap the snapshot closed is part of it.
+            tx.execute(
+                "DELETE FROM tandem_pending
+                 WHERE consumer = $1 AND source = $2 AND subject = $3 AND sequence <= $4",
+                crate::params![&self.consumer, &source, &subject, sequence],
+            )?;
         }
         self.drain_held(tx, &source, &subject, &mut state)?;
         self.save_state(tx, &source, &subject, state)?;

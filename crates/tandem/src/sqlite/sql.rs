@@ -22,7 +22,7 @@ pub struct SqliteSql;
 /// The one instance every SQLite transaction hands out.
 pub static SQLITE: SqliteSql = SqliteSql;
 
-static MIGRATIONS: [Migration; 3] = [
+static MIGRATIONS: [Migration; 4] = [
     Migration {
         version: 1,
         description: "the toolkit's tables",
@@ -38,7 +38,17 @@ static MIGRATIONS: [Migration; 3] = [
         description: "dead letters' failure groups, stored and indexed",
         apply: install_failure_groups,
     },
+    Migration {
+        version: 4,
+        description: "side-by-side rebuilds of read models",
+        apply: install_rebuilds,
+    },
 ];
+
+/// Migration 4: the rebuilds of read models (`crate::rebuild`).
+fn install_rebuilds(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    tx.execute_batch(crate::rebuild::TABLE)
+}
 
 /// Migration 3: each dead letter's failure group
 /// (`tandem::dead_letter::failure_group`) in a column of its own, so that

@@ -1,0 +1,891 @@
+//! Side-by-side rebuilds of read models: a new version of a consumer's
+//! read model fills into tables of its own while the live version keeps
+//! answering reads and applying new events; once the new version has
+//! applied everything the live one has, one transaction swaps the tables
+//! and hands the new version's positions to the consumer. Readers never
+//! see a partly built model, nor an aggregate older than they saw before.
+//!
+//! A consumer can be rebuilt this way when its handler comes from a
+//! [`ReadModel`]: the model names its tables and makes a handler for any
+//! names it is given. A rebuild ([`request`]) is a row of
+//! `tandem_rebuilds`, carried out by the running service ([`run`]):
+//!
+//! 1. **Build beside.** The model's tables are created under new names
+//!    (`{table}__r{number}`) and a second consumer, named
+//!    `{consumer}-rebuild-{number}` (its own group on the bus, its own
+//!    positions, aggregate states and dead letters), applies the log from
+//!    its start into them. The live consumer's discarded dead letters are
+//!    copied to it first, so it skips what an operator discarded.
+//! 2. **No side effects.** The rebuilding handler runs with a transaction
+//!    that refuses the outbox: an event it appends fails the event
+//!    (parked, never published). A read model reproduces state; a handler
+//!    that publishes (the Inventory Service's reservations) is not a read
+//!    model and is refused a side-by-side rebuild.
+//! 3. **Switch.** Every `check` the runner looks, in a write transaction,
+//!    whether the new version is level with the live one: at or past its
+//!    position on every partition, and every aggregate the live version
+//!    applied at least as new. Then, in that same transaction: the live
+//!    tables are dropped and the new ones renamed to the live names; the
+//!    live consumer's positions, aggregate states and held events are
+//!    replaced by the new version's; its dead letters too (parked and
+//!    discarded ones come with the new version; resolved ones stay on
+//!    record); the rebuilding consumer is paused so that no batch of it
+//!    commits again; and the live consumer's replay generation is bumped,
+//!    so every member drops what it buffered and seeks to the new
+//!    positions.
+//! 4. **Crashes and cancellation.** Everything above is in the database:
+//!    a process killed mid-rebuild resumes where its positions are when
+//!    it starts again. [`cancel`] marks the rebuild; the runner stops the
+//!    rebuilding consumer and drops its tables and bookkeeping, leaving
+//!    the live version untouched.
+//!
+//! With `from_log_start` the new version starts at the first record the
+//! log still holds instead of offset 0: for a log pruned by retention,
+//! together with a re-publication of snapshots from the source
+//! ([`crate::republish`]). Events of aggregates whose beginning was pruned
+//! wait for their snapshot, and the switch waits until every aggregate is
+//! as new as the live copy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::consumer::{Consumer, ConsumerConfig, Handler, HandlerError};
+use crate::envelope::Envelope;
+use crate::params;
+use crate::schema::now_micros;
+use crate::store::{Param, Row, Store, StoreError, Tx};
+
+/// One table of a read model.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelTable {
+    /// The live name, which readers use.
+    pub name: &'static str,
+    /// The statements that create it, with `{table}` for its name (index
+    /// names should contain `{table}` too, so each version's are its own);
+    /// `IF NOT EXISTS` throughout, so they can run again.
+    pub create: &'static str,
+}
+
+impl ModelTable {
+    /// The statements that create the table under `name`.
+    pub fn create_as(&self, name: &str) -> String {
+        self.create.replace("{table}", name)
+    }
+}
+
+/// A read model whose consumer can be rebuilt side by side.
+pub trait ReadModel: Send + Sync + 'static {
+    /// The tables the model's handler writes, by their live names.
+    fn tables(&self) -> &'static [ModelTable];
+
+    /// The handler that keeps the model in the tables `names` gives for
+    /// each live name. It must not publish events: a rebuild reproduces
+    /// state, not side effects.
+    fn handler(&self, names: &TableNames) -> Arc<dyn Handler>;
+}
+
+/// Which name each of a model's tables has in one version of the model.
+#[derive(Debug, Clone, Default)]
+pub struct TableNames {
+    names: HashMap<String, String>,
+}
+
+impl TableNames {
+    /// The live names.
+    pub fn live(model: &dyn ReadModel) -> Self {
+        Self::with_suffix(model, "")
+    }
+
+    fn with_suffix(model: &dyn ReadModel, suffix: &str) -> Self {
+        Self {
+            names: model
+                .tables()
+                .iter()
+                .map(|table| (table.name.to_owned(), format!("{}{suffix}", table.name)))
+                .collect(),
+        }
+    }
+
+    /// The name of the table whose live name is `live` (itself when the
+    /// model has no such table).
+    pub fn get<'a>(&'a self, live: &'a str) -> &'a str {
+        self.names.get(live).map_or(live, String::as_str)
+    }
+}
+
+/// Creates a model's live tables (in a service's install).
+pub fn install(tx: &mut dyn Tx, model: &dyn ReadModel) -> Result<(), StoreError> {
+    for table in model.tables() {
+        tx.execute_batch(&table.create_as(table.name))?;
+    }
+    Ok(())
+}
+
+/// Where a rebuild stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RebuildState {
+    /// The new version is filling; the live one answers.
+    Building,
+    /// Cancelled by an operator; the runner has yet to drop the new version.
+    Cancelling,
+    /// Cancelled: the new version is gone, the live one untouched.
+    Cancelled,
+    /// The new version stopped with an error (see `error`) and was dropped.
+    Failed,
+    /// The new version is live.
+    Switched,
+}
+
+impl RebuildState {
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        Ok(match text {
+            "building" => Self::Building,
+            "cancelling" => Self::Cancelling,
+            "cancelled" => Self::Cancelled,
+            "failed" => Self::Failed,
+            "switched" => Self::Switched,
+            other => {
+                return Err(StoreError::Decode(
+                    format!("unknown rebuild state {other:?}").into(),
+                ))
+            }
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Building => "building",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+            Self::Switched => "switched",
+        }
+    }
+
+    /// Still under way (building, or cancelling).
+    pub fn active(self) -> bool {
+        matches!(self, Self::Building | Self::Cancelling)
+    }
+}
+
+/// One rebuild of a consumer, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuild {
+    pub consumer: String,
+    /// Tells the rebuild's tables and consumer apart (µs since the epoch
+    /// when it was asked for).
+    pub number: i64,
+    pub state: RebuildState,
+    pub from_log_start: bool,
+    pub requested_by: String,
+    pub started_at_micros: i64,
+    pub finished_at_micros: Option<i64>,
+    pub error: Option<String>,
+}
+
+impl Rebuild {
+    /// The consumer that fills the new version (its group on the bus).
+    pub fn builder_name(&self) -> String {
+        builder_name(&self.consumer, self.number)
+    }
+
+    fn suffix(&self) -> String {
+        format!("__r{}", self.number)
+    }
+
+    fn from_row(row: &Row) -> Result<Self, StoreError> {
+        Ok(Self {
+            consumer: row.text(0)?.to_owned(),
+            number: row.i64(1)?,
+            state: RebuildState::parse(row.text(2)?)?,
+            from_log_start: row.i64(3)? != 0,
+            requested_by: row.text(4)?.to_owned(),
+            started_at_micros: row.i64(5)?,
+            finished_at_micros: row.opt_i64(6)?,
+            error: row.opt_text(7)?.map(str::to_owned),
+        })
+    }
+}
+
+fn builder_name(consumer: &str, number: i64) -> String {
+    format!("{consumer}-rebuild-{number}")
+}
+
+const COLUMNS: &str = "consumer, number, state, from_log_start, requested_by, started_at, \
+                       finished_at, error";
+
+/// The table of rebuilds (a migration of each engine).
+pub const TABLE: &str = "
+CREATE TABLE IF NOT EXISTS tandem_rebuilds (
+    consumer       TEXT   NOT NULL,
+    number         BIGINT NOT NULL,
+    state          TEXT   NOT NULL,
+    from_log_start BIGINT NOT NULL,
+    requested_by   TEXT   NOT NULL,
+    started_at     BIGINT NOT NULL,
+    finished_at    BIGINT,
+    error          TEXT,
+    PRIMARY KEY (consumer, number)
+);
+";
+
+/// Why a rebuild could not be asked for or cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("consumer {consumer} is already rebuilding (rebuild {number}, {state})")]
+    Running {
+        consumer: String,
+        number: i64,
+        state: &'static str,
+    },
+    #[error("consumer {0} has no rebuild under way")]
+    NoneRunning(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The newest rebuild of `consumer`, if it ever had one.
+pub fn latest(tx: &mut dyn Tx, consumer: &str) -> Result<Option<Rebuild>, StoreError> {
+    tx.query_opt(
+        &format!(
+            "SELECT {COLUMNS} FROM tandem_rebuilds WHERE consumer = $1
+             ORDER BY number DESC LIMIT 1"
+        ),
+        params![consumer],
+    )?
+    .map(|row| Rebuild::from_row(&row))
+    .transpose()
+}
+
+/// Every rebuild under way.
+pub fn active(tx: &mut dyn Tx) -> Result<Vec<Rebuild>, StoreError> {
+    tx.query(
+        &format!(
+            "SELECT {COLUMNS} FROM tandem_rebuilds
+             WHERE state IN ('building', 'cancelling') ORDER BY consumer"
+        ),
+        &[],
+    )?
+    .iter()
+    .map(Rebuild::from_row)
+    .collect()
+}
+
+/// Asks for a rebuild of `consumer` (carried out by the running service);
+/// refused while one is under way. The caller checks that the consumer
+/// is a read model.
+pub fn request(
+    tx: &mut dyn Tx,
+    consumer: &str,
+    from_log_start: bool,
+    actor: &str,
+) -> Result<Rebuild, RebuildError> {
+    if let Some(rebuild) = latest(tx, consumer)? {
+        if rebuild.state.active() {
+            return Err(RebuildError::Running {
+                consumer: consumer.to_owned(),
+                number: rebuild.number,
+                state: rebuild.state.as_str(),
+            });
+        }
+    }
+    let now = now_micros();
+    // Distinct from every earlier rebuild's number, even within one µs.
+    let number = match latest(tx, consumer)? {
+        Some(previous) if previous.number >= now => previous.number + 1,
+        _ => now,
+    };
+    tx.execute(
+        "INSERT INTO tandem_rebuilds (consumer, number, state, from_log_start, requested_by,
+           started_at)
+         VALUES ($1, $2, 'building', $3, $4, $5)",
+        params![consumer, number, i64::from(from_log_start), actor, now],
+    )?;
+    Ok(Rebuild {
+        consumer: consumer.to_owned(),
+        number,
+        state: RebuildState::Building,
+        from_log_start,
+        requested_by: actor.to_owned(),
+        started_at_micros: now,
+        finished_at_micros: None,
+        error: None,
+    })
+}
+
+/// Cancels the rebuild of `consumer` under way: the running service drops
+/// the new version; the live one is untouched.
+pub fn cancel(tx: &mut dyn Tx, consumer: &str) -> Result<Rebuild, RebuildError> {
+    let Some(mut rebuild) = latest(tx, consumer)?.filter(|rebuild| rebuild.state.active()) else {
+        return Err(RebuildError::NoneRunning(consumer.to_owned()));
+    };
+    tx.execute(
+        "UPDATE tandem_rebuilds SET state = 'cancelling'
+         WHERE consumer = $1 AND number = $2 AND state = 'building'",
+        params![consumer, rebuild.number],
+    )?;
+    rebuild.state = RebuildState::Cancelling;
+    Ok(rebuild)
+}
+
+/// A read model's handler running in a rebuild: the outbox is refused.
+struct WithoutSideEffects(Arc<dyn Handler>);
+
+/// Passes everything to the consumer's transaction but notes an append to
+/// the outbox.
+struct NoOutbox<'a> {
+    tx: &'a mut dyn Tx,
+    appended: bool,
+}
+
+impl Tx for NoOutbox<'_> {
+    fn engine(&self) -> &'static dyn crate::sql::EngineSql {
+        self.tx.engine()
+    }
+    fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+        self.tx.execute(sql, params)
+    }
+    fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, StoreError> {
+        self.tx.query(sql, params)
+    }
+    fn execute_batch(&mut self, sql: &str) -> Result<(), StoreError> {
+        self.tx.execute_batch(sql)
+    }
+    fn savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.tx.savepoint(name)
+    }
+    fn release_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.tx.release_savepoint(name)
+    }
+    fn rollback_to_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
+        self.tx.rollback_to_savepoint(name)
+    }
+    fn outbox_appended(&mut self) {
+        self.appended = true;
+    }
+}
+
+const PUBLISHED_IN_REBUILD: &str =
+    "the handler published an event while rebuilding a read model; a rebuild reproduces \
+     state, not side effects (the event is not published)";
+
+impl Handler for WithoutSideEffects {
+    fn handle(&self, tx: &mut dyn Tx, event: &Envelope) -> Result<(), HandlerError> {
+        let mut guarded = NoOutbox {
+            tx,
+            appended: false,
+        };
+        self.0.handle(&mut guarded, event)?;
+        if guarded.appended {
+            return Err(HandlerError::permanent(PUBLISHED_IN_REBUILD));
+        }
+        Ok(())
+    }
+
+    fn handle_batch(&self, tx: &mut dyn Tx, events: &[Envelope]) -> Result<(), HandlerError> {
+        let mut guarded = NoOutbox {
+            tx,
+            appended: false,
+        };
+        self.0.handle_batch(&mut guarded, events)?;
+        if guarded.appended {
+            return Err(HandlerError::permanent(PUBLISHED_IN_REBUILD));
+        }
+        Ok(())
+    }
+}
+
+/// Tables that hold a consumer's bookkeeping, keyed by its name.
+const BOOKKEEPING: [&str; 4] = [
+    "tandem_consumer_positions",
+    "tandem_consumer_offsets_ahead",
+    "tandem_consumer_aggregates",
+    "tandem_pending",
+];
+
+/// Creates the new version's tables and the builder's starting point.
+fn prepare(
+    tx: &mut dyn Tx,
+    rebuild: &Rebuild,
+    model: &dyn ReadModel,
+    starts: &[(String, u32, u64)],
+) -> Result<(), StoreError> {
+    let suffix = rebuild.suffix();
+    for table in model.tables() {
+        tx.execute_batch(&table.create_as(&format!("{}{suffix}", table.name)))?;
+    }
+    let builder = rebuild.builder_name();
+    let started = tx
+        .query_opt(
+            "SELECT 1 FROM tandem_consumer_generations WHERE consumer = $1",
+            params![&builder],
+        )?
+        .is_some();
+    if started {
+        return Ok(());
+    }
+    // First start: what an operator discarded stays skipped, and (from
+    // the log's start) the positions begin at the first record held.
+    tx.execute(
+        "INSERT INTO tandem_dead_letters (consumer, topic, partition, record_offset, event_id,
+           source, subject, sequence, event_type, payload, reason, error, attempts,
+           first_failed_at, last_failed_at, status, failure_group)
+         SELECT $1, topic, partition, record_offset, event_id, source, subject, sequence,
+           event_type, payload, reason, error, attempts, first_failed_at, last_failed_at,
+           status, failure_group
+         FROM tandem_dead_letters WHERE consumer = $2 AND status = 'discarded'",
+        params![&builder, &rebuild.consumer],
+    )?;
+    for (topic, partition, offset) in starts {
+        tx.execute(
+            "INSERT INTO tandem_consumer_positions (consumer, topic, partition, next_offset,
+               updated_at)
+             VALUES ($1, $2, $3, $4, $5)",
+            params![
+                &builder,
+                topic,
+                i64::from(*partition),
+                i64::try_from(*offset).unwrap_or(i64::MAX),
+                now_micros()
+            ],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO tandem_consumer_generations (consumer, generation) VALUES ($1, 0)",
+        params![&builder],
+    )?;
+    Ok(())
+}
+
+/// What a look at a building rebuild found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Still behind the live version.
+    Behind,
+    /// Level: the new version is live now.
+    Switched,
+    /// No longer building (cancelled meanwhile).
+    Gone,
+}
+
+/// Switches to the new version if it is level with the live one, in the
+/// caller's write transaction.
+pub fn try_switch(
+    tx: &mut dyn Tx,
+    rebuild: &Rebuild,
+    model: &dyn ReadModel,
+) -> Result<Look, StoreError> {
+    let building = tx
+        .query_opt(
+            "SELECT 1 FROM tandem_rebuilds
+             WHERE consumer = $1 AND number = $2 AND state = 'building'",
+            params![&rebuild.consumer, rebuild.number],
+        )?
+        .is_some();
+    if !building {
+        return Ok(Look::Gone);
+    }
+    let live = rebuild.consumer.as_str();
+    let builder = rebuild.builder_name();
+    let positions_behind = tx
+        .query_opt(
+            "SELECT COUNT(*) FROM tandem_consumer_positions l
+             WHERE l.consumer = $1
+               AND l.next_offset > COALESCE(
+                 (SELECT b.next_offset FROM tandem_consumer_positions b
+                  WHERE b.consumer = $2 AND b.topic = l.topic AND b.partition = l.partition),
+                 -1)",
+            params![live, &builder],
+        )?
+        .map_or(Ok(0), |row| row.i64(0))?;
+    if positions_behind > 0 {
+        return Ok(Look::Behind);
+    }
+    let aggregates_behind = tx
+        .query_opt(
+            "SELECT COUNT(*) FROM tandem_consumer_aggregates l
+             WHERE l.consumer = $1
+               AND l.sequence > COALESCE(
+                 (SELECT b.sequence FROM tandem_consumer_aggregates b
+                  WHERE b.subject = l.subject AND b.source = l.source AND b.consumer = $2),
+                 0)",
+            params![live, &builder],
+        )?
+        .map_or(Ok(0), |row| row.i64(0))?;
+    if aggregates_behind > 0 {
+        return Ok(Look::Behind);
+    }
+    let suffix = rebuild.suffix();
+    for table in model.tables() {
+        tx.execute_batch(&format!(
+            "DROP TABLE IF EXISTS {live_table};
+             ALTER TABLE {live_table}{suffix} RENAME TO {live_table}",
+            live_table = table.name
+        ))?;
+    }
+    for table in BOOKKEEPING {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE consumer = $1"),
+            params![live],
+        )?;
+        tx.execute(
+            &format!("UPDATE {table} SET consumer = $1 WHERE consumer = $2"),
+            params![live, &builder],
+        )?;
+    }
+    tx.execute(
+        "DELETE FROM tandem_dead_letters
+         WHERE consumer = $1 AND status IN ('parked', 'discarded')",
+        params![live],
+    )?;
+    tx.execute(
+        "UPDATE tandem_dead_letters SET consumer = $1 WHERE consumer = $2",
+        params![live, &builder],
+    )?;
+    tx.execute(
+        "DELETE FROM tandem_consumer_requests WHERE consumer = $1",
+        params![&builder],
+    )?;
+    // No batch of the builder commits after this one (each checks the
+    // pause in its transaction), wherever it runs.
+    tx.execute(
+        "INSERT INTO tandem_consumer_paused (consumer, paused_at, paused_by)
+         VALUES ($1, $2, 'rebuild') ON CONFLICT (consumer) DO NOTHING",
+        params![&builder, now_micros()],
+    )?;
+    tx.execute(
+        "INSERT INTO tandem_consumer_generations (consumer, generation)
+         VALUES ($1, 1)
+         ON CONFLICT (consumer) DO UPDATE
+         SET generation = tandem_consumer_generations.generation + 1",
+        params![live],
+    )?;
+    finish(tx, rebuild, RebuildState::Switched, None)?;
+    crate::audit::record(
+        tx,
+        &rebuild.requested_by,
+        "consumer.rebuild.switched",
+        live,
+        &format!("rebuild {} is live", rebuild.number),
+    )?;
+    Ok(Look::Switched)
+}
+
+fn finish(
+    tx: &mut dyn Tx,
+    rebuild: &Rebuild,
+    state: RebuildState,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE tandem_rebuilds SET state = $3, finished_at = $4, error = $5
+         WHERE consumer = $1 AND number = $2",
+        params![
+            &rebuild.consumer,
+            rebuild.number,
+            state.as_str(),
+            now_micros(),
+            error
+        ],
+    )?;
+    Ok(())
+}
+
+/// Drops the new version: its tables and the builder's bookkeeping (the
+/// builder must have stopped).
+fn drop_new_version(
+    tx: &mut dyn Tx,
+    rebuild: &Rebuild,
+    model: &dyn ReadModel,
+    state: RebuildState,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
+    let suffix = rebuild.suffix();
+    for table in model.tables() {
+        tx.execute_batch(&format!("DROP TABLE IF EXISTS {}{suffix}", table.name))?;
+    }
+    let builder = rebuild.builder_name();
+    for table in BOOKKEEPING.into_iter().chain([
+        "tandem_dead_letters",
+        "tandem_consumer_requests",
+        "tandem_consumer_generations",
+        "tandem_consumer_paused",
+    ]) {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE consumer = $1"),
+            params![&builder],
+        )?;
+    }
+    finish(tx, rebuild, state, error)?;
+    let (action, note) = match state {
+        RebuildState::Failed => ("consumer.rebuild.failed", error.unwrap_or("failed")),
+        _ => ("consumer.rebuild.cancelled", "the new version was dropped"),
+    };
+    crate::audit::record(tx, &rebuild.requested_by, action, &rebuild.consumer, note)?;
+    Ok(())
+}
+
+/// A consumer whose read model can be rebuilt, as the runner knows it.
+#[derive(Clone)]
+pub struct Rebuildable {
+    /// The live consumer's configuration; the builder runs with the same,
+    /// under its own name.
+    pub config: ConsumerConfig,
+    pub model: Arc<dyn ReadModel>,
+}
+
+/// A builder running in this process.
+struct Running {
+    number: i64,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), crate::consumer::ConsumerError>>,
+}
+
+/// How often the runner looks for requests and checks whether a new
+/// version is level with the live one.
+pub const CHECK_EVERY: Duration = Duration::from_millis(200);
+
+/// Carries out the rebuilds of `models` until `stop`: starts (or, after a
+/// restart, resumes) each requested rebuild's builder, switches when it is
+/// level, and drops a cancelled or failed one. Errors are logged and the
+/// work tried again at the next check.
+pub async fn run<S: Store>(
+    store: S,
+    bus: Arc<dyn Bus>,
+    models: Vec<Rebuildable>,
+    stop: CancellationToken,
+) {
+    if models.is_empty() {
+        return;
+    }
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = step(&store, &bus, &models, &mut running, &stop).await {
+            tracing::warn!(%error, "rebuild check failed; tried again shortly");
+        }
+    }
+    for (_, builder) in running.drain() {
+        builder.stop.cancel();
+        let _ = builder.task.await;
+    }
+}
+
+async fn step<S: Store>(
+    store: &S,
+    bus: &Arc<dyn Bus>,
+    models: &[Rebuildable],
+    running: &mut HashMap<String, Running>,
+    stop: &CancellationToken,
+) -> Result<(), StoreError> {
+    let rebuilds = store.read(|tx| active(tx)).await?;
+    // Builders whose rebuild is over (switched or dropped elsewhere) stop.
+    let under_way: Vec<(String, i64)> = rebuilds
+        .iter()
+        .map(|rebuild| (rebuild.consumer.clone(), rebuild.number))
+        .collect();
+    let finished: Vec<String> = running
+        .iter()
+        .filter(|(consumer, builder)| !under_way.contains(&((*consumer).clone(), builder.number)))
+        .map(|(consumer, _)| consumer.clone())
+        .collect();
+    for consumer in finished {
+        if let Some(builder) = running.remove(&consumer) {
+            builder.stop.cancel();
+            let _ = builder.task.await;
+        }
+    }
+    for rebuild in rebuilds {
+        let Some(model) = models
+            .iter()
+            .find(|model| model.config.name == rebuild.consumer)
+        else {
+            continue;
+        };
+        match rebuild.state {
+            RebuildState::Cancelling => {
+                if let Some(builder) = running.remove(&rebuild.consumer) {
+                    builder.stop.cancel();
+                    let _ = builder.task.await;
+                }
+                let (done, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
+                store
+                    .write(move |tx| {
+                        drop_new_version(tx, &done, &*model_arc, RebuildState::Cancelled, None)
+                    })
+                    .await?;
+                tracing::info!(consumer = %rebuild.consumer, number = rebuild.number, "rebuild cancelled; the new version is dropped");
+            }
+            RebuildState::Building => {
+                let ended = running
+                    .get(&rebuild.consumer)
+                    .is_some_and(|builder| builder.task.is_finished());
+                if ended {
+                    let builder = running.remove(&rebuild.consumer).expect("looked up above");
+                    let error = match builder.task.await {
+                        Ok(Ok(())) => "the rebuilding consumer stopped".to_owned(),
+                        Ok(Err(error)) => error.to_string(),
+                        Err(error) => format!("the rebuilding consumer panicked: {error}"),
+                    };
+                    tracing::error!(consumer = %rebuild.consumer, number = rebuild.number, %error, "rebuild failed; the new version is dropped");
+                    let (done, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
+                    store
+                        .write(move |tx| {
+                            drop_new_version(
+                                tx,
+                                &done,
+                                &*model_arc,
+                                RebuildState::Failed,
+                                Some(&error),
+                            )
+                        })
+                        .await?;
+                    continue;
+                }
+                if !running.contains_key(&rebuild.consumer) {
+                    let builder = start(store, bus, model, &rebuild, stop).await?;
+                    running.insert(rebuild.consumer.clone(), builder);
+                    tracing::info!(consumer = %rebuild.consumer, number = rebuild.number, "rebuilding the read model beside the live one");
+                }
+                if crate::fault::failing("rebuild.switch") {
+                    // Tests hold the new version back from the switch, to
+                    // kill the process in the middle of a rebuild.
+                    continue;
+                }
+                let (look_at, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
+                let look = store
+                    .write(move |tx| try_switch(tx, &look_at, &*model_arc))
+                    .await?;
+                if look != Look::Behind {
+                    if let Some(builder) = running.remove(&rebuild.consumer) {
+                        builder.stop.cancel();
+                        let _ = builder.task.await;
+                    }
+                }
+                if look == Look::Switched {
+                    tracing::info!(consumer = %rebuild.consumer, number = rebuild.number, "rebuild switched: the new version is live");
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Prepares the new version (once) and starts its builder.
+async fn start<S: Store>(
+    store: &S,
+    bus: &Arc<dyn Bus>,
+    model: &Rebuildable,
+    rebuild: &Rebuild,
+    stop: &CancellationToken,
+) -> Result<Running, StoreError> {
+    let mut starts = Vec::new();
+    if rebuild.from_log_start {
+        for topic in &model.config.topics {
+            let offsets = bus
+                .start_offsets(topic)
+                .await
+                .map_err(|error| StoreError::Engine(format!("{error}").into()))?;
+            starts.extend(
+                offsets
+                    .into_iter()
+                    .map(|(partition, offset)| (topic.clone(), partition, offset)),
+            );
+        }
+    }
+    let (prepared, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
+    store
+        .write(move |tx| prepare(tx, &prepared, &*model_arc, &starts))
+        .await?;
+    let names = TableNames::with_suffix(&*model.model, &rebuild.suffix());
+    let handler: Arc<dyn Handler> = Arc::new(WithoutSideEffects(model.model.handler(&names)));
+    let mut config = model.config.clone();
+    config.name = rebuild.builder_name();
+    if rebuild.from_log_start {
+        // Events of aggregates whose start was pruned wait for their
+        // snapshot from a re-publication rather than being parked.
+        config.gap_timeout = config.gap_timeout.max(Duration::from_secs(3600));
+    }
+    let consumer = Consumer::new(store.clone(), Arc::clone(bus), handler, config);
+    let builder_stop = stop.child_token();
+    let token = builder_stop.clone();
+    let task = tokio::spawn(async move { consumer.run(token).await });
+    Ok(Running {
+        number: rebuild.number,
+        stop: builder_stop,
+        task,
+    })
+}
+
+/// A consumer's newest rebuild as `tandem status` and `/status` show it:
+/// where it stands and, while it builds, its progress.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildReport {
+    pub number: i64,
+    pub state: RebuildState,
+    pub started_at_micros: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_micros: Option<i64>,
+    /// Records the new version has consumed so far (while building).
+    pub events_applied: u64,
+    /// Records on the bus it has yet to consume (while building).
+    pub events_to_go: u64,
+    /// At the rate so far, seconds until it is level with the head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The newest rebuild of `consumer` (reading `topics`) with its progress;
+/// `None` when it never had one.
+pub async fn report<S: Store>(
+    store: &S,
+    bus: &dyn Bus,
+    consumer: &str,
+    topics: &[String],
+) -> Result<Option<RebuildReport>, crate::status::StatusError> {
+    let name = consumer.to_owned();
+    let Some(rebuild) = store.read(move |tx| latest(tx, &name)).await? else {
+        return Ok(None);
+    };
+    let (mut applied, mut to_go) = (0_u64, 0_u64);
+    if rebuild.state.active() {
+        let positions = crate::consumer::positions(store, &rebuild.builder_name()).await?;
+        for topic in topics {
+            for (partition, end) in bus.end_offsets(topic).await? {
+                let position = positions
+                    .get(&crate::bus::TopicPartition::new(topic.clone(), partition))
+                    .copied()
+                    .unwrap_or(0);
+                applied += position.min(end);
+                to_go += end.saturating_sub(position);
+            }
+        }
+    }
+    let elapsed = (now_micros() - rebuild.started_at_micros).max(1) as f64 / 1e6;
+    let rate = applied as f64 / elapsed;
+    let eta_seconds = (rebuild.state.active() && rate > 0.0).then(|| to_go as f64 / rate);
+    Ok(Some(RebuildReport {
+        number: rebuild.number,
+        state: rebuild.state,
+        started_at_micros: rebuild.started_at_micros,
+        finished_at_micros: rebuild.finished_at_micros,
+        events_applied: applied,
+        events_to_go: to_go,
+        eta_seconds,
+        error: rebuild.error,
+    }))
+}
