@@ -292,14 +292,21 @@ impl Inner {
         Ok(())
     }
 
-    /// Creates the topic's stream if it does not exist yet.
-    pub(crate) async fn ensure_stream(&self, topic: &str) -> Result<(), BusError> {
-        if self
-            .ensured
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains(topic)
-        {
+    /// Creates the topic's stream if it does not exist yet. A publisher
+    /// (`publisher`) also brings an existing stream's retention (age,
+    /// size, count) to this bus's rule, so a changed rule takes effect
+    /// when the publishing service restarts; a subscriber leaves it.
+    pub(crate) async fn ensure_stream(&self, topic: &str, publisher: bool) -> Result<(), BusError> {
+        // A stream a subscriber saw may still need a publisher's rule.
+        let published = format!("{topic}\u{0}published");
+        let ensured = {
+            let ensured = self
+                .ensured
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            ensured.contains(&published) || (!publisher && ensured.contains(topic))
+        };
+        if ensured {
             return Ok(());
         }
         let config = stream::Config {
@@ -326,14 +333,47 @@ impl Inner {
             discard: stream::DiscardPolicy::Old,
             ..Default::default()
         };
-        self.jetstream
-            .get_or_create_stream(config)
+        let stream = self
+            .jetstream
+            .get_or_create_stream(config.clone())
             .await
             .map_err(|error| self.error(&format!("stream for topic {topic}"), error))?;
-        self.ensured
+        let current = &stream.cached_info().config;
+        let differs = current.max_age != config.max_age
+            || current.max_bytes != config.max_bytes
+            || current.max_messages != config.max_messages;
+        if publisher && differs {
+            let updated = stream::Config {
+                max_age: config.max_age,
+                max_bytes: config.max_bytes,
+                max_messages: config.max_messages,
+                duplicate_window: if config.max_age.is_zero() {
+                    current.duplicate_window
+                } else {
+                    current.duplicate_window.min(config.max_age)
+                },
+                ..current.clone()
+            };
+            self.jetstream
+                .update_stream(updated)
+                .await
+                .map_err(|error| self.error(&format!("retention of topic {topic}"), error))?;
+            tracing::info!(
+                topic,
+                max_age_s = config.max_age.as_secs(),
+                max_bytes = config.max_bytes,
+                max_messages = config.max_messages,
+                "the stream's retention changed to this bus's rule"
+            );
+        }
+        let mut ensured = self
+            .ensured
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(topic.to_owned());
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ensured.insert(topic.to_owned());
+        if publisher {
+            ensured.insert(published);
+        }
         Ok(())
     }
 
@@ -363,10 +403,12 @@ impl Inner {
     }
 
     pub(crate) fn forget_stream(&self, topic: &str) {
-        self.ensured
+        let mut ensured = self
+            .ensured
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(topic);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        ensured.remove(topic);
+        ensured.remove(&format!("{topic}\u{0}published"));
     }
 
     /// The durable pull consumer's configuration for `group` on `topic`.
@@ -593,7 +635,7 @@ impl Bus for NatsBus {
             }
         }
         for topic in &topics {
-            self.inner.ensure_stream(topic).await?;
+            self.inner.ensure_stream(topic, true).await?;
         }
         let mut acks = Vec::with_capacity(records.len());
         for record in records {
@@ -648,7 +690,7 @@ impl Bus for NatsBus {
         }
         for topic in topics {
             Inner::check_topic(topic)?;
-            self.inner.ensure_stream(topic).await?;
+            self.inner.ensure_stream(topic, false).await?;
         }
         let mut subscription =
             NatsSubscription::new(Arc::clone(&self.inner), group, topics.to_vec());

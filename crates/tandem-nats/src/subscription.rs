@@ -111,7 +111,7 @@ struct PumpContext {
 
 impl PumpContext {
     async fn stream(&self) -> Result<NatsStream, BusError> {
-        self.inner.ensure_stream(&self.topic).await?;
+        self.inner.ensure_stream(&self.topic, false).await?;
         self.inner
             .jetstream
             .get_stream_no_info(&self.stream)

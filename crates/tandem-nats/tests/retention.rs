@@ -89,3 +89,39 @@ async fn a_consumer_behind_the_retention_stops_and_skips_nothing() {
     )
     .await;
 }
+
+/// A changed rule reaches a stream that exists when its publisher starts
+/// with it; a subscriber with another rule leaves the stream as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_brings_an_existing_stream_to_its_rule() {
+    let prefix = unique_prefix();
+    let record = || OutgoingRecord {
+        topic: TOPIC.into(),
+        key: "k".into(),
+        payload: b"x".to_vec(),
+    };
+    let first = connect(&prefix, "&retain_log_records=900").await;
+    let namespace = Namespace(first.clone());
+    first.publish(&[record()]).await.unwrap();
+    let jetstream = async_nats::jetstream::new(first.client().clone());
+    let max_messages = || async {
+        let mut stream = jetstream
+            .get_stream(first.stream_name(TOPIC))
+            .await
+            .unwrap();
+        stream.info().await.unwrap().config.max_messages
+    };
+    assert_eq!(max_messages().await, 900);
+
+    let subscriber = connect(&prefix, "&retain_log_records=5").await;
+    let _subscription = subscriber
+        .subscribe("readers", &[TOPIC.to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(max_messages().await, 900, "a subscriber changed the rule");
+
+    let publisher = connect(&prefix, "&retain_log_records=5").await;
+    publisher.publish(&[record()]).await.unwrap();
+    assert_eq!(max_messages().await, 5, "the publisher's rule");
+    drop(namespace);
+}
