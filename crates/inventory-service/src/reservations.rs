@@ -28,7 +28,7 @@ use tandem::outbox;
 use tandem::store::Tx;
 use tandem::{EventPayload, Handler, HandlerError};
 use tandem_contracts::inventory::{StockReleased, StockReservationFailed, StockReserved};
-use tandem_contracts::order::{OrderCancelled, OrderPlaced};
+use tandem_contracts::order::{OrderCancelled, OrderPlaced, OrderSnapshot};
 use tandem_contracts::{topics, OrderLine};
 
 use crate::app::{now, save_stock_change, AppError};
@@ -56,6 +56,34 @@ impl Handler for Reservations {
             place(tx, &event.payload::<OrderPlaced>()?)
         } else if event.event_type == OrderCancelled::TYPE {
             cancel(tx, &event.payload::<OrderCancelled>()?)
+        } else if event.event_type == OrderSnapshot::TYPE {
+            // A re-published order this service missed events of (the
+            // toolkit hands it over only when it is newer than what was
+            // applied): a pending order still needs its answer, a
+            // cancelled one its stock back; a decided one was answered.
+            let snapshot: OrderSnapshot = event.payload()?;
+            match snapshot.status.as_str() {
+                "PENDING" => place(
+                    tx,
+                    &OrderPlaced {
+                        order_id: snapshot.order_id,
+                        customer_id: snapshot.customer_id,
+                        lines: snapshot.lines,
+                        total_cents: snapshot.total_cents,
+                    },
+                ),
+                "CANCELLED" => cancel(
+                    tx,
+                    &OrderCancelled {
+                        order_id: snapshot.order_id,
+                    },
+                ),
+                "CONFIRMED" | "REJECTED" => Ok(()),
+                other => Err(HandlerError::permanent(format!(
+                    "OrderSnapshot of {} has an unknown status {other:?}",
+                    snapshot.order_id
+                ))),
+            }
         } else {
             Ok(())
         }

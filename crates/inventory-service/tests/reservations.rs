@@ -18,7 +18,9 @@ use tandem::{Envelope, EventPayload};
 use tandem_contracts::inventory::{
     ProductStockChanged, StockReleased, StockReservationFailed, StockReserved,
 };
-use tandem_contracts::order::{OrderCancelled, OrderConfirmed, OrderPlaced, PricedLine};
+use tandem_contracts::order::{
+    OrderCancelled, OrderConfirmed, OrderPlaced, OrderSnapshot, PricedLine,
+};
 use tandem_contracts::{topics, OrderLine};
 use tandem_testkit::{eventually, open_log};
 use tokio_util::sync::CancellationToken;
@@ -113,6 +115,32 @@ fn order_record<T: EventPayload>(order_id: &str, sequence: u64, payload: &T) -> 
         T::SCHEMA,
         serde_json::to_value(payload).unwrap(),
     )
+}
+
+/// A snapshot event (`snapshot: true`) of order `order_id` at `sequence`,
+/// as a re-publication by the Order Service sends it.
+fn snapshot_record(
+    order_id: &str,
+    sequence: u64,
+    status: &str,
+    lines: &[(&str, i64)],
+) -> OutgoingRecord {
+    let payload = OrderSnapshot {
+        order_id: order_id.into(),
+        customer_id: "c1".into(),
+        status: status.into(),
+        lines: placed(order_id, lines).lines,
+        total_cents: 0,
+        reason: None,
+    };
+    let mut envelope =
+        Envelope::decode(&order_record(order_id, sequence, &payload).payload).unwrap();
+    envelope.snapshot = true;
+    OutgoingRecord {
+        topic: topics::ORDER.into(),
+        key: order_id.into(),
+        payload: envelope.to_json(),
+    }
 }
 
 fn order_record_raw(
@@ -646,5 +674,54 @@ async fn unreadable_order_events_are_parked_and_others_ignored() {
         }
     })
     .await;
+    system.stop().await;
+}
+
+/// A re-publication by snapshot: an order the service answered is not
+/// answered again (its snapshot at the same sequence is a duplicate, a
+/// newer CONFIRMED one changes nothing); a pending order it never saw is
+/// answered once, even when its snapshot comes twice; a CANCELLED
+/// snapshot of a reserved order gives the stock back.
+#[tokio::test]
+async fn order_snapshots_answer_what_was_missed_and_nothing_twice() {
+    let mut system = start().await;
+    system.api.create("apple", 10).await;
+    system
+        .bus
+        .publish(&[order_record("seen", 1, &placed("seen", &[("apple", 2)]))])
+        .await
+        .unwrap();
+    system.settle().await;
+    one(system.feed.of(StockReserved::TYPE, "seen"), "StockReserved");
+
+    system
+        .bus
+        .publish(&[
+            snapshot_record("seen", 1, "PENDING", &[("apple", 2)]),
+            snapshot_record("seen", 2, "CONFIRMED", &[("apple", 2)]),
+            snapshot_record("missed", 4, "PENDING", &[("apple", 3)]),
+            snapshot_record("missed", 4, "PENDING", &[("apple", 3)]),
+        ])
+        .await
+        .unwrap();
+    system.settle().await;
+    one(system.feed.of(StockReserved::TYPE, "seen"), "StockReserved");
+    one(
+        system.feed.of(StockReserved::TYPE, "missed"),
+        "StockReserved",
+    );
+    assert_eq!(system.api.stock("apple").await, (5, 5));
+
+    system
+        .bus
+        .publish(&[snapshot_record("missed", 6, "CANCELLED", &[("apple", 3)])])
+        .await
+        .unwrap();
+    system.settle().await;
+    one(
+        system.feed.of(StockReleased::TYPE, "missed"),
+        "StockReleased",
+    );
+    assert_eq!(system.api.stock("apple").await, (8, 2));
     system.stop().await;
 }

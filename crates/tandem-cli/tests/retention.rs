@@ -348,3 +348,67 @@ async fn catch_up_by_republish(system: &mut tandem_cli::system::System) {
     })
     .await;
 }
+
+/// The Order Service re-publishes a snapshot of every order: the
+/// Inventory Service, which answered them all, reserves nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_snapshots_reserve_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut system = tandem_cli::system::System::new(dir.path(), 0)
+        .unwrap()
+        .with_executable(env!("CARGO_BIN_EXE_tandem"));
+    for service in Service::ALL {
+        system.set_env(
+            service,
+            "TANDEM_ADMIN_TOKEN",
+            Some(&format!("ops:{SECRET}")),
+        );
+    }
+    system.start_all().await.expect("start the services");
+    common::seed(&system).await;
+    let http = system.http().clone();
+    let (inventory, order) = (
+        url(&system, Service::Inventory),
+        url(&system, Service::Order),
+    );
+    for n in 0..3 {
+        let id = place(&http, &order, CUSTOMERS[n], &[(PRODUCTS[0], 1)]).await;
+        settles_as(&http, &order, &id, "CONFIRMED").await;
+    }
+    let before = common::product(&http, &inventory, PRODUCTS[0]).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["republish", "--url", &order, "--mode", "snapshots"])
+        .args(["--consumers-at", &inventory])
+        .env("TANDEM_ADMIN_TOKEN", SECRET)
+        .output()
+        .expect("run tandem");
+    assert!(output.status.success(), "{output:?}");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("re-published 3 record(s)"), "{said}");
+    // Once the reservations consumer has read them, the stock is as it was.
+    eventually("the snapshots are consumed", || async {
+        let reply = common::try_call(http.get(format!("{inventory}/status")))
+            .await
+            .map_err(|error| error.to_string())?;
+        let lag = reply.body["consumers"]
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|c| c["consumer"] == "inventory-reservations")
+            })
+            .map(|c| c["lagEvents"].clone());
+        if lag == Some(serde_json::json!(0)) {
+            Ok(())
+        } else {
+            Err(format!("{lag:?}"))
+        }
+    })
+    .await;
+    let after = common::product(&http, &inventory, PRODUCTS[0]).await;
+    assert_eq!(
+        (&before["available"], &before["reserved"]),
+        (&after["available"], &after["reserved"]),
+        "stock moved: {before} -> {after}"
+    );
+    system.stop_all().await;
+}

@@ -195,6 +195,23 @@ pub mod order {
         pub order_id: String,
     }
     contract!(OrderCancelled, "order");
+
+    /// An order's whole state, sent as a snapshot event (`snapshot: true`)
+    /// by a re-publication of the Order Service: what a consumer that
+    /// missed the order's events needs to act on it now.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct OrderSnapshot {
+        pub order_id: String,
+        pub customer_id: String,
+        /// `PENDING`, `CONFIRMED`, `REJECTED` or `CANCELLED`.
+        pub status: String,
+        pub lines: Vec<PricedLine>,
+        pub total_cents: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+    }
+    contract!(OrderSnapshot, "order");
 }
 
 /// Every contract's event type and its JSON Schema, as the Rust types
@@ -220,5 +237,6 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
         entry::<order::OrderConfirmed>(),
         entry::<order::OrderRejected>(),
         entry::<order::OrderCancelled>(),
+        entry::<order::OrderSnapshot>(),
     ]
 }
