@@ -282,11 +282,11 @@ async fn on_nats_and_postgres_a_consumer_behind_the_retention_is_caught_up_by_re
 async fn catch_up_by_republish(system: &mut tandem_cli::system::System) {
     let http = system.http().clone();
     let (customers, inventory) = (
-        url(&system, Service::Customer),
-        url(&system, Service::Inventory),
+        url(system, Service::Customer),
+        url(system, Service::Inventory),
     );
     system.start(Service::Order).await.expect("restart order");
-    let order = url(&system, Service::Order);
+    let order = url(system, Service::Order);
     let status = eventually("the copies consumer reports the pruned range", || async {
         let reply = common::try_call(http.get(format!("{order}/status")))
             .await
@@ -371,8 +371,8 @@ async fn order_snapshots_reserve_nothing_twice() {
         url(&system, Service::Inventory),
         url(&system, Service::Order),
     );
-    for n in 0..3 {
-        let id = place(&http, &order, CUSTOMERS[n], &[(PRODUCTS[0], 1)]).await;
+    for customer in CUSTOMERS {
+        let id = place(&http, &order, customer, &[(PRODUCTS[0], 1)]).await;
         settles_as(&http, &order, &id, "CONFIRMED").await;
     }
     let before = common::product(&http, &inventory, PRODUCTS[0]).await;
