@@ -235,6 +235,39 @@ fn render(reports: &[ServiceReport]) -> String {
     let mut text = table(&services);
     text.push('\n');
     text.push_str(&table(&consumers));
+    // Rebuilds under way, with their progress.
+    let mut rebuilds = vec![[
+        "REBUILDING".to_owned(),
+        "SERVICE".to_owned(),
+        "STATE".to_owned(),
+        "EVENTS APPLIED".to_owned(),
+        "TO GO".to_owned(),
+        "ETA".to_owned(),
+    ]];
+    for report in reports {
+        for consumer in &report.consumers {
+            let Some(rebuild) = consumer.rebuild.as_ref().filter(|r| r.state.active()) else {
+                continue;
+            };
+            rebuilds.push([
+                consumer.consumer.clone(),
+                report.service.clone(),
+                serde_json::to_value(rebuild.state)
+                    .ok()
+                    .and_then(|state| state.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                rebuild.events_applied.to_string(),
+                rebuild.events_to_go.to_string(),
+                rebuild
+                    .eta_seconds
+                    .map_or_else(|| "-".to_owned(), |eta| format!("{eta:.0}s")),
+            ]);
+        }
+    }
+    if rebuilds.len() > 1 {
+        text.push('\n');
+        text.push_str(&table(&rebuilds));
+    }
     text
 }
 

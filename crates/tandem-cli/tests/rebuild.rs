@@ -475,6 +475,19 @@ async fn refusals_and_cancellation() {
         }
     })
     .await;
+    // `tandem status` shows the rebuild under way with its progress.
+    let output = tandem(&["status", "--url", &order]);
+    let table = String::from_utf8_lossy(&output.stdout);
+    let line = table
+        .lines()
+        .skip_while(|line| !line.starts_with("REBUILDING"))
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.starts_with("order-local-copies") && line.contains("building"),
+        "{table}"
+    );
     let output = tandem(&[
         "rebuild",
         "--url",
