@@ -43,6 +43,6 @@ pub fn service<S: Store>(store: S, bus: Arc<dyn Bus>) -> Service<S> {
         // that lost the log. (Inventory and orders, many and short-lived,
         // keep a day.)
         .keep_event_history()
-        .snapshots(storage::Snapshots)
+        .snapshots(storage::snapshots())
         .http(|store| http::router(app::Customers::new(store)))
 }

@@ -102,34 +102,25 @@ pub fn update(
 
 /// The snapshot of every customer, for a re-publication
 /// ([`tandem::republish`]): its whole state as a `CustomerSnapshot`.
-pub struct Snapshots;
-
-impl tandem::republish::Snapshots for Snapshots {
-    fn topics(&self) -> Vec<String> {
-        vec![tandem_contracts::topics::CUSTOMER.to_owned()]
-    }
-
-    fn page(
-        &self,
-        tx: &mut dyn Tx,
-        _topic: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<tandem::outbox::NewEvent>, StoreError> {
-        page(tx, after, u32::try_from(limit).unwrap_or(u32::MAX))?
-            .into_iter()
-            .map(|customer| {
-                tandem::outbox::NewEvent::new(
-                    customer.id.as_str(),
-                    &tandem_contracts::customer::CustomerSnapshot {
-                        customer_id: customer.id.as_str().to_owned(),
-                        name: customer.name.as_str().to_owned(),
-                        email: customer.email.as_str().to_owned(),
-                        address: customer.address.as_str().to_owned(),
-                        credit_limit_cents: customer.credit_limit.cents(),
-                    },
-                )
-            })
-            .collect()
-    }
+pub fn snapshots() -> impl tandem::republish::Snapshots {
+    tandem::republish::Pages::new(
+        tandem_contracts::topics::CUSTOMER,
+        |tx: &mut dyn Tx, after: Option<&str>, limit: u32| {
+            page(tx, after, limit)?
+                .into_iter()
+                .map(|customer| {
+                    tandem::outbox::NewEvent::new(
+                        customer.id.as_str(),
+                        &tandem_contracts::customer::CustomerSnapshot {
+                            customer_id: customer.id.as_str().to_owned(),
+                            name: customer.name.as_str().to_owned(),
+                            email: customer.email.as_str().to_owned(),
+                            address: customer.address.as_str().to_owned(),
+                            credit_limit_cents: customer.credit_limit.cents(),
+                        },
+                    )
+                })
+                .collect()
+        },
+    )
 }

@@ -54,6 +54,6 @@ pub fn service<S: Store>(store: S, bus: Arc<dyn Bus>) -> Service<S> {
         .install(storage::install)
         .relay(topics::INVENTORY)
         .consumer("reservations consumer", orders, reservations::Reservations)
-        .snapshots(storage::Snapshots)
+        .snapshots(storage::snapshots())
         .http(|store| http::router(app::Products::new(store)))
 }

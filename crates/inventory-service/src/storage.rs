@@ -301,35 +301,26 @@ pub fn stock_violations(tx: &mut dyn Tx) -> Result<Vec<String>, StoreError> {
 /// ([`tandem::republish`]): its whole state as a `ProductSnapshot`.
 /// Reservations (subject: an order id) have none: an order's answer is
 /// an event the Order Service acts on once, not state to copy.
-pub struct Snapshots;
-
-impl tandem::republish::Snapshots for Snapshots {
-    fn topics(&self) -> Vec<String> {
-        vec![tandem_contracts::topics::INVENTORY.to_owned()]
-    }
-
-    fn page(
-        &self,
-        tx: &mut dyn Tx,
-        _topic: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<tandem::outbox::NewEvent>, StoreError> {
-        page(tx, after, u32::try_from(limit).unwrap_or(u32::MAX))?
-            .into_iter()
-            .map(|product| {
-                tandem::outbox::NewEvent::new(
-                    product.id.as_str(),
-                    &tandem_contracts::inventory::ProductSnapshot {
-                        product_id: product.id.as_str().to_owned(),
-                        sku: product.sku.as_str().to_owned(),
-                        name: product.name.as_str().to_owned(),
-                        price_cents: product.price.cents(),
-                        available: product.available,
-                        reserved: product.reserved,
-                    },
-                )
-            })
-            .collect()
-    }
+pub fn snapshots() -> impl tandem::republish::Snapshots {
+    tandem::republish::Pages::new(
+        tandem_contracts::topics::INVENTORY,
+        |tx: &mut dyn Tx, after: Option<&str>, limit: u32| {
+            page(tx, after, limit)?
+                .into_iter()
+                .map(|product| {
+                    tandem::outbox::NewEvent::new(
+                        product.id.as_str(),
+                        &tandem_contracts::inventory::ProductSnapshot {
+                            product_id: product.id.as_str().to_owned(),
+                            sku: product.sku.as_str().to_owned(),
+                            name: product.name.as_str().to_owned(),
+                            price_cents: product.price.cents(),
+                            available: product.available,
+                            reserved: product.reserved,
+                        },
+                    )
+                })
+                .collect()
+        },
+    )
 }

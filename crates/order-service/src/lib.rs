@@ -47,7 +47,7 @@ pub fn service<S: Store>(store: S, bus: Arc<dyn Bus>) -> Service<S> {
     Service::new("order", store, bus)
         .install(storage::install)
         .relay(topics::ORDER)
-        .snapshots(storage::Snapshots)
+        .snapshots(storage::snapshots())
         .read_model("local copies", copies, handlers::Copies)
         .consumer("settlement", settlement, handlers::Settlement)
         .http(|store| http::router(app::Orders::new(store)))

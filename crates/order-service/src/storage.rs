@@ -439,43 +439,34 @@ pub fn page_orders(
 
 /// The Order Service's orders as snapshot events (`OrderSnapshot`), for a
 /// re-publication when its outbox no longer holds their history.
-pub struct Snapshots;
-
-impl tandem::republish::Snapshots for Snapshots {
-    fn topics(&self) -> Vec<String> {
-        vec![tandem_contracts::topics::ORDER.to_owned()]
-    }
-
-    fn page(
-        &self,
-        tx: &mut dyn Tx,
-        _topic: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<tandem::outbox::NewEvent>, StoreError> {
-        page_orders(tx, after, u32::try_from(limit).unwrap_or(u32::MAX))?
-            .into_iter()
-            .map(|order| {
-                tandem::outbox::NewEvent::new(
-                    &order.order_id,
-                    &tandem_contracts::order::OrderSnapshot {
-                        order_id: order.order_id.clone(),
-                        customer_id: order.customer_id,
-                        status: order.status.as_str().to_owned(),
-                        lines: order
-                            .lines
-                            .into_iter()
-                            .map(|line| tandem_contracts::order::PricedLine {
-                                product_id: line.product_id,
-                                quantity: line.quantity,
-                                unit_price_cents: line.unit_price_cents,
-                            })
-                            .collect(),
-                        total_cents: order.total_cents,
-                        reason: order.reason,
-                    },
-                )
-            })
-            .collect()
-    }
+pub fn snapshots() -> impl tandem::republish::Snapshots {
+    tandem::republish::Pages::new(
+        tandem_contracts::topics::ORDER,
+        |tx: &mut dyn Tx, after: Option<&str>, limit: u32| {
+            page_orders(tx, after, limit)?
+                .into_iter()
+                .map(|order| {
+                    tandem::outbox::NewEvent::new(
+                        &order.order_id,
+                        &tandem_contracts::order::OrderSnapshot {
+                            order_id: order.order_id.clone(),
+                            customer_id: order.customer_id,
+                            status: order.status.as_str().to_owned(),
+                            lines: order
+                                .lines
+                                .into_iter()
+                                .map(|line| tandem_contracts::order::PricedLine {
+                                    product_id: line.product_id,
+                                    quantity: line.quantity,
+                                    unit_price_cents: line.unit_price_cents,
+                                })
+                                .collect(),
+                            total_cents: order.total_cents,
+                            reason: order.reason,
+                        },
+                    )
+                })
+                .collect()
+        },
+    )
 }

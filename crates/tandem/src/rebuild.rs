@@ -400,14 +400,6 @@ impl Handler for WithoutSideEffects {
     }
 }
 
-/// Tables that hold a consumer's bookkeeping, keyed by its name.
-const BOOKKEEPING: [&str; 4] = [
-    "tandem_consumer_positions",
-    "tandem_consumer_offsets_ahead",
-    "tandem_consumer_aggregates",
-    "tandem_pending",
-];
-
 /// Creates the new version's tables and the builder's starting point.
 fn prepare(
     tx: &mut dyn Tx,
@@ -528,7 +520,7 @@ pub fn try_switch(
             live_table = table.name
         ))?;
     }
-    for table in BOOKKEEPING {
+    for table in crate::consumer::STATE_TABLES {
         tx.execute(
             &format!("DELETE FROM {table} WHERE consumer = $1"),
             params![live],
@@ -558,13 +550,7 @@ pub fn try_switch(
          VALUES ($1, $2, 'rebuild') ON CONFLICT (consumer) DO NOTHING",
         params![&builder, now_micros()],
     )?;
-    tx.execute(
-        "INSERT INTO tandem_consumer_generations (consumer, generation)
-         VALUES ($1, 1)
-         ON CONFLICT (consumer) DO UPDATE
-         SET generation = tandem_consumer_generations.generation + 1",
-        params![live],
-    )?;
+    crate::consumer::bump_generation(tx, live)?;
     finish(tx, rebuild, RebuildState::Switched, None)?;
     crate::audit::record(
         tx,
@@ -610,7 +596,7 @@ fn drop_new_version(
         tx.execute_batch(&format!("DROP TABLE IF EXISTS {}{suffix}", table.name))?;
     }
     let builder = rebuild.builder_name();
-    for table in BOOKKEEPING.into_iter().chain([
+    for table in crate::consumer::STATE_TABLES.into_iter().chain([
         "tandem_dead_letters",
         "tandem_consumer_requests",
         "tandem_consumer_generations",

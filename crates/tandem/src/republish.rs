@@ -63,6 +63,51 @@ pub trait Snapshots: Send + Sync + 'static {
     ) -> Result<Vec<NewEvent>, StoreError>;
 }
 
+/// [`Snapshots`] of one topic, from a function that reads a page of its
+/// aggregates: `page(tx, after, limit)`, the snapshot events of up to
+/// `limit` aggregates whose id sorts after `after`, in id order.
+pub struct Pages<F> {
+    topic: String,
+    page: F,
+}
+
+impl<F> Pages<F>
+where
+    F: Fn(&mut dyn Tx, Option<&str>, u32) -> Result<Vec<NewEvent>, StoreError>
+        + Send
+        + Sync
+        + 'static,
+{
+    pub fn new(topic: &str, page: F) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            page,
+        }
+    }
+}
+
+impl<F> Snapshots for Pages<F>
+where
+    F: Fn(&mut dyn Tx, Option<&str>, u32) -> Result<Vec<NewEvent>, StoreError>
+        + Send
+        + Sync
+        + 'static,
+{
+    fn topics(&self) -> Vec<String> {
+        vec![self.topic.clone()]
+    }
+
+    fn page(
+        &self,
+        tx: &mut dyn Tx,
+        _topic: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<NewEvent>, StoreError> {
+        (self.page)(tx, after, u32::try_from(limit).unwrap_or(u32::MAX))
+    }
+}
+
 /// How many records a re-publication sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 pub use crate::backoff::jitter;
 pub use handler::{Handler, HandlerError};
 pub use positions::positions;
+pub(crate) use positions::{bump_generation, STATE_TABLES};
 
 use crate::bus::{Bus, BusError, TopicPartition};
 use crate::store::{Store, StoreError};

@@ -198,3 +198,27 @@ pub(super) fn read_positions(
     }
     Ok(positions)
 }
+
+/// The tables that hold a consumer's own progress, keyed by its name: its
+/// positions, the ranges applied ahead of them, its aggregates' sequences
+/// and its held events. A replay empties them; a rebuild's switch hands
+/// the new version's to the live consumer.
+pub(crate) const STATE_TABLES: [&str; 4] = [
+    "tandem_consumer_positions",
+    "tandem_consumer_offsets_ahead",
+    "tandem_consumer_aggregates",
+    "tandem_pending",
+];
+
+/// Bumps `consumer`'s replay generation: every member sees it in its next
+/// batch, drops what it buffered and seeks to the stored positions.
+pub(crate) fn bump_generation(tx: &mut dyn Tx, consumer: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO tandem_consumer_generations (consumer, generation)
+         VALUES ($1, 1)
+         ON CONFLICT (consumer) DO UPDATE
+         SET generation = tandem_consumer_generations.generation + 1",
+        params![consumer],
+    )?;
+    Ok(())
+}

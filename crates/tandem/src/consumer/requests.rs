@@ -255,12 +255,7 @@ fn reset_for_replay(
     handler
         .reset(tx)
         .map_err(|error| StoreError::Engine(format!("read model reset failed: {error}").into()))?;
-    for table in [
-        "tandem_consumer_positions",
-        "tandem_consumer_offsets_ahead",
-        "tandem_consumer_aggregates",
-        "tandem_pending",
-    ] {
+    for table in super::positions::STATE_TABLES {
         tx.execute(
             &format!("DELETE FROM {table} WHERE consumer = $1"),
             params![consumer],
@@ -276,14 +271,7 @@ fn reset_for_replay(
     )?;
     // Every member sees the new generation in its
     // next batch and seeks again before applying.
-    tx.execute(
-        "INSERT INTO tandem_consumer_generations (consumer, generation)
-         VALUES ($1, 1)
-         ON CONFLICT (consumer) DO UPDATE
-         SET generation = tandem_consumer_generations.generation + 1",
-        params![consumer],
-    )?;
-    Ok(())
+    super::positions::bump_generation(tx, consumer)
 }
 
 /// What a redrive or discard request does to each parked letter it names.
