@@ -157,20 +157,7 @@ async fn a_consumer_behind_the_retention_is_caught_up_by_republish() {
     }
 
     system.stop(Service::Order).await;
-    for round in 0..4 {
-        for id in CUSTOMERS {
-            common::expect(
-                http.patch(format!("{customers}/customers/{id}"))
-                    .json(&serde_json::json!({"creditLimitCents": 100_000 + round})),
-                200,
-                "raising a credit limit",
-            )
-            .await;
-        }
-        for id in PRODUCTS {
-            common::adjust_stock(&http, &inventory, id, 1).await;
-        }
-    }
+    change_customers_and_stock(&http, &customers, &inventory).await;
     eventually(
         "the log dropped records the Order Service never read",
         || async {
@@ -185,16 +172,7 @@ async fn a_consumer_behind_the_retention_is_caught_up_by_republish() {
 
     // Back to the default rule (7 days), so that what is re-published
     // stays in the log long enough to be read.
-    for service in [Service::Customer, Service::Inventory] {
-        system.stop(service).await;
-        system.set_env(service, "TANDEM_RETAIN_LOG_RECORDS", None);
-        system.start(service).await.expect("restart");
-    }
-    catch_up_by_republish(&mut system).await;
-    let order = url(&system, Service::Order);
-    let id = place(&http, &order, CUSTOMERS[0], &[(PRODUCTS[1], 1)]).await;
-    settles_as(&http, &order, &id, "CONFIRMED").await;
-    system.stop_all().await;
+    catch_up_by_republish(system, "TANDEM_RETAIN_LOG_RECORDS").await;
 }
 
 /// The same on NATS JetStream and PostgreSQL: the streams are created
@@ -242,20 +220,7 @@ async fn behind_the_retention_then_republish(bus: String) {
             );
         }
     }
-    for round in 0..4 {
-        for id in CUSTOMERS {
-            common::expect(
-                http.patch(format!("{customers}/customers/{id}"))
-                    .json(&serde_json::json!({"creditLimitCents": 100_000 + round})),
-                200,
-                "raising a credit limit",
-            )
-            .await;
-        }
-        for id in PRODUCTS {
-            common::adjust_stock(&http, &inventory, id, 1).await;
-        }
-    }
+    change_customers_and_stock(&http, &customers, &inventory).await;
     // The Order Service had read everything up to these ends; once a
     // partition of each topic starts past its end, it missed records.
     let probe = tandem_engines::open_bus(&bus).await.expect("open the bus");
@@ -281,24 +246,43 @@ async fn behind_the_retention_then_republish(bus: String) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-    for service in [Service::Customer, Service::Inventory] {
-        system.stop(service).await;
-        system.set_env(service, "TANDEM_RETAIN_LOG", None);
-        system.start(service).await.expect("restart");
+    catch_up_by_republish(system, "TANDEM_RETAIN_LOG").await;
+}
+
+/// Four rounds of changes to every customer and product while the Order
+/// Service is away.
+async fn change_customers_and_stock(http: &reqwest::Client, customers: &str, inventory: &str) {
+    for round in 0..4 {
+        for id in CUSTOMERS {
+            common::expect(
+                http.patch(format!("{customers}/customers/{id}"))
+                    .json(&serde_json::json!({"creditLimitCents": 100_000 + round})),
+                200,
+                "raising a credit limit",
+            )
+            .await;
+        }
+        for id in PRODUCTS {
+            common::adjust_stock(http, inventory, id, 1).await;
+        }
     }
-    catch_up_by_republish(&mut system).await;
-    let order = url(&system, Service::Order);
-    let id = place(&http, &order, CUSTOMERS[0], &[(PRODUCTS[1], 1)]).await;
-    settles_as(&http, &order, &id, "CONFIRMED").await;
-    system.stop_all().await;
 }
 
 /// Restarts the Order Service after the log dropped what it had not read:
 /// its copies consumer stops with the pruned range (status error), and
 /// `tandem republish` of the Customer Service (its kept history) and of
 /// the Inventory Service (product snapshots) brings the copies level with
-/// the owners', checked over HTTP, and the consumer healthy again.
-async fn catch_up_by_republish(system: &mut tandem_cli::system::System) {
+/// the owners', checked over HTTP, and the consumer healthy again; an
+/// order placed then confirms. First the Customer and Inventory Services
+/// restart without the short retention rule `short_rule`, so that what
+/// is re-published stays in the log long enough to be read.
+async fn catch_up_by_republish(mut system: tandem_cli::system::System, short_rule: &str) {
+    for service in [Service::Customer, Service::Inventory] {
+        system.stop(service).await;
+        system.set_env(service, short_rule, None);
+        system.start(service).await.expect("restart");
+    }
+    let system = &mut system;
     let http = system.http().clone();
     let (customers, inventory) = (
         url(system, Service::Customer),
@@ -366,6 +350,9 @@ async fn catch_up_by_republish(system: &mut tandem_cli::system::System) {
         }
     })
     .await;
+    let id = place(&http, &order, CUSTOMERS[0], &[(PRODUCTS[1], 1)]).await;
+    settles_as(&http, &order, &id, "CONFIRMED").await;
+    system.stop_all().await;
 }
 
 /// The Order Service re-publishes a snapshot of every order: the
