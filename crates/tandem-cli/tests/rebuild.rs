@@ -39,6 +39,19 @@ fn tandem(args: &[&str]) -> std::process::Output {
         .expect("run tandem")
 }
 
+/// `tandem rebuild` of the Order Service's copies at `order`, with `more`.
+fn rebuild_copies(order: &str, more: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "rebuild",
+        "--url",
+        order,
+        "--consumer",
+        "order-local-copies",
+    ];
+    args.extend_from_slice(more);
+    tandem(&args)
+}
+
 fn with_token(system: &mut System) {
     for service in Service::ALL {
         system.set_env(
@@ -158,7 +171,27 @@ async fn rebuild_state(http: &reqwest::Client, order: &str) -> Result<Value, Str
     }
 }
 
-async fn rebuild_under_steady_writes(mut system: System, kill: bool) {
+/// How the Order Service is killed -9 in the middle of the rebuild (if at
+/// all), and how long it stays down before it restarts.
+#[derive(Clone, Copy)]
+enum Kill {
+    No,
+    RestartAfter(Duration),
+}
+
+/// On Kafka the killed service restarts once its members' sessions have
+/// expired: tansu 0.6 can strand a group's partitions with a member that
+/// joins while a killed one's session is still open (seen with the
+/// Order Service's settlement group as well as the rebuild's), which is
+/// the broker's fault, not what this test is about.
+const KAFKA_SESSION_OVER: Duration = Duration::from_secs(50);
+
+async fn rebuild_under_steady_writes(mut system: System, kill: Kill) {
+    let kill_after = match kill {
+        Kill::No => None,
+        Kill::RestartAfter(pause) => Some(pause),
+    };
+    let kill = kill_after.is_some();
     with_token(&mut system);
     if kill {
         system.set_env(Service::Order, "TANDEM_FAULT", Some("rebuild.switch"));
@@ -209,14 +242,7 @@ async fn rebuild_under_steady_writes(mut system: System, kill: bool) {
         Arc::clone(&stop),
     ));
 
-    let output = tandem(&[
-        "rebuild",
-        "--url",
-        &order,
-        "--consumer",
-        "order-local-copies",
-        "--no-wait",
-    ]);
+    let output = rebuild_copies(&order, &["--no-wait"]);
     assert!(output.status.success(), "tandem rebuild: {output:?}");
     let said = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(said.contains("started"), "{said}");
@@ -237,6 +263,7 @@ async fn rebuild_under_steady_writes(mut system: System, kill: bool) {
             .kill(Service::Order)
             .await
             .expect("kill -9 the order service");
+        tokio::time::sleep(kill_after.unwrap_or_default()).await;
         system.set_env(Service::Order, "TANDEM_FAULT", None);
         system.start(Service::Order).await.expect("restart it");
         *order_base.lock().unwrap() = url(&system, Service::Order);
@@ -341,7 +368,7 @@ async fn embedded_rebuild_under_steady_writes_never_goes_back() {
     let system = System::new(dir.path(), 0)
         .unwrap()
         .with_executable(env!("CARGO_BIN_EXE_tandem"));
-    rebuild_under_steady_writes(system, false).await;
+    rebuild_under_steady_writes(system, Kill::No).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +377,7 @@ async fn embedded_rebuild_killed_in_the_middle_resumes() {
     let system = System::new(dir.path(), 0)
         .unwrap()
         .with_executable(env!("CARGO_BIN_EXE_tandem"));
-    rebuild_under_steady_writes(system, true).await;
+    rebuild_under_steady_writes(system, Kill::RestartAfter(Duration::ZERO)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,7 +385,7 @@ async fn nats_postgres_rebuild_under_steady_writes_never_goes_back() {
     let dir = tempfile::tempdir().unwrap();
     let (dbs, _guards) = databases();
     let system = system_on(dir.path(), namespaced(&nats()), &dbs).await;
-    rebuild_under_steady_writes(system, false).await;
+    rebuild_under_steady_writes(system, Kill::No).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,7 +393,7 @@ async fn nats_postgres_rebuild_killed_in_the_middle_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let (dbs, _guards) = databases();
     let system = system_on(dir.path(), namespaced(&nats()), &dbs).await;
-    rebuild_under_steady_writes(system, true).await;
+    rebuild_under_steady_writes(system, Kill::RestartAfter(Duration::ZERO)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,7 +401,7 @@ async fn kafka_postgres_rebuild_under_steady_writes_never_goes_back() {
     let dir = tempfile::tempdir().unwrap();
     let (dbs, _guards) = databases();
     let system = system_on(dir.path(), namespaced(&kafka()), &dbs).await;
-    rebuild_under_steady_writes(system, false).await;
+    rebuild_under_steady_writes(system, Kill::No).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,7 +409,7 @@ async fn kafka_postgres_rebuild_killed_in_the_middle_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let (dbs, _guards) = databases();
     let system = system_on(dir.path(), namespaced(&kafka()), &dbs).await;
-    rebuild_under_steady_writes(system, true).await;
+    rebuild_under_steady_writes(system, Kill::RestartAfter(KAFKA_SESSION_OVER)).await;
 }
 
 /// A consumer that publishes is refused, a cancelled rebuild leaves the
@@ -448,14 +475,7 @@ async fn refusals_and_cancellation() {
         "the copy before",
     )
     .await;
-    let output = tandem(&[
-        "rebuild",
-        "--url",
-        &order,
-        "--consumer",
-        "order-local-copies",
-        "--no-wait",
-    ]);
+    let output = rebuild_copies(&order, &["--no-wait"]);
     assert!(output.status.success(), "{output:?}");
     let again = try_call(
         http.post(format!(
@@ -488,14 +508,7 @@ async fn refusals_and_cancellation() {
         line.starts_with("order-local-copies") && line.contains("building"),
         "{table}"
     );
-    let output = tandem(&[
-        "rebuild",
-        "--url",
-        &order,
-        "--consumer",
-        "order-local-copies",
-        "--cancel",
-    ]);
+    let output = rebuild_copies(&order, &["--cancel"]);
     assert!(output.status.success(), "{output:?}");
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(said.contains("cancelled"), "{said}");
