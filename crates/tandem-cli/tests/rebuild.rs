@@ -495,6 +495,23 @@ async fn refusals_and_cancellation() {
         }
     })
     .await;
+    // The gauges, read by an outside parser, show its progress.
+    let gauge = |metrics: &[tandem_testkit::exposition::Series], family: &str| {
+        metrics
+            .iter()
+            .find(|one| one.family == family && one.label("consumer") == Some("order-local-copies"))
+            .and_then(|one| one.value)
+    };
+    let metrics = common::scrape(&http, &order).await;
+    assert!(
+        gauge(&metrics, "tandem_rebuild_events_applied") > Some(0.0),
+        "{:?}",
+        gauge(&metrics, "tandem_rebuild_events_applied")
+    );
+    assert_eq!(
+        gauge(&metrics, "tandem_rebuild_events_remaining"),
+        Some(0.0)
+    );
     // `tandem status` shows the rebuild under way with its progress.
     let output = tandem(&["status", "--url", &order]);
     let table = String::from_utf8_lossy(&output.stdout);
@@ -514,6 +531,8 @@ async fn refusals_and_cancellation() {
     assert!(said.contains("cancelled"), "{said}");
     let state = rebuild_state(&http, &order).await.unwrap();
     assert_eq!(state["state"], "cancelled", "{state}");
+    let metrics = common::scrape(&http, &order).await;
+    assert_eq!(gauge(&metrics, "tandem_rebuild_events_applied"), Some(0.0));
     let after = common::expect(
         http.get(format!("{order}/customers/{}", common::CUSTOMERS[0])),
         200,
