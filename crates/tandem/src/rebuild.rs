@@ -716,12 +716,23 @@ async fn step<S: Store>(
                 let ended = running
                     .get(&rebuild.consumer)
                     .is_some_and(|builder| builder.task.is_finished());
-                if ended {
+                // A builder behind the log's start waits for an operator
+                // like any consumer; a rebuild fails instead, saying so.
+                let behind = running
+                    .contains_key(&rebuild.consumer)
+                    .then(|| crate::metrics::fell_behind(&rebuild.builder_name()))
+                    .flatten();
+                if ended || behind.is_some() {
                     let builder = running.remove(&rebuild.consumer).expect("looked up above");
-                    let error = match builder.task.await {
-                        Ok(Ok(())) => "the rebuilding consumer stopped".to_owned(),
-                        Ok(Err(error)) => error.to_string(),
-                        Err(error) => format!("the rebuilding consumer panicked: {error}"),
+                    builder.stop.cancel();
+                    let error = match (behind, builder.task.await) {
+                        (Some(cause), _) => format!(
+                            "{cause}; re-publish the sources (tandem republish) and rebuild \
+                             from the log's start"
+                        ),
+                        (None, Ok(Ok(()))) => "the rebuilding consumer stopped".to_owned(),
+                        (None, Ok(Err(error))) => error.to_string(),
+                        (None, Err(error)) => format!("the rebuilding consumer panicked: {error}"),
                     };
                     tracing::error!(consumer = %rebuild.consumer, number = rebuild.number, %error, "rebuild failed; the new version is dropped");
                     let (done, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
