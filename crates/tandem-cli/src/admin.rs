@@ -445,23 +445,16 @@ pub struct RepublishArgs {
     /// service keeps one, else snapshots].
     #[arg(long)]
     mode: Option<String>,
-    /// The first port of `tandem up`'s services.
-    #[arg(long, default_value_t = 8081)]
-    base_port: u16,
-    /// The data directory of `tandem up` (for its admin token).
-    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "tandem-data")]
-    data_dir: std::path::PathBuf,
-    /// The admin token [default: DATA_DIR/admin-token].
-    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    #[command(flatten)]
+    up: UpAccess,
 }
 
 /// `tandem republish`: the source re-emits its history or snapshots, then
 /// every consumer of its topic that fell behind the log's retention is
 /// moved to the log's start, so it catches up from the re-publication.
 pub async fn republish(args: RepublishArgs) -> anyhow::Result<()> {
-    let token = admin_token(args.admin_token.as_deref(), &args.data_dir)?;
-    let url_of = |service| up_url(args.base_port, service);
+    let token = args.up.token()?;
+    let url_of = |service| args.up.url(service);
     let (source, mut consumers_at) = match (args.service, &args.url) {
         (Some(service), _) => (
             url_of(service),
@@ -544,32 +537,47 @@ pub async fn republish(args: RepublishArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The admin token given, or the one `tandem up` keeps in `data_dir`.
-pub(crate) fn admin_token(
-    given: Option<&str>,
-    data_dir: &std::path::Path,
-) -> anyhow::Result<String> {
-    if let Some(token) = given {
-        return Ok(token.to_owned());
-    }
-    let file = data_dir.join(crate::data_dir::ADMIN_TOKEN_FILE);
-    Ok(std::fs::read_to_string(&file)
-        .with_context(|| {
-            format!(
-                "no admin token: give --admin-token (or TANDEM_ADMIN_TOKEN), or the \
-                 --data-dir of tandem up ({} cannot be read)",
-                file.display()
-            )
-        })?
-        .trim()
-        .to_owned())
+/// How a command reaches the services of `tandem up` on this machine:
+/// their ports and the admin token it keeps.
+#[derive(Debug, Args)]
+pub struct UpAccess {
+    /// The first port of `tandem up`'s services.
+    #[arg(long, default_value_t = 8081)]
+    base_port: u16,
+    /// The data directory of `tandem up` (for its admin token).
+    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "tandem-data")]
+    data_dir: std::path::PathBuf,
+    /// The admin token [default: DATA_DIR/admin-token].
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
-/// Where `tandem up` serves `service` when its first port is `base_port`.
-pub(crate) fn up_url(base_port: u16, service: crate::serve::Service) -> String {
-    let offset = crate::serve::Service::ALL
-        .iter()
-        .position(|s| *s == service)
-        .unwrap_or(0) as u16;
-    format!("http://127.0.0.1:{}", base_port + offset)
+impl UpAccess {
+    /// The admin token given, or the one `tandem up` keeps in its data
+    /// directory.
+    pub(crate) fn token(&self) -> anyhow::Result<String> {
+        if let Some(token) = &self.admin_token {
+            return Ok(token.clone());
+        }
+        let file = self.data_dir.join(crate::data_dir::ADMIN_TOKEN_FILE);
+        Ok(std::fs::read_to_string(&file)
+            .with_context(|| {
+                format!(
+                    "no admin token: give --admin-token (or TANDEM_ADMIN_TOKEN), or the \
+                     --data-dir of tandem up ({} cannot be read)",
+                    file.display()
+                )
+            })?
+            .trim()
+            .to_owned())
+    }
+
+    /// Where `tandem up` serves `service`.
+    pub(crate) fn url(&self, service: crate::serve::Service) -> String {
+        let offset = crate::serve::Service::ALL
+            .iter()
+            .position(|s| *s == service)
+            .unwrap_or(0) as u16;
+        format!("http://127.0.0.1:{}", self.base_port + offset)
+    }
 }

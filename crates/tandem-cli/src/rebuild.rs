@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 
-use crate::admin::{admin_token, up_url, Api};
+use crate::admin::Api;
 use crate::printable;
 
 #[derive(Debug, Args)]
@@ -41,24 +41,17 @@ pub struct RebuildArgs {
     /// Return once the rebuild is asked for, without following it.
     #[arg(long)]
     no_wait: bool,
-    /// The first port of `tandem up`'s services.
-    #[arg(long, default_value_t = 8081)]
-    base_port: u16,
-    /// The data directory of `tandem up` (for its admin token).
-    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "tandem-data")]
-    data_dir: std::path::PathBuf,
-    /// The admin token [default: DATA_DIR/admin-token].
-    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    #[command(flatten)]
+    up: crate::admin::UpAccess,
 }
 
 /// How often the progress is read.
 const POLL: Duration = Duration::from_millis(250);
 
 pub async fn run(args: RebuildArgs) -> anyhow::Result<()> {
-    let token = admin_token(args.admin_token.as_deref(), &args.data_dir)?;
+    let token = args.up.token()?;
     let base = match (args.service, &args.url) {
-        (Some(service), _) => up_url(args.base_port, service),
+        (Some(service), _) => args.up.url(service),
         (None, Some(url)) => url.clone(),
         (None, None) => bail!("name the service (--service) or its URL (--url)"),
     };

@@ -252,10 +252,7 @@ fn render(reports: &[ServiceReport]) -> String {
             rebuilds.push([
                 consumer.consumer.clone(),
                 report.service.clone(),
-                serde_json::to_value(rebuild.state)
-                    .ok()
-                    .and_then(|state| state.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                rebuild.state.as_str().to_owned(),
                 rebuild.events_applied.to_string(),
                 rebuild.events_to_go.to_string(),
                 rebuild

@@ -73,10 +73,11 @@ impl State {
             // member read them. Say so rather than skip them; nothing of
             // this partition is handed out past the hole.
             if self.pruned.is_none() {
-                self.pruned = Some(format!(
-                    "records {expected}..{offset} of {}/{partition} were deleted by the topic's \
-                     retention before this consumer read them",
-                    key.0
+                self.pruned = Some(tandem::bus::pruned_range(
+                    &key.0,
+                    partition as u32,
+                    *expected as u64,
+                    offset as u64,
                 ));
             }
             return;
@@ -297,17 +298,14 @@ impl Inner {
         }
         // A position below the log's start: retention deleted what this
         // member has not read. Say so with the range (a fetch from there
-        // would fail with `auto.offset.reset=error`, or, on a broker that
-        // serves the next record instead, show a hole in the offsets).
+        // would be reset to the oldest record, a hole in the offsets).
         if let Ok((low, _)) = self
             .consumer
             .fetch_watermarks(topic, partition, SEEK_TIMEOUT)
         {
             if offset < low {
-                let why = format!(
-                    "records {offset}..{low} of {topic}/{partition} were deleted by the topic's \
-                     retention before this consumer read them"
-                );
+                let why =
+                    tandem::bus::pruned_range(topic, partition as u32, offset as u64, low as u64);
                 lock(&self.state).pruned.get_or_insert(why.clone());
                 return Err(BusError::Pruned(why.into()));
             }

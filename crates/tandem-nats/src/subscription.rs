@@ -545,14 +545,7 @@ impl Subscription for NatsSubscription {
         // start at the first message still there.
         let start = self.inner.start_offset(&partition.topic).await?;
         if offset < start {
-            return Err(BusError::Pruned(
-                format!(
-                    "records {offset}..{start} of {}/0 were deleted by the stream's retention \
-                     before this consumer read them",
-                    partition.topic
-                )
-                .into(),
-            ));
+            return Err(BusError::pruned(&partition.topic, 0, offset, start));
         }
         let stream = self.context(index).stream().await?;
         // What this member acked itself counts even before the server's

@@ -751,10 +751,7 @@ impl RebuildView {
         Self {
             consumer: consumer.to_owned(),
             number: report.number,
-            state: serde_json::to_value(report.state)
-                .ok()
-                .and_then(|value| value.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            state: report.state.as_str().to_owned(),
             started_at: rfc3339(report.started_at_micros),
             finished_at: report.finished_at_micros.map(rfc3339),
             events_applied: report.events_applied,

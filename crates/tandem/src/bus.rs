@@ -89,7 +89,24 @@ impl std::error::Error for BusError {
     }
 }
 
+/// What a consumer is told when records `from..to` of `topic/partition`
+/// that it has not applied were deleted by the log's retention: one
+/// wording on every engine, and in `tandem status`.
+pub fn pruned_range(topic: &str, partition: u32, from: u64, to: u64) -> String {
+    format!(
+        "records {from}..{to} of {topic}/{partition} were pruned by the log's retention \
+         before this consumer applied them; the source must publish them again \
+         (tandem republish)"
+    )
+}
+
 impl BusError {
+    /// [`BusError::Pruned`] for records `from..to` of `topic/partition`
+    /// (see [`pruned_range`]).
+    pub fn pruned(topic: &str, partition: u32, from: u64, to: u64) -> Self {
+        BusError::Pruned(pruned_range(topic, partition, from, to).into())
+    }
+
     /// What the error says (without its kind).
     pub fn cause(&self) -> &Cause {
         match self {

@@ -525,11 +525,12 @@ impl EmbeddedSubscription {
             let place = TopicPartition::new(record.topic.clone(), record.partition);
             let expected = self.positions.get(&place).copied().unwrap_or(0);
             if record.offset > expected {
-                return Err(BusError::Pruned(crate::store::Cause::from(format!(
-                    "records {expected}..{} of {}/{} were pruned before this member read them; \
-                     republish the source service (tandem republish) or replay from what is left",
-                    record.offset, record.topic, record.partition
-                ))));
+                return Err(BusError::pruned(
+                    &record.topic,
+                    record.partition,
+                    expected,
+                    record.offset,
+                ));
             }
         }
         Ok(())

@@ -157,7 +157,8 @@ impl RebuildState {
         })
     }
 
-    fn as_str(self) -> &'static str {
+    /// The state's name, as `tandem_rebuilds` and the reports show it.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Building => "building",
             Self::Cancelling => "cancelling",
@@ -459,19 +460,18 @@ fn prepare(
 pub enum Look {
     /// Still behind the live version.
     Behind,
+    /// Level with the live version: it can switch.
+    Level,
     /// Level: the new version is live now.
     Switched,
     /// No longer building (cancelled meanwhile).
     Gone,
 }
 
-/// Switches to the new version if it is level with the live one, in the
-/// caller's write transaction.
-pub fn try_switch(
-    tx: &mut dyn Tx,
-    rebuild: &Rebuild,
-    model: &dyn ReadModel,
-) -> Result<Look, StoreError> {
+/// Whether the new version is level with the live one (at or past its
+/// position on every partition, every aggregate at least as new), read
+/// in `tx`.
+pub fn look(tx: &mut dyn Tx, rebuild: &Rebuild) -> Result<Look, StoreError> {
     let building = tx
         .query_opt(
             "SELECT 1 FROM tandem_rebuilds
@@ -482,8 +482,7 @@ pub fn try_switch(
     if !building {
         return Ok(Look::Gone);
     }
-    let live = rebuild.consumer.as_str();
-    let builder = rebuild.builder_name();
+    let (live, builder) = (rebuild.consumer.as_str(), rebuild.builder_name());
     let positions_behind = tx
         .query_opt(
             "SELECT COUNT(*) FROM tandem_consumer_positions l
@@ -512,6 +511,22 @@ pub fn try_switch(
     if aggregates_behind > 0 {
         return Ok(Look::Behind);
     }
+    Ok(Look::Level)
+}
+
+/// Switches to the new version if it is level with the live one, in the
+/// caller's write transaction.
+pub fn try_switch(
+    tx: &mut dyn Tx,
+    rebuild: &Rebuild,
+    model: &dyn ReadModel,
+) -> Result<Look, StoreError> {
+    let level = look(tx, rebuild)?;
+    if level != Look::Level {
+        return Ok(level);
+    }
+    let live = rebuild.consumer.as_str();
+    let builder = rebuild.builder_name();
     let suffix = rebuild.suffix();
     for table in model.tables() {
         tx.execute_batch(&format!(
@@ -726,10 +741,9 @@ async fn step<S: Store>(
                     let builder = running.remove(&rebuild.consumer).expect("looked up above");
                     builder.stop.cancel();
                     let error = match (behind, builder.task.await) {
-                        (Some(cause), _) => format!(
-                            "{cause}; re-publish the sources (tandem republish) and rebuild \
-                             from the log's start"
-                        ),
+                        (Some(cause), _) => {
+                            format!("{cause}, then rebuild from the log's start")
+                        }
                         (None, Ok(Ok(()))) => "the rebuilding consumer stopped".to_owned(),
                         (None, Ok(Err(error))) => error.to_string(),
                         (None, Err(error)) => format!("the rebuilding consumer panicked: {error}"),
@@ -759,17 +773,22 @@ async fn step<S: Store>(
                     // kill the process in the middle of a rebuild.
                     continue;
                 }
-                let (look_at, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
-                let look = store
-                    .write(move |tx| try_switch(tx, &look_at, &*model_arc))
+                // A read first: the write lock only once it is level.
+                let looked_at = rebuild.clone();
+                if store.read(move |tx| look(tx, &looked_at)).await? == Look::Behind {
+                    continue;
+                }
+                let (switching, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
+                let outcome = store
+                    .write(move |tx| try_switch(tx, &switching, &*model_arc))
                     .await?;
-                if look != Look::Behind {
+                if outcome != Look::Behind {
                     if let Some(builder) = running.remove(&rebuild.consumer) {
                         builder.stop.cancel();
                         let _ = builder.task.await;
                     }
                 }
-                if look == Look::Switched {
+                if outcome == Look::Switched {
                     tracing::info!(consumer = %rebuild.consumer, number = rebuild.number, "rebuild switched: the new version is live");
                 }
             }

@@ -54,12 +54,8 @@ impl PartitionLag {
     /// any: the consumer cannot go on without them being published again.
     pub fn pruned(&self) -> Option<String> {
         let gone_to = self.start.min(self.end);
-        (self.position < gone_to).then(|| {
-            format!(
-                "records {}..{} of {}/{} were pruned before this consumer applied them",
-                self.position, gone_to, self.topic, self.partition
-            )
-        })
+        (self.position < gone_to)
+            .then(|| crate::bus::pruned_range(&self.topic, self.partition, self.position, gone_to))
     }
 }
 

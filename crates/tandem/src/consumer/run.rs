@@ -280,13 +280,11 @@ impl<S: Store> Consumer<S> {
                     continue;
                 }
                 if behind.seen.contains(&(partition.clone(), position)) {
-                    return Err(ConsumerError::Bus(BusError::Pruned(
-                        format!(
-                            "records {position}..{start} of {}/{} were deleted by the log's \
-                             retention before this consumer applied them",
-                            partition.topic, partition.partition
-                        )
-                        .into(),
+                    return Err(ConsumerError::Bus(BusError::pruned(
+                        &partition.topic,
+                        partition.partition,
+                        position,
+                        start,
                     )));
                 }
                 seen.push((partition, position));
