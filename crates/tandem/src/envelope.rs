@@ -26,10 +26,42 @@ pub const CONTENT_TYPE: &str = "application/json";
 /// A typed event payload: a versioned contract between services.
 ///
 /// `TYPE` is the CloudEvents `type` (plain names such as `CustomerUpdated`),
-/// `SCHEMA` the `dataschema` naming the payload's schema and its version.
+/// `SCHEMA` the `dataschema` naming the payload's schema and its version:
+/// a stem and `/v{N}`, as in `tandem:order/OrderPlaced/v2`. A type is the
+/// current version of its contract; events are published in it.
+///
+/// A reader of an older version still on the log goes through
+/// [`EventPayload::upcast`], which a contract with more than one version
+/// implements in one place (its contracts crate), so that handlers only
+/// ever see the current type. [`Envelope::payload`] refuses a version the
+/// type neither is nor upcasts from, naming it: such an event is parked,
+/// never read as something it is not.
 pub trait EventPayload: Serialize + DeserializeOwned {
     const TYPE: &'static str;
     const SCHEMA: &'static str;
+    /// The older versions (the `N` of `/vN`) that [`EventPayload::upcast`]
+    /// reads; none by default.
+    const UPCASTS_FROM: &'static [u32] = &[];
+
+    /// Reads `data`, written under version `version` of this contract (one
+    /// of [`EventPayload::UPCASTS_FROM`]), as the current type.
+    fn upcast(version: u32, data: &Value) -> Result<Self, serde_json::Error> {
+        let _ = data;
+        Err(serde::de::Error::custom(format!(
+            "{} has no upcast from v{version}",
+            Self::TYPE
+        )))
+    }
+}
+
+/// Splits a `dataschema` into its stem and version: `tandem:order/OrderPlaced/v2`
+/// is (`tandem:order/OrderPlaced`, 2). `None` when it does not end in `/v{N}`.
+pub fn schema_version(dataschema: &str) -> Option<(&str, u32)> {
+    let (stem, version) = dataschema.rsplit_once("/v")?;
+    if version.is_empty() || !version.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    Some((stem, version.parse().ok()?))
 }
 
 /// One event as it travels on the bus.
@@ -87,6 +119,15 @@ pub enum PayloadError {
         event_type: String,
         #[source]
         source: serde_json::Error,
+    },
+    /// A version of the contract this reader does not know (a newer one,
+    /// or an old one it no longer upcasts), or another contract's schema.
+    #[error("payload of {event_type} is in schema {dataschema}, which this reader does not read (it reads {reads})")]
+    UnknownVersion {
+        event_type: String,
+        dataschema: String,
+        /// The versions it reads, such as `tandem:order/OrderPlaced/v2, v1`.
+        reads: String,
     },
 }
 
@@ -263,8 +304,10 @@ impl Envelope {
         })
     }
 
-    /// Reads the payload as `T`, checking the event type first. Unknown
-    /// fields in the payload are ignored (tolerant reader).
+    /// Reads the payload as `T`, checking the event type first, then the
+    /// version its `dataschema` names: `T`'s own, or one `T` upcasts from
+    /// (see [`EventPayload`]); any other is [`PayloadError::UnknownVersion`].
+    /// Unknown fields in the payload are ignored (tolerant reader).
     pub fn payload<T: EventPayload>(&self) -> Result<T, PayloadError> {
         if self.event_type != T::TYPE {
             return Err(PayloadError::WrongType {
@@ -272,10 +315,31 @@ impl Envelope {
                 actual: self.event_type.clone(),
             });
         }
-        T::deserialize(&self.data).map_err(|source| PayloadError::Invalid {
+        let invalid = |source| PayloadError::Invalid {
             event_type: self.event_type.clone(),
             source,
-        })
+        };
+        if self.dataschema == T::SCHEMA {
+            return T::deserialize(&self.data).map_err(invalid);
+        }
+        match (schema_version(&self.dataschema), schema_version(T::SCHEMA)) {
+            (Some((stem, version)), Some((current_stem, _)))
+                if stem == current_stem && T::UPCASTS_FROM.contains(&version) =>
+            {
+                T::upcast(version, &self.data).map_err(invalid)
+            }
+            _ => {
+                let mut reads = T::SCHEMA.to_owned();
+                for version in T::UPCASTS_FROM {
+                    reads.push_str(&format!(", v{version}"));
+                }
+                Err(PayloadError::UnknownVersion {
+                    event_type: self.event_type.clone(),
+                    dataschema: self.dataschema.clone(),
+                    reads,
+                })
+            }
+        }
     }
 }
 
@@ -452,6 +516,71 @@ mod tests {
             correlationid: Some("c-1".into()),
             causationid: None,
             snapshot: false,
+        }
+    }
+
+    /// Version 2 of a contract whose v1 had `address` as one string.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Moved {
+        customer_id: String,
+        lines: Vec<String>,
+    }
+
+    impl EventPayload for Moved {
+        const TYPE: &'static str = "CustomerUpdated";
+        const SCHEMA: &'static str = "tandem:customer/CustomerUpdated/v2";
+        const UPCASTS_FROM: &'static [u32] = &[1];
+
+        fn upcast(version: u32, data: &Value) -> Result<Self, serde_json::Error> {
+            use serde::Deserialize;
+            assert_eq!(version, 1);
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct V1 {
+                customer_id: String,
+                address: String,
+            }
+            let old = V1::deserialize(data)?;
+            Ok(Moved {
+                customer_id: old.customer_id,
+                lines: vec![old.address],
+            })
+        }
+    }
+
+    #[test]
+    fn reads_its_own_version_upcasts_older_ones_and_refuses_the_rest() {
+        assert_eq!(
+            schema_version("tandem:order/OrderPlaced/v12"),
+            Some(("tandem:order/OrderPlaced", 12))
+        );
+        assert_eq!(schema_version("tandem:order/OrderPlaced/v"), None);
+        assert_eq!(schema_version("urn:test:deposited:1"), None);
+
+        let mut envelope = sample();
+        let upcast: Moved = envelope.payload().unwrap();
+        assert_eq!(upcast.lines, ["123 New Road"]);
+
+        envelope.dataschema = Moved::SCHEMA.into();
+        envelope.data = serde_json::json!({"customerId": "1234", "lines": ["a", "b"]});
+        assert_eq!(envelope.payload::<Moved>().unwrap().lines, ["a", "b"]);
+
+        for unknown in [
+            "tandem:customer/CustomerUpdated/v3",
+            "tandem:other/CustomerUpdated/v1",
+            "urn:test:customer-updated:1",
+        ] {
+            envelope.dataschema = unknown.into();
+            let error = envelope.payload::<Moved>().unwrap_err();
+            assert!(
+                matches!(error, PayloadError::UnknownVersion { .. })
+                    && error.to_string().contains(unknown)
+                    && error
+                        .to_string()
+                        .contains("it reads tandem:customer/CustomerUpdated/v2, v1"),
+                "{unknown}: {error}"
+            );
         }
     }
 

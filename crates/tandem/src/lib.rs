@@ -8,6 +8,7 @@
 //!
 //! Parts:
 //! - [`envelope`]: the wire format (CloudEvents 1.0 JSON) and typed payloads.
+//! - [`compat`]: which changes to a payload's JSON Schema break its readers.
 //! - [`store`]: the `Store`/`Tx` port; [`sqlite`] its embedded engine.
 //! - [`bus`]: the `Bus`/`Subscription` port; [`embedded`] its embedded
 //!   engine, a durable log in one file shared by processes.
@@ -15,6 +16,8 @@
 //! - [`schema`]: the toolkit's own tables and their migrations; [`sql`]: the
 //!   trait behind which each engine implements the toolkit's SQL that
 //!   differs between engines; [`fault`]: crash points for tests.
+//! - [`contract`]: published contracts and their check against a released
+//!   baseline.
 //! - [`engine`]: picks engines from URLs; [`metrics`]: the process's
 //!   metrics (Prometheus and OpenMetrics).
 //!
@@ -23,7 +26,9 @@
 pub mod audit;
 pub mod backoff;
 pub mod bus;
+pub mod compat;
 pub mod consumer;
+pub mod contract;
 pub mod dead_letter;
 pub mod embedded;
 pub mod engine;
