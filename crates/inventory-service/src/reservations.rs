@@ -53,7 +53,16 @@ impl Handler for Reservations {
             )));
         }
         if event.event_type == OrderPlaced::TYPE {
-            place(tx, &event.payload::<OrderPlaced>()?)
+            // v1 payloads still on the log arrive upcast (tandem_contracts).
+            let order = event.payload::<OrderPlaced>()?;
+            place(
+                tx,
+                &order.order_id,
+                order
+                    .lines
+                    .iter()
+                    .map(|line| (line.product_id.as_str(), line.quantity)),
+            )
         } else if event.event_type == OrderCancelled::TYPE {
             cancel(tx, &event.payload::<OrderCancelled>()?)
         } else if event.event_type == OrderSnapshot::TYPE {
@@ -65,12 +74,11 @@ impl Handler for Reservations {
             match snapshot.status.as_str() {
                 "PENDING" => place(
                     tx,
-                    &OrderPlaced {
-                        order_id: snapshot.order_id,
-                        customer_id: snapshot.customer_id,
-                        lines: snapshot.lines,
-                        total_cents: snapshot.total_cents,
-                    },
+                    &snapshot.order_id,
+                    snapshot
+                        .lines
+                        .iter()
+                        .map(|line| (line.product_id.as_str(), line.quantity)),
                 ),
                 "CANCELLED" => cancel(
                     tx,
@@ -93,9 +101,10 @@ impl Handler for Reservations {
 fn handler_error(error: AppError) -> HandlerError {
     match error {
         AppError::Store(_) | AppError::Concurrent(_) => HandlerError::transient(error.to_string()),
-        AppError::Invalid(_) | AppError::NotFound(_) | AppError::AlreadyExists { .. } => {
-            HandlerError::permanent(error.to_string())
-        }
+        AppError::Invalid(_)
+        | AppError::Stock(_)
+        | AppError::NotFound(_)
+        | AppError::AlreadyExists { .. } => HandlerError::permanent(error.to_string()),
     }
 }
 
@@ -116,17 +125,17 @@ fn checked_order_id(order_id: &str) -> Result<(), HandlerError> {
     Ok(())
 }
 
-fn place(tx: &mut dyn Tx, order: &OrderPlaced) -> Result<(), HandlerError> {
-    let order_id = order.order_id.as_str();
+/// Decides an order: `lines` are its products and quantities.
+fn place<'a>(
+    tx: &mut dyn Tx,
+    order_id: &str,
+    lines: impl Iterator<Item = (&'a str, i64)>,
+) -> Result<(), HandlerError> {
     checked_order_id(order_id)?;
     if storage::find_reservation(tx, order_id)?.is_some() {
         // Decided already; deciding again could only disagree.
         return Ok(());
     }
-    let lines = order
-        .lines
-        .iter()
-        .map(|line| (line.product_id.as_str(), line.quantity));
     let demands = match domain::demand(lines) {
         Ok(demands) => demands,
         Err(reason) => return refuse(tx, order_id, reason),

@@ -19,7 +19,7 @@ use tandem_contracts::inventory::{
     ProductStockChanged, StockReleased, StockReservationFailed, StockReserved,
 };
 use tandem_contracts::order::{
-    OrderCancelled, OrderConfirmed, OrderPlaced, OrderSnapshot, PricedLine,
+    v1, OrderCancelled, OrderConfirmed, OrderPlaced, OrderSnapshot, PricedLine,
 };
 use tandem_contracts::{topics, OrderLine};
 use tandem_testkit::{eventually, open_log};
@@ -81,19 +81,28 @@ async fn start() -> System {
 }
 
 fn placed(order_id: &str, lines: &[(&str, i64)]) -> OrderPlaced {
-    OrderPlaced {
+    placed_v1(order_id, lines).into()
+}
+
+/// The same order as `OrderPlaced` v1 published it: prices in bare cents.
+fn placed_v1(order_id: &str, lines: &[(&str, i64)]) -> v1::OrderPlaced {
+    v1::OrderPlaced {
         order_id: order_id.into(),
         customer_id: "c-1".into(),
-        lines: lines
-            .iter()
-            .map(|(product_id, quantity)| PricedLine {
-                product_id: (*product_id).into(),
-                quantity: *quantity,
-                unit_price_cents: 250,
-            })
-            .collect(),
+        lines: priced_lines(lines),
         total_cents: lines.iter().map(|(_, quantity)| quantity * 250).sum(),
     }
+}
+
+fn priced_lines(lines: &[(&str, i64)]) -> Vec<PricedLine> {
+    lines
+        .iter()
+        .map(|(product_id, quantity)| PricedLine {
+            product_id: (*product_id).into(),
+            quantity: *quantity,
+            unit_price_cents: 250,
+        })
+        .collect()
 }
 
 fn lines(lines: &[(&str, i64)]) -> Vec<OrderLine> {
@@ -129,7 +138,7 @@ fn snapshot_record(
         order_id: order_id.into(),
         customer_id: "c1".into(),
         status: status.into(),
-        lines: placed(order_id, lines).lines,
+        lines: priced_lines(lines),
         total_cents: 0,
         reason: None,
     };
@@ -675,6 +684,91 @@ async fn unreadable_order_events_are_parked_and_others_ignored() {
     })
     .await;
     system.stop().await;
+}
+
+/// The log holds `OrderPlaced` in both versions: v1 records written before
+/// the Order Service moved to v2 are upcast and applied like v2 ones; a
+/// version the service does not read is parked, naming it, and nothing of
+/// it is applied.
+#[tokio::test]
+async fn order_placed_v1_and_v2_on_one_log_are_both_applied_and_v3_is_parked() {
+    let mut system = start().await;
+    system.api.create("apple", 10).await;
+
+    // Written by an Order Service from before the change.
+    let old = order_record("old", 1, &placed_v1("old", &[("apple", 2)]));
+    let envelope = Envelope::decode(&old.payload).unwrap();
+    assert_eq!(envelope.dataschema, "tandem:order/OrderPlaced/v1");
+    assert!(
+        envelope.data.get("totalCents").is_some(),
+        "{:?}",
+        envelope.data
+    );
+    system.bus.publish(&[old]).await.unwrap();
+    // From one after it.
+    system.place("new", &[("apple", 3)]).await;
+    // From a future one, in a version this service does not know yet.
+    system
+        .bus
+        .publish(&[order_record_raw(
+            "future",
+            1,
+            OrderPlaced::TYPE,
+            "tandem:order/OrderPlaced/v3",
+            json!({"orderId": "future", "customerId": "c-1", "items": [{"sku": "apple", "count": 4}]}),
+        )])
+        .await
+        .unwrap();
+    system.wait_for(StockReserved::TYPE, "old").await;
+    system.wait_for(StockReserved::TYPE, "new").await;
+    system.settle().await;
+
+    let reserved = |order: &str| {
+        let event = one(system.feed.of(StockReserved::TYPE, order), order).clone();
+        event.payload::<StockReserved>().unwrap().lines
+    };
+    assert_eq!(reserved("old"), lines(&[("apple", 2)]));
+    assert_eq!(reserved("new"), lines(&[("apple", 3)]));
+    assert_eq!(system.api.stock("apple").await, (5, 5));
+
+    let parked = tandem::dead_letter::list(&system.inventory, Some(CONSUMER), false)
+        .await
+        .unwrap();
+    assert_eq!(parked.len(), 1, "{parked:#?}");
+    assert_eq!(parked[0].subject.as_deref(), Some("future"));
+    assert_eq!(parked[0].attempts, 1, "an unknown version is not retried");
+    assert!(
+        parked[0].error.contains("tandem:order/OrderPlaced/v3")
+            && parked[0].error.contains("does not read"),
+        "{}",
+        parked[0].error
+    );
+    assert!(system.feed.of(StockReserved::TYPE, "future").is_empty());
+    assert!(system
+        .feed
+        .of(StockReservationFailed::TYPE, "future")
+        .is_empty());
+    assert_eq!(system.api.stock("apple").await, (5, 5));
+    discard_all_parked(&system).await;
+    system.stop().await;
+}
+
+/// Discards every parked event of the consumer and waits until it is gone.
+async fn discard_all_parked(system: &System) {
+    tandem::dead_letter::request_discard(&system.inventory, CONSUMER, None)
+        .await
+        .unwrap();
+    let inventory = system.inventory.clone();
+    eventually("the dead letters are discarded", WAIT, || {
+        let inventory = inventory.clone();
+        async move {
+            tandem::dead_letter::list(&inventory, Some(CONSUMER), false)
+                .await
+                .unwrap()
+                .is_empty()
+        }
+    })
+    .await;
 }
 
 /// A re-publication by snapshot: an order the service answered is not

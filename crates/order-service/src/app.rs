@@ -4,7 +4,7 @@
 
 use tandem::outbox::{self, EventContext, NewEvent};
 use tandem::store::{Store, StoreError};
-use tandem_contracts::order::{OrderCancelled, OrderPlaced, PricedLine as ContractLine};
+use tandem_contracts::order::{LineItem, Money, OrderCancelled, OrderPlaced};
 use tandem_contracts::topics;
 
 use crate::domain::{self, Invalid, KnownProduct, Status};
@@ -119,13 +119,13 @@ impl<S: Store> Orders<S> {
                     customer_id: customer.customer_id.clone(),
                     lines: priced
                         .iter()
-                        .map(|line| ContractLine {
+                        .map(|line| LineItem {
                             product_id: line.product_id.clone(),
                             quantity: line.quantity,
-                            unit_price_cents: line.unit_price_cents,
+                            unit_price: Money::cents(line.unit_price_cents),
                         })
                         .collect(),
-                    total_cents,
+                    total: Money::cents(total_cents),
                 };
                 let event = NewEvent::new(&order_id, &payload)?
                     .expect_sequence(0)

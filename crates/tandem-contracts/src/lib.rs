@@ -6,10 +6,12 @@
 //! versioned contract: its `dataschema` names it and its version, and its
 //! JSON Schema is kept in `schemas/` (a test checks the files against these
 //! types). Field names are camelCase on the wire; ids are strings; money is
-//! integer cents. Readers ignore fields they do not know.
+//! integer minor units (cents), with an ISO 4217 currency from `OrderPlaced` v2
+//! on. Readers ignore fields they do not know.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tandem::contract::Contract;
 use tandem::EventPayload;
 
 /// Topics, one per publishing service.
@@ -19,11 +21,19 @@ pub mod topics {
     pub const ORDER: &str = "order";
 }
 
+/// The commerce system's one currency. Payloads of `OrderPlaced` v1 carry
+/// bare cents without a currency, and are read as amounts in it.
+pub const CURRENCY: &str = "USD";
+
 macro_rules! contract {
     ($type:ident, $topic:literal) => {
+        contract!($type, $topic, "1");
+    };
+    ($type:ident, $topic:literal, $version:literal) => {
         impl EventPayload for $type {
             const TYPE: &'static str = stringify!($type);
-            const SCHEMA: &'static str = concat!("tandem:", $topic, "/", stringify!($type), "/v1");
+            const SCHEMA: &'static str =
+                concat!("tandem:", $topic, "/", stringify!($type), "/v", $version);
         }
     };
 }
@@ -155,7 +165,8 @@ pub mod inventory {
 pub mod order {
     use super::*;
 
-    /// A line with the unit price the order was placed at.
+    /// A line with the unit price in cents the order was placed at (the
+    /// lines of `OrderPlaced` v1 and of `OrderSnapshot`).
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct PricedLine {
@@ -164,15 +175,99 @@ pub mod order {
         pub unit_price_cents: i64,
     }
 
+    /// An amount of money: whole minor units (cents for USD) of an ISO
+    /// 4217 currency.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Money {
+        pub amount_minor: i64,
+        /// An ISO 4217 code: three capital letters, such as `USD`.
+        #[schemars(regex(pattern = "^[A-Z]{3}$"))]
+        pub currency: String,
+    }
+
+    impl Money {
+        /// `cents` of the system's [`crate::CURRENCY`].
+        pub fn cents(cents: i64) -> Self {
+            Self {
+                amount_minor: cents,
+                currency: crate::CURRENCY.to_owned(),
+            }
+        }
+    }
+
+    /// A line of `OrderPlaced` v2: a product, a quantity and the unit price
+    /// the order was placed at.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct LineItem {
+        pub product_id: String,
+        pub quantity: i64,
+        pub unit_price: Money,
+    }
+
+    /// An order was taken and waits for its stock (version 2: money as an
+    /// amount and a currency). Readers get v1 payloads upcast to this type.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
     pub struct OrderPlaced {
         pub order_id: String,
         pub customer_id: String,
-        pub lines: Vec<PricedLine>,
-        pub total_cents: i64,
+        pub lines: Vec<LineItem>,
+        pub total: Money,
     }
-    contract!(OrderPlaced, "order");
+
+    impl EventPayload for OrderPlaced {
+        const TYPE: &'static str = "OrderPlaced";
+        const SCHEMA: &'static str = "tandem:order/OrderPlaced/v2";
+        const UPCASTS_FROM: &'static [u32] = &[1];
+
+        fn upcast(version: u32, data: &serde_json::Value) -> Result<Self, serde_json::Error> {
+            match version {
+                1 => v1::OrderPlaced::deserialize(data).map(Self::from),
+                other => Err(serde::de::Error::custom(format!(
+                    "OrderPlaced has no upcast from v{other}"
+                ))),
+            }
+        }
+    }
+
+    impl From<v1::OrderPlaced> for OrderPlaced {
+        /// v1 priced in cents of the one currency the system had.
+        fn from(old: v1::OrderPlaced) -> Self {
+            Self {
+                order_id: old.order_id,
+                customer_id: old.customer_id,
+                lines: old
+                    .lines
+                    .into_iter()
+                    .map(|line| LineItem {
+                        product_id: line.product_id,
+                        quantity: line.quantity,
+                        unit_price: Money::cents(line.unit_price_cents),
+                    })
+                    .collect(),
+                total: Money::cents(old.total_cents),
+            }
+        }
+    }
+
+    /// Earlier versions of the order contracts, kept so that their events
+    /// still on the log are read (upcast) and their schemas checked.
+    pub mod v1 {
+        use super::*;
+
+        /// `OrderPlaced` v1: prices as bare cents.
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+        #[serde(rename_all = "camelCase")]
+        pub struct OrderPlaced {
+            pub order_id: String,
+            pub customer_id: String,
+            pub lines: Vec<PricedLine>,
+            pub total_cents: i64,
+        }
+        contract!(OrderPlaced, "order");
+    }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
     #[serde(rename_all = "camelCase")]
@@ -214,12 +309,21 @@ pub mod order {
     contract!(OrderSnapshot, "order");
 }
 
-/// Every contract's event type and its JSON Schema, as the Rust types
-/// define them; `schemas/<type>.v1.json` must match.
-pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
-    fn entry<T: EventPayload + JsonSchema>() -> (&'static str, serde_json::Value) {
-        (
-            T::TYPE,
+/// Every version of every contract, the current ones and the older ones
+/// still read; `schemas/<type>.v<N>.json` must match.
+pub fn contracts() -> Vec<Contract> {
+    fn entry<T: EventPayload + JsonSchema>() -> Contract {
+        let topic = T::SCHEMA
+            .strip_prefix("tandem:")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|topic| {
+                [topics::CUSTOMER, topics::INVENTORY, topics::ORDER]
+                    .into_iter()
+                    .find(|known| *known == topic)
+            })
+            .expect("a contract's schema is tandem:<topic>/<type>/v<N>");
+        Contract::new::<T>(
+            topic,
             serde_json::to_value(schemars::schema_for!(T)).expect("schemas serialise"),
         )
     }
@@ -233,10 +337,25 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
         entry::<inventory::StockReserved>(),
         entry::<inventory::StockReservationFailed>(),
         entry::<inventory::StockReleased>(),
+        entry::<order::v1::OrderPlaced>(),
         entry::<order::OrderPlaced>(),
         entry::<order::OrderConfirmed>(),
         entry::<order::OrderRejected>(),
         entry::<order::OrderCancelled>(),
         entry::<order::OrderSnapshot>(),
     ]
+}
+
+/// The current version of every contract: what is published.
+pub fn current() -> Vec<Contract> {
+    tandem::contract::newest(&contracts())
+}
+
+/// Every version of the contracts named `event_types`: what a consumer of
+/// them reads (older versions upcast).
+pub fn read(event_types: &[&str]) -> Vec<Contract> {
+    contracts()
+        .into_iter()
+        .filter(|contract| event_types.contains(&contract.event_type))
+        .collect()
 }

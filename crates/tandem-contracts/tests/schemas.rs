@@ -16,16 +16,20 @@ fn schema_dir() -> PathBuf {
 fn schema_files_match_the_rust_types() {
     let write = std::env::var_os("TANDEM_WRITE_SCHEMAS").is_some();
     let mut mismatched = Vec::new();
-    for (event_type, schema) in tandem_contracts::schemas() {
-        let path = schema_dir().join(format!("{event_type}.v1.json"));
-        let generated = serde_json::to_string_pretty(&schema).unwrap() + "\n";
+    for contract in tandem_contracts::contracts() {
+        let path = schema_dir().join(contract.file_name());
+        let generated = serde_json::to_string_pretty(&contract.schema).unwrap() + "\n";
         if write {
             std::fs::write(&path, &generated).unwrap();
             continue;
         }
         match std::fs::read_to_string(&path) {
             Ok(stored) if stored == generated => {}
-            Ok(_) => mismatched.push(format!("{} differs from {event_type}", path.display())),
+            Ok(_) => mismatched.push(format!(
+                "{} differs from {}",
+                path.display(),
+                contract.dataschema
+            )),
             Err(error) => mismatched.push(format!("{}: {error}", path.display())),
         }
     }
@@ -38,9 +42,9 @@ fn schema_files_match_the_rust_types() {
 
 #[test]
 fn every_schema_file_belongs_to_a_contract() {
-    let known: Vec<String> = tandem_contracts::schemas()
-        .into_iter()
-        .map(|(event_type, _)| format!("{event_type}.v1.json"))
+    let known: Vec<String> = tandem_contracts::contracts()
+        .iter()
+        .map(|contract| contract.file_name())
         .collect();
     for entry in std::fs::read_dir(schema_dir()).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
