@@ -7,8 +7,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::Store;
-use tandem_service::openapi::SharedResponses;
+use tandem_service::openapi::{schema, SharedResponses};
 use tandem_service::{Problem, StrictJson, StrictQuery};
+use utoipa::openapi::schema::Object;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::app::{AppError, Customers, NewCustomer};
@@ -17,22 +18,71 @@ use crate::domain::{Address, Changes, CreditLimit, Customer, CustomerId, Email, 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateCustomer {
-    /// Optional; a UUID is generated when absent.
+    /// Optional; a UUID is generated when absent. 1 to 64 letters, digits,
+    /// '-' or '_'.
+    #[schema(schema_with = optional_id_schema)]
     customer_id: Option<String>,
+    #[schema(schema_with = name_schema)]
     name: String,
+    #[schema(schema_with = email_schema)]
     email: String,
+    #[schema(schema_with = address_schema)]
     address: String,
+    /// 0 to 10^12.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    #[serde(deserialize_with = "tandem_service::json_integer::deserialize")]
     credit_limit_cents: i64,
 }
 
-/// Any of the fields; those present are changed.
+/// Any of the fields; those present (and not null) are changed.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateCustomer {
+    #[schema(schema_with = optional_name_schema)]
     name: Option<String>,
+    #[schema(schema_with = optional_email_schema)]
     email: Option<String>,
+    #[schema(schema_with = optional_address_schema)]
     address: Option<String>,
+    /// 0 to 10^12.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    #[serde(default, deserialize_with = "tandem_service::json_integer::option")]
     credit_limit_cents: Option<i64>,
+}
+
+// What the domain's parsers accept (crate::domain), as schemas.
+
+const NAME_MAX: usize = 200;
+const EMAIL_MAX: usize = 254;
+const ADDRESS_MAX: usize = 500;
+const NAME_DOC: &str = "1 to 200 characters, trimmed; no control characters.";
+const EMAIL_DOC: &str =
+    "An address like name@example.com, at most 254 characters, trimmed; no whitespace inside.";
+const ADDRESS_DOC: &str = "1 to 500 characters, trimmed; no control characters.";
+
+fn optional_id_schema() -> Object {
+    schema::described(
+        schema::nullable(schema::id()),
+        "Optional; a UUID is generated when absent. 1 to 64 letters, digits, '-' or '_'.",
+    )
+}
+fn name_schema() -> Object {
+    schema::described(schema::text(NAME_MAX), NAME_DOC)
+}
+fn optional_name_schema() -> Object {
+    schema::nullable(name_schema())
+}
+fn email_schema() -> Object {
+    schema::described(schema::email(EMAIL_MAX), EMAIL_DOC)
+}
+fn optional_email_schema() -> Object {
+    schema::nullable(email_schema())
+}
+fn address_schema() -> Object {
+    schema::described(schema::text(ADDRESS_MAX), ADDRESS_DOC)
+}
+fn optional_address_schema() -> Object {
+    schema::nullable(address_schema())
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -75,6 +125,7 @@ pub struct PageQuery {
     /// Customer id to start after.
     after: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
@@ -131,7 +182,7 @@ async fn get_customer<S: Store>(
 
 /// Customers by id, a page at a time.
 #[utoipa::path(get, path = "/customers", params(PageQuery),
-    responses((status = 200, body = CustomerPage), (status = 400, body = Problem)))]
+    responses((status = 200, body = CustomerPage), (status = 400, body = Problem), (status = 422, body = Problem)))]
 async fn list_customers<S: Store>(
     State(customers): State<Customers<S>>,
     StrictQuery(query): StrictQuery<PageQuery>,
@@ -199,6 +250,19 @@ async fn update_customer<S: Store>(
 )]
 pub struct ApiDoc;
 
+/// The service's AsyncAPI 3.0 document (`/asyncapi.json`): what it
+/// publishes and what it consumes.
+pub fn asyncapi() -> serde_json::Value {
+    use tandem_contracts::{current, topics};
+    tandem_service::asyncapi::AsyncApi::new(
+        "Tandem Customer Service events",
+        env!("CARGO_PKG_VERSION"),
+        "Customer events: CustomerCreated, CustomerUpdated, and CustomerSnapshot on a re-publication.",
+    )
+    .sends(topics::CUSTOMER, "the customer id", current().into_iter().filter(|contract| contract.topic == topics::CUSTOMER).collect())
+    .to_json()
+}
+
 /// The service's routes (probes and `/openapi.json` included).
 pub fn router<S: Store>(customers: Customers<S>) -> Router {
     let ready_store = customers.store().clone();
@@ -215,6 +279,7 @@ pub fn router<S: Store>(customers: Customers<S>) -> Router {
             "/openapi.json",
             get(|| async { Json(tandem_service::openapi::document(ApiDoc::openapi())) }),
         )
+        .route("/asyncapi.json", get(|| async { Json(asyncapi()) }))
         .with_state(customers)
         .merge(tandem_service::probes::for_store(
             ready_store,

@@ -17,6 +17,10 @@ pub enum AppError {
     Invalid(#[from] Invalid),
     #[error("product {0} not found")]
     NotFound(String),
+    /// A valid change the product's current stock refuses (it would go
+    /// below 0).
+    #[error(transparent)]
+    Stock(Invalid),
     /// A product with this `field` (`productId` or `sku`) already exists.
     #[error("a product with {field} {value} already exists")]
     AlreadyExists { field: &'static str, value: String },
@@ -140,7 +144,7 @@ impl<S: Store> Products<S> {
                     return Err(AppError::NotFound(id.as_str().to_owned()));
                 };
                 let previous_version = product.version;
-                product.adjust(delta)?;
+                product.adjust(delta).map_err(AppError::Stock)?;
                 save_stock_change(
                     tx,
                     &mut product,

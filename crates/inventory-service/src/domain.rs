@@ -66,16 +66,19 @@ impl Sku {
     }
 }
 
+/// A text of at most `max_chars` characters as sent (so that a schema's
+/// `maxLength` can say it), kept trimmed: not blank, and with no control
+/// character but in the whitespace around it.
 fn bounded_text(field: &'static str, text: &str, max_chars: usize) -> Result<String, Invalid> {
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return Err(invalid(field, "must not be empty"));
-    }
-    if trimmed.chars().count() > max_chars {
+    if text.chars().count() > max_chars {
         return Err(invalid(
             field,
             format!("must be at most {max_chars} characters"),
         ));
+    }
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(invalid(field, "must not be empty"));
     }
     if trimmed.chars().any(char::is_control) {
         return Err(invalid(field, "must not contain control characters"));

@@ -7,26 +7,36 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem::store::Store;
-use tandem_service::openapi::SharedResponses;
+use tandem_service::openapi::{schema, SharedResponses};
 use tandem_service::{Problem, StrictJson, StrictQuery};
+use utoipa::openapi::schema::{Object, OneOfBuilder, Schema};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::app::{AppError, NewProduct, Products};
-use crate::domain::{Delta, InitialStock, Name, Price, Product, ProductId, Reason, Sku};
+use crate::domain::{
+    Delta, InitialStock, Name, Price, Product, ProductId, Reason, Sku, MAX_QUANTITY,
+};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateProduct {
     /// Optional; a UUID is generated when absent. 1 to 64 letters, digits,
     /// '-' or '_'.
+    #[schema(schema_with = optional_id_schema)]
     product_id: Option<String>,
     /// Unique; 1 to 64 letters, digits, '-' or '_'.
+    #[schema(schema_with = sku_schema)]
     sku: String,
     /// 1 to 200 characters.
+    #[schema(schema_with = name_schema)]
     name: String,
     /// 0 to 10^12.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64)]
+    #[serde(deserialize_with = "tandem_service::json_integer::deserialize")]
     price_cents: i64,
     /// The units in stock to start with, 0 to 10^9; all available.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
+    #[serde(deserialize_with = "tandem_service::json_integer::deserialize")]
     stock: i64,
 }
 
@@ -36,9 +46,48 @@ pub struct StockAdjustment {
     /// Units to add to (positive) or take from (negative) the available
     /// stock: non-zero, at most 10^9 either way. Available stock may not go
     /// below 0.
+    #[schema(schema_with = delta_schema)]
+    #[serde(deserialize_with = "tandem_service::json_integer::deserialize")]
     delta: i64,
     /// Why, 1 to 200 characters.
+    #[schema(schema_with = reason_schema)]
     reason: String,
+}
+
+// What the domain's parsers accept (crate::domain), as schemas.
+
+fn optional_id_schema() -> Object {
+    schema::described(
+        schema::nullable(schema::id()),
+        "Optional; a UUID is generated when absent. 1 to 64 letters, digits, '-' or '_'.",
+    )
+}
+fn sku_schema() -> Object {
+    schema::described(schema::id(), "Unique; 1 to 64 letters, digits, '-' or '_'.")
+}
+fn name_schema() -> Object {
+    schema::described(
+        schema::text(200),
+        "1 to 200 characters, trimmed; no control characters.",
+    )
+}
+fn reason_schema() -> Object {
+    schema::described(
+        schema::text(200),
+        "Why, 1 to 200 characters, trimmed; no control characters.",
+    )
+}
+/// Non-zero, at most [`MAX_QUANTITY`] either way.
+fn delta_schema() -> Schema {
+    OneOfBuilder::new()
+        .item(schema::integer(-MAX_QUANTITY, -1))
+        .item(schema::integer(1, MAX_QUANTITY))
+        .description(Some(
+            "Units to add to (positive) or take from (negative) the available stock: \
+             non-zero, at most 10^9 either way. Available stock may not go below 0.",
+        ))
+        .build()
+        .into()
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -85,6 +134,7 @@ pub struct PageQuery {
     /// Product id to start after.
     after: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
@@ -93,6 +143,12 @@ impl From<AppError> for Problem {
         match error {
             AppError::Invalid(invalid) => Problem::invalid(invalid.field, invalid.message),
             AppError::NotFound(_) => Problem::not_found(error.to_string()),
+            AppError::Stock(refused) => Problem::new(
+                axum::http::StatusCode::CONFLICT,
+                "insufficient-stock",
+                refused.message,
+            )
+            .with_field(refused.field),
             AppError::AlreadyExists { field, .. } => {
                 Problem::conflict(error.to_string()).with_field(field)
             }
@@ -163,7 +219,9 @@ async fn list_products<S: Store>(
 /// Add stock to or take stock from a product's available units.
 #[utoipa::path(post, path = "/products/{id}/stock-adjustments", request_body = StockAdjustment,
     params(("id" = String, Path, description = "The product id (1 to 64 letters, digits, - or _); any other is not found")),
-    responses((status = 200, body = ProductView), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = ProductView), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "insufficient-stock: the available stock would go below 0; or changed concurrently, retry"),
+        (status = 422, body = Problem)))]
 async fn adjust_stock<S: Store>(
     State(products): State<Products<S>>,
     Path(id): Path<String>,
@@ -189,6 +247,24 @@ async fn adjust_stock<S: Store>(
 )]
 pub struct ApiDoc;
 
+/// The service's AsyncAPI 3.0 document (`/asyncapi.json`): what it
+/// publishes and what it consumes.
+pub fn asyncapi() -> serde_json::Value {
+    use tandem_contracts::{current, read, topics};
+    tandem_service::asyncapi::AsyncApi::new(
+        "Tandem Inventory Service events",
+        env!("CARGO_PKG_VERSION"),
+        "Product and stock events, and the answers to orders; reads the orders it reserves stock for.",
+    )
+    .sends(topics::INVENTORY, "the product id for product events, the order id for reservation events", current().into_iter().filter(|contract| contract.topic == topics::INVENTORY).collect())
+    .receives(
+        topics::ORDER,
+        "the order id",
+        read(&["OrderPlaced", "OrderCancelled", "OrderSnapshot"]),
+    )
+    .to_json()
+}
+
 /// The service's routes (probes and `/openapi.json` included), with the
 /// defaults every service has (body limit, problem+json 404).
 pub fn router<S: Store>(products: Products<S>) -> Router {
@@ -204,6 +280,7 @@ pub fn router<S: Store>(products: Products<S>) -> Router {
             "/openapi.json",
             get(|| async { Json(tandem_service::openapi::document(ApiDoc::openapi())) }),
         )
+        .route("/asyncapi.json", get(|| async { Json(asyncapi()) }))
         .with_state(products)
         .merge(tandem_service::probes::for_store(
             ready_store,

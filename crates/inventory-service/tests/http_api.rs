@@ -194,9 +194,13 @@ async fn stock_adjustments_move_available_stock_never_below_zero() {
             json!({"delta": -1, "reason": "breakage"}),
         )
         .await;
-    refused.assert_problem(422, Some("delta"));
+    refused.assert_problem(409, Some("delta"));
     assert!(
-        refused.body["detail"].as_str().unwrap().contains("below 0"),
+        refused.body["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("/insufficient-stock")
+            && refused.body["detail"].as_str().unwrap().contains("below 0"),
         "{refused:?}"
     );
     assert_eq!(snapshot(&store).await, before);
@@ -483,7 +487,7 @@ async fn bad_requests_are_problems_naming_the_field_and_change_nothing() {
             adjust,
             "application/json",
             adjustment(json!({"delta": -4, "reason": "r"})),
-            422,
+            409,
             Some("delta"),
         ),
         (

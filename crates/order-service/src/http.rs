@@ -1,7 +1,7 @@
 //! The Order Service's HTTP API.
 //!
 //! Orders naming a customer or product this service has not heard of yet
-//! (the eventual-consistency window) are refused at once with 422 and a
+//! (the eventual-consistency window) are refused at once with 409 and a
 //! problem of type `unknown-customer` or `unknown-product`, the field at
 //! fault, and `Retry-After: 1`: nothing is stored, and retrying shortly
 //! succeeds once the creation event has arrived.
@@ -23,14 +23,23 @@ use crate::storage::{LocalCustomer, StoredOrder};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderLineRequest {
+    /// 1 to 64 letters, digits, '-' or '_'.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
     product_id: String,
+    /// 1 to 10^6.
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    #[serde(deserialize_with = "tandem_service::json_integer::deserialize")]
     quantity: i64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlaceOrderRequest {
+    /// 1 to 64 letters, digits, '-' or '_'.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]{1,64}$")]
     customer_id: String,
+    /// 1 to 100 lines.
+    #[schema(min_items = 1, max_items = 100)]
     lines: Vec<OrderLineRequest>,
 }
 
@@ -130,21 +139,30 @@ pub struct OrdersQuery {
     /// The customer whose orders to list.
     customer_id: String,
     /// At most this many (1 to 500, default 100).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
 impl From<AppError> for Problem {
     fn from(error: AppError) -> Self {
         match error {
+            // A field that breaks a rule of its own is 422; a valid
+            // request the service's current state refuses (a customer or
+            // product not heard of yet, the credit limit, an order no
+            // longer cancellable) is 409.
             AppError::Invalid(invalid) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                if invalid.kind == "invalid-field" {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                } else {
+                    StatusCode::CONFLICT
+                },
                 invalid.kind,
                 invalid.message,
             )
             .with_field(invalid.field),
             AppError::NotFound(_) => Problem::not_found(error.to_string()),
             AppError::KeyReused(_) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                StatusCode::CONFLICT,
                 "idempotency-key-reused",
                 error.to_string(),
             )
@@ -171,13 +189,16 @@ fn respond(problem: Problem) -> Response {
 /// Place an order: checked against the local copies, accepted as PENDING.
 ///
 /// With an `Idempotency-Key` header, a retry with the same key and body
-/// returns the same order (200); the same key with another body is 422.
+/// returns the same order (200); the same key with another body is 409.
 #[utoipa::path(post, path = "/orders", request_body = PlaceOrderRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "makes retries safe: 1 to 200 visible ASCII characters (spaces and tabs inside)",
+        min_length = 1, max_length = 200, pattern = r"^[!-~](?:[\t -~]*[!-~])?$")),
     responses(
         (status = 202, body = OrderView, description = "accepted as PENDING"),
         (status = 200, body = OrderView, description = "the order an earlier request with this Idempotency-Key made"),
-        (status = 422, body = Problem, description = "invalid field; unknown-customer or unknown-product (retry shortly); credit-limit-exceeded; idempotency-key-reused"),
+        (status = 409, body = Problem, description = "valid, but refused by the current state: unknown-customer or unknown-product (retry shortly), credit-limit-exceeded, idempotency-key-reused (this key was used with another body)"),
+        (status = 422, body = Problem, description = "a field breaks a rule of its own (invalid-field)"),
     ))]
 async fn place_order<S: Store>(
     State(orders): State<Orders<S>>,
@@ -230,7 +251,7 @@ async fn get_order<S: Store>(
 }
 
 /// A customer's orders, oldest first.
-#[utoipa::path(get, path = "/orders", params(OrdersQuery), responses((status = 200, body = OrderList), (status = 400, body = Problem)))]
+#[utoipa::path(get, path = "/orders", params(OrdersQuery), responses((status = 200, body = OrderList), (status = 400, body = Problem), (status = 422, body = Problem)))]
 async fn list_orders<S: Store>(
     State(orders): State<Orders<S>>,
     StrictQuery(query): StrictQuery<OrdersQuery>,
@@ -248,7 +269,7 @@ async fn list_orders<S: Store>(
 /// Cancel a pending or confirmed order; its reserved stock is released.
 #[utoipa::path(post, path = "/orders/{id}/cancel",
     params(("id" = String, Path, description = "The order id (a UUID); any other is not found")), 
-    responses((status = 200, body = OrderView), (status = 404, body = Problem), (status = 422, body = Problem, description = "not-cancellable")))]
+    responses((status = 200, body = OrderView), (status = 404, body = Problem), (status = 409, body = Problem, description = "not-cancellable: the order is already decided against, or cancelled")))]
 async fn cancel_order<S: Store>(
     State(orders): State<Orders<S>>,
     Path(id): Path<String>,
@@ -321,6 +342,35 @@ async fn get_local_product<S: Store>(
 )]
 pub struct ApiDoc;
 
+/// The service's AsyncAPI 3.0 document (`/asyncapi.json`): what it
+/// publishes and what it consumes.
+pub fn asyncapi() -> serde_json::Value {
+    use tandem_contracts::{current, read, topics};
+    tandem_service::asyncapi::AsyncApi::new(
+        "Tandem Order Service events",
+        env!("CARGO_PKG_VERSION"),
+        "Order events; reads customers and products into local copies, and the inventory's answers.",
+    )
+    .sends(topics::ORDER, "the order id", current().into_iter().filter(|contract| contract.topic == topics::ORDER).collect())
+    .receives(
+        topics::CUSTOMER,
+        "the customer id",
+        read(&["CustomerCreated", "CustomerUpdated", "CustomerSnapshot"]),
+    )
+    .receives(
+        topics::INVENTORY,
+        "the product id for product events, the order id for reservation events",
+        read(&[
+            "ProductCreated",
+            "ProductStockChanged",
+            "ProductSnapshot",
+            "StockReserved",
+            "StockReservationFailed",
+        ]),
+    )
+    .to_json()
+}
+
 pub fn router<S: Store>(orders: Orders<S>) -> Router {
     let ready_store = orders.store().clone();
     let routes = Router::new()
@@ -333,6 +383,7 @@ pub fn router<S: Store>(orders: Orders<S>) -> Router {
             "/openapi.json",
             get(|| async { Json(tandem_service::openapi::document(ApiDoc::openapi())) }),
         )
+        .route("/asyncapi.json", get(|| async { Json(asyncapi()) }))
         .with_state(orders)
         .merge(tandem_service::probes::for_store(
             ready_store,

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod console;
+pub mod contracts;
 pub mod data_dir;
 pub mod demo;
 pub mod events;

@@ -10,10 +10,12 @@
 //!   at once when level.
 //! - `tandem republish`: a service sends its history (or snapshots) again
 //!   for consumers that fell behind the log's retention.
+//! - `tandem contracts asyncapi|check`: the events' AsyncAPI document, and
+//!   their compatibility with the released baseline.
 //!
 //! The benchmarks and the crash-test workers are in `tandem-lab`.
 
-use tandem_cli::{admin, console, demo, events, rebuild, serve, status, up};
+use tandem_cli::{admin, console, contracts, demo, events, rebuild, serve, status, up};
 
 use std::process::ExitCode;
 
@@ -66,6 +68,10 @@ enum Command {
     /// The operator console (as `tandem up` serves it) for services
     /// deployed anywhere: their map, lag, dead letters, rebuilds and audit.
     Console(console::ConsoleArgs),
+    /// The event contracts: a service's AsyncAPI document, and the check
+    /// of compatibility with the released baseline.
+    #[command(subcommand)]
+    Contracts(contracts::ContractsCommand),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +92,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Console(args) => console::run(args).await,
+            Command::Contracts(command) => contracts::run(command),
             Command::Status(args) => match status::run(args).await? {
                 0 => Ok(()),
                 code => std::process::exit(code.into()),

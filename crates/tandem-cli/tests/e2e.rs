@@ -145,7 +145,7 @@ async fn cancellation_releases_stock() {
     let again = call(http.post(format!("{order}/orders/{id}/cancel"))).await;
     assert_problem(
         &again,
-        422,
+        409,
         "not-cancellable",
         None,
         "cancelling a cancelled order",
@@ -343,7 +343,7 @@ async fn idempotency_keys() {
     .await;
     assert_problem(
         &reused,
-        422,
+        409,
         "idempotency-key-reused",
         Some("Idempotency-Key"),
         "the same key with another body",
@@ -867,7 +867,7 @@ async fn bad_input_is_refused() {
     .await;
     assert_problem(
         &reply,
-        422,
+        409,
         "unknown-customer",
         Some("customerId"),
         "an unknown customer",
@@ -889,7 +889,7 @@ async fn bad_input_is_refused() {
     .await;
     assert_problem(
         &reply,
-        422,
+        409,
         "unknown-product",
         Some("lines[0].productId"),
         "an unknown product",

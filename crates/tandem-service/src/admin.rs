@@ -27,6 +27,7 @@ use tandem::dead_letter::{self, Command, DeadLetter, Filter};
 use tandem::Store;
 
 use crate::builder::Reporter;
+use crate::openapi::schema;
 use crate::{page_limit, Problem, StrictJson, StrictQuery};
 
 /// The shortest secret a token may have.
@@ -287,7 +288,7 @@ pub struct DeadLetterView {
     /// The event as it came off the bus: JSON when it is JSON, else its
     /// bytes as (lossy) text. Only in a single letter's view.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub event: Option<serde_json::Value>,
 }
 
@@ -348,14 +349,26 @@ pub struct DeadLetterQuery {
     /// Only this consumer's letters.
     pub consumer: Option<String>,
     /// `parked` (the default), `resolved`, `discarded` or `all`.
+    #[param(schema_with = status_schema)]
     pub status: Option<String>,
     /// Only this failure group's letters.
     pub group: Option<String>,
     /// The `nextCursor` of the page before.
+    #[param(min_length = 1, max_length = 18, pattern = "^[0-9]{1,18}$")]
     pub cursor: Option<String>,
     /// At most this many (1 to 500, default 100).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+}
+
+/// The values of a `status` filter.
+const STATUSES: [&str; 4] = ["parked", "resolved", "discarded", "all"];
+
+fn status_schema() -> utoipa::openapi::schema::Object {
+    schema::described(
+        schema::one_of_strings(&STATUSES),
+        "`parked` (the default), `resolved`, `discarded` or `all`.",
+    )
 }
 
 fn status_filter(status: Option<String>) -> Result<Option<String>, Problem> {
@@ -369,11 +382,16 @@ fn status_filter(status: Option<String>) -> Result<Option<String>, Problem> {
     }
 }
 
+/// A cursor this API gives: an id, 1 to 18 decimal digits (the
+/// document's pattern for it says the same).
 fn cursor(cursor: Option<&str>) -> Result<Option<i64>, Problem> {
     cursor
         .map(|text| {
-            text.parse::<i64>()
-                .map_err(|_| Problem::invalid("cursor", "not a cursor this API gave"))
+            let digits = (1..=18).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit());
+            digits
+                .then(|| text.parse::<i64>().ok())
+                .flatten()
+                .ok_or_else(|| Problem::invalid("cursor", "not a cursor this API gave"))
         })
         .transpose()
 }
@@ -442,16 +460,85 @@ async fn show_dead_letter<S: Store>(
 }
 
 /// What a bulk action takes: a list of ids, or a failure group, or every
-/// parked letter of a consumer. Exactly one of them.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// parked letter of a consumer. Exactly one of them (see its schema).
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Selection {
     /// These dead letters.
+    #[serde(default, deserialize_with = "crate::json_integer::option_vec")]
     pub ids: Option<Vec<i64>>,
     /// Every parked letter of this failure group.
     pub group: Option<String>,
     /// Every parked letter of this consumer.
     pub consumer: Option<String>,
+}
+
+impl utoipa::ToSchema for Selection {}
+
+impl utoipa::PartialSchema for Selection {
+    /// The three shapes [`bulk`] takes, one of them exactly; a field left
+    /// out may also be given as `null`.
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Type,
+        };
+        let absent = || ObjectBuilder::new().schema_type(Type::Null).build();
+        let ids = ArrayBuilder::new()
+            .items(schema::integer(1, MAX_ID))
+            .min_items(Some(1))
+            .max_items(Some(MAX_SELECTION))
+            .description(Some("These dead letters."))
+            .build();
+        let group = schema::described(
+            ObjectBuilder::new().schema_type(Type::String).build(),
+            "Every parked letter of this failure group.",
+        );
+        let consumer = |description: &str| {
+            schema::described(
+                ObjectBuilder::new().schema_type(Type::String).build(),
+                description,
+            )
+        };
+        let shape = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .additional_properties(Some(
+                    AdditionalProperties::<utoipa::openapi::schema::Schema>::FreeForm(false),
+                ))
+        };
+        OneOfBuilder::new()
+            .item(
+                shape()
+                    .title(Some("ids"))
+                    .property("ids", ids)
+                    .property("group", absent())
+                    .property("consumer", absent())
+                    .required("ids"),
+            )
+            .item(
+                shape()
+                    .title(Some("group"))
+                    .property("ids", absent())
+                    .property("group", group)
+                    .property(
+                        "consumer",
+                        schema::nullable(consumer("Only this consumer's letters of the group.")),
+                    )
+                    .required("group"),
+            )
+            .item(
+                shape()
+                    .title(Some("consumer"))
+                    .property("ids", absent())
+                    .property("group", absent())
+                    .property("consumer", consumer("Every parked letter of this consumer."))
+                    .required("consumer"),
+            )
+            .description(Some(
+                "Exactly one of: ids (1 to 100000 of them); group, optionally with consumer; consumer.",
+            ))
+            .into()
+    }
 }
 
 /// What a bulk action asked for.
@@ -465,6 +552,10 @@ pub struct Requested {
 
 /// Longest list one bulk action takes.
 const MAX_SELECTION: usize = 100_000;
+
+/// The largest dead letter id a selection names: ids are positive, and
+/// exact in any JSON reader (2^53 - 1).
+const MAX_ID: i64 = crate::json_integer::MAX_EXACT;
 
 async fn bulk<S: Store>(
     state: AdminState<S>,
@@ -483,6 +574,12 @@ async fn bulk<S: Store>(
                 return Err(Problem::invalid(
                     "ids",
                     format!("give 1 to {MAX_SELECTION} ids"),
+                ));
+            }
+            if let Some(index) = ids.iter().position(|id| !(1..=MAX_ID).contains(id)) {
+                return Err(Problem::invalid(
+                    format!("ids[{index}]"),
+                    format!("a dead letter's id is from 1 to {MAX_ID}"),
                 ));
             }
             let target = format!("ids {}", describe_ids(&ids));
@@ -612,6 +709,7 @@ pub struct GroupQuery {
     /// Only this consumer's groups.
     pub consumer: Option<String>,
     /// `parked` (the default), `resolved`, `discarded` or `all`.
+    #[param(schema_with = status_schema)]
     pub status: Option<String>,
 }
 
@@ -770,7 +868,18 @@ pub struct RebuildQuery {
     /// than at offset 0, for a log pruned by retention, after the source
     /// re-published snapshots (the switch waits until every aggregate the
     /// live version has is as new in the new one).
+    #[param(schema_with = from_schema)]
     pub from: Option<String>,
+}
+
+fn from_schema() -> utoipa::openapi::schema::Object {
+    schema::described(
+        schema::one_of_strings(&["log-start"]),
+        "`log-start`: begin at the first record the log still holds rather than at offset 0, \
+         for a log pruned by retention, after the source re-published snapshots (the switch \
+         waits until every aggregate the live version has is as new in the new one). \
+         Leave it out for offset 0.",
+    )
 }
 
 /// The consumer's topics, or 404; 409 when its model cannot be rebuilt.
@@ -950,7 +1059,16 @@ pub struct RepublishView {
 pub struct RepublishQuery {
     /// `history` or `snapshots`; by default the kept history when the
     /// service keeps one, else snapshots.
+    #[param(schema_with = mode_schema)]
     pub mode: Option<String>,
+}
+
+fn mode_schema() -> utoipa::openapi::schema::Object {
+    schema::described(
+        schema::one_of_strings(&["history", "snapshots"]),
+        "`history` or `snapshots`; by default the kept history when the service keeps one, \
+         else snapshots.",
+    )
 }
 
 #[utoipa::path(post, path = "/admin/republish", tag = "admin",
@@ -1205,6 +1323,7 @@ async fn resume<S: Store>(
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// The `nextCursor` of the page before.
+    #[param(min_length = 1, max_length = 18, pattern = "^[0-9]{1,18}$")]
     pub cursor: Option<String>,
     /// At most this many (1 to 500, default 100).
     #[param(minimum = 1, maximum = 500)]
@@ -1239,6 +1358,7 @@ pub struct AuditPage {
     responses(
         (status = 200, description = "the audit trail, newest first", body = AuditPage),
         (status = 401, description = "no admin token, or an unknown one", body = Problem),
+        (status = 422, description = "the limit or the cursor is invalid", body = Problem),
     ))]
 async fn audit<S: Store>(
     State(state): State<AdminState<S>>,

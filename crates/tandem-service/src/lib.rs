@@ -7,6 +7,8 @@
 //!   problem naming the field (400 malformed, 408 stalled, 413 too large,
 //!   415 not JSON, 422 wrong shape).
 //! - [`probes`]: `/health` and `/ready`.
+//! - [`openapi`] and [`asyncapi`]: what every service's `/openapi.json`
+//!   says of the shared plumbing, and its `/asyncapi.json` document.
 //! - [`serve`]: runs a router until a shutdown token fires, with timeouts
 //!   on every phase of a connection, a cap on connections, and a deadline
 //!   for draining in-flight requests ([`ServeConfig`]).
@@ -26,6 +28,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 pub mod admin;
+pub mod asyncapi;
 mod builder;
 pub mod metrics;
 pub mod openapi;
@@ -246,6 +249,115 @@ pub fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, Problem> {
     Ok(limit)
 }
 
+/// Integers in a JSON body, however they are written. JSON, and JSON
+/// Schema's `integer`, do not tell `3` from `3.0`, `30e-1` or `0.3e1`;
+/// serde's `i64` takes only the first. With
+/// `#[serde(deserialize_with = ...)]`, a field takes any of them, read
+/// exactly from the number's text (not through a double, which would
+/// round): a whole number that fits in an `i64`. Anything else is refused
+/// as a wrong type is (422, naming the field).
+pub mod json_integer {
+    use serde::de::{Deserialize, Deserializer, Error};
+    use serde_json::value::RawValue;
+
+    /// 2^53 - 1: the largest integer every JSON reader holds exactly
+    /// (those that read numbers as doubles), for ranges that must be
+    /// checked the same everywhere.
+    pub const MAX_EXACT: i64 = (1 << 53) - 1;
+
+    /// The integer a JSON value's text stands for.
+    fn whole(text: &str) -> Result<i64, String> {
+        let kind = match text.bytes().next() {
+            Some(b'-' | b'0'..=b'9') => None,
+            Some(b'"') => Some("a string"),
+            Some(b't' | b'f') => Some("a boolean"),
+            Some(b'n') => Some("null"),
+            Some(b'[') => Some("an array"),
+            Some(b'{') => Some("an object"),
+            _ => Some("not a number"),
+        };
+        if let Some(kind) = kind {
+            return Err(format!("invalid type: {kind}, expected an integer"));
+        }
+        // The text is a JSON number (the parser checked it):
+        // -?int(.frac)?([eE][+-]?exp)?
+        let (negative, unsigned) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+            Some(at) => (&unsigned[..at], &unsigned[at + 1..]),
+            None => (unsigned, ""),
+        };
+        let (integral, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        // Saturated: beyond a million either way, the number is 0, not
+        // whole, or too large whatever its digits.
+        let (exponent_negative, exponent_digits) = match exponent.as_bytes().first() {
+            Some(b'-') => (true, &exponent[1..]),
+            Some(b'+') => (false, &exponent[1..]),
+            _ => (false, exponent),
+        };
+        let magnitude = exponent_digits.bytes().fold(0_i64, |acc, digit| {
+            (acc * 10 + i64::from(digit - b'0')).min(1_000_000)
+        });
+        let exponent = if exponent_negative {
+            -magnitude
+        } else {
+            magnitude
+        };
+        let digits = format!("{integral}{fraction}");
+        let mut digits = digits.trim_start_matches('0');
+        if digits.is_empty() {
+            return Ok(0);
+        }
+        let mut scale = exponent - fraction.len() as i64;
+        while scale < 0 && digits.ends_with('0') {
+            digits = &digits[..digits.len() - 1];
+            scale += 1;
+        }
+        if scale < 0 {
+            return Err(format!("invalid value: {text}, expected a whole number"));
+        }
+        let too_large = || format!("invalid value: {text}, expected a 64-bit integer");
+        if digits.len() as i64 + scale > 19 {
+            return Err(too_large());
+        }
+        let value: i128 =
+            digits.parse::<i128>().map_err(|_| too_large())? * 10_i128.pow(scale as u32);
+        i64::try_from(if negative { -value } else { value }).map_err(|_| too_large())
+    }
+
+    /// An `i64` field.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        whole(raw.get()).map_err(D::Error::custom)
+    }
+
+    /// An `Option<i64>` field (with `#[serde(default)]`): `null` is `None`.
+    pub fn option<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+        let raw = Option::<Box<RawValue>>::deserialize(deserializer)?;
+        raw.map(|raw| whole(raw.get()).map_err(D::Error::custom))
+            .transpose()
+    }
+
+    struct Element(i64);
+
+    impl<'de> Deserialize<'de> for Element {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserialize(deserializer).map(Element)
+        }
+    }
+
+    /// An `Option<Vec<i64>>` field (with `#[serde(default)]`): `null` is
+    /// `None`.
+    pub fn option_vec<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Vec<i64>>, D::Error> {
+        let list = Option::<Vec<Element>>::deserialize(deserializer)?;
+        Ok(list.map(|list| list.into_iter().map(|Element(value)| value).collect()))
+    }
+}
+
 /// Parses `bytes` as `T`, naming the field at fault on failure.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
@@ -444,6 +556,61 @@ mod tests {
     #[allow(dead_code)]
     struct Line {
         quantity: i64,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Amounts {
+        #[serde(deserialize_with = "json_integer::deserialize")]
+        cents: i64,
+        #[serde(default, deserialize_with = "json_integer::option")]
+        limit: Option<i64>,
+        #[serde(default, deserialize_with = "json_integer::option_vec")]
+        ids: Option<Vec<i64>>,
+    }
+
+    #[test]
+    fn integers_are_taken_however_they_are_written() {
+        let amounts = parse_json::<Amounts>(
+            br#"{"cents": 1182.0, "limit": 1e3, "ids": [1, -2.0, 30e-1, 0.4e1, 2251799813685247.0]}"#,
+        )
+        .unwrap();
+        assert_eq!(amounts.cents, 1182);
+        assert_eq!(amounts.limit, Some(1000));
+        assert_eq!(amounts.ids, Some(vec![1, -2, 3, 4, 2251799813685247]));
+        let amounts =
+            parse_json::<Amounts>(br#"{"cents": -0.0, "limit": null, "ids": null}"#).unwrap();
+        assert_eq!((amounts.cents, amounts.limit, amounts.ids), (0, None, None));
+        for (text, value) in [
+            ("9223372036854775807", i64::MAX),
+            ("-9223372036854775808", i64::MIN),
+            ("9223372036854775807.000", i64::MAX),
+            ("92233720368547758.07e2", i64::MAX),
+            ("0e999999999999999999999", 0),
+            ("1E+2", 100),
+        ] {
+            let body = format!(r#"{{"cents": {text}}}"#);
+            assert_eq!(
+                parse_json::<Amounts>(body.as_bytes()).unwrap().cents,
+                value,
+                "{text}"
+            );
+        }
+        for (body, field) in [
+            (&br#"{"cents": 1.5}"#[..], "cents"),
+            (br#"{"cents": 1e-1}"#, "cents"),
+            (br#"{"cents": 9223372036854775808}"#, "cents"),
+            (br#"{"cents": 1e19}"#, "cents"),
+            (br#"{"cents": 1e999999999999999999999}"#, "cents"),
+            (br#"{"cents": "1"}"#, "cents"),
+            (br#"{"cents": true}"#, "cents"),
+            (br#"{"cents": 1, "limit": 0.5}"#, "limit"),
+            (br#"{"cents": 1, "ids": [1, 2.5]}"#, "ids[1]"),
+        ] {
+            let problem = parse_json::<Amounts>(body).unwrap_err();
+            assert_eq!(problem.status, 422, "{problem:?}");
+            assert_eq!(problem.field.as_deref(), Some(field), "{problem:?}");
+        }
     }
 
     #[test]

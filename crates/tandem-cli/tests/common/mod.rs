@@ -439,7 +439,7 @@ pub async fn order_load(
             match try_call(http.post(format!("{order}/orders/{id}/cancel"))).await {
                 Ok(reply) if reply.status == 200 => report.cancels += 1,
                 Ok(reply)
-                    if reply.status == 422 && reply.str("type").ends_with("/not-cancellable") => {}
+                    if reply.status == 409 && reply.str("type").ends_with("/not-cancellable") => {}
                 Ok(reply) if reply.status == 409 || reply.status >= 500 => report.failed += 1,
                 Ok(reply) => report
                     .unexpected
