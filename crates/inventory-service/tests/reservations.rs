@@ -669,20 +669,7 @@ async fn unreadable_order_events_are_parked_and_others_ignored() {
         .is_empty());
     assert!(system.feed.of(StockReserved::TYPE, "other").is_empty());
     assert_eq!(system.api.stock("apple").await, (2, 1));
-    tandem::dead_letter::request_discard(&system.inventory, CONSUMER, Some(parked[0].id))
-        .await
-        .unwrap();
-    let inventory = system.inventory.clone();
-    eventually("the dead letter is discarded", WAIT, || {
-        let inventory = inventory.clone();
-        async move {
-            tandem::dead_letter::list(&inventory, Some(CONSUMER), false)
-                .await
-                .unwrap()
-                .is_empty()
-        }
-    })
-    .await;
+    discard_all_parked(&system).await;
     system.stop().await;
 }
 
