@@ -253,13 +253,13 @@ pub struct ApiDoc;
 /// The service's AsyncAPI 3.0 document (`/asyncapi.json`): what it
 /// publishes and what it consumes.
 pub fn asyncapi() -> serde_json::Value {
-    use tandem_contracts::{current, topics};
+    use tandem_contracts::{published_on, topics};
     tandem_service::asyncapi::AsyncApi::new(
         "Tandem Customer Service events",
         env!("CARGO_PKG_VERSION"),
         "Customer events: CustomerCreated, CustomerUpdated, and CustomerSnapshot on a re-publication.",
     )
-    .sends(topics::CUSTOMER, "the customer id", current().into_iter().filter(|contract| contract.topic == topics::CUSTOMER).collect())
+    .sends(topics::CUSTOMER, "the customer id", published_on(topics::CUSTOMER))
     .to_json()
 }
 

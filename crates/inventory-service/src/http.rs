@@ -250,13 +250,13 @@ pub struct ApiDoc;
 /// The service's AsyncAPI 3.0 document (`/asyncapi.json`): what it
 /// publishes and what it consumes.
 pub fn asyncapi() -> serde_json::Value {
-    use tandem_contracts::{current, read, topics};
+    use tandem_contracts::{published_on, read, topics};
     tandem_service::asyncapi::AsyncApi::new(
         "Tandem Inventory Service events",
         env!("CARGO_PKG_VERSION"),
         "Product and stock events, and the answers to orders; reads the orders it reserves stock for.",
     )
-    .sends(topics::INVENTORY, "the product id for product events, the order id for reservation events", current().into_iter().filter(|contract| contract.topic == topics::INVENTORY).collect())
+    .sends(topics::INVENTORY, "the product id for product events, the order id for reservation events", published_on(topics::INVENTORY))
     .receives(
         topics::ORDER,
         "the order id",

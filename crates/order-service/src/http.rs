@@ -345,13 +345,13 @@ pub struct ApiDoc;
 /// The service's AsyncAPI 3.0 document (`/asyncapi.json`): what it
 /// publishes and what it consumes.
 pub fn asyncapi() -> serde_json::Value {
-    use tandem_contracts::{current, read, topics};
+    use tandem_contracts::{published_on, read, topics};
     tandem_service::asyncapi::AsyncApi::new(
         "Tandem Order Service events",
         env!("CARGO_PKG_VERSION"),
         "Order events; reads customers and products into local copies, and the inventory's answers.",
     )
-    .sends(topics::ORDER, "the order id", current().into_iter().filter(|contract| contract.topic == topics::ORDER).collect())
+    .sends(topics::ORDER, "the order id", published_on(topics::ORDER))
     .receives(
         topics::CUSTOMER,
         "the customer id",

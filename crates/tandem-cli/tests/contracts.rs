@@ -151,6 +151,19 @@ async fn every_service_serves_an_asyncapi_document_the_official_parser_accepts()
     assert!(!judged.status.success(), "{}", text(&judged));
 }
 
+/// `tandem contracts check` against `baseline`, expected to fail: its
+/// standard error.
+fn check_fails(baseline: &Path) -> String {
+    let failed = tandem(&[
+        "contracts",
+        "check",
+        "--baseline",
+        baseline.to_str().unwrap(),
+    ]);
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    String::from_utf8_lossy(&failed.stderr).into_owned()
+}
+
 fn schema_file(name: &str) -> Value {
     let path = repository()
         .join("crates/tandem-contracts/baseline")
@@ -212,15 +225,7 @@ fn the_contracts_check_passes_on_the_baseline_and_names_every_break() {
         ),
     ];
     for (file, schema, expected) in cases {
-        let baseline = baseline_with(dir.path(), &[(file, schema)]);
-        let failed = tandem(&[
-            "contracts",
-            "check",
-            "--baseline",
-            baseline.to_str().unwrap(),
-        ]);
-        assert_eq!(failed.status.code(), Some(1), "{file}: {}", text(&failed));
-        let err = String::from_utf8_lossy(&failed.stderr);
+        let err = check_fails(&baseline_with(dir.path(), &[(file, schema)]));
         assert!(
             err.contains(expected),
             "{file}: expected {expected:?} in {err}"
@@ -228,24 +233,12 @@ fn the_contracts_check_passes_on_the_baseline_and_names_every_break() {
         assert!(err.contains("1 incompatible change"), "{file}: {err}");
     }
     // A released version that is gone.
-    let baseline = baseline_with(
+    let err = check_fails(&baseline_with(
         dir.path(),
         &[("OrderPlaced.v0.json", schema_file("OrderPlaced.v1.json"))],
-    );
-    let failed = tandem(&[
-        "contracts",
-        "check",
-        "--baseline",
-        baseline.to_str().unwrap(),
-    ]);
-    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
-    assert!(
-        String::from_utf8_lossy(&failed.stderr).contains("OrderPlaced v0: version removed"),
-        "{}",
-        text(&failed)
-    );
+    ));
+    assert!(err.contains("OrderPlaced v0: version removed"), "{err}");
     // No baseline: a message, not a pass.
-    let failed = tandem(&["contracts", "check", "--baseline", "/nonexistent/baseline"]);
-    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
-    assert!(String::from_utf8_lossy(&failed.stderr).contains("no contract baseline"));
+    let err = check_fails(Path::new("/nonexistent/baseline"));
+    assert!(err.contains("no contract baseline"), "{err}");
 }

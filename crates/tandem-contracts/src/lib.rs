@@ -313,14 +313,10 @@ pub mod order {
 /// still read; `schemas/<type>.v<N>.json` must match.
 pub fn contracts() -> Vec<Contract> {
     fn entry<T: EventPayload + JsonSchema>() -> Contract {
+        // The `contract!` macro names the topic in the schema.
         let topic = T::SCHEMA
             .strip_prefix("tandem:")
             .and_then(|rest| rest.split('/').next())
-            .and_then(|topic| {
-                [topics::CUSTOMER, topics::INVENTORY, topics::ORDER]
-                    .into_iter()
-                    .find(|known| *known == topic)
-            })
             .expect("a contract's schema is tandem:<topic>/<type>/v<N>");
         Contract::new::<T>(
             topic,
@@ -349,6 +345,14 @@ pub fn contracts() -> Vec<Contract> {
 /// The current version of every contract: what is published.
 pub fn current() -> Vec<Contract> {
     tandem::contract::newest(&contracts())
+}
+
+/// The current version of every contract published on `topic`.
+pub fn published_on(topic: &str) -> Vec<Contract> {
+    current()
+        .into_iter()
+        .filter(|contract| contract.topic == topic)
+        .collect()
 }
 
 /// Every version of the contracts named `event_types`: what a consumer of
