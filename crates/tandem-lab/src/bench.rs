@@ -42,9 +42,13 @@ use crate::progress::Progress;
 pub enum BenchCommand {
     /// Events/s through outbox → relay → embedded log → consumer → read model.
     Pipeline(PipelineArgs),
-    /// POST /orders throughput and latency with a separate load generator
-    /// (oha), and the time from POST /orders to CONFIRMED.
+    /// POST /orders throughput and latency under the built-in load
+    /// generator, and the time from POST /orders to CONFIRMED.
     Orders(crate::bench_orders::OrdersArgs),
+    /// The order flow on events against the same flow over synchronous
+    /// REST calls: saturation, latency, confirmation, and outages of the
+    /// Customer and Inventory Services.
+    Compare(crate::bench_compare::CompareArgs),
     /// The admin API's dead-letter listings and failure groups with many
     /// letters parked, over a real socket.
     DeadLetters(crate::bench_dead_letters::DeadLettersArgs),
@@ -200,6 +204,15 @@ struct Report {
     /// Event creation (inside the producer's transaction) to visible.
     created_p50_ms: f64,
     created_p99_ms: f64,
+    /// With --bus: the broker's own produce-to-consume delay at the same
+    /// rate and tick, with its plain client ([`crate::raw_latency`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_p99_ms: Option<f64>,
+    /// p50_ms ÷ raw_p50_ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_ratio: Option<f64>,
     payload_bytes: usize,
     retain: bool,
     sizes: Vec<Sizes>,
@@ -209,6 +222,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Pipeline(args) => pipeline(args).await,
         BenchCommand::Orders(args) => crate::bench_orders::run(args).await,
+        BenchCommand::Compare(args) => crate::bench_compare::run(args).await,
         BenchCommand::DeadLetters(args) => crate::bench_dead_letters::run(args).await,
     }
 }
@@ -722,6 +736,34 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         "[3/3] latency at {actual_rate:.0} events/s: commit to visible p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms ({} samples)",
         delays.len()
     ));
+    // The broker's own delay at the same rate and tick, after the
+    // pipeline has stopped (so the two do not share the broker).
+    let raw_delays = match &bus_url {
+        Some(url) => {
+            progress.spin(format!(
+                "[3/3] the broker's plain client at {actual_rate:.0} records/s for {} s ...",
+                args.latency_seconds
+            ));
+            let schedule = crate::raw_latency::Schedule {
+                per_tick,
+                tick,
+                seconds: args.latency_seconds,
+                payload_bytes,
+            };
+            let delays = if url.starts_with("kafka") {
+                crate::raw_latency::kafka(url, schedule).await?
+            } else {
+                crate::raw_latency::nats(url, schedule).await?
+            };
+            progress.done(format!(
+                "[3/3] the broker's plain client: produce to consume p50 {:.2} ms, p99 {:.2} ms",
+                percentile(&delays, 0.50),
+                percentile(&delays, 0.99)
+            ));
+            Some(delays)
+        }
+        None => None,
+    };
     // The live line goes before the report is printed.
     drop(progress);
 
@@ -767,6 +809,9 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         max_ms,
         created_p50_ms,
         created_p99_ms,
+        raw_p50_ms: raw_delays.as_ref().map(|d| percentile(d, 0.50)),
+        raw_p99_ms: raw_delays.as_ref().map(|d| percentile(d, 0.99)),
+        latency_ratio: raw_delays.as_ref().map(|d| p50_ms / percentile(d, 0.50)),
         payload_bytes,
         retain: args.retain,
         sizes,
@@ -793,6 +838,13 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         "              creation to visible p50 {:.2} ms, p99 {:.2} ms",
         report.created_p50_ms, report.created_p99_ms
     );
+    if let (Some(p50), Some(p99), Some(ratio)) =
+        (report.raw_p50_ms, report.raw_p99_ms, report.latency_ratio)
+    {
+        println!(
+            "raw bus       produce to consume p50 {p50:.2} ms, p99 {p99:.2} ms (the broker's plain client, same rate); pipeline p50 ÷ raw p50 {ratio:.2}"
+        );
+    }
     if !report.sizes.is_empty() {
         println!(
             "file sizes    (MB with -wal, of which -wal{}) applied: producer / bus / reader",

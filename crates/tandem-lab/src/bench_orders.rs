@@ -1,12 +1,13 @@
-//! `tandem-lab bench orders`: the Order Service under load from a separate
-//! load-generator process (`oha`, installed with `cargo install oha`).
+//! `tandem-lab bench orders`: the Order Service under load from the
+//! benchmarks' own load generator ([`crate::load`]: nothing to install).
 //!
 //! 1. starts the system on the embedded engines in a temporary directory,
 //!    seeds it, raises customer 1234's credit and the widget stock so that
 //!    every order can be confirmed;
-//! 2. saturation: oha with `connections` connections for `seconds`; the
-//!    accepted rate is the number of 202 answers per second;
-//! 3. fixed rate at 70 % of that: p50 and p99 latency of POST /orders;
+//! 2. saturation: `connections` clients, each waiting for its answer, for
+//!    `seconds`; the accepted rate is the number of 202 answers per second;
+//! 3. fixed rate at 70 % of that (open loop, latency counted from when a
+//!    request was due): p50 and p99 latency of POST /orders;
 //! 4. POST /orders to CONFIRMED, one order at a time: p50 and p99.
 //!
 //! With `--console`, the operator console runs beside the system as an
@@ -15,7 +16,6 @@
 //! and each of them reads the failure groups of every service through it
 //! every two seconds (the dead-letter page's poll), with the admin token.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -26,20 +26,19 @@ use serde_json::{json, Value};
 use tandem_cli::serve::Service;
 use tandem_cli::system::System;
 
+use crate::load::{percentile, Load};
+
 #[derive(Debug, Args)]
 pub struct OrdersArgs {
     /// Seconds of each load phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Concurrent connections of the load generator.
+    /// Concurrent clients in the saturation phase.
     #[arg(long, default_value_t = 32)]
-    connections: u32,
+    connections: usize,
     /// Orders timed from POST to CONFIRMED.
     #[arg(long, default_value_t = 200)]
     confirm_samples: usize,
-    /// The load generator's executable.
-    #[arg(long, default_value = "oha")]
-    oha: String,
     /// Print exactly one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -143,88 +142,15 @@ struct Report {
     p99_ms: f64,
     confirm_p50_ms: f64,
     confirm_p99_ms: f64,
-    connections: u32,
+    connections: usize,
     seconds: u64,
     console: bool,
 }
 
-/// What one oha run measured.
-struct Load {
-    accepted_per_sec: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    other_statuses: Vec<String>,
-}
-
-async fn oha(args: &OrdersArgs, url: &str, rate: Option<f64>) -> anyhow::Result<Load> {
-    let body = json!({"customerId": "1234", "lines": [{"productId": "widget", "quantity": 1}]})
-        .to_string();
-    let mut command = tokio::process::Command::new(&args.oha);
-    command
-        .args([
-            "-z",
-            &format!("{}s", args.seconds),
-            "-c",
-            &args.connections.to_string(),
-        ])
-        .args([
-            "--no-tui",
-            "--output-format",
-            "json",
-            "-m",
-            "POST",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body,
-        ])
-        .arg(url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(rate) = rate {
-        command.args(["-q", &format!("{rate:.0}")]);
-    }
-    let output = command.output().await.with_context(|| {
-        format!("cannot run the load generator {:?}; install it with `cargo install oha --version 1.12.0 --locked`", args.oha)
-    })?;
-    ensure!(
-        output.status.success(),
-        "oha failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).context("oha's JSON output")?;
-    let statuses = report["statusCodeDistribution"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    let accepted = statuses.get("202").and_then(Value::as_f64).unwrap_or(0.0);
-    let other_statuses = statuses
-        .iter()
-        .filter(|(status, _)| *status != "202")
-        .map(|(status, count)| format!("{status}: {count}"))
-        .collect();
-    let seconds = |name: &str| {
-        report["latencyPercentiles"][name]
-            .as_f64()
-            .unwrap_or(f64::NAN)
-            * 1000.0
-    };
-    Ok(Load {
-        accepted_per_sec: accepted / args.seconds as f64,
-        p50_ms: seconds("p50"),
-        p99_ms: seconds("p99"),
-        other_statuses,
-    })
-}
-
-fn percentile(sorted: &[f64], fraction: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() - 1) as f64) * fraction).round() as usize]
-}
-
-async fn prepare(system: &System) -> anyhow::Result<()> {
+/// Raises customer 1234's credit and the widget stock so that every
+/// order of a run can be confirmed, and waits for the Order Service's
+/// copies to have both.
+pub(crate) async fn prepare(system: &System) -> anyhow::Result<()> {
     let http = system.http();
     let customer = system.url(Service::Customer)?;
     let inventory = system.url(Service::Inventory)?;
@@ -277,12 +203,22 @@ async fn prepare(system: &System) -> anyhow::Result<()> {
     }
 }
 
-async fn time_to_confirmed(system: &System, samples: usize) -> anyhow::Result<Vec<f64>> {
+/// Orders placed one at a time and timed from POST to CONFIRMED (read
+/// every half millisecond): `samples` of them, or as many as fit before
+/// `until`, with a 20 ms pause between two when timed against a deadline
+/// (so that, under load, the timing adds little of its own).
+pub(crate) async fn time_to_confirmed(
+    system: &System,
+    samples: Option<usize>,
+    until: Option<Instant>,
+) -> anyhow::Result<Vec<f64>> {
     let http = system.http();
     let order = system.url(Service::Order)?;
     let body = json!({"customerId": "1234", "lines": [{"productId": "widget", "quantity": 1}]});
-    let mut durations = Vec::with_capacity(samples);
-    for _ in 0..samples {
+    let mut durations = Vec::new();
+    while samples.is_none_or(|samples| durations.len() < samples)
+        && until.is_none_or(|until| Instant::now() < until)
+    {
         let started = Instant::now();
         let placed: Value = http
             .post(format!("{order}/orders"))
@@ -311,6 +247,9 @@ async fn time_to_confirmed(system: &System, samples: usize) -> anyhow::Result<Ve
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         durations.push(started.elapsed().as_secs_f64() * 1000.0);
+        if until.is_some() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     durations.sort_by(f64::total_cmp);
     Ok(durations)
@@ -350,44 +289,50 @@ pub async fn run(args: OrdersArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(system: &System, args: &OrdersArgs) -> anyhow::Result<()> {
-    let url = format!("{}/orders", system.url(Service::Order)?);
+    let load = Load::new(
+        &format!("{}/orders", system.url(Service::Order)?),
+        &json!({"customerId": "1234", "lines": [{"productId": "widget", "quantity": 1}]}),
+    )?;
+    let seconds = Duration::from_secs(args.seconds);
     eprintln!(
-        "[1/3] saturating POST /orders with {} connections for {} s ...",
+        "[1/3] saturating POST /orders with {} clients for {} s ...",
         args.connections, args.seconds
     );
-    let saturated = oha(args, &url, None).await?;
+    let saturated = load.closed(args.connections, seconds).await;
+    let refused = saturated.refused();
     eprintln!(
         "[1/3] accepted {:.0} orders/s (p50 {:.2} ms, p99 {:.2} ms){}",
-        saturated.accepted_per_sec,
-        saturated.p50_ms,
-        saturated.p99_ms,
-        if saturated.other_statuses.is_empty() {
+        saturated.accepted_per_sec(),
+        saturated.latency_ms(0.5),
+        saturated.latency_ms(0.99),
+        if refused.is_empty() {
             String::new()
         } else {
-            format!("; other answers {:?}", saturated.other_statuses)
+            format!("; other answers (status: count) {refused:?}")
         }
     );
-    let rate = (saturated.accepted_per_sec * 0.7).max(1.0);
+    let rate = (saturated.accepted_per_sec() * 0.7).max(1.0);
     eprintln!(
         "[2/3] fixed rate {rate:.0} orders/s for {} s ...",
         args.seconds
     );
-    let fixed = oha(args, &url, Some(rate)).await?;
+    let fixed = load.open(rate, seconds).await;
     eprintln!(
         "[2/3] p50 {:.2} ms, p99 {:.2} ms",
-        fixed.p50_ms, fixed.p99_ms
+        fixed.latency_ms(0.5),
+        fixed.latency_ms(0.99)
     );
     eprintln!(
         "[3/3] {} orders timed from POST to CONFIRMED ...",
         args.confirm_samples
     );
-    let confirmed = time_to_confirmed(system, args.confirm_samples).await?;
+    let confirmed = time_to_confirmed(system, Some(args.confirm_samples), None).await?;
     let report = Report {
-        max_accepted_per_sec: saturated.accepted_per_sec,
+        max_accepted_per_sec: saturated.accepted_per_sec(),
         fixed_rate_per_sec: rate,
-        fixed_rate_accepted_per_sec: fixed.accepted_per_sec,
-        p50_ms: fixed.p50_ms,
-        p99_ms: fixed.p99_ms,
+        fixed_rate_accepted_per_sec: fixed.accepted_per_sec(),
+        p50_ms: fixed.latency_ms(0.5),
+        p99_ms: fixed.latency_ms(0.99),
         confirm_p50_ms: percentile(&confirmed, 0.5),
         confirm_p99_ms: percentile(&confirmed, 0.99),
         connections: args.connections,
@@ -396,7 +341,7 @@ async fn measure(system: &System, args: &OrdersArgs) -> anyhow::Result<()> {
     };
     println!();
     println!(
-        "POST /orders accepted     {:>8.0} orders/s at saturation ({} connections)",
+        "POST /orders accepted     {:>8.0} orders/s at saturation ({} clients)",
         report.max_accepted_per_sec, report.connections
     );
     println!(

@@ -5,17 +5,24 @@
 //!   bus → consumer → read model, against a raw baseline on the same disk or
 //!   broker.
 //! - `tandem-lab bench orders`: the Order Service under load.
+//! - `tandem-lab bench compare`: the order flow on events against a
+//!   synchronous REST baseline of it ([`baseline`]), in one run.
 //! - `tandem-lab bench dead-letters`: the admin API's dead-letter listings
 //!   and failure groups with many letters parked.
 //! - `tandem-lab worker ...` (hidden): small programs the crash-matrix and
 //!   multi-process tests run as child processes.
+//! - `tandem-lab baseline SERVICE` (hidden): a service of that baseline.
 //! - `tandem-lab serve` (hidden): the product's `tandem serve`, so that
 //!   `bench orders` can start the services from this executable.
 
+mod baseline;
 mod bench;
+mod bench_compare;
 mod bench_dead_letters;
 mod bench_orders;
+mod load;
 mod progress;
+mod raw_latency;
 mod worker;
 
 use std::process::ExitCode;
@@ -50,6 +57,9 @@ enum Command {
     /// services `bench orders` starts).
     #[command(hide = true)]
     Serve(tandem_cli::serve::ServeArgs),
+    /// One service of the synchronous REST baseline `bench compare` runs.
+    #[command(hide = true)]
+    Baseline(baseline::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +69,7 @@ fn main() -> ExitCode {
             Command::Bench(command) => bench::run(command).await,
             Command::Worker(command) => worker::run(command).await,
             Command::Serve(args) => tandem_cli::serve::run(args).await,
+            Command::Baseline(args) => baseline::serve(args).await,
         }
     })
 }

@@ -173,3 +173,125 @@ fn redirected_output_has_no_escape_codes() {
         );
     }
 }
+
+/// `bench pipeline --bus URL`, small: beside the pipeline's delay, the
+/// broker's own (its plain client at the same rate) comes out as
+/// raw_p50_ms/raw_p99_ms, with their ratio.
+fn a_small_pipeline_bench_on(bus: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
+        .args([
+            "bench",
+            "pipeline",
+            "--bus",
+            bus,
+            "--events",
+            "2000",
+            "--batch",
+            "500",
+            "--aggregates",
+            "100",
+            "--latency-seconds",
+            "1",
+            "--latency-rate",
+            "1000",
+            "--json",
+        ])
+        .output()
+        .expect("run tandem-lab bench pipeline");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench on {bus} failed (is the broker up? `scripts/engines up` starts it): {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    let report: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    let number = |field: &str| {
+        report[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} missing in {report}"))
+    };
+    assert_eq!(report["raw_kind"], "bus-produce-consume", "{report}");
+    assert!(number("raw_p50_ms") > 0.0, "{report}");
+    assert!(number("raw_p50_ms") <= number("raw_p99_ms"), "{report}");
+    let ratio = number("p50_ms") / number("raw_p50_ms");
+    assert!((number("latency_ratio") - ratio).abs() < 1e-9, "{report}");
+}
+
+#[test]
+fn the_pipeline_bench_on_nats_reports_the_brokers_own_delay_beside_its_own() {
+    a_small_pipeline_bench_on(
+        &std::env::var("TANDEM_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+    );
+}
+
+#[test]
+fn the_pipeline_bench_on_kafka_reports_the_brokers_own_delay_beside_its_own() {
+    a_small_pipeline_bench_on(
+        &std::env::var("TANDEM_TEST_KAFKA").unwrap_or_else(|_| "kafka://127.0.0.1:19092".into()),
+    );
+}
+
+/// `bench compare`, small: both architectures under the same load, and
+/// the claim itself, as behaviour rather than speed: with the Customer or
+/// the Inventory Service killed, the event-driven system accepts every
+/// order and confirms each once the service is back, where the REST
+/// baseline refuses (nearly) all of them.
+#[test]
+fn a_small_compare_bench_shows_the_outages_the_events_ride_out() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
+        .args([
+            "bench",
+            "compare",
+            "--seconds",
+            "1",
+            "--connections",
+            "4",
+            "--outage-seconds",
+            "2",
+            "--outage-load",
+            "0.1",
+            "--json",
+        ])
+        .output()
+        .expect("run tandem-lab bench compare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench compare failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    let report: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    let number = |field: &str| {
+        report[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} missing in {report}"))
+    };
+    for ratio in ["throughput_ratio", "p99_ratio", "confirm_p99_ratio"] {
+        assert!(number(ratio) > 0.0, "{ratio}: {report}");
+    }
+    for outage in ["customer", "inventory"] {
+        let due = report["event_driven"][format!("{outage}_outage")]["due"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(
+            due > 0,
+            "no order was due during the {outage} outage: {report}"
+        );
+        assert_eq!(
+            number(&format!("{outage}_outage_accepted_event_driven")),
+            1.0,
+            "{report}"
+        );
+        assert_eq!(
+            number(&format!("{outage}_outage_confirmed_event_driven")),
+            1.0,
+            "{report}"
+        );
+        assert!(
+            number(&format!("{outage}_outage_accepted_baseline")) < 0.5,
+            "{report}"
+        );
+    }
+}
