@@ -117,29 +117,22 @@ pub async fn kafka(url: &str, schedule: Schedule) -> anyhow::Result<Vec<i64>> {
         .await
         .context("the first probe record did not come back within 30 s")??;
 
-    let count = Sent::new();
-    let reader = read_back(
-        &count,
+    let deliveries = std::sync::Mutex::new(Vec::new());
+    let (sent, delays) = round_trip(
+        schedule,
+        |payload| {
+            let delivery = ready(&producer, payload);
+            let deliveries = &deliveries;
+            async move {
+                deliveries.lock().expect("deliveries").push(delivery?);
+                Ok(())
+            }
+        },
         consumer
             .stream()
             .map(|message| sent_micros(message?.payload().unwrap_or_default())),
-    );
-    let deliveries = std::sync::Mutex::new(Vec::new());
-    let writer = publish_on_schedule(schedule, |payload| {
-        let delivery = ready(&producer, payload);
-        let deliveries = &deliveries;
-        async move {
-            deliveries.lock().expect("deliveries").push(delivery?);
-            Ok(())
-        }
-    });
-    let writer = async {
-        let sent = writer.await;
-        count.set(*sent.as_ref().unwrap_or(&0));
-        sent
-    };
-    let (sent, delays) = tokio::join!(writer, reader);
-    let sent = sent?;
+    )
+    .await?;
     for delivery in deliveries.into_inner().expect("deliveries") {
         delivery
             .await
@@ -148,7 +141,7 @@ pub async fn kafka(url: &str, schedule: Schedule) -> anyhow::Result<Vec<i64>> {
     }
     // The topic stays: tansu 0.6 panics when a topic is deleted while a
     // fetch of it is in flight (the raw throughput loop's topics stay too).
-    finish(sent, delays?)
+    finish(sent, delays)
 }
 
 /// How many records were sent, once the writer is done (`u64::MAX`
@@ -191,6 +184,27 @@ async fn read_back(
     Ok(delays)
 }
 
+/// Publishes on `schedule` while reading `records` back (each the µs its
+/// send began): how many were sent, and the delays read.
+async fn round_trip<F, Fut>(
+    schedule: Schedule,
+    publish: F,
+    records: impl futures_util::Stream<Item = anyhow::Result<i64>> + Unpin,
+) -> anyhow::Result<(u64, Vec<i64>)>
+where
+    F: FnMut(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let count = Sent::new();
+    let writer = async {
+        let sent = publish_on_schedule(schedule, publish).await;
+        count.set(*sent.as_ref().unwrap_or(&0));
+        sent
+    };
+    let (sent, delays) = tokio::join!(writer, read_back(&count, records));
+    Ok((sent?, delays?))
+}
+
 fn finish(sent: u64, mut delays: Vec<i64>) -> anyhow::Result<Vec<i64>> {
     ensure!(
         delays.len() as u64 == sent,
@@ -231,16 +245,6 @@ pub async fn nats(url: &str, schedule: Schedule) -> anyhow::Result<Vec<i64>> {
         .await
         .map_err(|error| anyhow::anyhow!("reading {name}: {error}"))?;
 
-    let count = Sent::new();
-    let reader = read_back(
-        &count,
-        messages.map(|message| {
-            let message = message.map_err(|error| anyhow::anyhow!("reading: {error}"))?;
-            sent_micros(&message.payload)
-        }),
-    );
-    // Acknowledgements are awaited as they come, by a task of their own:
-    // async-nats holds further publishes while too many are unawaited.
     let (acks, mut settle) =
         tokio::sync::mpsc::unbounded_channel::<jetstream::context::PublishAckFuture>();
     let acker = tokio::spawn(async move {
@@ -250,26 +254,27 @@ pub async fn nats(url: &str, schedule: Schedule) -> anyhow::Result<Vec<i64>> {
         }
         anyhow::Ok(())
     });
-    let writer = publish_on_schedule(schedule, |payload| {
-        let (jetstream, subject, acks) = (&jetstream, name.clone(), &acks);
-        async move {
-            let ack = jetstream
-                .publish(subject, payload.into())
-                .await
-                .map_err(|error| anyhow::anyhow!("publishing: {error}"))?;
-            acks.send(ack).context("the acknowledging task stopped")?;
-            Ok(())
-        }
-    });
-    let writer = async {
-        let sent = writer.await;
-        count.set(*sent.as_ref().unwrap_or(&0));
-        sent
-    };
-    let (sent, delays) = tokio::join!(writer, reader);
-    let sent = sent?;
+    let (sent, delays) = round_trip(
+        schedule,
+        |payload| {
+            let (jetstream, subject, acks) = (&jetstream, name.clone(), &acks);
+            async move {
+                let ack = jetstream
+                    .publish(subject, payload.into())
+                    .await
+                    .map_err(|error| anyhow::anyhow!("publishing: {error}"))?;
+                acks.send(ack).context("the acknowledging task stopped")?;
+                Ok(())
+            }
+        },
+        messages.map(|message| {
+            let message = message.map_err(|error| anyhow::anyhow!("reading: {error}"))?;
+            sent_micros(&message.payload)
+        }),
+    )
+    .await?;
     drop(acks);
     acker.await.context("the acknowledging task")??;
     let _ = jetstream.delete_stream(&name).await;
-    finish(sent, delays?)
+    finish(sent, delays)
 }

@@ -174,12 +174,35 @@ fn redirected_output_has_no_escape_codes() {
     }
 }
 
+/// Runs `tandem-lab` with `args` and returns the JSON object of its last
+/// line; `hint` says what to start when it fails.
+fn last_json_of(args: &[&str], hint: &str) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
+        .args(args)
+        .output()
+        .expect("run tandem-lab");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "tandem-lab {args:?} failed{hint}: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    serde_json::from_str(last).expect("last line is JSON")
+}
+
+fn number(report: &serde_json::Value, field: &str) -> f64 {
+    report[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing in {report}"))
+}
+
 /// `bench pipeline --bus URL`, small: beside the pipeline's delay, the
 /// broker's own (its plain client at the same rate) comes out as
 /// raw_p50_ms/raw_p99_ms, with their ratio.
 fn a_small_pipeline_bench_on(bus: &str) {
-    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
-        .args([
+    let report = last_json_of(
+        &[
             "bench",
             "pipeline",
             "--bus",
@@ -195,22 +218,10 @@ fn a_small_pipeline_bench_on(bus: &str) {
             "--latency-rate",
             "1000",
             "--json",
-        ])
-        .output()
-        .expect("run tandem-lab bench pipeline");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "bench on {bus} failed (is the broker up? `scripts/engines up` starts it): {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
+        " (is the broker up? `scripts/engines up` starts it)",
     );
-    let last = stdout.lines().last().expect("some output");
-    let report: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
-    let number = |field: &str| {
-        report[field]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{field} missing in {report}"))
-    };
+    let number = |field: &str| number(&report, field);
     assert_eq!(report["raw_kind"], "bus-produce-consume", "{report}");
     assert!(number("raw_p50_ms") > 0.0, "{report}");
     assert!(number("raw_p50_ms") <= number("raw_p99_ms"), "{report}");
@@ -239,8 +250,8 @@ fn the_pipeline_bench_on_kafka_reports_the_brokers_own_delay_beside_its_own() {
 /// baseline refuses (nearly) all of them.
 #[test]
 fn a_small_compare_bench_shows_the_outages_the_events_ride_out() {
-    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
-        .args([
+    let report = last_json_of(
+        &[
             "bench",
             "compare",
             "--seconds",
@@ -252,22 +263,10 @@ fn a_small_compare_bench_shows_the_outages_the_events_ride_out() {
             "--outage-load",
             "0.1",
             "--json",
-        ])
-        .output()
-        .expect("run tandem-lab bench compare");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "bench compare failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
+        "",
     );
-    let last = stdout.lines().last().expect("some output");
-    let report: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
-    let number = |field: &str| {
-        report[field]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{field} missing in {report}"))
-    };
+    let number = |field: &str| number(&report, field);
     for ratio in ["throughput_ratio", "p99_ratio", "confirm_p99_ratio"] {
         assert!(number(ratio) > 0.0, "{ratio}: {report}");
     }
