@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use clap::Args;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use tandem_cli::serve::Service;
 use tandem_cli::system::System;
 
-use crate::baseline::{self, Baseline, Part};
+use crate::baseline::{Baseline, Part};
 use crate::bench_orders;
 use crate::load::{percentile, Load, Run};
 
@@ -125,10 +125,7 @@ impl Architecture {
     fn load(&self) -> anyhow::Result<Load> {
         Load::new(
             &format!("{}/orders", self.orders_url()?),
-            &json!({
-                "customerId": baseline::CUSTOMER,
-                "lines": [{"productId": baseline::PRODUCT, "quantity": 1}],
-            }),
+            &bench_orders::order_request(),
         )
     }
 

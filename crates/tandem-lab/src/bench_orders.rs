@@ -147,6 +147,15 @@ struct Report {
     console: bool,
 }
 
+/// The order every bench places: one widget for customer 1234, seeded in
+/// both the product and the REST baseline with room for every order.
+pub(crate) fn order_request() -> Value {
+    json!({
+        "customerId": crate::baseline::CUSTOMER,
+        "lines": [{"productId": crate::baseline::PRODUCT, "quantity": 1}],
+    })
+}
+
 /// Raises customer 1234's credit and the widget stock so that every
 /// order of a run can be confirmed, and waits for the Order Service's
 /// copies to have both.
@@ -214,7 +223,7 @@ pub(crate) async fn time_to_confirmed(
 ) -> anyhow::Result<Vec<f64>> {
     let http = system.http();
     let order = system.url(Service::Order)?;
-    let body = json!({"customerId": "1234", "lines": [{"productId": "widget", "quantity": 1}]});
+    let body = order_request();
     let mut durations = Vec::new();
     while samples.is_none_or(|samples| durations.len() < samples)
         && until.is_none_or(|until| Instant::now() < until)
@@ -291,7 +300,7 @@ pub async fn run(args: OrdersArgs) -> anyhow::Result<()> {
 async fn measure(system: &System, args: &OrdersArgs) -> anyhow::Result<()> {
     let load = Load::new(
         &format!("{}/orders", system.url(Service::Order)?),
-        &json!({"customerId": "1234", "lines": [{"productId": "widget", "quantity": 1}]}),
+        &order_request(),
     )?;
     let seconds = Duration::from_secs(args.seconds);
     eprintln!(

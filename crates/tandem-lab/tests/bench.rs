@@ -5,11 +5,34 @@
 
 use std::process::Command;
 
+/// Runs `tandem-lab` with `args` and returns the JSON object of its last
+/// line; `hint` says what to start when it fails.
+fn last_json_of(args: &[&str], hint: &str) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
+        .args(args)
+        .output()
+        .expect("run tandem-lab");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "tandem-lab {args:?} failed{hint}: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    serde_json::from_str(last).expect("last line is JSON")
+}
+
+fn number(report: &serde_json::Value, field: &str) -> f64 {
+    report[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing in {report}"))
+}
+
 #[test]
 fn a_small_pipeline_bench_prints_its_figures_as_one_json_line() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
-        .args([
+    let report = last_json_of(
+        &[
             "bench",
             "pipeline",
             "--events",
@@ -24,23 +47,11 @@ fn a_small_pipeline_bench_prints_its_figures_as_one_json_line() {
             "2000",
             "--json",
             "--dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .expect("run tandem-lab bench pipeline");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "bench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+            dir.path().to_str().expect("a UTF-8 temporary path"),
+        ],
+        "",
     );
-    let last = stdout.lines().last().expect("some output");
-    let report: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
-    let number = |field: &str| {
-        report[field]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{field} missing in {report}"))
-    };
+    let number = |field: &str| number(&report, field);
     assert!(number("events_per_sec") > 0.0, "{report}");
     let raw_runs = report["raw_runs"].as_array().expect("raw_runs");
     assert_eq!(raw_runs.len(), 3, "{report}");
@@ -66,8 +77,8 @@ fn a_small_pipeline_bench_prints_its_figures_as_one_json_line() {
 /// as one JSON object on the last line. Never its speed.
 #[test]
 fn a_small_dead_letters_bench_prints_its_figures_as_one_json_line() {
-    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
-        .args([
+    let report = last_json_of(
+        &[
             "bench",
             "dead-letters",
             "--parked",
@@ -77,17 +88,9 @@ fn a_small_dead_letters_bench_prints_its_figures_as_one_json_line() {
             "--requests",
             "3",
             "--json",
-        ])
-        .output()
-        .expect("run tandem-lab bench dead-letters");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "bench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
+        "",
     );
-    let last = stdout.lines().last().expect("some output");
-    let report: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
     assert_eq!(report["parked"], 3000, "{report}");
     assert_eq!(report["consumers"], 3, "{report}");
     assert_eq!(report["groups"], 36, "every cause its own group: {report}");
@@ -172,29 +175,6 @@ fn redirected_output_has_no_escape_codes() {
             "no line starting with {phase:?} in {stderr_text:?}"
         );
     }
-}
-
-/// Runs `tandem-lab` with `args` and returns the JSON object of its last
-/// line; `hint` says what to start when it fails.
-fn last_json_of(args: &[&str], hint: &str) -> serde_json::Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_tandem-lab"))
-        .args(args)
-        .output()
-        .expect("run tandem-lab");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "tandem-lab {args:?} failed{hint}: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let last = stdout.lines().last().expect("some output");
-    serde_json::from_str(last).expect("last line is JSON")
-}
-
-fn number(report: &serde_json::Value, field: &str) -> f64 {
-    report[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{field} missing in {report}"))
 }
 
 /// `bench pipeline --bus URL`, small: beside the pipeline's delay, the
