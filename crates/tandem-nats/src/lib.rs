@@ -753,6 +753,36 @@ impl Bus for NatsBus {
                 .error(&format!("record {offset} of {topic}"), error)),
         }
     }
+
+    /// Deletes the group's durable on each topic's stream; one already
+    /// gone (or a stream never made) is fine.
+    async fn forget_group(&self, group: &str, topics: &[String]) -> Result<(), BusError> {
+        let durable = sanitise(group);
+        for topic in topics {
+            Inner::check_topic(topic)?;
+            let name = self.inner.stream_name(topic);
+            let stream = match self.inner.jetstream.get_stream_no_info(&name).await {
+                Ok(stream) => stream,
+                Err(error) => return Err(self.inner.error(&format!("stream of {topic}"), error)),
+            };
+            if let Err(error) = stream.delete_consumer(&durable).await {
+                if let jetstream::stream::ConsumerErrorKind::JetStream(inner) = error.kind() {
+                    if [
+                        jetstream::ErrorCode::CONSUMER_NOT_FOUND,
+                        jetstream::ErrorCode::STREAM_NOT_FOUND,
+                    ]
+                    .contains(&inner.error_code())
+                    {
+                        continue;
+                    }
+                }
+                return Err(self
+                    .inner
+                    .error(&format!("durable {durable} of {topic}"), error));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -284,6 +284,39 @@ async fn a_seek_ahead_of_the_ack_floor_keeps_the_durable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_group_has_no_durable_left() {
+    let prefix = unique_prefix();
+    let bus = connect(&prefix, "").await;
+    let _namespace = Namespace(bus.clone());
+    let topic = unique("forget");
+    let group = unique("g");
+    bus.publish(&[raw(&topic, "k", "p0")]).await.unwrap();
+    let mut member = subscribe(&bus, &group, &topic).await;
+    read(&mut *member, 1, true).await;
+    drop(member);
+    let client = async_nats::connect(common::test_url()).await.unwrap();
+    let stream = jetstream::new(client)
+        .get_stream(bus.stream_name(&topic))
+        .await
+        .unwrap();
+    stream
+        .consumer_info(&group)
+        .await
+        .expect("the group's durable exists while it may read again");
+    bus.forget_group(&group, std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    assert!(
+        stream.consumer_info(&group).await.is_err(),
+        "the durable is deleted"
+    );
+    // Forgetting again, or on a topic with no stream, is fine.
+    bus.forget_group(&group, &[topic.clone(), unique("never")])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_an_error_naming_the_url_without_secrets() {
     let started = std::time::Instant::now();
     let error = NatsBus::connect("nats://alice:s3cret@127.0.0.1:1?connect_timeout_ms=2000")

@@ -265,6 +265,19 @@ impl EngineSql for PostgresSql {
             .is_some())
     }
 
+    fn rename_index(&self, tx: &mut dyn Tx, from: &str, to: &str) -> Result<bool, StoreError> {
+        // Unquoted, as the model's statements name it: folded alike.
+        let exists = tx
+            .query_opt("SELECT to_regclass($1)::text", params![from])?
+            .map(|row| row.opt_text(0).map(|name| name.is_some()))
+            .transpose()?
+            .unwrap_or(false);
+        if exists {
+            tx.execute_batch(&format!("ALTER INDEX {from} RENAME TO {to}"))?;
+        }
+        Ok(exists)
+    }
+
     /// One upsert that returns the new sequence. A concurrent writer of the
     /// same aggregate holds the row until it ends, so this writer waits and
     /// then takes the sequence after it.

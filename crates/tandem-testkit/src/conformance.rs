@@ -180,6 +180,7 @@ macro_rules! store_conformance {
                 outbox_read_after_returns_events_in_position_order,
                 an_outbox_commit_bumps_the_outbox_signal,
                 toolkit_tables_exist_after_open,
+                a_renamed_tables_index_takes_its_new_name,
                 a_consumer_applies_duplicated_and_reordered_deliveries_once_in_order,
                 failure_groups_and_pages_by_group_agree_with_each_letters_group,
             ],
@@ -1714,6 +1715,44 @@ pub mod store_checks {
             .await
             .expect("signal bumped after an outbox commit")
             .expect("signal open");
+    }
+
+    /// What a rebuild's switch does to a read model's table and index:
+    /// the index found under its built name, renamed once, and a statement
+    /// that makes it under the live name (`IF NOT EXISTS`) then finds it.
+    pub async fn a_renamed_tables_index_takes_its_new_name<S, F, Fut>(make: F)
+    where
+        S: Store,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Fresh<S>>,
+    {
+        let fresh = make().await;
+        fresh
+            .engine
+            .write(|tx| -> Result<(), StoreError> {
+                tx.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS shelf__r1 (id BIGINT PRIMARY KEY,
+                       colour TEXT NOT NULL);
+                     CREATE INDEX IF NOT EXISTS shelf__r1_by_colour ON shelf__r1 (colour);
+                     ALTER TABLE shelf__r1 RENAME TO shelf",
+                )?;
+                let engine = tx.engine();
+                assert!(engine.rename_index(tx, "shelf__r1_by_colour", "shelf_by_colour")?);
+                assert!(
+                    !engine.rename_index(tx, "shelf__r1_by_colour", "shelf_by_colour")?,
+                    "the built name is gone"
+                );
+                tx.execute("INSERT INTO shelf (id, colour) VALUES (1, 'red')", &[])?;
+                tx.execute_batch("CREATE INDEX IF NOT EXISTS shelf_by_colour ON shelf (colour)")?;
+                assert!(engine.rename_index(tx, "shelf_by_colour", "shelf_by_colour_2")?);
+                assert!(
+                    !engine.rename_index(tx, "shelf_by_colour", "shelf_by_colour_3")?,
+                    "one index under the live name, not two"
+                );
+                Ok(())
+            })
+            .await
+            .expect("renaming an index");
     }
 
     pub async fn toolkit_tables_exist_after_open<S, F, Fut>(make: F)

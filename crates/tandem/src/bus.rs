@@ -206,6 +206,17 @@ pub trait Bus: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// Deletes what the bus keeps for `group` on `topics`, a group that
+    /// will never read again (a finished rebuild's builder). NATS deletes
+    /// the group's durables; the embedded log and Kafka keep nothing that
+    /// outlives it (Kafka expires an empty group's metadata by itself; the
+    /// positions live in the consumer's database). The default does
+    /// nothing.
+    async fn forget_group(&self, group: &str, topics: &[String]) -> Result<(), BusError> {
+        let _ = (group, topics);
+        Ok(())
+    }
+
     /// Closes the bus at a clean stop: what this process publishes from
     /// now fails, and what it holds open is released (the embedded log:
     /// its file is checkpointed and closed as [`crate::Store::close`]

@@ -65,7 +65,8 @@ pub struct ModelTable {
     /// The live name, which readers use.
     pub name: &'static str,
     /// The statements that create it, with `{table}` for its name (index
-    /// names should contain `{table}` too, so each version's are its own);
+    /// names should contain `{table}` too, so each version's are its own,
+    /// and a rebuilt version's take their live names at the switch);
     /// `IF NOT EXISTS` throughout, so they can run again.
     pub create: &'static str,
 }
@@ -74,6 +75,31 @@ impl ModelTable {
     /// The statements that create the table under `name`.
     pub fn create_as(&self, name: &str) -> String {
         self.create.replace("{table}", name)
+    }
+
+    /// The names of the indexes `create` makes that contain `{table}`,
+    /// as written there.
+    fn index_templates(&self) -> Vec<&'static str> {
+        let create: &'static str = self.create;
+        create
+            .split(';')
+            .filter_map(|statement| {
+                let words: Vec<&str> = statement.split_whitespace().collect();
+                let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+                let at = upper.iter().position(|word| word == "INDEX")?;
+                if upper.first().map(String::as_str) != Some("CREATE") {
+                    return None;
+                }
+                let mut name = at + 1;
+                if upper.get(name..name + 3)
+                    == Some(&["IF".to_owned(), "NOT".to_owned(), "EXISTS".to_owned()])
+                {
+                    name += 3;
+                }
+                let word = *words.get(name)?;
+                word.contains("{table}").then_some(word)
+            })
+            .collect()
     }
 }
 
@@ -334,6 +360,75 @@ pub fn cancel(tx: &mut dyn Tx, consumer: &str) -> Result<Rebuild, RebuildError> 
     Ok(rebuild)
 }
 
+/// Carries an operator's redrive or discard of the live consumer's letter
+/// `letter` over to the new version being built beside it, in the
+/// transaction that settles it: otherwise an aggregate the operator
+/// unblocked in the live model would stay blocked in the new one, which
+/// could then never be level with the live one nor switch.
+///
+/// The builder's letter for the same event (by event id, or by record
+/// for one that never decoded) is queued for the same request when it is
+/// parked. A discard of an event the builder has not reached yet leaves
+/// it a discarded copy, so that it skips the event when it gets there, as
+/// it skips what was discarded before the rebuild began. A redrive the
+/// builder has nothing parked for needs nothing: it will apply the event
+/// with the handler as it is now.
+pub(crate) fn follow_settlement(
+    tx: &mut dyn Tx,
+    live: &str,
+    letter: &crate::dead_letter::DeadLetter,
+    discard: bool,
+) -> Result<(), StoreError> {
+    let Some(rebuild) = latest(tx, live)?.filter(|r| r.state == RebuildState::Building) else {
+        return Ok(());
+    };
+    let builder = rebuild.builder_name();
+    let theirs = match &letter.event_id {
+        Some(event_id) => tx.query_opt(
+            "SELECT id, status FROM tandem_dead_letters
+             WHERE consumer = $1 AND event_id = $2 ORDER BY id DESC LIMIT 1",
+            params![&builder, event_id],
+        )?,
+        None => tx.query_opt(
+            "SELECT id, status FROM tandem_dead_letters
+             WHERE consumer = $1 AND topic = $2 AND partition = $3 AND record_offset = $4
+               AND event_id IS NULL
+             ORDER BY id DESC LIMIT 1",
+            params![&builder, &letter.topic, letter.partition, letter.offset],
+        )?,
+    };
+    match theirs {
+        Some(row) if row.text(1)? == "parked" => {
+            tx.execute(
+                "INSERT INTO tandem_consumer_requests (consumer, command, dead_letter_id,
+                   requested_at)
+                 VALUES ($1, $2, $3, $4)",
+                params![
+                    &builder,
+                    if discard { "discard" } else { "redrive" },
+                    row.i64(0)?,
+                    now_micros()
+                ],
+            )?;
+        }
+        Some(_) => {}
+        None if discard => {
+            tx.execute(
+                "INSERT INTO tandem_dead_letters (consumer, topic, partition, record_offset,
+                   event_id, source, subject, sequence, event_type, payload, reason, error,
+                   attempts, first_failed_at, last_failed_at, status, failure_group)
+                 SELECT $1, topic, partition, record_offset, event_id, source, subject, sequence,
+                   event_type, payload, reason, error, attempts, first_failed_at,
+                   last_failed_at, 'discarded', failure_group
+                 FROM tandem_dead_letters WHERE id = $2",
+                params![&builder, letter.id],
+            )?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
 /// A read model's handler running in a rebuild: the outbox is refused.
 struct WithoutSideEffects(Arc<dyn Handler>);
 
@@ -534,6 +629,16 @@ pub fn try_switch(
              ALTER TABLE {live_table}{suffix} RENAME TO {live_table}",
             live_table = table.name
         ))?;
+        // Its indexes take their live names too, so that the model's
+        // statements, run again at the next start, find them.
+        let built = format!("{}{suffix}", table.name);
+        for index in table.index_templates() {
+            let (from, to) = (
+                index.replace("{table}", &built),
+                index.replace("{table}", table.name),
+            );
+            tx.engine().rename_index(tx, &from, &to)?;
+        }
     }
     for table in crate::consumer::STATE_TABLES {
         tx.execute(
@@ -610,7 +715,20 @@ fn drop_new_version(
     for table in model.tables() {
         tx.execute_batch(&format!("DROP TABLE IF EXISTS {}{suffix}", table.name))?;
     }
-    let builder = rebuild.builder_name();
+    forget_builder(tx, &rebuild.builder_name())?;
+    finish(tx, rebuild, state, error)?;
+    let (action, note) = match state {
+        RebuildState::Failed => ("consumer.rebuild.failed", error.unwrap_or("failed")),
+        _ => ("consumer.rebuild.cancelled", "the new version was dropped"),
+    };
+    crate::audit::record(tx, &rebuild.requested_by, action, &rebuild.consumer, note)?;
+    Ok(())
+}
+
+/// Deletes whatever the database holds under the builder's name: its
+/// positions, aggregate states, held events, dead letters, requests,
+/// replay generation and pause.
+fn forget_builder(tx: &mut dyn Tx, builder: &str) -> Result<(), StoreError> {
     for table in crate::consumer::STATE_TABLES.into_iter().chain([
         "tandem_dead_letters",
         "tandem_consumer_requests",
@@ -619,16 +737,80 @@ fn drop_new_version(
     ]) {
         tx.execute(
             &format!("DELETE FROM {table} WHERE consumer = $1"),
-            params![&builder],
+            params![builder],
         )?;
     }
-    finish(tx, rebuild, state, error)?;
-    let (action, note) = match state {
-        RebuildState::Failed => ("consumer.rebuild.failed", error.unwrap_or("failed")),
-        _ => ("consumer.rebuild.cancelled", "the new version was dropped"),
-    };
-    crate::audit::record(tx, &rebuild.requested_by, action, &rebuild.consumer, note)?;
     Ok(())
+}
+
+/// How long a switched rebuild's builder keeps its pause and its group on
+/// the bus: long enough for the runner of every process sharing the
+/// database (each looks every [`CHECK_EVERY`]) to have stopped its
+/// builder, whose batches the pause refuses until then.
+pub const LEFTOVERS_LINGER: Duration = Duration::from_secs(60);
+
+/// Clears what the builders of `models`' rebuilds leave behind once they
+/// are over: for a rebuild switched longer than `linger` ago, the
+/// builder's pause and bookkeeping in the database, and, for every
+/// finished rebuild whose bookkeeping is cleared here or was dropped with
+/// it, its group on the bus (a NATS durable otherwise stays until
+/// deleted). Returns the builders cleared. The runner calls it with
+/// [`LEFTOVERS_LINGER`].
+pub async fn clear_leftovers<S: Store>(
+    store: &S,
+    bus: &dyn Bus,
+    models: &[Rebuildable],
+    linger: Duration,
+) -> Result<Vec<String>, StoreError> {
+    let before = now_micros().saturating_sub(i64::try_from(linger.as_micros()).unwrap_or(0));
+    let switched: Vec<Rebuild> = store
+        .read(move |tx| -> Result<Vec<Rebuild>, StoreError> {
+            let mut left = Vec::new();
+            let rows = tx.query(
+                &format!(
+                    "SELECT {COLUMNS} FROM tandem_rebuilds
+                     WHERE state = 'switched' AND finished_at < $1 ORDER BY consumer, number"
+                ),
+                params![before],
+            )?;
+            for row in &rows {
+                let rebuild = Rebuild::from_row(row)?;
+                let paused = tx
+                    .query_opt(
+                        "SELECT 1 FROM tandem_consumer_paused WHERE consumer = $1",
+                        params![&rebuild.builder_name()],
+                    )?
+                    .is_some();
+                if paused {
+                    left.push(rebuild);
+                }
+            }
+            Ok(left)
+        })
+        .await?;
+    let mut cleared = Vec::new();
+    for rebuild in switched {
+        let Some(model) = models
+            .iter()
+            .find(|model| model.config.name == rebuild.consumer)
+        else {
+            continue;
+        };
+        let builder = rebuild.builder_name();
+        forget_group(bus, &builder, &model.config.topics).await;
+        let name = builder.clone();
+        store.write(move |tx| forget_builder(tx, &name)).await?;
+        cleared.push(builder);
+    }
+    Ok(cleared)
+}
+
+/// Deletes a finished builder's group on the bus; a failure is logged
+/// (the group idles, nothing reads it).
+async fn forget_group(bus: &dyn Bus, builder: &str, topics: &[String]) {
+    if let Err(error) = bus.forget_group(builder, topics).await {
+        tracing::warn!(group = builder, %error, "the finished rebuild's group on the bus stays");
+    }
 }
 
 /// A consumer whose read model can be rebuilt, as the runner knows it.
@@ -689,6 +871,7 @@ async fn step<S: Store>(
     running: &mut HashMap<String, Running>,
     stop: &CancellationToken,
 ) -> Result<(), StoreError> {
+    clear_leftovers(store, bus.as_ref(), models, LEFTOVERS_LINGER).await?;
     let rebuilds = store.read(|tx| active(tx)).await?;
     // Builders whose rebuild is over (switched or dropped elsewhere) stop.
     let under_way: Vec<(String, i64)> = rebuilds
@@ -725,6 +908,7 @@ async fn step<S: Store>(
                         drop_new_version(tx, &done, &*model_arc, RebuildState::Cancelled, None)
                     })
                     .await?;
+                forget_group(bus.as_ref(), &rebuild.builder_name(), &model.config.topics).await;
                 tracing::info!(consumer = %rebuild.consumer, number = rebuild.number, "rebuild cancelled; the new version is dropped");
             }
             RebuildState::Building => {
@@ -761,6 +945,7 @@ async fn step<S: Store>(
                             )
                         })
                         .await?;
+                    forget_group(bus.as_ref(), &rebuild.builder_name(), &model.config.topics).await;
                     continue;
                 }
                 if !running.contains_key(&rebuild.consumer) {
@@ -904,4 +1089,24 @@ pub async fn report<S: Store>(
         eta_seconds,
         error: rebuild.error,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ModelTable;
+
+    #[test]
+    fn the_index_names_that_follow_the_table_are_found_in_its_statements() {
+        let table = ModelTable {
+            name: "orders",
+            create: "CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, owner TEXT);
+                     create unique index if not exists {table}_by_owner ON {table} (owner);
+                     CREATE INDEX {table}_second ON {table} (id, owner);
+                     CREATE INDEX fixed_name ON {table} (owner)",
+        };
+        assert_eq!(
+            table.index_templates(),
+            vec!["{table}_by_owner", "{table}_second"]
+        );
+    }
 }

@@ -111,6 +111,11 @@ pub trait EngineSql: Send + Sync + 'static {
     /// Whether `table` exists where the toolkit's tables live.
     fn table_exists(&self, tx: &mut dyn Tx, table: &str) -> Result<bool, StoreError>;
 
+    /// Renames index `from` to `to` (a rebuilt read model's index, which
+    /// takes its live name at the switch); `false` when there is no index
+    /// `from`.
+    fn rename_index(&self, tx: &mut dyn Tx, from: &str, to: &str) -> Result<bool, StoreError>;
+
     /// Takes the next sequence of aggregate `subject` in `topic`. Two
     /// writers of one aggregate never both commit a sequence: the second
     /// waits for the first and takes the one after it, or fails with

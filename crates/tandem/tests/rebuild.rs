@@ -3,8 +3,11 @@
 //! outbox while it rebuilds (its events are parked, nothing is sent, and
 //! the rebuild never switches to a model built without them); a rebuild
 //! from a log pruned below its start fails and says so, and one begun at
-//! the log's start switches once a snapshot fills what was pruned.
+//! the log's start switches once a snapshot fills what was pruned; an
+//! operator's redrive and discard on the live consumer reach the new
+//! version, which then levels with the live one and switches.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,18 +25,23 @@ const CONSUMER: &str = "balances";
 static TABLES: [ModelTable; 1] = [ModelTable {
     name: "balances",
     create: "CREATE TABLE IF NOT EXISTS {table} (
-        account TEXT PRIMARY KEY, cents BIGINT NOT NULL)",
+        account TEXT PRIMARY KEY, cents BIGINT NOT NULL);
+        CREATE INDEX IF NOT EXISTS {table}_by_cents ON {table} (cents)",
 }];
 
 /// Each account's balance; with `publishes`, every deposit applied is
-/// also announced on topic `announced` (a side effect).
+/// also announced on topic `announced` (a side effect); while `refusing`
+/// holds, a deposit of 999 cents fails for good (a bug, until it is fixed).
+#[derive(Default)]
 struct Balances {
     publishes: bool,
+    refusing: Arc<AtomicBool>,
 }
 
 struct BalancesIn {
     table: String,
     publishes: bool,
+    refusing: Arc<AtomicBool>,
 }
 
 impl ReadModel for Balances {
@@ -45,6 +53,7 @@ impl ReadModel for Balances {
         Arc::new(BalancesIn {
             table: names.get("balances").to_owned(),
             publishes: self.publishes,
+            refusing: Arc::clone(&self.refusing),
         })
     }
 }
@@ -52,6 +61,9 @@ impl ReadModel for Balances {
 impl Handler for BalancesIn {
     fn handle(&self, tx: &mut dyn Tx, event: &Envelope) -> Result<(), HandlerError> {
         let cents = event.data["amountCents"].as_i64().unwrap_or_default();
+        if cents == 999 && self.refusing.load(Ordering::SeqCst) {
+            return Err(HandlerError::permanent("999 cents are refused"));
+        }
         let table = &self.table;
         let sql = if event.snapshot {
             format!(
@@ -153,11 +165,26 @@ async fn a_read_model_that_publishes_is_refused_the_outbox_while_it_rebuilds() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir.path().join("reader.db")).await;
     store
-        .write(|tx| rebuild::install(tx, &Balances { publishes: true }))
+        .write(|tx| {
+            rebuild::install(
+                tx,
+                &Balances {
+                    publishes: true,
+                    ..Balances::default()
+                },
+            )
+        })
         .await
         .unwrap();
     let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
-    let running = run(&store, &bus, Balances { publishes: true });
+    let running = run(
+        &store,
+        &bus,
+        Balances {
+            publishes: true,
+            ..Balances::default()
+        },
+    );
     let mut records = deposits("a1", 1..=3);
     records.extend(deposits("a2", 1..=2));
     bus.publish(&records).await.unwrap();
@@ -231,11 +258,11 @@ async fn a_rebuild_from_a_pruned_log_fails_and_one_from_the_log_start_waits_for_
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir.path().join("reader.db")).await;
     store
-        .write(|tx| rebuild::install(tx, &Balances { publishes: false }))
+        .write(|tx| rebuild::install(tx, &Balances::default()))
         .await
         .unwrap();
     let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
-    let running = run(&store, &bus, Balances { publishes: false });
+    let running = run(&store, &bus, Balances::default());
     bus.publish(&deposits("a1", 1..=3)).await.unwrap();
     eventually("the live model applied every deposit", WAIT, || async {
         count(&store, "SELECT COALESCE(SUM(cents), 0) FROM balances").await == 30
@@ -282,5 +309,146 @@ async fn a_rebuild_from_a_pruned_log_fails_and_one_from_the_log_start_waits_for_
         count(&store, "SELECT cents FROM balances WHERE account = 'a1'").await == 40
     })
     .await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_redrive_and_discard_during_a_rebuild_reach_the_new_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir.path().join("reader.db")).await;
+    let refusing = Arc::new(AtomicBool::new(true));
+    let model = {
+        let refusing = Arc::clone(&refusing);
+        move || Balances {
+            refusing: Arc::clone(&refusing),
+            ..Balances::default()
+        }
+    };
+    store
+        .write(|tx| rebuild::install(tx, &Balances::default()))
+        .await
+        .unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
+    let running = run(&store, &bus, model());
+    // Each account's deposit 2 is refused; deposit 3 waits behind it.
+    let records: Vec<OutgoingRecord> = ["a1", "a2"]
+        .into_iter()
+        .flat_map(|account| {
+            [(1, 10), (2, 999), (3, 10)].map(|(sequence, cents)| OutgoingRecord {
+                topic: TOPIC.into(),
+                key: account.into(),
+                payload: deposit_bytes(account, sequence, cents),
+            })
+        })
+        .collect();
+    bus.publish(&records).await.unwrap();
+    let refused = |consumer: String| {
+        let store = store.clone();
+        async move {
+            store
+                .read(move |tx| -> Result<Vec<(String, i64)>, StoreError> {
+                    tx.query(
+                        "SELECT subject, id FROM tandem_dead_letters
+                         WHERE consumer = $1 AND status = 'parked' AND sequence = 2
+                         ORDER BY subject",
+                        params![&consumer],
+                    )?
+                    .iter()
+                    .map(|row| Ok((row.text(0)?.to_owned(), row.i64(1)?)))
+                    .collect()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    eventually(
+        "the live model parked both refused deposits",
+        WAIT,
+        || async { refused(CONSUMER.to_owned()).await.len() == 2 },
+    )
+    .await;
+    let builder = request(&store, false).await.builder_name();
+    eventually("the new version parked them too", WAIT, || async {
+        refused(builder.clone()).await.len() == 2
+    })
+    .await;
+
+    // The operator gives up on a1's deposit, fixes the bug and redrives
+    // a2's, on the live consumer only.
+    let live = refused(CONSUMER.to_owned()).await;
+    tandem::dead_letter::request_discard(&store, CONSUMER, Some(live[0].1))
+        .await
+        .unwrap();
+    refusing.store(false, Ordering::SeqCst);
+    tandem::dead_letter::request_redrive(&store, CONSUMER, Some(live[1].1))
+        .await
+        .unwrap();
+    eventually("the new version levels and switches", WAIT, || async {
+        latest(&store).await.state == RebuildState::Switched
+    })
+    .await;
+    assert_eq!(
+        count(&store, "SELECT cents FROM balances WHERE account = 'a1'").await,
+        20,
+        "a1's discarded deposit stays out of the new version"
+    );
+    assert_eq!(
+        count(&store, "SELECT cents FROM balances WHERE account = 'a2'").await,
+        1019,
+        "a2's redriven deposit is in it"
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM tandem_dead_letters WHERE status = 'parked'"
+        )
+        .await,
+        0
+    );
+
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index'
+             AND tbl_name = 'balances' AND name = 'balances_by_cents'"
+        )
+        .await,
+        1,
+        "the new version's index has its live name"
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE '%\\_\\_r%' ESCAPE '\\'"
+        )
+        .await,
+        0,
+        "nothing keeps the built name"
+    );
+
+    // Once every process has stopped its builder, what it leaves goes.
+    let models = vec![Rebuildable {
+        config: ConsumerConfig::new(CONSUMER, &[TOPIC]),
+        model: Arc::new(model()),
+    }];
+    let cleared = rebuild::clear_leftovers(&store, &*bus, &models, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(cleared, vec![builder.clone()]);
+    let paused: &'static str = Box::leak(
+        format!("SELECT count(*) FROM tandem_consumer_paused WHERE consumer = '{builder}'")
+            .into_boxed_str(),
+    );
+    assert_eq!(
+        count(&store, paused).await,
+        0,
+        "the builder's pause is gone"
+    );
+    assert!(
+        rebuild::clear_leftovers(&store, &*bus, &models, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     running.stop().await;
 }

@@ -235,6 +235,7 @@ fn carry_out_next_request(
                     };
                     if current.status == "parked" {
                         context.discard(tx, &current)?;
+                        crate::rebuild::follow_settlement(tx, consumer, &current, true)?;
                     }
                 }
             }
@@ -313,6 +314,14 @@ fn settle_parked(
             Settle::Discard => context.discard(tx, &current),
             Settle::Redrive => context.redrive(tx, &current),
         };
+        let outcome = outcome.and_then(|()| {
+            crate::rebuild::follow_settlement(
+                tx,
+                consumer,
+                &current,
+                matches!(settle, Settle::Discard),
+            )
+        });
         match outcome {
             Ok(()) => tx.release_savepoint("tandem_request")?,
             Err(error) if is_store_outage(&error) => return Err(error),

@@ -326,6 +326,22 @@ impl EngineSql for SqliteSql {
             .is_some())
     }
 
+    /// SQLite cannot rename an index: it is made again under the new name
+    /// from its own statement (which a table rename has already pointed at
+    /// the table's new name), and the old one dropped.
+    fn rename_index(&self, tx: &mut dyn Tx, from: &str, to: &str) -> Result<bool, StoreError> {
+        let Some(row) = tx.query_opt(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = $1",
+            params![from],
+        )?
+        else {
+            return Ok(false);
+        };
+        let create = row.text(0)?.replacen(from, to, 1);
+        tx.execute_batch(&format!("DROP INDEX \"{from}\"; {create}"))?;
+        Ok(true)
+    }
+
     /// A read and a plain insert or update (an upsert with `RETURNING`
     /// builds a temporary table and a statement journal, which tripled the
     /// outbox's cost).
