@@ -20,6 +20,8 @@
 //! through [`redact`]: no user-info, no secret option's value, nothing of a
 //! URL that does not parse.
 
+#![warn(missing_docs)]
+
 use std::sync::Arc;
 
 use tandem::bus::{Bus, BusError, Delivery, OutgoingRecord, Record, Subscription, TopicPartition};
@@ -34,8 +36,13 @@ pub use tandem::engine::redact;
 /// Why an engine URL could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// The URL does not parse, or its options are not the engine's; the
+    /// URL in the message is already redacted.
     #[error(transparent)]
     Url(#[from] UrlError),
+    /// The scheme is unknown, an option's value is wrong, or the engine
+    /// could not be reached or opened. The message names the URL only
+    /// through [`redact`].
     #[error("{0}")]
     Engine(String),
 }
@@ -247,6 +254,9 @@ pub struct Namespaced {
 }
 
 impl Namespaced {
+    /// Wraps `inner` so that every topic and group is named
+    /// `{namespace}-{name}` on it. Records, assignments and revocations
+    /// come back with the prefix taken off.
     pub fn new(inner: Arc<dyn Bus>, namespace: &str) -> Self {
         Self {
             inner,
@@ -405,7 +415,9 @@ impl Subscription for NamespacedSubscription {
 /// A store of any engine of this build.
 #[derive(Clone)]
 pub enum AnyStore {
+    /// A SQLite database file.
     Sqlite(SqliteStore),
+    /// A PostgreSQL database.
     Postgres(PostgresStore),
 }
 
