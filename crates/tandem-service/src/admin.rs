@@ -58,14 +58,32 @@ impl std::fmt::Debug for AdminTokens {
 /// secret.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
+    /// An entry of the list is empty (two commas in a row, or a trailing
+    /// one).
     #[error("admin token {position} is empty")]
-    Empty { position: usize },
+    Empty {
+        /// The entry's place in the list, from 1.
+        position: usize,
+    },
+    /// The secret has fewer than [`MIN_SECRET_LEN`] characters.
     #[error(
         "admin token {position} ({name}) is shorter than {MIN_SECRET_LEN} characters; use a long random secret"
     )]
-    TooShort { position: usize, name: String },
+    TooShort {
+        /// The entry's place in the list, from 1.
+        position: usize,
+        /// The token's name (never its secret).
+        name: String,
+    },
+    /// The name is empty or holds something other than ASCII letters,
+    /// digits, `-` and `_`.
     #[error("admin token {position} has an invalid name {name:?}: use letters, digits, - and _")]
-    BadName { position: usize, name: String },
+    BadName {
+        /// The entry's place in the list, from 1.
+        position: usize,
+        /// The name as given, cut to its first 40 characters.
+        name: String,
+    },
 }
 
 impl AdminTokens {
@@ -263,19 +281,37 @@ pub(crate) fn with_admin<S: Store>(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterView {
+    /// The dead letter's id, for `/admin/dead-letters/{id}` and the
+    /// `ids` of a bulk action.
     pub id: i64,
+    /// The consumer that could not apply the event.
     pub consumer: String,
+    /// The topic the event was read from.
     pub topic: String,
+    /// The partition of the topic it was read from.
     pub partition: i64,
+    /// Its offset in that partition.
     pub offset: i64,
+    /// The event's CloudEvents `id`; null when it did not decode.
     pub event_id: Option<String>,
+    /// The publishing service (the CloudEvents `source`); null when the
+    /// event did not decode.
     pub source: Option<String>,
+    /// The aggregate id (the CloudEvents `subject`); null when the event
+    /// did not decode.
     pub subject: Option<String>,
+    /// The event's place in its aggregate's history, from 1; null when it
+    /// did not decode.
     pub sequence: Option<i64>,
+    /// The event's type, such as `OrderPlaced`; null when it did not
+    /// decode.
     pub event_type: Option<String>,
     /// Why it was parked: decode, handler, gap, blocked or store.
     pub reason: String,
+    /// The latest failure's error, as the decoder, the handler or the
+    /// store gave it.
     pub error: String,
+    /// How many times applying the event was tried and failed.
     pub attempts: i64,
     /// The failure group (see `/admin/failure-groups`).
     pub group: String,
@@ -337,7 +373,9 @@ impl DeadLetterView {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterPage {
+    /// The letters of this page, oldest first, without their events.
     pub items: Vec<DeadLetterView>,
+    /// The `cursor` that asks for the next page; null on the last one.
     pub next_cursor: Option<String>,
 }
 
@@ -476,8 +514,8 @@ pub struct Selection {
 impl utoipa::ToSchema for Selection {}
 
 impl utoipa::PartialSchema for Selection {
-    /// The three shapes [`bulk`] takes, one of them exactly; a field left
-    /// out may also be given as `null`.
+    /// The three shapes a bulk redrive or discard takes, one of them
+    /// exactly; a field left out may also be given as `null`.
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{
             AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Type,
@@ -717,12 +755,19 @@ pub struct GroupQuery {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailureGroupView {
+    /// The group's fingerprint (16 hex digits), for the `group` filter
+    /// and bulk actions; stable across restarts and versions.
     pub group: String,
+    /// The consumer whose letters these are (a group has one).
     pub consumer: String,
+    /// The type of the events in the group; null when they did not
+    /// decode.
     pub event_type: Option<String>,
+    /// Why they were parked: decode, handler, gap, blocked or store.
     pub reason: String,
     /// The error with its ids and numbers masked.
     pub error: String,
+    /// How many of the group's letters have the status asked for.
     pub count: u64,
     /// RFC 3339.
     pub first_seen: String,
@@ -822,6 +867,7 @@ async fn replay<S: Store>(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RebuildView {
+    /// The live consumer whose read model is rebuilt.
     pub consumer: String,
     /// Tells this rebuild's tables and consumer apart.
     pub number: i64,
@@ -860,6 +906,7 @@ impl RebuildView {
     }
 }
 
+/// The options of a rebuild (`POST /admin/consumers/{consumer}/rebuild`).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -1048,11 +1095,13 @@ pub struct RepublishView {
     /// `history` (the kept outbox, sent again) or `snapshots` (one
     /// snapshot event per aggregate, at its current sequence).
     pub mode: String,
+    /// The service's topics, on which the records were sent.
     pub topics: Vec<String>,
     /// Records sent.
     pub sent: u64,
 }
 
+/// The options of a re-publication (`POST /admin/republish`).
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -1146,14 +1195,22 @@ async fn republish<S: Store>(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SkippedView {
+    /// The consumer that was moved.
     pub consumer: String,
+    /// Each partition it was moved on; empty when none was behind the
+    /// log's start.
     pub skipped: Vec<SkippedPartition>,
 }
 
+/// One partition a consumer was moved on: the records from `from` up to
+/// (not including) `to` were pruned from the log before it applied them,
+/// so it resumes at `to` without them.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SkippedPartition {
+    /// The topic.
     pub topic: String,
+    /// The partition of the topic.
     pub partition: u32,
     /// The position before: the first record it had not applied.
     pub from: u64,
@@ -1224,7 +1281,9 @@ async fn skip_pruned<S: Store>(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PauseState {
+    /// The consumer asked to pause or resume.
     pub consumer: String,
+    /// Whether it is now paused.
     pub paused: bool,
     /// `false` when it already was in that state.
     pub changed: bool,
@@ -1334,13 +1393,18 @@ pub struct AuditQuery {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditView {
+    /// The entry's id; a later entry has a larger one.
     pub id: i64,
     /// RFC 3339.
     pub at: String,
     /// The name of the token used.
     pub actor: String,
+    /// What was done, such as `dead-letters.redrive` or `consumer.pause`.
     pub action: String,
+    /// What it was done to: a consumer, dead letter ids or a failure
+    /// group.
     pub target: String,
+    /// How it ended, such as `ok: 3 requested`, or `refused:` and why.
     pub result: String,
 }
 
@@ -1348,7 +1412,10 @@ pub struct AuditView {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditPage {
+    /// The entries of this page, newest first.
     pub items: Vec<AuditView>,
+    /// The `cursor` that asks for the next (older) page; null on the last
+    /// one.
     pub next_cursor: Option<String>,
 }
 

@@ -46,14 +46,20 @@ pub enum ServiceError {
     /// Installing the service's tables in its database failed; nothing ran.
     #[error("cannot set up the {service} database: {source}")]
     Setup {
+        /// The service's name, as given to [`Service::new`].
         service: &'static str,
+        /// What the database answered.
         #[source]
         source: StoreError,
     },
     /// A background part (the relay or a consumer) failed.
     #[error("{part}: {source}")]
     Part {
+        /// Which part: `relay`, or the name a consumer was given in
+        /// [`Service::consumer`] or [`Service::read_model`] (with
+        /// [`run_parts`](crate::run_parts), the name it was handed).
         part: &'static str,
+        /// The error the part stopped with.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },

@@ -16,6 +16,8 @@
 //!   its consumers, its HTTP API) put together and run until shutdown;
 //!   [`ServiceError`] says which part failed and keeps the cause.
 
+#![warn(missing_docs)]
+
 use std::net::SocketAddr;
 
 use axum::extract::rejection::BytesRejection;
@@ -42,11 +44,17 @@ pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 /// An RFC 9457 problem document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Problem {
+    /// A URI naming the kind of problem, `https://tandem.dev/problems/`
+    /// and a stable word such as `invalid-field` or `not-found`: what a
+    /// client branches on.
     #[serde(rename = "type")]
     #[schema(rename = "type")]
     pub problem_type: String,
+    /// The reason phrase of the HTTP status, such as `Not Found`.
     pub title: String,
+    /// The HTTP status code, the same as the response's.
     pub status: u16,
+    /// What went wrong with this request, for a person to read.
     pub detail: String,
     /// The request field at fault (a JSON path such as `lines[0].quantity`,
     /// or a parameter or header name).
@@ -55,6 +63,9 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// A problem answered with `status`, of type
+    /// `https://tandem.dev/problems/{kind}`, titled with the status's
+    /// reason phrase and naming no field.
     pub fn new(status: StatusCode, kind: &str, detail: impl Into<String>) -> Self {
         Self {
             problem_type: format!("https://tandem.dev/problems/{kind}"),
@@ -65,6 +76,8 @@ impl Problem {
         }
     }
 
+    /// The same problem, naming `field` as the part of the request at
+    /// fault (see [`Problem::field`]).
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
         self.field = Some(field.into());
         self
