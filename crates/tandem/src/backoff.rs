@@ -23,6 +23,8 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays starting at `initial` and doubling up to `max` (a `max`
+    /// below `initial` caps every delay after the first).
     pub fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,

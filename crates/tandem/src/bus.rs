@@ -13,19 +13,26 @@ use std::time::Duration;
 /// A record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutgoingRecord {
+    /// The topic to append to.
     pub topic: String,
     /// The partition key: the aggregate id.
     pub key: String,
+    /// The bytes to append: for the relay, an encoded [`crate::Envelope`].
     pub payload: Vec<u8>,
 }
 
 /// A record read back, with its place in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The topic it was read from.
     pub topic: String,
+    /// The partition of the topic, chosen from the key.
     pub partition: u32,
+    /// Its place in the partition: dense, from 0, never reused.
     pub offset: u64,
+    /// The partition key it was appended with.
     pub key: String,
+    /// The bytes as appended.
     pub payload: Vec<u8>,
     /// When the bus appended it, in microseconds since the Unix epoch.
     pub appended_at_micros: i64,
@@ -34,11 +41,14 @@ pub struct Record {
 /// One partition of one topic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicPartition {
+    /// The topic.
     pub topic: String,
+    /// The partition's number, from 0.
     pub partition: u32,
 }
 
 impl TopicPartition {
+    /// Partition `partition` of `topic`.
     pub fn new(topic: impl Into<String>, partition: u32) -> Self {
         Self {
             topic: topic.into(),
@@ -64,8 +74,16 @@ pub enum Delivery {
 /// the [`std::error::Error::source`] (see [`Cause`]).
 #[derive(Debug)]
 pub enum BusError {
+    /// The broker or the log file could not be reached, or refused to work
+    /// for now (a timeout, a lost connection, a busy lock): retrying later
+    /// may succeed.
     Unavailable(Cause),
+    /// Any other failure of the engine, which retrying as such is not
+    /// expected to cure.
     Engine(Cause),
+    /// The request itself was refused: a topic or group name the engine
+    /// does not take, a partition or offset out of range, a bad setting, a
+    /// record the broker will not accept. The same request fails again.
     Invalid(Cause),
     /// Records a member has not read yet were pruned from the log by its
     /// retention: reading on would skip them, so the member stops there.
@@ -138,7 +156,16 @@ impl From<crate::store::StoreError> for BusError {
     }
 }
 
-/// An event bus engine.
+/// An event bus engine: the embedded log, Kafka or NATS JetStream behind
+/// one interface.
+///
+/// Every engine keeps each partition's records in append order, at dense
+/// offsets from 0, and sends records of one key to one partition (the
+/// embedded log by [`partition_for`], Kafka by its own partitioner, NATS
+/// with one partition per topic), so one aggregate's events are read in
+/// the order they were published. Delivery to a group is at least once: consumers
+/// keep their own positions and drop what they applied already. A bus is
+/// shared (`Arc<dyn Bus>`) by the relay and every consumer of a process.
 #[async_trait::async_trait]
 pub trait Bus: Send + Sync + 'static {
     /// Appends records durably, keeping their order per key. When this
@@ -227,6 +254,10 @@ pub trait Bus: Send + Sync + 'static {
 }
 
 /// One member's view of a group.
+///
+/// Used by one task at a time: it asks for the [`Delivery`]s of the
+/// partitions the group gives it, one after the other. Dropping it leaves
+/// the group, and the bus hands its partitions to the other members.
 #[async_trait::async_trait]
 pub trait Subscription: Send {
     /// Waits up to `max_wait` for the next delivery; `None` if nothing came.

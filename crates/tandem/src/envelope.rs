@@ -37,7 +37,9 @@ pub const CONTENT_TYPE: &str = "application/json";
 /// type neither is nor upcasts from, naming it: such an event is parked,
 /// never read as something it is not.
 pub trait EventPayload: Serialize + DeserializeOwned {
+    /// The CloudEvents `type` events of this payload carry.
     const TYPE: &'static str;
+    /// The `dataschema` of the current version: a stem and `/v{N}`.
     const SCHEMA: &'static str;
     /// The older versions (the `N` of `/vN`) that [`EventPayload::upcast`]
     /// reads; none by default.
@@ -67,19 +69,34 @@ pub fn schema_version(dataschema: &str) -> Option<(&str, u32)> {
 /// One event as it travels on the bus.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
+    /// The event's own id, unique to it: a time-ordered UUID (v7) when
+    /// Tandem appends it.
     pub id: Uuid,
     /// The publishing service (also the topic it is published on).
     pub source: String,
+    /// The CloudEvents `type`, such as `OrderPlaced`: which contract the
+    /// payload follows.
     pub event_type: String,
     /// The aggregate id; also the partition key.
     pub subject: String,
+    /// When the event was appended (a snapshot event: when it was made),
+    /// written in RFC 3339, UTC.
     pub time: OffsetDateTime,
+    /// The payload's schema and version, such as
+    /// `tandem:order/OrderPlaced/v2` (see [`EventPayload`]).
     pub dataschema: String,
+    /// The payload, a JSON object ([`Envelope::decode`] refuses anything
+    /// else). Read it typed with [`Envelope::payload`].
     pub data: Value,
     /// Per-aggregate, gap-free, from 1.
     pub sequence: u64,
+    /// The W3C trace context of the span that appended it, if that was
+    /// traced.
     pub traceparent: Option<String>,
+    /// An id shared by the events of one piece of business (see
+    /// [`crate::EventContext`]).
     pub correlationid: Option<String>,
+    /// The id of the event that caused this one.
     pub causationid: Option<String>,
     /// A snapshot event (extension attribute `snapshot: true`, written
     /// only when set): the aggregate's whole state at `sequence`, which
@@ -93,7 +110,10 @@ pub struct Envelope {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid event envelope: {field}: {reason}")]
 pub struct DecodeError {
+    /// The attribute at fault, as named on the wire (`type`, `sequence`,
+    /// ...), or `"$"`.
     pub field: &'static str,
+    /// What is wrong with it.
     pub reason: String,
 }
 
@@ -109,14 +129,21 @@ impl DecodeError {
 /// Why a payload could not be read as the expected type.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
+    /// The event is of another type than the one asked for.
     #[error("event type is {actual}, expected {expected}")]
     WrongType {
+        /// The type asked for ([`EventPayload::TYPE`]).
         expected: &'static str,
+        /// The event's type.
         actual: String,
     },
+    /// The payload is of the right type and a version this reader reads,
+    /// but does not deserialise as it (or its upcast failed).
     #[error("payload of {event_type} does not match its contract: {source}")]
     Invalid {
+        /// The event's type.
         event_type: String,
+        /// What serde found wrong.
         #[source]
         source: serde_json::Error,
     },
@@ -124,7 +151,9 @@ pub enum PayloadError {
     /// or an old one it no longer upcasts), or another contract's schema.
     #[error("payload of {event_type} is in schema {dataschema}, which this reader does not read (it reads {reads})")]
     UnknownVersion {
+        /// The event's type.
         event_type: String,
+        /// The `dataschema` the event names.
         dataschema: String,
         /// The versions it reads, such as `tandem:order/OrderPlaced/v2, v1`.
         reads: String,

@@ -19,21 +19,32 @@ use crate::store::{Param, StoreError, Tx};
 /// Tracing and causality attributes carried with an event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventContext {
+    /// The W3C trace context to carry; when `None`, the event takes that
+    /// of the span it is appended under, if any is being traced.
     pub traceparent: Option<String>,
+    /// An id shared by every event of one piece of business (an order id,
+    /// a request id), passed on from event to event by handlers.
     pub correlationid: Option<String>,
+    /// The id of the event that caused this one, when a handler appends it.
     pub causationid: Option<String>,
 }
 
 /// An event about to be appended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
+    /// The aggregate id: the envelope's `subject` and the partition key.
+    /// Must not be empty.
     pub subject: String,
+    /// The CloudEvents `type` (see [`EventPayload::TYPE`]).
     pub event_type: String,
+    /// The payload's schema and version (see [`EventPayload::SCHEMA`]).
     pub dataschema: String,
+    /// The payload, as JSON.
     pub data: Value,
     /// The sequence the writer last saw for this aggregate (0 for a new
     /// one); `None` appends after whatever is there.
     pub expected_sequence: Option<u64>,
+    /// Tracing and causality attributes to carry.
     pub context: EventContext,
 }
 
@@ -56,11 +67,15 @@ impl NewEvent {
         })
     }
 
+    /// Appends only if the aggregate is still at `sequence` (0: it must
+    /// not exist yet), else fails with [`StoreError::Conflict`]: optimistic
+    /// concurrency for a writer that decided on the state it read.
     pub fn expect_sequence(mut self, sequence: u64) -> Self {
         self.expected_sequence = Some(sequence);
         self
     }
 
+    /// Carries `context` (trace, correlation and causation ids).
     pub fn with_context(mut self, context: EventContext) -> Self {
         self.context = context;
         self
@@ -69,6 +84,17 @@ impl NewEvent {
 
 /// Appends `event` to the outbox of `source` (the publishing service, also
 /// the topic) inside `tx`, and returns the envelope that will be published.
+///
+/// Nothing is sent here: the event is published by a [`crate::Relay`]
+/// once `tx` commits, and never if it rolls back. The event takes its
+/// aggregate's next sequence (gap-free, from 1) and a fresh id. Without an
+/// expected sequence, a concurrent writer of the same aggregate makes this
+/// call wait for it and then append after it (or fail with
+/// [`StoreError::Conflict`], where the engine cannot wait); with one
+/// ([`NewEvent::expect_sequence`]), an aggregate that moved on fails with
+/// [`StoreError::Conflict`], and the caller's transaction should roll
+/// back. An empty subject is refused ([`StoreError::Engine`]). The rows it
+/// writes are the service's event store as well as its outbox.
 pub fn append(tx: &mut dyn Tx, source: &str, event: NewEvent) -> Result<Envelope, StoreError> {
     check_subject(&event)?;
     let sequence = match event.expected_sequence {
@@ -281,14 +307,21 @@ pub fn publish<T: EventPayload>(
 /// One row of the event store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
+    /// The row's place in the order of insertion (not commit order on
+    /// PostgreSQL; see [`read_committed_after`]).
     pub position: i64,
     /// The transaction that wrote the row (PostgreSQL); 0 on SQLite.
     pub xid: i64,
+    /// The topic it is published on (the publishing service).
     pub topic: String,
+    /// The aggregate id.
     pub subject: String,
     /// The event's place in its aggregate (the envelope's `sequence`).
     pub sequence: u64,
+    /// The encoded envelope, the bytes the relay publishes.
     pub envelope: Vec<u8>,
+    /// When it was appended, in microseconds since the Unix epoch (the
+    /// clock of the writing process, read before the commit).
     pub committed_at_micros: i64,
 }
 
@@ -307,7 +340,10 @@ impl StoredEvent {
 /// orders commits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Cursor {
+    /// The transaction id of the last event passed (always 0 on SQLite;
+    /// 0 too after [`recover_restarted_xids`]).
     pub xid: i64,
+    /// The position of the last event passed.
     pub position: i64,
 }
 

@@ -35,10 +35,15 @@ use crate::store::{Lease, Store, StoreError, StoreFuture};
 pub struct RelayConfig {
     /// Names the cursor; one per outbox.
     pub name: String,
+    /// Most events read from the outbox and published in one batch.
     pub batch_size: usize,
     /// Longest wait between two looks at the outbox when nothing signals.
     pub idle_wait: Duration,
+    /// The first pause after a failed batch; each pause after it doubles,
+    /// jittered.
     pub retry_initial: Duration,
+    /// Longest pause between two attempts at a failed batch (never longer
+    /// than `lead_check`).
     pub retry_max: Duration,
     /// How often a relay that is not the leader tries to take the lease.
     pub lead_retry: Duration,
@@ -61,15 +66,26 @@ impl Default for RelayConfig {
     }
 }
 
+/// Why a relay call failed. [`Relay::publish_once`] and [`Relay::drain`]
+/// return the first error they meet; [`Relay::run`] retries a failed batch
+/// by itself, and ends with an error only when it cannot watch its store
+/// for commits or write its cursor at shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    /// The service's database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The bus failed, or refused a batch.
     #[error(transparent)]
     Bus(#[from] BusError),
 }
 
 /// Moves events from one store's outbox to one bus.
+///
+/// Delivery is at least once: every committed event is published, in
+/// commit order and each aggregate's in sequence order, and a crash or a
+/// failed batch may publish some again (consumers drop them by sequence).
+/// An event whose transaction rolled back is never published.
 pub struct Relay<S: Store> {
     store: S,
     bus: Arc<dyn Bus>,
@@ -83,6 +99,8 @@ enum Stopped {
 }
 
 impl<S: Store> Relay<S> {
+    /// A relay of `store`'s outbox onto `bus`; nothing runs until
+    /// [`Relay::run`] (or one of the one-shot calls) is awaited.
     pub fn new(store: S, bus: Arc<dyn Bus>, config: RelayConfig) -> Self {
         Self { store, bus, config }
     }

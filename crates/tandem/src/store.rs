@@ -20,10 +20,16 @@ pub type StoreFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send + 
 /// A parameter bound to a statement. Borrowed, so binding costs no copy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Param<'a> {
+    /// SQL `NULL` (what `None` of any value becomes).
     Null,
+    /// A 64-bit integer; booleans bind as 0 and 1, and `u64` values
+    /// saturate at `i64::MAX`.
     Int(i64),
+    /// A double-precision float.
     Real(f64),
+    /// UTF-8 text.
     Text(&'a str),
+    /// Raw bytes (`BLOB`, `BYTEA`).
     Blob(&'a [u8]),
 }
 
@@ -94,19 +100,31 @@ macro_rules! params {
     ($($value:expr),+ $(,)?) => { &[$($crate::store::Param::from($value)),+] as &[$crate::store::Param<'_>] };
 }
 
-/// A value read from a row.
+/// A value read from a row. Each engine reads its column types into
+/// these five; integers and booleans both come back as [`Value::Int`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// SQL `NULL`.
     Null,
+    /// An integer (or a boolean, as 0 or 1).
     Int(i64),
+    /// A float (or, on PostgreSQL, a `NUMERIC` that is not a whole
+    /// `i64`).
     Real(f64),
+    /// Text (on PostgreSQL also `JSON` and `JSONB`).
     Text(String),
+    /// Raw bytes.
     Blob(Vec<u8>),
 }
 
-/// One row of a query result.
+/// One row of a query result. Its typed getters take the column's index
+/// (from 0, in the order of the `SELECT`) and fail with
+/// [`StoreError::Decode`] when the column is missing or holds another
+/// kind of value: they never convert one kind into another, except that
+/// [`Row::bytes`] and [`Row::take_bytes`] also read text.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Row {
+    /// The row's columns, in the order of the query.
     pub values: Vec<Value>,
 }
 
@@ -117,6 +135,7 @@ impl Row {
             .ok_or_else(|| StoreError::Decode(format!("no column {index}").into()))
     }
 
+    /// An integer column; `NULL` is an error (see [`Row::opt_i64`]).
     pub fn i64(&self, index: usize) -> Result<i64, StoreError> {
         match self.value(index)? {
             Value::Int(value) => Ok(*value),
@@ -126,6 +145,7 @@ impl Row {
         }
     }
 
+    /// An integer column that may be `NULL` (`None`).
     pub fn opt_i64(&self, index: usize) -> Result<Option<i64>, StoreError> {
         match self.value(index)? {
             Value::Null => Ok(None),
@@ -133,6 +153,8 @@ impl Row {
         }
     }
 
+    /// A text column, borrowed; `NULL` is an error (see
+    /// [`Row::opt_text`]).
     pub fn text(&self, index: usize) -> Result<&str, StoreError> {
         match self.value(index)? {
             Value::Text(value) => Ok(value),
@@ -142,6 +164,7 @@ impl Row {
         }
     }
 
+    /// A text column that may be `NULL` (`None`).
     pub fn opt_text(&self, index: usize) -> Result<Option<&str>, StoreError> {
         match self.value(index)? {
             Value::Null => Ok(None),
@@ -311,11 +334,21 @@ impl std::error::Error for StoreError {
 /// lives with each engine, behind [`crate::sql::EngineSql`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
+    /// SQLite.
     Sqlite,
+    /// PostgreSQL.
     Postgres,
 }
 
 /// A transaction (or a read-only snapshot) on the service's database.
+///
+/// A `Tx` exists only inside the closure given to [`Store::write`] or
+/// [`Store::read`], on the store's own thread: its calls block that thread,
+/// never the async runtime, and it cannot be kept past the closure. SQL is
+/// portable, with `$1`, `$2`, ... for parameters on every engine. After a
+/// statement fails, the transaction may be unusable (PostgreSQL aborts it):
+/// return the error, or run a statement that may fail under a savepoint
+/// and roll back to it.
 pub trait Tx {
     /// The engine's implementation of the toolkit's SQL that differs
     /// between engines (and, through it, the engine's [`Dialect`]).
@@ -330,9 +363,12 @@ pub trait Tx {
     fn savepoint(&mut self, name: &str) -> Result<(), StoreError> {
         self.execute_batch(&format!("SAVEPOINT {name}"))
     }
+    /// Forgets the savepoint `name`, keeping what was done since it.
     fn release_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
         self.execute_batch(&format!("RELEASE SAVEPOINT {name}"))
     }
+    /// Undoes what was done since the savepoint `name`, then releases it:
+    /// the transaction goes on as if the work between had not run.
     fn rollback_to_savepoint(&mut self, name: &str) -> Result<(), StoreError> {
         self.execute_batch(&format!("ROLLBACK TO SAVEPOINT {name}"))?;
         self.release_savepoint(name)
@@ -348,9 +384,23 @@ pub trait Tx {
 }
 
 /// A service's database. Cloning is cheap and shares the connections.
+///
+/// Work is a synchronous closure run on a thread the store owns, so a
+/// transaction never spans an `.await`; the returned future only waits for
+/// its answer. The trait has generic methods and cannot be a trait object:
+/// code that must choose an engine at run time holds an enum of them
+/// (`tandem_engines::AnyStore`). The toolkit's own tables (outbox,
+/// positions, dead letters, ...) live in the same database, so a service's
+/// state change and what it publishes or applies commit together.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Runs `work` in one write transaction and commits it if `work` returns
-    /// `Ok`; rolls back otherwise. Writers are serialised per store.
+    /// `Ok`; rolls back otherwise. Writers are serialised per store. When
+    /// several writes are queued the store may commit them together, each
+    /// under a savepoint of its own: a failing `work` still undoes only
+    /// itself, but a commit that fails fails all of them (as
+    /// [`StoreError::Unavailable`] or [`StoreError::Engine`], never
+    /// `Conflict`). An `Err` therefore does not always mean `work` failed:
+    /// work that is retried must be safe to run again.
     fn write<R, E, F>(&self, work: F) -> StoreFuture<R, E>
     where
         R: Send + 'static,
@@ -402,5 +452,10 @@ pub trait Lease: Send {
 
 /// Tells whether other processes may have committed since the last call.
 pub trait ExternalChanges: Send {
+    /// Whether another process may have committed since the previous call
+    /// (at least: appended to the outbox); the first call says `true`. It
+    /// may say `true` for nothing new, never `false` after such a commit.
+    /// Cheap: one pragma on SQLite, a flag set by a listening thread on
+    /// PostgreSQL.
     fn changed(&mut self) -> Result<bool, StoreError>;
 }

@@ -7,12 +7,17 @@ use crate::store::{StoreError, Tx};
 /// Why a handler could not apply an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
+    /// What went wrong; it becomes the dead letter's error if the event
+    /// is parked.
     pub message: String,
     /// Retrying cannot help (a payload the handler cannot read): park now.
     pub permanent: bool,
 }
 
 impl HandlerError {
+    /// A failure that may pass (a lock, a timeout, a row another event
+    /// will write): the event is tried again, after a pause, up to the
+    /// consumer's `max_attempts`, then parked.
     pub fn transient(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
@@ -20,6 +25,8 @@ impl HandlerError {
         }
     }
 
+    /// A failure that trying again cannot cure: the event is parked at
+    /// once.
     pub fn permanent(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
@@ -46,7 +53,21 @@ impl From<PayloadError> for HandlerError {
     }
 }
 
-/// Applies events to a read model.
+/// Applies events to a read model: the part of a consumer that knows the
+/// domain.
+///
+/// A handler writes only through the `tx` it is given, which is the
+/// consumer's transaction: its effects commit together with the consumer's
+/// position and the aggregate's last applied sequence, and that is what
+/// makes the effect exactly once. It runs on the store's thread, so it
+/// must not block on anything else, and it must not act outside the
+/// database (send mail, call services): an event may be handled more than
+/// once before a transaction commits. An `Err` is never half-applied: the
+/// transaction it failed in is rolled back, the events before it are
+/// applied again without it, and the event at fault is retried (under a
+/// savepoint of its own) or parked alone (see [`HandlerError`]). A
+/// [`crate::StoreError`] converts to a transient error, a payload that
+/// does not read ([`crate::envelope::PayloadError`]) to a permanent one.
 pub trait Handler: Send + Sync + 'static {
     /// Applies one event inside the consumer's transaction. Events of other
     /// types than the handler cares about should simply return `Ok`.

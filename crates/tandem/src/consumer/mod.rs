@@ -47,12 +47,17 @@ use crate::store::{Store, StoreError};
 pub struct ConsumerConfig {
     /// The consumer's name: its group on the bus and its key in the tables.
     pub name: String,
+    /// The topics it reads.
     pub topics: Vec<String>,
     /// Most records applied in one transaction.
     pub batch_size: usize,
     /// Tries before an event is parked.
     pub max_attempts: u32,
+    /// The first pause before a failed event is tried again (and before
+    /// the first attempt to rejoin after an outage); each pause after it
+    /// doubles, jittered.
     pub retry_initial: Duration,
+    /// Longest pause between two attempts at a failed event.
     pub retry_max: Duration,
     /// Longest pause between attempts to rejoin an unreachable bus or store.
     pub retry_outage_max: Duration,
@@ -63,6 +68,10 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// The consumer `name` of `topics`, with the defaults: batches of up
+    /// to 1000 records, 5 attempts before an event is parked (pauses from
+    /// 20 ms up to 2 s between them), outages retried up to every 5 s, a
+    /// 5 s gap timeout and housekeeping every 100 ms.
     pub fn new(name: impl Into<String>, topics: &[&str]) -> Self {
         Self {
             name: name.into(),
@@ -78,10 +87,16 @@ impl ConsumerConfig {
     }
 }
 
+/// Why [`Consumer::run`] stopped. Outages (errors of kind `Unavailable`)
+/// and a log pruned under the consumer are waited out inside `run`, so
+/// what comes out here is a fault that waiting will not cure. A handler's
+/// failure never stops a consumer: the event is parked instead.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
+    /// The consumer's database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The bus failed.
     #[error(transparent)]
     Bus(#[from] BusError),
 }
@@ -107,6 +122,7 @@ fn is_outage(error: &ConsumerError) -> bool {
 /// What one committed consumer batch did.
 #[derive(Debug, Clone, Copy)]
 pub struct CommittedBatch<'a> {
+    /// The consumer's name.
     pub consumer: &'a str,
     /// Records consumed: applied, dropped as duplicates, held or parked.
     pub consumed: usize,
@@ -119,6 +135,9 @@ pub struct CommittedBatch<'a> {
 
 /// Sees every committed batch: the hook for metrics and benchmarks.
 pub trait ConsumerObserver: Send + Sync + 'static {
+    /// Called once for each batch, after its transaction committed, on the
+    /// consumer's task: it should return quickly, and what it does cannot
+    /// undo the batch.
     fn batch_committed(&self, batch: CommittedBatch<'_>);
 }
 
@@ -127,7 +146,16 @@ fn is_store_outage(error: &StoreError) -> bool {
     matches!(error, StoreError::Unavailable(_))
 }
 
-/// A running consumer.
+/// A consumer: one member of the group [`ConsumerConfig::name`] on the
+/// bus, applying the records of its partitions with a [`Handler`] to the
+/// store, [`Consumer::run`] until shutdown.
+///
+/// Any number of members (in one process or many) may run against the
+/// same database: the bus shares the partitions out, and each batch's
+/// effects, positions and per-aggregate sequences commit in one
+/// transaction, so a record delivered twice, to one member or two, is
+/// applied once. A member that joins seeks each partition it is given to
+/// the position stored in the database, never to one the bus keeps.
 pub struct Consumer<S: Store> {
     store: S,
     bus: Arc<dyn Bus>,
@@ -189,6 +217,8 @@ impl<S: Store> Consumer<S> {
         self
     }
 
+    /// The settings it runs with: those given to [`Consumer::new`], with
+    /// the gap timeout as raised there.
     pub fn config(&self) -> &ConsumerConfig {
         &self.config
     }
