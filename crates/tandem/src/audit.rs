@@ -12,6 +12,7 @@ use crate::store::{Row, Store, StoreError, Tx};
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditEntry {
+    /// The entry's id; a later entry has a larger one.
     pub id: i64,
     /// When, in microseconds since the Unix epoch.
     pub at_micros: i64,

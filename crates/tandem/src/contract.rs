@@ -83,12 +83,20 @@ pub fn newest(contracts: &[Contract]) -> Vec<Contract> {
 pub enum Finding {
     /// An incompatible change within a version.
     Incompatible {
+        /// The event type.
         event_type: String,
+        /// The version that changed.
         version: u32,
+        /// The change, and the rule it breaks.
         change: Break,
     },
     /// A released version is no longer among the contracts.
-    VersionRemoved { event_type: String, version: u32 },
+    VersionRemoved {
+        /// The event type.
+        event_type: String,
+        /// The version that is gone.
+        version: u32,
+    },
 }
 
 impl std::fmt::Display for Finding {
@@ -124,20 +132,30 @@ impl std::fmt::Display for Finding {
 /// Why a baseline could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BaselineError {
+    /// The directory, or a file in it, could not be read.
     #[error("cannot read the baseline {path}: {source}")]
     Io {
+        /// The directory or file.
         path: String,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
+    /// A `.json` file of the baseline does not parse.
     #[error("baseline file {path} is not JSON: {source}")]
     Json {
+        /// The file.
         path: String,
+        /// What the JSON parser said.
         #[source]
         source: serde_json::Error,
     },
+    /// A `.json` file whose name is not `<type>.v<N>.json`.
     #[error("baseline file {path} is not named <type>.v<N>.json")]
-    Name { path: String },
+    Name {
+        /// The file.
+        path: String,
+    },
 }
 
 /// Reads a baseline directory: every `<type>.v<N>.json` in it, keyed by

@@ -40,6 +40,8 @@ impl Reason {
         Reason::Store,
     ];
 
+    /// The reason's name, as stored with a letter and used as a metric
+    /// label: `decode`, `handler`, `gap`, `blocked`, `store`.
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Decode => "decode",
@@ -54,20 +56,38 @@ impl Reason {
 /// A parked (or formerly parked) event.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeadLetter {
+    /// The letter's id in `tandem_dead_letters`, which requests and
+    /// operators name it by.
     pub id: i64,
+    /// The consumer that could not apply the event.
     pub consumer: String,
+    /// The topic the record was read from.
     pub topic: String,
+    /// Its partition.
     pub partition: i64,
+    /// Its offset in the partition.
     pub offset: i64,
+    /// The envelope's id; `None` when the record did not decode (and so
+    /// for `source` to `event_type`).
     pub event_id: Option<String>,
+    /// The publishing service.
     pub source: Option<String>,
+    /// The aggregate id.
     pub subject: Option<String>,
+    /// The event's sequence in its aggregate.
     pub sequence: Option<i64>,
+    /// The event's type.
     pub event_type: Option<String>,
+    /// Why it was parked, as [`Reason::as_str`] names it.
     pub reason: String,
+    /// The latest failure's message.
     pub error: String,
+    /// How many times applying it was tried and failed.
     pub attempts: i64,
+    /// When it first failed, in microseconds since the Unix epoch.
     pub first_failed_at_micros: i64,
+    /// When it last failed (it may fail again on a redrive), in
+    /// microseconds since the Unix epoch.
     pub last_failed_at_micros: i64,
     /// `parked`, `resolved` (applied or found to be a duplicate) or `discarded`.
     pub status: String,
@@ -280,10 +300,12 @@ pub enum RequestError {
     /// wait forever, since no consumer of that name runs here.
     #[error("unknown consumer {consumer} ({})", known_here(.known))]
     UnknownConsumer {
+        /// The name asked for.
         consumer: String,
         /// The consumers the database knows, by name.
         known: Vec<String>,
     },
+    /// The database failed; nothing was recorded.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -513,8 +535,9 @@ const FILL_BATCH: usize = 500;
 /// (schema migration 3 runs this on each engine), or since then by a build
 /// older than that migration (a rolling upgrade; every store runs it again
 /// when it opens). The fingerprint is Rust's ([`fingerprint`]), so SQL
-/// alone cannot fill the column: each batch of [`FILL_BATCH`] letters is
-/// read in id order and written back in one `UPDATE ... FROM (VALUES ...)`.
+/// alone cannot fill the column: each batch of letters (`FILL_BATCH`, 500)
+/// is read in id order and written back in one
+/// `UPDATE ... FROM (VALUES ...)`.
 pub fn fill_failure_groups(tx: &mut dyn Tx) -> Result<u64, StoreError> {
     let mut filled = 0_u64;
     let mut after = 0_i64;
@@ -570,14 +593,21 @@ pub fn fill_failure_groups(tx: &mut dyn Tx) -> Result<u64, StoreError> {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FailureGroup {
+    /// The group's fingerprint (see [`failure_group`]).
     pub group: String,
+    /// The consumer whose letters these are (a group has one).
     pub consumer: String,
+    /// The type of the group's events; `None` when they did not decode.
     pub event_type: Option<String>,
+    /// Why they were parked, as [`Reason::as_str`] names it.
     pub reason: String,
     /// The error with its variable parts masked.
     pub error: String,
+    /// How many letters of the group the filter admits.
     pub count: u64,
+    /// When the earliest of them first failed (µs since the Unix epoch).
     pub first_seen_micros: i64,
+    /// When the latest of them last failed (µs since the Unix epoch).
     pub last_seen_micros: i64,
 }
 

@@ -16,12 +16,20 @@ use crate::store::StoreError;
 /// A parsed engine URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineUrl {
+    /// A `sqlite://` URL: a file of this crate's engines, the embedded log
+    /// or a SQLite store.
     Sqlite {
+        /// The file, as written in the URL.
         path: PathBuf,
+        /// The `synchronous` option, if given.
         synchronous: Option<Synchronous>,
+        /// The `partitions` option (at least 1), if given; only the
+        /// embedded log reads it.
         partitions: Option<u32>,
     },
+    /// Any other scheme, which this crate does not open.
     Other {
+        /// The scheme, lower-cased.
         scheme: String,
     },
 }
@@ -30,20 +38,45 @@ pub enum EngineUrl {
 /// already [`redact`]ed, so it can be shown as it is.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UrlError {
+    /// The text has no `scheme://`.
     #[error("{url}: expected scheme://..., e.g. sqlite:///var/lib/tandem/bus.db")]
-    Malformed { url: String },
+    Malformed {
+        /// The URL, redacted.
+        url: String,
+    },
+    /// A `sqlite://` URL with no file path.
     #[error("{url}: a sqlite URL needs a file path, e.g. sqlite:///var/lib/tandem/bus.db or sqlite://./data/bus.db")]
-    MissingPath { url: String },
+    MissingPath {
+        /// The URL, redacted.
+        url: String,
+    },
+    /// A `sqlite://` URL with an option that is not known, or a value
+    /// that is not valid for it.
     #[error("{url}: unknown option {option} (known: synchronous=full|normal|off, partitions=N)")]
-    UnknownOption { url: String, option: String },
+    UnknownOption {
+        /// The URL, redacted.
+        url: String,
+        /// The option as given (its value hidden if it may be a secret).
+        option: String,
+    },
+    /// The URL does not parse (see [`UrlSyntaxError`]).
     #[error("{url}: {source}")]
     Syntax {
+        /// The URL, redacted.
         url: String,
+        /// What is wrong with it.
         #[source]
         source: UrlSyntaxError,
     },
+    /// A scheme this crate does not open (`tandem-engines` opens the
+    /// others).
     #[error("{url}: the {scheme} engine is not known to the tandem crate (it opens sqlite; tandem-engines opens kafka, nats and postgres)")]
-    Unsupported { url: String, scheme: String },
+    Unsupported {
+        /// The URL, redacted.
+        url: String,
+        /// The scheme, lower-cased.
+        scheme: String,
+    },
 }
 
 impl UrlError {
@@ -108,10 +141,15 @@ pub fn parse(url: &str) -> Result<EngineUrl, UrlError> {
 /// anywhere in it): a caller puts the [`redact`]ed URL in front.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum UrlSyntaxError {
+    /// The text does not start with `scheme://`.
     #[error("expected scheme://...")]
     NoScheme,
+    /// The part after the scheme is not a URL; holds the parser's reason,
+    /// never the text.
     #[error("not a URL ({0})")]
     Unparsable(String),
+    /// A part or an option (named here, not shown) is not UTF-8 once
+    /// percent-decoded.
     #[error("{0} is not UTF-8 once percent-decoded")]
     NotUtf8(String),
 }
@@ -120,7 +158,9 @@ pub enum UrlSyntaxError {
 /// when the URL gives one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlHost {
+    /// A name or an address; an IPv6 address keeps its brackets.
     pub host: String,
+    /// The port, when the URL gives one.
     pub port: Option<u16>,
 }
 
@@ -136,7 +176,9 @@ impl std::fmt::Display for UrlHost {
 /// One `name=value` option of a URL's query, decoded.
 #[derive(Clone, PartialEq, Eq)]
 pub struct UrlOption {
+    /// The option's name, decoded.
     pub name: String,
+    /// Its value, decoded (a `+` stays a plus); empty when it has none.
     pub value: String,
     /// Whether the option was written with a `=` (`tls` has none).
     pub has_value: bool,
@@ -382,23 +424,34 @@ impl ParsedUrl {
 /// Why an engine could not be opened; its URL is [`redact`]ed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// The URL names no engine this crate opens.
     #[error(transparent)]
     Url(#[from] UrlError),
+    /// The store's file could not be opened, or its tables installed.
     #[error("cannot open store {url}: {source}")]
     Store {
+        /// The URL, redacted.
         url: String,
+        /// What the store said.
         #[source]
         source: StoreError,
     },
+    /// An existing service database was asked for, and the file is
+    /// missing, not a service's, or could not be opened.
     #[error("cannot open store {url}: {source}")]
     Existing {
+        /// The URL, redacted.
         url: String,
+        /// Why it was refused.
         #[source]
         source: ExistingError,
     },
+    /// The embedded log's file could not be opened.
     #[error("cannot open bus {url}: {source}")]
     Bus {
+        /// The URL, redacted.
         url: String,
+        /// What the log said.
         #[source]
         source: BusError,
     },
@@ -591,6 +644,7 @@ fn quote_value(value: &str) -> String {
 /// One `key=value` of a PostgreSQL connection string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
+    /// The key, such as `host` or `sslmode`.
     pub key: String,
     /// Unquoted and unescaped.
     pub value: String,

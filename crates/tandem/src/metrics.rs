@@ -36,7 +36,8 @@ const LATENCY_BUCKETS: [f64; 24] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
-/// Makes histograms with [`LATENCY_BUCKETS`].
+/// Makes histograms with the toolkit's latency buckets (`LATENCY_BUCKETS`:
+/// single milliseconds resolved up to 10 ms, and on to five minutes).
 #[derive(Debug, Clone, Copy)]
 pub struct Buckets;
 
@@ -46,14 +47,19 @@ impl MetricConstructor<Histogram> for Buckets {
     }
 }
 
+/// The labels of [`Metrics::sent_messages`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestinationLabels {
+    /// The topic published to.
     pub messaging_destination_name: String,
 }
 
+/// The labels of [`Metrics::publish_failures`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicErrorLabels {
+    /// The topic of the refused batch.
     pub topic: String,
+    /// The bus error's kind ([`crate::BusError::kind`]).
     pub error_type: String,
 }
 
@@ -61,23 +67,32 @@ pub struct TopicErrorLabels {
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Operation {
+    /// A relay's publish of one batch.
     send,
+    /// A consumer's fetch that returned records.
     receive,
 }
 
+/// The labels of [`Metrics::operation_duration`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
+    /// Which bus call.
     pub messaging_operation_name: Operation,
 }
 
+/// The label of a metric kept per consumer.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerLabels {
+    /// The consumer's name.
     pub consumer: String,
 }
 
+/// The labels of a metric kept per consumer and topic.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerTopicLabels {
+    /// The consumer's name.
     pub consumer: String,
+    /// A topic it reads.
     pub topic: String,
 }
 
@@ -98,43 +113,60 @@ pub enum Outcome {
     parked,
 }
 
+/// The labels of [`Metrics::consumer_events`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerOutcomeLabels {
+    /// The consumer's name.
     pub consumer: String,
+    /// What became of the events.
     pub outcome: Outcome,
 }
 
+/// The label of an outbox's metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabels {
+    /// The outbox's topic.
     pub topic: String,
 }
 
+/// The labels of [`Metrics::consumer_lag_events`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerPartitionLabels {
+    /// The consumer's name.
     pub consumer: String,
+    /// The topic.
     pub topic: String,
+    /// The partition of the topic.
     pub partition: u32,
 }
 
+/// The labels of [`Metrics::dead_letters`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConsumerErrorLabels {
+    /// The consumer's name.
     pub consumer: String,
+    /// Why the letters were parked ([`crate::dead_letter::Reason::as_str`]).
     pub error_type: String,
 }
 
 /// A gauge of seconds.
 pub type Seconds = Gauge<f64, AtomicU64>;
 
+/// The label of [`Metrics::store_commit_duration`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabels {
+    /// The database: a SQLite file's stem, a PostgreSQL database's name.
     pub store: String,
 }
 
+/// The labels of [`Metrics::http_duration`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     /// The route's template (`/orders/{id}`), never the path itself.
     pub http_route: String,
+    /// The request's method, such as `GET`.
     pub http_request_method: String,
+    /// The status code answered.
     pub http_response_status_code: u16,
 }
 
@@ -146,22 +178,55 @@ struct BuildLabels {
 /// Every metric the toolkit records.
 pub struct Metrics {
     registry: Registry,
+    /// `messaging_client_sent_messages`: events the relay published and
+    /// the bus acknowledged.
     pub sent_messages: Family<DestinationLabels, Counter>,
+    /// `tandem_relay_publish_failures`: relay batches the bus refused
+    /// (each is retried).
     pub publish_failures: Family<TopicErrorLabels, Counter>,
+    /// `messaging_client_operation_duration_seconds`: bus calls, a relay
+    /// batch's publish and a consumer's fetch that returned records.
     pub operation_duration: Family<OperationLabels, Histogram, Buckets>,
+    /// `tandem_consumer_end_to_end_seconds`: from an event's `time` to the
+    /// commit of its effect.
     pub end_to_end: Family<ConsumerTopicLabels, Histogram, Buckets>,
+    /// `messaging_process_duration_seconds`: a consumer batch's apply and
+    /// commit.
     pub process_duration: Family<ConsumerLabels, Histogram, Buckets>,
+    /// `tandem_consumer_events`: events a consumer received, by what
+    /// became of them.
     pub consumer_events: Family<ConsumerOutcomeLabels, Counter>,
+    /// `tandem_store_commit_duration_seconds`: one commit of a store's
+    /// writer (a group of write jobs).
     pub store_commit_duration: Family<StoreLabels, Histogram, Buckets>,
+    /// `http_server_request_duration_seconds`: HTTP requests served.
     pub http_duration: Family<HttpLabels, Histogram, Buckets>,
+    /// `tandem_outbox_pending_events`: events committed to the outbox and
+    /// not yet acknowledged by the bus.
     pub outbox_pending: Family<TopicLabels, Gauge>,
+    /// `tandem_outbox_oldest_pending_age_seconds`: the age of the oldest
+    /// of those; 0 when there is none.
     pub outbox_oldest_age: Family<TopicLabels, Seconds>,
+    /// `tandem_consumer_lag_events`: records on the bus a consumer has not
+    /// applied, per partition (the head offset less its stored position).
     pub consumer_lag_events: Family<ConsumerPartitionLabels, Gauge>,
+    /// `tandem_consumer_lag_seconds`: the age of the oldest event of a
+    /// topic a consumer has not applied; 0 when it has caught up.
     pub consumer_lag_seconds: Family<ConsumerTopicLabels, Seconds>,
+    /// `tandem_consumer_gaps_open`: aggregates waiting for a missing
+    /// sequence.
     pub gaps_open: Family<ConsumerLabels, Gauge>,
+    /// `tandem_dead_letters`: parked dead letters, by reason.
     pub dead_letters: Family<ConsumerErrorLabels, Gauge>,
+    /// `tandem_dead_letter_oldest_age_seconds`: the age of the oldest
+    /// parked dead letter; 0 when there is none.
     pub dead_letter_oldest_age: Family<ConsumerLabels, Seconds>,
+    /// `tandem_rebuild_events_applied`: records the new version of a read
+    /// model has consumed in its side-by-side rebuild; 0 when none is
+    /// under way.
     pub rebuild_applied: Family<ConsumerLabels, Gauge>,
+    /// `tandem_rebuild_events_remaining`: records the new version has yet
+    /// to consume before it can switch; 0 when no rebuild is under way.
     pub rebuild_to_go: Family<ConsumerLabels, Gauge>,
 }
 

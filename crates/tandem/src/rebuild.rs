@@ -203,15 +203,25 @@ impl RebuildState {
 /// One rebuild of a consumer, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rebuild {
+    /// The live consumer whose read model is rebuilt.
     pub consumer: String,
     /// Tells the rebuild's tables and consumer apart (µs since the epoch
     /// when it was asked for).
     pub number: i64,
+    /// Where it stands.
     pub state: RebuildState,
+    /// Whether the new version starts at the first record the log still
+    /// holds rather than at offset 0 (see the module documentation).
     pub from_log_start: bool,
+    /// Who asked for it, as the caller of [`request`] named them (the
+    /// admin API: the name of the token used).
     pub requested_by: String,
+    /// When it was asked for (µs since the Unix epoch).
     pub started_at_micros: i64,
+    /// When it ended: switched, cancelled or failed (µs since the Unix
+    /// epoch); `None` while it is under way.
     pub finished_at_micros: Option<i64>,
+    /// Why it failed, when it did.
     pub error: Option<String>,
 }
 
@@ -264,14 +274,20 @@ CREATE TABLE IF NOT EXISTS tandem_rebuilds (
 /// Why a rebuild could not be asked for or cancelled.
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
+    /// A rebuild of the consumer is under way already: one at a time.
     #[error("consumer {consumer} is already rebuilding (rebuild {number}, {state})")]
     Running {
+        /// The consumer.
         consumer: String,
+        /// The number of the rebuild under way.
         number: i64,
+        /// Its state: `building` or `cancelling`.
         state: &'static str,
     },
+    /// There is no rebuild of this consumer (named here) to cancel.
     #[error("consumer {0} has no rebuild under way")]
     NoneRunning(String),
+    /// The database failed; nothing was recorded.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -819,6 +835,8 @@ pub struct Rebuildable {
     /// The live consumer's configuration; the builder runs with the same,
     /// under its own name.
     pub config: ConsumerConfig,
+    /// The read model, which names the tables and makes the builder's
+    /// handler.
     pub model: Arc<dyn ReadModel>,
 }
 
@@ -1034,9 +1052,13 @@ async fn start<S: Store>(
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RebuildReport {
+    /// The rebuild's number (see [`Rebuild::number`]).
     pub number: i64,
+    /// Where it stands.
     pub state: RebuildState,
+    /// When it was asked for (µs since the Unix epoch).
     pub started_at_micros: i64,
+    /// When it ended (µs since the Unix epoch); absent while under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_micros: Option<i64>,
     /// Records the new version has consumed so far (while building).
@@ -1046,6 +1068,7 @@ pub struct RebuildReport {
     /// At the rate so far, seconds until it is level with the head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<f64>,
+    /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -40,8 +40,11 @@ use crate::store::{Store, StoreError, Tx};
 /// Why a re-publication stopped; what was sent before stays sent.
 #[derive(Debug, thiserror::Error)]
 pub enum RepublishError {
+    /// The service's database failed (reading the history or the
+    /// aggregates, or moving a consumer's positions).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The bus failed: a publish, or asking where its log starts.
     #[error(transparent)]
     Bus(#[from] BusError),
 }
@@ -78,6 +81,8 @@ where
         + Sync
         + 'static,
 {
+    /// The snapshots of `topic`'s aggregates, read a page at a time by
+    /// `page`.
     pub fn new(topic: &str, page: F) -> Self {
         Self {
             topic: topic.to_owned(),
@@ -256,7 +261,9 @@ fn snapshot_record(topic: &str, event: NewEvent, sequence: u64) -> OutgoingRecor
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Skipped {
+    /// The topic.
     pub topic: String,
+    /// The partition of the topic.
     pub partition: u32,
     /// Its position before.
     pub from: u64,

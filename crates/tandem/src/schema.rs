@@ -147,7 +147,11 @@ pub enum ExistingError {
     /// A database, but the toolkit's tables are not in it (the bus file,
     /// another program's database): nothing was installed.
     #[error("not a tandem service database (it has no table {})", .missing.join(", "))]
-    NotAServiceDatabase { missing: Vec<&'static str> },
+    NotAServiceDatabase {
+        /// The toolkit's tables it lacks.
+        missing: Vec<&'static str>,
+    },
+    /// The database could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
 }

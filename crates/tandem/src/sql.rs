@@ -20,9 +20,11 @@ use crate::store::{Dialect, Row, StoreError, Tx};
 /// migration that fails leaves nothing behind.
 #[derive(Clone, Copy)]
 pub struct Migration {
+    /// The step's number: 1 for the first, one more for each after it.
     pub version: i64,
     /// What the step does, recorded beside its number.
     pub description: &'static str,
+    /// Carries the step out, in the transaction that records it.
     pub apply: fn(&mut dyn Tx) -> Result<(), StoreError>,
 }
 
@@ -38,9 +40,13 @@ impl std::fmt::Debug for Migration {
 /// One event row for [`EngineSql::insert_events`].
 #[derive(Debug, Clone, Copy)]
 pub struct OutboxRow<'a> {
+    /// The aggregate id.
     pub subject: &'a str,
+    /// The event's sequence in its aggregate, already taken.
     pub sequence: u64,
+    /// The envelope's id, as text.
     pub event_id: &'a str,
+    /// The envelope's type.
     pub event_type: &'a str,
     /// The envelope's JSON (always UTF-8).
     pub envelope: &'a [u8],
@@ -62,6 +68,7 @@ impl<'a> OutboxRow<'a> {
 /// A consumer's record of one aggregate, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredAggregateState {
+    /// The aggregate id.
     pub subject: String,
     /// The last sequence applied.
     pub applied: u64,
@@ -83,9 +90,13 @@ impl StoredAggregateState {
 /// A consumer's record of one aggregate, to be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AggregateStateRow<'a> {
+    /// The topic (publishing service) the aggregate's events come from.
     pub source: &'a str,
+    /// The aggregate id.
     pub subject: &'a str,
+    /// The last sequence applied.
     pub applied: u64,
+    /// The dead letter that blocks the aggregate, if any.
     pub blocked_by: Option<i64>,
     /// Whether the row exists already (an update) or not (an insert).
     pub stored: bool,

@@ -15,6 +15,7 @@ use crate::store::{Store, StoreError};
 pub struct OutboxStatus {
     /// The relay's name (its topic, by the services' convention).
     pub topic: String,
+    /// Events committed to the outbox that the relay has not published.
     pub pending_events: u64,
     /// Age of the oldest pending event; 0 when none.
     pub oldest_pending_age_seconds: f64,
@@ -23,7 +24,9 @@ pub struct OutboxStatus {
 /// One partition a consumer reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionLag {
+    /// The topic.
     pub topic: String,
+    /// The partition of the topic.
     pub partition: u32,
     /// The first offset the consumer has not applied (its stored position).
     pub position: u64,
@@ -62,7 +65,10 @@ impl PartitionLag {
 /// A consumer's progress and trouble, as its database and the bus tell.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerStatus {
+    /// The consumer's name.
     pub consumer: String,
+    /// Each partition of its topics, with its position and the bus's
+    /// offsets.
     pub partitions: Vec<PartitionLag>,
     /// Aggregates waiting for a missing sequence.
     pub gaps_open: u64,
@@ -99,6 +105,8 @@ pub enum Health {
 }
 
 impl Health {
+    /// The health's name, as reports and `tandem status` show it (`ok`,
+    /// `lagging`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             Health::Ok => "ok",
@@ -188,8 +196,10 @@ impl ConsumerStatus {
 /// Why a status could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
+    /// The service's database could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The bus did not tell its offsets.
     #[error(transparent)]
     Bus(#[from] BusError),
 }
@@ -473,32 +483,51 @@ pub async fn known_consumers<S: Store>(
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceReport {
+    /// The service's name.
     pub service: String,
+    /// The worst of its consumers' healths (in the order of [`Health`]'s
+    /// variants); `stopped` when the service does not run, `ok` when it
+    /// has no consumer.
     pub health: Health,
+    /// Its outbox's backlog, when it publishes.
     pub outbox: Option<OutboxReport>,
+    /// Each of its consumers.
     pub consumers: Vec<ConsumerReport>,
 }
 
+/// An outbox's backlog in a [`ServiceReport`] (see [`OutboxStatus`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxReport {
+    /// The relay's name (its topic).
     pub topic: String,
+    /// Events committed that the relay has not published.
     pub pending_events: u64,
+    /// Age of the oldest of them; 0 when none.
     pub oldest_pending_age_seconds: f64,
 }
 
+/// One consumer in a [`ServiceReport`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerReport {
+    /// The consumer's name.
     pub consumer: String,
+    /// The topics it reads.
     pub topics: Vec<String>,
+    /// Its health (see [`ConsumerStatus::health`]).
     pub health: Health,
+    /// Records on the bus it has not applied, over all its partitions.
     pub lag_events: u64,
+    /// The largest lag in seconds of its partitions; 0 when caught up.
     pub lag_seconds: f64,
+    /// Aggregates waiting for a missing sequence.
     pub gaps_open: u64,
     /// Parked, unresolved dead letters.
     pub dead_letters: u64,
+    /// Age of the oldest of them; 0 when none.
     pub oldest_dead_letter_age_seconds: f64,
+    /// Each partition it reads.
     pub partitions: Vec<PartitionReport>,
     /// Events this process has applied, and the sum of their end-to-end
     /// delays (event time to the commit of the effect), since it started:
@@ -520,18 +549,28 @@ pub struct ConsumerReport {
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndToEnd {
+    /// Events applied.
     pub count: u64,
+    /// The sum of their end-to-end delays, in seconds.
     pub sum_seconds: f64,
 }
 
+/// One partition in a [`ConsumerReport`] (see [`PartitionLag`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PartitionReport {
+    /// The topic.
     pub topic: String,
+    /// The partition of the topic.
     pub partition: u32,
+    /// The first offset the consumer has not applied.
     pub position: u64,
+    /// The bus's next offset to be written.
     pub end: u64,
+    /// Records the consumer has not applied (`end - position`).
     pub lag_events: u64,
+    /// Now less the time of the oldest event it has not applied; 0 when
+    /// none.
     pub lag_seconds: f64,
 }
 

@@ -9,9 +9,10 @@ use tokio::time::Instant;
 
 use crate::store::{ExternalChanges, StoreError};
 
-/// Shortest pause between two looks at other processes' commits, and the
-/// longest for readers of the bus (whose writers are other processes).
+/// Shortest pause between two looks at other processes' commits.
 pub const FIRST_POLL: Duration = Duration::from_micros(250);
+/// The longest pause for readers of the bus (whose writers are other
+/// processes).
 pub const LONGEST_POLL: Duration = Duration::from_millis(2);
 /// The longest pause for a relay: the writers of its outbox are mostly in
 /// its own process and signal it directly; other processes are rare.

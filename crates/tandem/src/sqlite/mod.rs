@@ -36,6 +36,7 @@ pub enum Synchronous {
 }
 
 impl Synchronous {
+    /// The pragma's value: `FULL`, `NORMAL` or `OFF`.
     pub fn pragma(self) -> &'static str {
         match self {
             Synchronous::Full => "FULL",
@@ -44,6 +45,8 @@ impl Synchronous {
         }
     }
 
+    /// Reads `full`, `normal` or `off`, in any case; `None` for anything
+    /// else.
     pub fn parse(text: &str) -> Option<Self> {
         match text.to_ascii_lowercase().as_str() {
             "full" => Some(Self::Full),
@@ -57,7 +60,11 @@ impl Synchronous {
 /// How to open a SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
+    /// How commits are made durable (default: [`Synchronous::Full`]).
     pub synchronous: Synchronous,
+    /// Reader threads, each with a connection of its own, so that reads
+    /// run beside each other and beside the writer (default 2; at least
+    /// 1).
     pub readers: usize,
     /// How long a writer waits for another process's write lock.
     pub busy_timeout: Duration,
@@ -649,6 +656,7 @@ impl SqliteStore {
         Ok(Self { shared })
     }
 
+    /// The database file, its directory made absolute when it was opened.
     pub fn path(&self) -> &Path {
         &self.shared.path
     }
