@@ -88,6 +88,8 @@
 //! `sslmode=verify-full&sslrootcert=/path/to/ca.pem`.
 //! Messages name `host:port/database`, never the password.
 
+#![warn(missing_docs)]
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
