@@ -357,6 +357,16 @@ impl Bus for Namespaced {
     ) -> Result<u64, BusError> {
         self.inner.prune(max_age, max_records, batch).await
     }
+
+    async fn forget_group(&self, group: &str, topics: &[String]) -> Result<(), BusError> {
+        let topics: Vec<String> = topics
+            .iter()
+            .map(|topic| format!("{}{topic}", self.prefix))
+            .collect();
+        self.inner
+            .forget_group(&format!("{}{group}", self.prefix), &topics)
+            .await
+    }
 }
 
 struct NamespacedSubscription {
