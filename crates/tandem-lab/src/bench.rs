@@ -110,6 +110,10 @@ pub struct PipelineArgs {
     /// records), every --prune-every-ms.
     #[arg(long)]
     retain: bool,
+    /// With --retain: what is pruned (both, or one of the two alone, to
+    /// tell their costs apart).
+    #[arg(long, default_value = "both", value_parser = ["both", "outbox", "log"])]
+    retain_kinds: String,
     /// With --retain: records kept per log partition.
     #[arg(long, default_value_t = 50_000)]
     retain_log_records: u64,
@@ -585,11 +589,11 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let pruner_task = args.retain.then(|| {
         let (producer, bus, shutdown) = (producer.clone(), Arc::clone(&bus), shutdown.clone());
         let rules = tandem::retention::Retention {
-            outbox_age: Some(Duration::ZERO),
+            outbox_age: (args.retain_kinds != "log").then_some(Duration::ZERO),
             resolved_age: None,
             discarded_age: None,
             log_age: None,
-            log_records: Some(args.retain_log_records),
+            log_records: (args.retain_kinds != "outbox").then_some(args.retain_log_records),
             every: Duration::from_millis(args.prune_every_ms.max(1)),
             batch: args.prune_batch.max(1),
         };
