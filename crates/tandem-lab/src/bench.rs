@@ -483,6 +483,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
                 EmbeddedOptions {
                     synchronous,
                     partitions: 1,
+                    ..Default::default()
                 },
             )
             .await?,

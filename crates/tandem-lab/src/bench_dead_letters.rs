@@ -818,6 +818,7 @@ pub async fn run(args: DeadLettersArgs) -> anyhow::Result<()> {
             EmbeddedOptions {
                 synchronous: tandem::sqlite::Synchronous::Normal,
                 partitions: 1,
+                ..Default::default()
             },
         )
         .await?,

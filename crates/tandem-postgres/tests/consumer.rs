@@ -45,6 +45,7 @@ async fn a_record_the_store_refuses_is_parked_and_the_consumer_keeps_running() {
             EmbeddedOptions {
                 synchronous: tandem::sqlite::Synchronous::Normal,
                 partitions: 1,
+                ..Default::default()
             },
         )
         .await

@@ -134,6 +134,7 @@ async fn a_schema_made_before_versions_is_migrated_and_its_relay_goes_on() {
             EmbeddedOptions {
                 synchronous: tandem::sqlite::Synchronous::Normal,
                 partitions: 1,
+                ..Default::default()
             },
         )
         .await

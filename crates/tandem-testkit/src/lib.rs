@@ -225,6 +225,7 @@ pub async fn open_log(path: &Path) -> EmbeddedLog {
         EmbeddedOptions {
             synchronous: Synchronous::Normal,
             partitions: 2,
+            ..Default::default()
         },
     )
     .await

@@ -12,6 +12,18 @@
 //! Groups: every member of a group is assigned every partition (one member
 //! per group is the embedded engine's deployment; several instances of a
 //! service belong on Kafka or NATS).
+//!
+//! Segments: each partition's records live in a run of tables, one a
+//! segment (`log_segment_{n}`, keyed by offset), listed in `log_segments`
+//! with the offsets each holds. A partition's newest segment takes the
+//! appends until it holds [`EmbeddedOptions::segment_bytes`] of payload;
+//! the next append opens a new one. Retention drops a segment whole once
+//! every record in it is past the rule, as Kafka deletes a segment file:
+//! a `DROP TABLE` frees its pages in a fraction of what deleting its rows
+//! one by one costs, so pruning stays off the appenders' backs. Only the
+//! segment still being written is pruned record by record (a quiet
+//! partition keeps its rule too), and so is `log_records`, where files made
+//! before segments keep the records they had.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,7 +37,7 @@ use crate::bus::{
 };
 use crate::params;
 use crate::schema::now_micros;
-use crate::sqlite::{DataVersionWatcher, MultiRowInsert, SqliteOptions, SqliteStore, Synchronous};
+use crate::sqlite::{DataVersionWatcher, SqliteOptions, SqliteStore, Synchronous};
 use crate::store::{ExternalChanges, Param, Store, StoreError, StoreFuture, Tx};
 
 const SCHEMA: &str = "
@@ -52,7 +64,279 @@ CREATE TABLE IF NOT EXISTS log_records (
     appended_at   INTEGER NOT NULL,
     PRIMARY KEY (topic, partition, record_offset)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_segments (
+    topic            TEXT    NOT NULL,
+    partition        INTEGER NOT NULL,
+    segment          INTEGER NOT NULL,
+    first_offset     INTEGER NOT NULL,
+    next_offset      INTEGER NOT NULL,
+    bytes            INTEGER NOT NULL,
+    last_appended_at INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition, segment)
+) WITHOUT ROWID;
 ";
+
+/// A file made before segments: the records it holds in `log_records`
+/// become each partition's segment 0, once.
+const ADOPT_LEGACY: &str = "
+INSERT INTO log_segments (topic, partition, segment, first_offset, next_offset, bytes,
+  last_appended_at)
+SELECT topic, partition, 0, MIN(record_offset), MAX(record_offset) + 1,
+  SUM(length(payload)), MAX(appended_at)
+FROM log_records GROUP BY topic, partition;
+INSERT INTO log_meta (name, value) VALUES ('segments', 0);
+";
+
+/// The table of segment `segment` (0: the records of a file made before
+/// segments, in the shared `log_records`).
+fn segment_table(segment: i64) -> String {
+    format!("log_segment_{segment}")
+}
+
+/// A segment of one partition, as `log_segments` lists it.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    number: i64,
+    first_offset: i64,
+    next_offset: i64,
+    last_appended_at: i64,
+}
+
+impl Segment {
+    const COLUMNS: &'static str = "segment, first_offset, next_offset, last_appended_at";
+
+    fn from_row(row: &crate::store::Row) -> Result<Self, StoreError> {
+        Ok(Self {
+            number: row.i64(0)?,
+            first_offset: row.i64(1)?,
+            next_offset: row.i64(2)?,
+            last_appended_at: row.i64(3)?,
+        })
+    }
+
+    /// Reads up to `limit` records of `topic`/`partition` from `from` on.
+    fn read(
+        &self,
+        tx: &mut dyn Tx,
+        place: &TopicPartition,
+        from: i64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let rows = if self.number == 0 {
+            tx.query(
+                "SELECT record_offset, record_key, payload, appended_at FROM log_records
+                 WHERE topic = $1 AND partition = $2 AND record_offset >= $3
+                 ORDER BY record_offset LIMIT $4",
+                params![&place.topic, place.partition, from, limit as u64],
+            )?
+        } else {
+            tx.query(
+                &format!(
+                    "SELECT record_offset, record_key, payload, appended_at FROM {}
+                     WHERE record_offset >= $1 ORDER BY record_offset LIMIT $2",
+                    segment_table(self.number)
+                ),
+                params![from, limit as u64],
+            )?
+        };
+        rows.into_iter()
+            .map(|mut row| {
+                Ok(Record {
+                    topic: place.topic.clone(),
+                    partition: place.partition,
+                    offset: u64::try_from(row.i64(0)?).unwrap_or(0),
+                    key: row.take_text(1)?,
+                    payload: row.take_bytes(2)?,
+                    appended_at_micros: row.i64(3)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The segments of `topic`/`partition` holding records at or after
+/// `offset`, oldest first.
+fn segments_from(
+    tx: &mut dyn Tx,
+    topic: &str,
+    partition: u32,
+    offset: i64,
+) -> Result<Vec<Segment>, StoreError> {
+    tx.query(
+        &format!(
+            "SELECT {} FROM log_segments
+             WHERE topic = $1 AND partition = $2 AND next_offset > $3
+               AND next_offset > first_offset
+             ORDER BY segment",
+            Segment::COLUMNS
+        ),
+        params![topic, partition, offset],
+    )?
+    .iter()
+    .map(Segment::from_row)
+    .collect()
+}
+
+/// What a retention round prunes in a partition: every record below
+/// offset `below`, and every record appended before `before`.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    below: i64,
+    before: Option<i64>,
+}
+
+impl Rule {
+    /// Whether a segment holding offsets up to `next_offset` (exclusive),
+    /// last appended to at `last_appended_at`, is past the rule whole.
+    fn takes_whole(&self, segment: &Segment) -> bool {
+        segment.next_offset <= self.below
+            || self
+                .before
+                .is_some_and(|before| segment.last_appended_at < before)
+    }
+}
+
+/// What one pruning transaction did.
+struct Step {
+    records: u64,
+    /// Whether another transaction may find more to prune.
+    more: bool,
+}
+
+/// One transaction of pruning in `topic`/`partition`: the oldest segment
+/// dropped whole when the rule takes all of it; otherwise, in the segment
+/// being written (or the records of a file made before segments), up to
+/// `batch` of the oldest records the rule takes.
+fn prune_step(
+    tx: &mut dyn Tx,
+    topic: &str,
+    partition: u32,
+    rule: Rule,
+    batch: u64,
+) -> Result<Step, StoreError> {
+    let segments: Vec<Segment> = tx
+        .query(
+            &format!(
+                "SELECT {} FROM log_segments WHERE topic = $1 AND partition = $2
+                 ORDER BY segment LIMIT 2",
+                Segment::COLUMNS
+            ),
+            params![topic, partition],
+        )?
+        .iter()
+        .map(Segment::from_row)
+        .collect::<Result<_, _>>()?;
+    let Some(oldest) = segments.first().copied() else {
+        return Ok(Step {
+            records: 0,
+            more: false,
+        });
+    };
+    let newest = segments.len() == 1;
+    let held = u64::try_from(oldest.next_offset - oldest.first_offset).unwrap_or(0);
+    if rule.takes_whole(&oldest) && oldest.number > 0 {
+        tx.execute_batch(&format!("DROP TABLE {}", segment_table(oldest.number)))?;
+        tx.execute(
+            "DELETE FROM log_segments WHERE topic = $1 AND partition = $2 AND segment = $3",
+            params![topic, partition, oldest.number],
+        )?;
+        return Ok(Step {
+            records: held,
+            more: true,
+        });
+    }
+    if oldest.number > 0 && !newest {
+        // A full segment the rule takes only part of: it goes whole later.
+        return Ok(Step {
+            records: 0,
+            more: false,
+        });
+    }
+    let before = rule.before.unwrap_or(i64::MIN);
+    let deleted = if oldest.number == 0 {
+        tx.execute(
+            "DELETE FROM log_records
+             WHERE topic = $1 AND partition = $2 AND record_offset IN (
+               SELECT record_offset FROM (
+                 SELECT record_offset, appended_at FROM log_records
+                 WHERE topic = $1 AND partition = $2
+                 ORDER BY record_offset LIMIT $5)
+               WHERE record_offset < $3 OR appended_at < $4)",
+            params![topic, partition, rule.below, before, batch as i64],
+        )?
+    } else {
+        let table = segment_table(oldest.number);
+        tx.execute(
+            &format!(
+                "DELETE FROM {table} WHERE record_offset IN (
+                   SELECT record_offset FROM (
+                     SELECT record_offset, appended_at FROM {table}
+                     ORDER BY record_offset LIMIT $3)
+                   WHERE record_offset < $1 OR appended_at < $2)"
+            ),
+            params![rule.below, before, batch as i64],
+        )?
+    };
+    if deleted > 0 {
+        let first = if oldest.number == 0 {
+            tx.query_opt(
+                "SELECT MIN(record_offset) FROM log_records WHERE topic = $1 AND partition = $2",
+                params![topic, partition],
+            )?
+        } else {
+            tx.query_opt(
+                &format!(
+                    "SELECT MIN(record_offset) FROM {}",
+                    segment_table(oldest.number)
+                ),
+                &[],
+            )?
+        }
+        .and_then(|row| row.opt_i64(0).transpose())
+        .transpose()?
+        .unwrap_or(oldest.next_offset);
+        if oldest.number == 0 && first >= oldest.next_offset {
+            // The records of a file made before segments are all gone.
+            tx.execute(
+                "DELETE FROM log_segments WHERE topic = $1 AND partition = $2 AND segment = 0",
+                params![topic, partition],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE log_segments SET first_offset = $4
+                 WHERE topic = $1 AND partition = $2 AND segment = $3",
+                params![topic, partition, oldest.number, first],
+            )?;
+        }
+    }
+    Ok(Step {
+        records: deleted,
+        // The legacy records gone, the segments after them come next.
+        more: deleted == batch || (oldest.number == 0 && deleted > 0 && !newest),
+    })
+}
+
+/// Reads up to `limit` records of `place` from `offset` on, across its
+/// segments.
+fn read_partition(
+    tx: &mut dyn Tx,
+    place: &TopicPartition,
+    offset: u64,
+    limit: usize,
+) -> Result<Vec<Record>, StoreError> {
+    let from = i64::try_from(offset).unwrap_or(i64::MAX);
+    let mut records: Vec<Record> = Vec::new();
+    for segment in segments_from(tx, &place.topic, place.partition, from)? {
+        if records.len() >= limit {
+            break;
+        }
+        let start = records
+            .last()
+            .map_or(from, |last| i64::try_from(last.offset + 1).unwrap_or(i64::MAX));
+        records.extend(segment.read(tx, place, start, limit - records.len())?);
+    }
+    Ok(records)
+}
 
 /// How to open the embedded log.
 #[derive(Debug, Clone)]
@@ -60,13 +344,24 @@ pub struct EmbeddedOptions {
     pub synchronous: Synchronous,
     /// Partitions of topics this file creates; fixed when the file is new.
     pub partitions: u32,
+    /// The payload a partition's segment takes before the next append
+    /// opens a new one. Retention frees a segment whole: smaller segments
+    /// keep the log closer to its rule, larger ones make fewer tables.
+    pub segment_bytes: u64,
 }
+
+/// The default [`EmbeddedOptions::segment_bytes`]: 64 MiB, some 100,000
+/// records of the commerce system's size, so a log holds a handful of
+/// segments a partition under a short rule and a few hundred under a
+/// week's.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         Self {
             synchronous: Synchronous::Full,
             partitions: 1,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
         }
     }
 }
@@ -81,6 +376,7 @@ struct Inner {
     file: SqliteStore,
     options: SqliteOptions,
     default_partitions: u32,
+    segment_bytes: i64,
     topics: Mutex<HashMap<String, u32>>,
     appended: watch::Sender<u64>,
 }
@@ -110,6 +406,12 @@ impl EmbeddedLog {
         let default_partitions = file
             .write(move |tx| -> Result<u32, StoreError> {
                 tx.execute_batch(SCHEMA)?;
+                let adopted = tx
+                    .query_opt("SELECT 1 FROM log_meta WHERE name = 'segments'", &[])?
+                    .is_some();
+                if !adopted {
+                    tx.execute_batch(ADOPT_LEGACY)?;
+                }
                 tx.execute(
                     "INSERT INTO log_meta (name, value) VALUES ('partitions', $1)
                      ON CONFLICT (name) DO NOTHING",
@@ -128,6 +430,7 @@ impl EmbeddedLog {
                 file,
                 options: sqlite_options,
                 default_partitions,
+                segment_bytes: i64::try_from(options.segment_bytes.max(1)).unwrap_or(i64::MAX),
                 topics: Mutex::new(HashMap::new()),
                 appended: signal_for(&canonical),
             }),
@@ -180,15 +483,21 @@ fn append_batch(
     tx: &mut dyn Tx,
     records: &[(String, u32, String, Vec<u8>)],
     default_partitions: u32,
+    segment_bytes: i64,
 ) -> Result<(), StoreError> {
-    // Count per partition, reserve offsets with one upsert each, then insert.
-    let mut counts: BTreeMap<(&str, u32), i64> = BTreeMap::new();
-    for (topic, partition, _, _) in records {
-        *counts.entry((topic.as_str(), *partition)).or_default() += 1;
+    // Each partition's records, in order; offsets reserved with one upsert
+    // each, then written to the partition's newest segment.
+    let mut by_partition: BTreeMap<(&str, u32), Vec<(&str, &[u8])>> = BTreeMap::new();
+    for (topic, partition, key, payload) in records {
+        by_partition
+            .entry((topic.as_str(), *partition))
+            .or_default()
+            .push((key.as_str(), payload.as_slice()));
     }
-    let mut next_offsets: HashMap<(&str, u32), i64> = HashMap::with_capacity(counts.len());
     let mut topics_seen: Vec<&str> = Vec::new();
-    for ((topic, partition), count) in &counts {
+    let appended_at = now_micros();
+    let mut params: Vec<Param<'_>> = Vec::new();
+    for ((topic, partition), records) in &by_partition {
         if !topics_seen.contains(topic) {
             tx.execute(
                 "INSERT INTO log_topics (topic, partitions) VALUES ($1, $2)
@@ -197,45 +506,111 @@ fn append_batch(
             )?;
             topics_seen.push(topic);
         }
-        let row = tx
+        let count = records.len() as i64;
+        let next = tx
             .query_opt(
                 "INSERT INTO log_heads (topic, partition, next_offset) VALUES ($1, $2, $3)
                  ON CONFLICT (topic, partition) DO UPDATE SET next_offset = next_offset + $3
                  RETURNING next_offset",
-                params![*topic, *partition, *count],
+                params![*topic, *partition, count],
             )?
-            .ok_or_else(|| StoreError::Decode("log head upsert returned nothing".into()))?;
-        next_offsets.insert((topic, *partition), row.i64(0)? - count);
-    }
-    let appended_at = now_micros();
-    let mut params: Vec<Param<'_>> = Vec::new();
-    for chunk in records.chunks(INSERT_RECORDS.rows_per_statement) {
-        params.clear();
-        for (topic, partition, key, payload) in chunk {
-            let next = next_offsets
-                .get_mut(&(topic.as_str(), *partition))
-                .ok_or_else(|| StoreError::Decode("partition without a reserved offset".into()))?;
-            params.extend([
-                Param::Text(topic),
-                Param::from(*partition),
-                Param::Int(*next),
-                Param::Text(key),
-                Param::Blob(payload),
-                Param::Int(appended_at),
-            ]);
-            *next += 1;
+            .ok_or_else(|| StoreError::Decode("log head upsert returned nothing".into()))?
+            .i64(0)?;
+        let first = next - count;
+        let bytes: i64 = records.iter().map(|(_, payload)| payload.len() as i64).sum();
+        let segment = writable_segment(tx, topic, *partition, first, segment_bytes)?;
+        let table = segment_table(segment);
+        let mut offset = first;
+        for chunk in records.chunks(INSERT_ROWS) {
+            params.clear();
+            for (key, payload) in chunk {
+                params.extend([
+                    Param::Int(offset),
+                    Param::Text(key),
+                    Param::Blob(payload),
+                    Param::Int(appended_at),
+                ]);
+                offset += 1;
+            }
+            tx.execute(&insert_records(&table, chunk.len()), &params)?;
         }
-        tx.execute(&INSERT_RECORDS.sql(chunk.len()), &params)?;
+        tx.execute(
+            "UPDATE log_segments SET next_offset = $4, bytes = bytes + $5, last_appended_at = $6
+             WHERE topic = $1 AND partition = $2 AND segment = $3",
+            params![*topic, *partition, segment, next, bytes, appended_at],
+        )?;
     }
     Ok(())
 }
 
-/// The log's appends, 64 records a statement.
-static INSERT_RECORDS: MultiRowInsert = MultiRowInsert::new(
-    "INSERT INTO log_records (topic, partition, record_offset, record_key, payload, appended_at) VALUES ",
-    6,
-    64,
-);
+/// The segment of `topic`/`partition` that takes records from offset
+/// `first` on: its newest, or a new one when that is full (or is the
+/// records of a file made before segments, or there is none).
+fn writable_segment(
+    tx: &mut dyn Tx,
+    topic: &str,
+    partition: u32,
+    first: i64,
+    segment_bytes: i64,
+) -> Result<i64, StoreError> {
+    let newest = tx.query_opt(
+        "SELECT segment, bytes FROM log_segments WHERE topic = $1 AND partition = $2
+         ORDER BY segment DESC LIMIT 1",
+        params![topic, partition],
+    )?;
+    if let Some(row) = newest {
+        let (segment, bytes) = (row.i64(0)?, row.i64(1)?);
+        if segment > 0 && bytes < segment_bytes {
+            return Ok(segment);
+        }
+    }
+    let segment = tx
+        .query_opt(
+            "UPDATE log_meta SET value = value + 1 WHERE name = 'segments' RETURNING value",
+            &[],
+        )?
+        .ok_or_else(|| StoreError::Decode("log_meta lost its segment count".into()))?
+        .i64(0)?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE {} (
+           record_offset INTEGER PRIMARY KEY,
+           record_key    TEXT    NOT NULL,
+           payload       BLOB    NOT NULL,
+           appended_at   INTEGER NOT NULL)",
+        segment_table(segment)
+    ))?;
+    tx.execute(
+        "INSERT INTO log_segments (topic, partition, segment, first_offset, next_offset, bytes,
+           last_appended_at)
+         VALUES ($1, $2, $3, $4, $4, 0, $5)",
+        params![topic, partition, segment, first, now_micros()],
+    )?;
+    Ok(segment)
+}
+
+/// Rows a statement of the log's appends.
+const INSERT_ROWS: usize = 64;
+
+/// The statement that appends `rows` records to segment table `table`.
+fn insert_records(table: &str, rows: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = format!(
+        "INSERT INTO {table} (record_offset, record_key, payload, appended_at) VALUES "
+    );
+    for row in 0..rows {
+        let at = row * 4;
+        let _ = write!(
+            sql,
+            "{}(?{},?{},?{},?{})",
+            if row == 0 { "" } else { "," },
+            at + 1,
+            at + 2,
+            at + 3,
+            at + 4
+        );
+    }
+    sql
+}
 
 #[async_trait::async_trait]
 impl Bus for EmbeddedLog {
@@ -244,7 +619,7 @@ impl Bus for EmbeddedLog {
     }
 
     /// The lowest offset left in each partition (its next offset when all
-    /// were pruned): one seek of the primary key each.
+    /// were pruned), from its segments' list.
     async fn start_offsets(&self, topic: &str) -> Result<Vec<(u32, u64)>, BusError> {
         let topic = topic.to_owned();
         Ok(self
@@ -253,8 +628,9 @@ impl Bus for EmbeddedLog {
             .read(move |tx| -> Result<Vec<(u32, u64)>, StoreError> {
                 tx.query(
                     "SELECT h.partition, COALESCE(
-                       (SELECT MIN(r.record_offset) FROM log_records AS r
-                        WHERE r.topic = h.topic AND r.partition = h.partition),
+                       (SELECT MIN(s.first_offset) FROM log_segments AS s
+                        WHERE s.topic = h.topic AND s.partition = h.partition
+                          AND s.next_offset > s.first_offset),
                        h.next_offset)
                      FROM log_heads AS h WHERE h.topic = $1",
                     params![&topic],
@@ -272,9 +648,12 @@ impl Bus for EmbeddedLog {
     }
 
     /// Under the file's `tandem-log-pruner` lease, so that of the processes
-    /// sharing the log one prunes at a time; a partition's oldest records
-    /// go first, `batch` a transaction. `log_heads` keeps each partition's
-    /// next offset, so offsets never repeat, however much is pruned.
+    /// sharing the log one prunes at a time. A partition's oldest segment
+    /// goes whole (one transaction, a `DROP TABLE`) once every record in it
+    /// is past the rule; the segment still being written, and the records
+    /// of a file made before segments, are pruned oldest first, `batch` a
+    /// transaction. `log_heads` keeps each partition's next offset, so
+    /// offsets never repeat, however much is pruned.
     async fn prune(
         &self,
         max_age: Option<Duration>,
@@ -292,48 +671,36 @@ impl Bus for EmbeddedLog {
         let heads = self
             .inner
             .file
-            .read(|tx| -> Result<Vec<(String, i64, i64)>, StoreError> {
+            .read(|tx| -> Result<Vec<(String, u32, i64)>, StoreError> {
                 tx.query(
                     "SELECT topic, partition, next_offset FROM log_heads ORDER BY topic, partition",
                     &[],
                 )?
                 .iter()
-                .map(|row| Ok((row.text(0)?.to_owned(), row.i64(1)?, row.i64(2)?)))
+                .map(|row| {
+                    Ok((
+                        row.text(0)?.to_owned(),
+                        u32::try_from(row.i64(1)?).unwrap_or(0),
+                        row.i64(2)?,
+                    ))
+                })
                 .collect()
             })
             .await?;
-        // Each round looks at the `batch` oldest records of a partition
-        // only (offsets follow append times), however long the log.
         let mut pruned = 0;
         for (topic, partition, next) in heads {
             // Below this offset every record goes, whatever its age.
             let below = keep.map_or(0, |keep| next.saturating_sub(keep));
+            let rule = Rule { below, before };
             loop {
                 let topic = topic.clone();
-                let deleted = self
+                let step = self
                     .inner
                     .file
-                    .write(move |tx| {
-                        tx.execute(
-                            "DELETE FROM log_records
-                             WHERE topic = $1 AND partition = $2 AND record_offset IN (
-                               SELECT record_offset FROM (
-                                 SELECT record_offset, appended_at FROM log_records
-                                 WHERE topic = $1 AND partition = $2
-                                 ORDER BY record_offset LIMIT $5)
-                               WHERE record_offset < $3 OR appended_at < $4)",
-                            params![
-                                &topic,
-                                partition,
-                                below,
-                                before.unwrap_or(i64::MIN),
-                                batch as i64
-                            ],
-                        )
-                    })
+                    .write(move |tx| prune_step(tx, &topic, partition, rule, batch))
                     .await?;
-                pruned += deleted;
-                if deleted < batch {
+                pruned += step.records;
+                if !step.more {
                     break;
                 }
                 tokio::task::yield_now().await;
@@ -362,10 +729,11 @@ impl Bus for EmbeddedLog {
                 record.payload.clone(),
             ));
         }
-        let default_partitions = self.inner.default_partitions;
+        let (default_partitions, segment_bytes) =
+            (self.inner.default_partitions, self.inner.segment_bytes);
         self.inner
             .file
-            .write(move |tx| append_batch(tx, &placed, default_partitions))
+            .write(move |tx| append_batch(tx, &placed, default_partitions, segment_bytes))
             .await?;
         self.inner
             .appended
@@ -431,18 +799,16 @@ impl Bus for EmbeddedLog {
         let found = self
             .inner
             .file
-            .read(move |tx| {
-                tx.query_opt(
-                    "SELECT payload FROM log_records
-                     WHERE topic = $1 AND partition = $2 AND record_offset = $3",
-                    params![&topic, partition, offset],
-                )
+            .read(move |tx| -> Result<Option<Vec<u8>>, StoreError> {
+                let place = TopicPartition::new(topic, partition);
+                Ok(read_partition(tx, &place, offset, 1)?
+                    .into_iter()
+                    .next()
+                    .filter(|record| record.offset == offset)
+                    .map(|record| record.payload))
             })
             .await?;
-        Ok(match found {
-            Some(mut row) => Some(row.take_bytes(0)?),
-            None => None,
-        })
+        Ok(found)
     }
 }
 
@@ -482,27 +848,7 @@ impl EmbeddedSubscription {
             .read(move |tx| -> Result<Vec<Record>, StoreError> {
                 let mut records = Vec::new();
                 for (partition, offset) in &positions {
-                    let rows = tx.query(
-                        "SELECT record_offset, record_key, payload, appended_at FROM log_records
-                         WHERE topic = $1 AND partition = $2 AND record_offset >= $3
-                         ORDER BY record_offset LIMIT $4",
-                        params![
-                            &partition.topic,
-                            partition.partition,
-                            *offset,
-                            per_partition as u64
-                        ],
-                    )?;
-                    for mut row in rows {
-                        records.push(Record {
-                            topic: partition.topic.clone(),
-                            partition: partition.partition,
-                            offset: u64::try_from(row.i64(0)?).unwrap_or(0),
-                            key: row.take_text(1)?,
-                            payload: row.take_bytes(2)?,
-                            appended_at_micros: row.i64(3)?,
-                        });
-                    }
+                    records.extend(read_partition(tx, partition, *offset, per_partition)?);
                 }
                 Ok(records)
             })

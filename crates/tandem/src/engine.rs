@@ -468,6 +468,7 @@ pub async fn open_bus(url: &str) -> Result<Arc<dyn Bus>, OpenError> {
             let options = EmbeddedOptions {
                 synchronous: synchronous.unwrap_or_default(),
                 partitions: partitions.unwrap_or(1),
+                ..Default::default()
             };
             let log = EmbeddedLog::open(&path, options)
                 .await

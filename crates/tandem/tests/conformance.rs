@@ -1,5 +1,6 @@
 //! The bus and store conformance suites (`tandem_testkit::conformance`)
-//! against the engines of this crate: the embedded log and SQLite.
+//! against the engines of this crate: the embedded log (also with a new
+//! segment at every append, so that reads cross segments) and SQLite.
 
 use tandem_testkit::conformance::{BusFeatures, Fresh, StoreFeatures};
 
@@ -10,6 +11,24 @@ async fn embedded_log() -> Fresh<tandem::embedded::EmbeddedLog> {
         tandem::embedded::EmbeddedOptions {
             synchronous: tandem::sqlite::Synchronous::Normal,
             partitions: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("open embedded log");
+    Fresh::new(log, dir)
+}
+
+/// The embedded log with a new segment for every append: every read
+/// crosses segments.
+async fn embedded_log_in_small_segments() -> Fresh<tandem::embedded::EmbeddedLog> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = tandem::embedded::EmbeddedLog::open(
+        dir.path().join("bus.db"),
+        tandem::embedded::EmbeddedOptions {
+            synchronous: tandem::sqlite::Synchronous::Normal,
+            partitions: 4,
+            segment_bytes: 1,
         },
     )
     .await
@@ -41,6 +60,16 @@ async fn sqlite_store() -> Fresh<tandem::sqlite::SqliteStore> {
 tandem_testkit::bus_conformance!(
     embedded,
     embedded_log(),
+    BusFeatures {
+        every_member_reads_every_partition: true,
+        members_split_partitions: false,
+        shares_partitions: false,
+        redelivers_unacked_to_other_members: false,
+    }
+);
+tandem_testkit::bus_conformance!(
+    embedded_small_segments,
+    embedded_log_in_small_segments(),
     BusFeatures {
         every_member_reads_every_partition: true,
         members_split_partitions: false,

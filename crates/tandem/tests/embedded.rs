@@ -16,6 +16,7 @@ async fn open(dir: &tempfile::TempDir) -> EmbeddedLog {
         EmbeddedOptions {
             synchronous: Synchronous::Normal,
             partitions: 1,
+            ..Default::default()
         },
     )
     .await

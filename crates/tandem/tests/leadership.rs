@@ -55,6 +55,7 @@ async fn a_file_from_before_cursor_xids_opens_and_relays() {
             EmbeddedOptions {
                 synchronous: Synchronous::Normal,
                 partitions: 1,
+                ..Default::default()
             },
         )
         .await

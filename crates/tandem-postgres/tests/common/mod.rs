@@ -38,6 +38,7 @@ pub async fn embedded_log(dir: &tempfile::TempDir) -> EmbeddedLog {
         EmbeddedOptions {
             synchronous: tandem::sqlite::Synchronous::Normal,
             partitions: 1,
+            ..Default::default()
         },
     )
     .await
