@@ -330,9 +330,9 @@ fn read_partition(
         if records.len() >= limit {
             break;
         }
-        let start = records
-            .last()
-            .map_or(from, |last| i64::try_from(last.offset + 1).unwrap_or(i64::MAX));
+        let start = records.last().map_or(from, |last| {
+            i64::try_from(last.offset + 1).unwrap_or(i64::MAX)
+        });
         records.extend(segment.read(tx, place, start, limit - records.len())?);
     }
     Ok(records)
@@ -517,7 +517,10 @@ fn append_batch(
             .ok_or_else(|| StoreError::Decode("log head upsert returned nothing".into()))?
             .i64(0)?;
         let first = next - count;
-        let bytes: i64 = records.iter().map(|(_, payload)| payload.len() as i64).sum();
+        let bytes: i64 = records
+            .iter()
+            .map(|(_, payload)| payload.len() as i64)
+            .sum();
         let segment = writable_segment(tx, topic, *partition, first, segment_bytes)?;
         let table = segment_table(segment);
         let mut offset = first;
@@ -594,9 +597,8 @@ const INSERT_ROWS: usize = 64;
 /// The statement that appends `rows` records to segment table `table`.
 fn insert_records(table: &str, rows: usize) -> String {
     use std::fmt::Write;
-    let mut sql = format!(
-        "INSERT INTO {table} (record_offset, record_key, payload, appended_at) VALUES "
-    );
+    let mut sql =
+        format!("INSERT INTO {table} (record_offset, record_key, payload, appended_at) VALUES ");
     for row in 0..rows {
         let at = row * 4;
         let _ = write!(

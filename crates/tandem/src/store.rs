@@ -29,7 +29,7 @@ pub enum Param<'a> {
     Real(f64),
     /// UTF-8 text.
     Text(&'a str),
-    /// Raw bytes (`BLOB`, `BYTEA`).
+    /// Raw bytes (a binary column on every engine).
     Blob(&'a [u8]),
 }
 

@@ -124,6 +124,80 @@ async fn pruning_takes_only_published_rows_and_sequences_and_the_relay_go_on() {
 }
 
 #[tokio::test]
+async fn a_busy_outbox_is_set_aside_whole_and_its_rows_still_published_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir.path().join("producer.db")).await;
+    let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
+    let both = |n: usize| {
+        (0..n)
+            .flat_map(|_| [("a".to_owned(), 1), ("b".to_owned(), 1)])
+            .collect::<Vec<_>>()
+    };
+    deposit(&store, both(5)).await;
+    let relay = Relay::new(
+        store.clone(),
+        Arc::clone(&bus),
+        RelayConfig {
+            batch_size: 4,
+            ..RelayConfig::default()
+        },
+    );
+    assert_eq!(relay.publish_once().await.unwrap(), 4);
+
+    // Ten rows, batches of three: the table is set aside whole, and as 6
+    // of its rows are not published yet, it stays.
+    let rules = Retention {
+        batch: 3,
+        ..prune_all()
+    };
+    let pruned = retention::prune_once(&store, bus.as_ref(), Some("relay"), &rules)
+        .await
+        .unwrap();
+    assert_eq!(pruned.outbox, 0);
+    assert_eq!(count(&store, "SELECT count(*) FROM tandem_outbox").await, 0);
+    let aside = "SELECT count(*) FROM sqlite_master WHERE name LIKE 'tandem\\_outbox\\_upto\\_%' ESCAPE '\\'";
+    assert_eq!(count(&store, aside).await, 1);
+    let backlog = store
+        .read(|tx| tx.engine().relay_backlog(tx, "relay"))
+        .await
+        .unwrap();
+    assert_eq!(backlog.0, 6, "the rows set aside are still to publish");
+
+    // New rows go on from position 11 in a new table; a relay publishes
+    // the rows set aside first, then the new ones, each once, in order.
+    deposit(&store, both(1)).await;
+    let restarted = Relay::new(store.clone(), Arc::clone(&bus), RelayConfig::default());
+    assert_eq!(restarted.drain().await.unwrap(), 8);
+    let records = read_topic(bus.as_ref(), "check", TOPIC, 12, WAIT).await;
+    let mut per_subject: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for record in &records {
+        let envelope = tandem::Envelope::decode(&record.payload).unwrap();
+        per_subject
+            .entry(envelope.subject)
+            .or_default()
+            .push(envelope.sequence);
+    }
+    assert_eq!(per_subject["a"], (1..=6).collect::<Vec<_>>());
+    assert_eq!(per_subject["b"], (1..=6).collect::<Vec<_>>());
+
+    // All published: the table set aside goes whole, the two new rows one
+    // by one (fewer than a batch).
+    let pruned = retention::prune_once(&store, bus.as_ref(), Some("relay"), &rules)
+        .await
+        .unwrap();
+    assert_eq!(pruned.outbox, 12);
+    assert_eq!(count(&store, aside).await, 0);
+    assert_eq!(count(&store, "SELECT count(*) FROM tandem_outbox").await, 0);
+    deposit(&store, vec![("a".to_owned(), 1)]).await;
+    assert_eq!(last_sequence(&store, "a").await, 7);
+    assert_eq!(
+        count(&store, "SELECT position FROM tandem_outbox").await,
+        13,
+        "positions never repeat"
+    );
+}
+
+#[tokio::test]
 async fn pruning_dead_letters_takes_the_resolved_keeps_the_discarded_by_default_and_never_the_parked(
 ) {
     let dir = tempfile::tempdir().unwrap();

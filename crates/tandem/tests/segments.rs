@@ -58,9 +58,7 @@ async fn read_from(log: &EmbeddedLog, from: u64) -> Result<Vec<u64>, BusError> {
         .await
         .unwrap();
     let mut offsets = Vec::new();
-    while let Some(Delivery::Records(records)) =
-        member.next(3, Duration::from_millis(200)).await?
-    {
+    while let Some(Delivery::Records(records)) = member.next(3, Duration::from_millis(200)).await? {
         offsets.extend(records.iter().map(|record| record.offset));
     }
     Ok(offsets)
@@ -75,7 +73,10 @@ async fn whole_segments_go_and_reads_cross_the_rest() {
         publish(&log, batch * 2..batch * 2 + 2).await;
     }
     assert_eq!(segment_tables(&path), 5, "a segment an append");
-    assert_eq!(read_from(&log, 0).await.unwrap(), (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        read_from(&log, 0).await.unwrap(),
+        (0..10).collect::<Vec<_>>()
+    );
 
     // Keep 5: the segments of 0-1 and 2-3 go whole; that of 4-5 holds 5,
     // which the rule keeps, so it stays whole too.
@@ -88,8 +89,14 @@ async fn whole_segments_go_and_reads_cross_the_rest() {
         Some(b"record 7".to_vec())
     );
     let behind = read_from(&log, 0).await.unwrap_err().to_string();
-    assert!(behind.contains("0") && behind.contains("pruned"), "{behind}");
-    assert_eq!(read_from(&log, 4).await.unwrap(), (4..10).collect::<Vec<_>>());
+    assert!(
+        behind.contains("0") && behind.contains("pruned"),
+        "{behind}"
+    );
+    assert_eq!(
+        read_from(&log, 4).await.unwrap(),
+        (4..10).collect::<Vec<_>>()
+    );
 
     // Keep 1: full segments go whole, the one being written record by record.
     assert_eq!(log.prune(None, Some(1), 100).await.unwrap(), 5);
@@ -132,7 +139,10 @@ async fn a_file_made_before_segments_keeps_its_records() {
     }
     let log = open(&path).await;
     publish(&log, 3..5).await;
-    assert_eq!(read_from(&log, 0).await.unwrap(), (0..5).collect::<Vec<_>>());
+    assert_eq!(
+        read_from(&log, 0).await.unwrap(),
+        (0..5).collect::<Vec<_>>()
+    );
     assert_eq!(
         log.payload_at(TOPIC, 0, 1).await.unwrap(),
         Some(b"record 1".to_vec())
@@ -140,7 +150,10 @@ async fn a_file_made_before_segments_keeps_its_records() {
     // Opened again: the old records are adopted once, not twice.
     drop(log);
     let log = open(&path).await;
-    assert_eq!(read_from(&log, 0).await.unwrap(), (0..5).collect::<Vec<_>>());
+    assert_eq!(
+        read_from(&log, 0).await.unwrap(),
+        (0..5).collect::<Vec<_>>()
+    );
     // The old records go first, a batch at a time, then the segments.
     assert_eq!(log.prune(None, Some(2), 2).await.unwrap(), 3);
     assert_eq!(log.start_offsets(TOPIC).await.unwrap(), vec![(0, 3)]);

@@ -22,7 +22,7 @@ pub struct SqliteSql;
 /// The one instance every SQLite transaction hands out.
 pub static SQLITE: SqliteSql = SqliteSql;
 
-static MIGRATIONS: [Migration; 4] = [
+static MIGRATIONS: [Migration; 5] = [
     Migration {
         version: 1,
         description: "the toolkit's tables",
@@ -43,7 +43,127 @@ static MIGRATIONS: [Migration; 4] = [
         description: "side-by-side rebuilds of read models",
         apply: install_rebuilds,
     },
+    Migration {
+        version: 5,
+        description: "outbox tables set aside whole by retention",
+        apply: install_outbox_segments,
+    },
 ];
+
+/// Migration 5: the outbox's older tables, set aside by retention
+/// ([`SqliteSql::prune_published`]) until all of each is published and old
+/// enough to drop whole.
+fn install_outbox_segments(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS tandem_outbox_segments (
+            last_position    INTEGER PRIMARY KEY,
+            first_position   INTEGER NOT NULL,
+            rows             INTEGER NOT NULL,
+            last_committed_at INTEGER NOT NULL
+        )",
+    )
+}
+
+/// The table the outbox's rows up to `last_position` were set aside in.
+fn outbox_segment(last_position: i64) -> String {
+    format!("tandem_outbox_upto_{last_position}")
+}
+
+/// The outbox's older tables holding rows after `position`, oldest first.
+fn outbox_segments_after(tx: &mut dyn Tx, position: i64) -> Result<Vec<i64>, StoreError> {
+    tx.query(
+        "SELECT last_position FROM tandem_outbox_segments WHERE last_position > $1
+         ORDER BY last_position",
+        params![position],
+    )?
+    .iter()
+    .map(|row| row.i64(0))
+    .collect()
+}
+
+/// The relay's position (0 before its first batch).
+fn relay_position(tx: &mut dyn Tx, relay: &str) -> Result<i64, StoreError> {
+    tx.query_opt(
+        "SELECT position FROM tandem_relay_positions WHERE relay = $1",
+        params![relay],
+    )?
+    .map_or(Ok(0), |row| row.i64(0))
+}
+
+/// Drops every older table of the outbox that is all published (up to
+/// `cursor`) and whose newest row committed before `before_micros`;
+/// returns the rows they held.
+fn drop_published_segments(
+    tx: &mut dyn Tx,
+    cursor: i64,
+    before_micros: i64,
+) -> Result<u64, StoreError> {
+    let done: Vec<(i64, i64)> = tx
+        .query(
+            "SELECT last_position, rows FROM tandem_outbox_segments
+             WHERE last_position <= $1 AND last_committed_at < $2 ORDER BY last_position",
+            params![cursor, before_micros],
+        )?
+        .iter()
+        .map(|row| Ok((row.i64(0)?, row.i64(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let mut dropped = 0;
+    for (last, rows) in done {
+        tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", outbox_segment(last)))?;
+        tx.execute(
+            "DELETE FROM tandem_outbox_segments WHERE last_position = $1",
+            params![last],
+        )?;
+        dropped += u64::try_from(rows).unwrap_or(0);
+    }
+    Ok(dropped)
+}
+
+/// Sets the outbox's table aside whole under a new name and makes an empty
+/// one in its place, positions going on from where they were (the
+/// `AUTOINCREMENT` counter moves with the renamed table, so it is carried
+/// over). Writers' statements name `tandem_outbox` and find the new table.
+fn set_outbox_aside(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    let Some(row) = tx.query_opt(
+        "SELECT MIN(position), MAX(position), COUNT(*) FROM tandem_outbox",
+        &[],
+    )?
+    else {
+        return Ok(());
+    };
+    let (Some(first), Some(last)) = (row.opt_i64(0)?, row.opt_i64(1)?) else {
+        return Ok(());
+    };
+    let rows = row.i64(2)?;
+    let last_committed_at = tx
+        .query_opt(
+            "SELECT committed_at FROM tandem_outbox WHERE position = $1",
+            params![last],
+        )?
+        .map_or(Ok(0), |row| row.i64(0))?;
+    let create = tx
+        .query_opt(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'tandem_outbox'",
+            &[],
+        )?
+        .ok_or_else(|| StoreError::Decode("the outbox table is missing".into()))?
+        .text(0)?
+        .to_owned();
+    let aside = outbox_segment(last);
+    tx.execute_batch(&format!(
+        "ALTER TABLE tandem_outbox RENAME TO {aside};
+         {create};
+         INSERT INTO sqlite_sequence (name, seq)
+           SELECT 'tandem_outbox', seq FROM sqlite_sequence WHERE name = '{aside}';"
+    ))?;
+    tx.execute(
+        "INSERT INTO tandem_outbox_segments (last_position, first_position, rows,
+           last_committed_at)
+         VALUES ($1, $2, $3, $4)",
+        params![last, first, rows, last_committed_at],
+    )?;
+    Ok(())
+}
 
 /// Migration 4: the rebuilds of read models (`crate::rebuild`).
 fn install_rebuilds(tx: &mut dyn Tx) -> Result<(), StoreError> {
@@ -468,15 +588,28 @@ impl EngineSql for SqliteSql {
         after: Cursor,
         limit: u64,
     ) -> Result<OutboxBatch, StoreError> {
-        let rows = tx.query(
-            "SELECT position, 0, topic, subject, envelope, committed_at, sequence
-             FROM tandem_outbox WHERE position > $1 ORDER BY position LIMIT $2",
-            params![after.position, limit],
-        )?;
-        let events = rows
+        // Rows retention set aside before they were published come first.
+        let mut events = Vec::new();
+        let tables = outbox_segments_after(tx, after.position)?
             .into_iter()
-            .map(stored_event)
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(outbox_segment)
+            .chain(["tandem_outbox".to_owned()]);
+        for table in tables {
+            let left = limit.saturating_sub(events.len() as u64);
+            if left == 0 {
+                break;
+            }
+            let rows = tx.query(
+                &format!(
+                    "SELECT position, 0, topic, subject, envelope, committed_at, sequence
+                     FROM {table} WHERE position > $1 ORDER BY position LIMIT $2"
+                ),
+                params![after.position, left],
+            )?;
+            for row in rows {
+                events.push(stored_event(row)?);
+            }
+        }
         Ok(OutboxBatch {
             end: events.last().map_or(after, |event| event.cursor()),
             events,
@@ -484,9 +617,19 @@ impl EngineSql for SqliteSql {
         })
     }
 
-    /// The first `limit` rows in position order up to the relay's cursor,
-    /// and of them those old enough: positions are handed out in commit
-    /// order (one writer), so the oldest rows come first.
+    /// Deleting rows one by one costs about half of what writing them did
+    /// (and the writers wait for it: one writer at a time), so a busy
+    /// outbox is pruned a table at a time instead, as the embedded log is a
+    /// segment at a time: once the outbox's table holds `limit` rows or
+    /// more and its oldest row may go, the table is set aside whole under a
+    /// name of its own (`tandem_outbox_upto_{last position}`) and a new
+    /// one takes the appends; a table set aside is dropped, a `DROP TABLE`
+    /// for a fraction of the cost, once the relay has published all of it
+    /// and its newest row is old enough. The relay reads the rows set aside
+    /// first. A quiet outbox (under `limit` rows) is pruned row by row, the
+    /// first `limit` rows in position order up to the relay's cursor and
+    /// of them those old enough: positions are handed out in commit order
+    /// (one writer), so the oldest rows come first.
     fn prune_published(
         &self,
         tx: &mut dyn Tx,
@@ -494,16 +637,37 @@ impl EngineSql for SqliteSql {
         before_micros: i64,
         limit: u64,
     ) -> Result<u64, StoreError> {
-        tx.execute(
-            "DELETE FROM tandem_outbox WHERE position IN (
+        let cursor = relay_position(tx, relay)?;
+        let mut pruned = drop_published_segments(tx, cursor, before_micros)?;
+        let Some(oldest) = tx.query_opt(
+            "SELECT position, committed_at, (SELECT MAX(position) FROM tandem_outbox)
+             FROM tandem_outbox ORDER BY position LIMIT 1",
+            &[],
+        )?
+        else {
+            return Ok(pruned);
+        };
+        let (first, first_committed_at, last) = (oldest.i64(0)?, oldest.i64(1)?, oldest.i64(2)?);
+        if first > cursor || first_committed_at >= before_micros {
+            return Ok(pruned);
+        }
+        if last - first + 1 >= i64::try_from(limit).unwrap_or(i64::MAX) {
+            set_outbox_aside(tx)?;
+            // All of it may be published and old enough already.
+            pruned += drop_published_segments(tx, cursor, before_micros)?;
+            return Ok(pruned);
+        }
+        Ok(pruned
+            + tx.execute(
+                "DELETE FROM tandem_outbox WHERE position IN (
                SELECT position FROM (
                  SELECT position, committed_at FROM tandem_outbox
                  WHERE position <= COALESCE(
                    (SELECT position FROM tandem_relay_positions WHERE relay = $1), 0)
                  ORDER BY position LIMIT $3)
                WHERE committed_at < $2)",
-            params![relay, before_micros, limit as i64],
-        )
+                params![relay, before_micros, limit as i64],
+            )?)
     }
 
     fn relay_backlog(
@@ -511,11 +675,17 @@ impl EngineSql for SqliteSql {
         tx: &mut dyn Tx,
         relay: &str,
     ) -> Result<(u64, Option<i64>), StoreError> {
+        let cursor = relay_position(tx, relay)?;
+        let mut union = String::from("SELECT committed_at FROM tandem_outbox WHERE position > $1");
+        for last in outbox_segments_after(tx, cursor)? {
+            union.push_str(&format!(
+                " UNION ALL SELECT committed_at FROM {} WHERE position > $1",
+                outbox_segment(last)
+            ));
+        }
         backlog_of(tx.query_opt(
-            "SELECT COUNT(*), MIN(committed_at) FROM tandem_outbox
-                 WHERE position > COALESCE(
-                   (SELECT position FROM tandem_relay_positions WHERE relay = $1), 0)",
-            params![relay],
+            &format!("SELECT COUNT(*), MIN(committed_at) FROM ({union})"),
+            params![cursor],
         )?)
     }
 
