@@ -11,6 +11,10 @@
 //! The benchmarks and the crash-test workers are development tools: they
 //! live in `crates/tandem-lab` (binary `tandem-lab`), not in this one.
 
+// The argument structs' doc comments are the command's help text, read
+// on a terminal: an address there is written plainly, not as a link.
+#![allow(rustdoc::bare_urls)]
+
 pub mod admin;
 pub mod console;
 pub mod contracts;

@@ -341,6 +341,9 @@ fn read_partition(
 /// How to open the embedded log.
 #[derive(Debug, Clone)]
 pub struct EmbeddedOptions {
+    /// How hard each append waits for the disk (`Full` by default: an
+    /// append that returned survives a power cut; `Normal` may lose the
+    /// last appends then, never corrupt the log).
     pub synchronous: Synchronous,
     /// Partitions of topics this file creates; fixed when the file is new.
     pub partitions: u32,
@@ -395,6 +398,10 @@ fn signal_for(path: &Path) -> watch::Sender<u64> {
 }
 
 impl EmbeddedLog {
+    /// Opens the log in the SQLite file at `path`, making it (and its
+    /// tables) if it is not there; several processes may open one file at
+    /// once. A file made before segments keeps its records (adopted as each
+    /// partition's first segment, once).
     pub async fn open(path: impl AsRef<Path>, options: EmbeddedOptions) -> Result<Self, BusError> {
         let sqlite_options = SqliteOptions {
             synchronous: options.synchronous,
@@ -437,6 +444,7 @@ impl EmbeddedLog {
         })
     }
 
+    /// The log's file.
     pub fn path(&self) -> &Path {
         self.inner.file.path()
     }

@@ -23,6 +23,8 @@
 //!
 //! The toolkit knows nothing of any domain.
 
+#![warn(missing_docs)]
+
 pub mod audit;
 pub mod backoff;
 pub mod bus;

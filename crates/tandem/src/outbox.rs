@@ -357,7 +357,10 @@ impl Cursor {
 
 /// Events after `position`, in position order: the event store's order of
 /// insertion. On PostgreSQL this is not commit order; relays use
-/// [`read_committed_after`].
+/// [`read_committed_after`], which also reads the rows a busy SQLite outbox
+/// has set aside for retention (this reads the outbox's current table
+/// only: a service that keeps its history is never pruned, so for it the
+/// two hold the same).
 pub fn read_after(
     tx: &mut dyn Tx,
     position: i64,
