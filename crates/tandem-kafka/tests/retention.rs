@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,58 +16,8 @@ use rdkafka::ClientConfig;
 use tandem::bus::{Bus, OutgoingRecord};
 use tandem_kafka::KafkaBus;
 use tandem_testkit::{deposit_bytes, eventually, TOPIC};
-use tokio::process::{Child, Command};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A tansu of this test's own, keeping its log in `dir`.
-struct Broker {
-    _child: Child,
-    address: String,
-}
-
-async fn start_broker(dir: &std::path::Path) -> Broker {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/engines");
-    let output = std::process::Command::new(&script)
-        .arg("tansu-path")
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|error| panic!("running {}: {error}", script.display()));
-    assert!(
-        output.status.success(),
-        "the tansu broker is not built: run scripts/engines up"
-    );
-    let binary = String::from_utf8(output.stdout).expect("a path");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
-    let listener = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(binary.trim())
-        .args(["broker", "--listener-url", &listener])
-        .args(["--advertised-listener-url", &listener])
-        .arg("--storage-engine")
-        .arg(format!(
-            "sqlite:///{}?maintenance_interval=1s",
-            dir.join("tansu.db").display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tansu");
-    let address = format!("127.0.0.1:{port}");
-    eventually("the test's broker listens", WAIT, || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
-    Broker {
-        _child: child,
-        address,
-    }
-}
 
 fn client(address: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -129,17 +77,16 @@ async fn created_topics_carry_the_retention_rule() {
     assert_eq!(value(1, "retention.bytes").as_deref(), Some("5000000"));
 }
 
-/// Three records older than the topic's retention are deleted by the
-/// broker; a consumer that starts from offset 0 is told that records 0..3
-/// are gone, and applies neither them nor the two that follow.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_consumer_behind_the_retention_stops_and_skips_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = start_broker(dir.path()).await;
+/// A topic of one partition on `broker` with `old` records an hour old
+/// (older than its ten-minute rule), and the bus on it.
+async fn topic_with_old_records(
+    broker: &tandem_testkit::tansu::PrivateTansu,
+    old: u64,
+) -> Arc<KafkaBus> {
     let url = format!("kafka://{}?partitions=1&retain_log=10m", broker.address);
     let bus = Arc::new(KafkaBus::connect(&url).await.expect("connect"));
     // One partition, record timestamps as the producer writes them, so
-    // that the three first records can be made an hour old.
+    // that the first records can be made an hour old.
     let admin: AdminClient<DefaultClientContext> = client(&broker.address).create().expect("admin");
     let created = admin
         .create_topics(
@@ -158,7 +105,7 @@ async fn a_consumer_behind_the_retention_stops_and_skips_nothing() {
         .unwrap()
         .as_millis() as i64
         - 3_600_000;
-    for sequence in 1..=3 {
+    for sequence in 1..=old {
         let payload = deposit_bytes("late", sequence, 1);
         producer
             .send(
@@ -173,6 +120,36 @@ async fn a_consumer_behind_the_retention_stops_and_skips_nothing() {
             .map_err(|(error, _)| error)
             .expect("an old record");
     }
+    bus
+}
+
+/// Once retention has deleted every record of a partition, its start and
+/// end are both where the next record goes (the broker's high watermark),
+/// not 0: a consumer that had read none of them is behind, and one that
+/// had read them all is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_retention_emptied_starts_and_ends_at_its_high_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = tandem_testkit::tansu::start(dir.path()).await;
+    let bus = topic_with_old_records(&broker, 3).await;
+    assert_eq!(bus.end_offsets(TOPIC).await.unwrap(), vec![(0, 3)]);
+    eventually("the broker's retention deletes every record", WAIT, || {
+        let bus = Arc::clone(&bus);
+        async move { bus.start_offsets(TOPIC).await.ok() == Some(vec![(0, 3)]) }
+    })
+    .await;
+    assert_eq!(bus.end_offsets(TOPIC).await.unwrap(), vec![(0, 3)]);
+    assert_eq!(bus.payload_at(TOPIC, 0, 2).await.unwrap(), None);
+}
+
+/// Three records older than the topic's retention are deleted by the
+/// broker; a consumer that starts from offset 0 is told that records 0..3
+/// are gone, and applies neither them nor the two that follow.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_behind_the_retention_stops_and_skips_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = tandem_testkit::tansu::start(dir.path()).await;
+    let bus = topic_with_old_records(&broker, 3).await;
     bus.publish(
         &(4..=5)
             .map(|sequence| OutgoingRecord {

@@ -20,6 +20,7 @@ pub mod behind;
 pub mod conformance;
 pub mod exposition;
 pub mod faults;
+pub mod tansu;
 
 pub const TOPIC: &str = "ledger";
 
