@@ -487,6 +487,10 @@ impl EmbeddedLog {
     }
 }
 
+/// A batch's records by `(topic, partition)`: each one's `(key, payload)`,
+/// in order.
+type ByPartition<'a> = BTreeMap<(&'a str, u32), Vec<(&'a str, &'a [u8])>>;
+
 fn append_batch(
     tx: &mut dyn Tx,
     records: &[(String, u32, String, Vec<u8>)],
@@ -495,7 +499,7 @@ fn append_batch(
 ) -> Result<(), StoreError> {
     // Each partition's records, in order; offsets reserved with one upsert
     // each, then written to the partition's newest segment.
-    let mut by_partition: BTreeMap<(&str, u32), Vec<(&str, &[u8])>> = BTreeMap::new();
+    let mut by_partition: ByPartition<'_> = BTreeMap::new();
     for (topic, partition, key, payload) in records {
         by_partition
             .entry((topic.as_str(), *partition))

@@ -7,6 +7,8 @@
 //! [`dead_letter`]s.
 //!
 //! Parts:
+//! - [`guide`]: how to build a service on the toolkit, from the outbox to
+//!   monitoring (documentation only).
 //! - [`envelope`]: the wire format (CloudEvents 1.0 JSON) and typed payloads.
 //! - [`compat`]: which changes to a payload's JSON Schema break its readers.
 //! - [`store`]: the `Store`/`Tx` port; [`sqlite`] its embedded engine.
@@ -37,6 +39,8 @@ pub mod engine;
 pub mod envelope;
 pub mod executor;
 pub mod fault;
+#[doc = include_str!("guide.md")]
+pub mod guide {}
 pub mod metrics;
 pub mod outbox;
 pub mod rebuild;

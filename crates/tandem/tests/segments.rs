@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tandem::bus::{Bus, BusError, Delivery, OutgoingRecord, Subscription, TopicPartition};
+use tandem::bus::{Bus, BusError, Delivery, OutgoingRecord, TopicPartition};
 use tandem::embedded::{EmbeddedLog, EmbeddedOptions};
 use tandem::sqlite::Synchronous;
 
