@@ -3,9 +3,10 @@
 //! [`append`] runs inside the caller's own transaction: the state change and
 //! its events commit together or not at all. Each aggregate's events get a
 //! gap-free `sequence` kept in `tandem_aggregates`; of two concurrent
-//! writers of one aggregate, the second gets [`StoreError::Conflict`], and so
-//! does a writer whose expected sequence (`NewEvent::expect_sequence`) is
-//! stale.
+//! writers of one aggregate, the second waits for the first and appends
+//! after it (or, where the engine cannot wait, gets
+//! [`StoreError::Conflict`]), and a writer whose expected sequence
+//! (`NewEvent::expect_sequence`) is stale gets [`StoreError::Conflict`].
 
 use serde_json::Value;
 use time::OffsetDateTime;
