@@ -296,20 +296,7 @@ impl PrivateBroker {
     fn tansu(store: &Path) -> Self {
         let port = free_port();
         // The broker scripts/engines builds (with Tandem's fixes).
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/engines");
-        let output = std::process::Command::new(&script)
-            .arg("tansu-path")
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|error| panic!("running {}: {error}", script.display()));
-        assert!(
-            output.status.success(),
-            "tansu not available: run scripts/engines up"
-        );
-        let binary = String::from_utf8(output.stdout)
-            .expect("a path")
-            .trim()
-            .to_owned();
+        let binary = tandem_testkit::tansu::binary();
         let listener = format!("tcp://127.0.0.1:{port}");
         Self {
             command: vec![

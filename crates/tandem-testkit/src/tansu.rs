@@ -17,9 +17,9 @@ pub struct PrivateTansu {
     pub address: String,
 }
 
-/// Starts a private tansu keeping its log in `dir`; fails the test, naming
-/// what to run, when the broker is not built.
-pub async fn start(dir: &std::path::Path) -> PrivateTansu {
+/// The broker binary `scripts/engines` builds (with Tandem's patches);
+/// fails the test, naming what to run, when it is not built.
+pub fn binary() -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/engines");
     let output = std::process::Command::new(&script)
         .arg("tansu-path")
@@ -30,13 +30,22 @@ pub async fn start(dir: &std::path::Path) -> PrivateTansu {
         output.status.success(),
         "the tansu broker is not built: run scripts/engines up"
     );
-    let binary = String::from_utf8(output.stdout).expect("a path");
+    String::from_utf8(output.stdout)
+        .expect("a path")
+        .trim()
+        .to_owned()
+}
+
+/// Starts a private tansu keeping its log in `dir`; fails the test, naming
+/// what to run, when the broker is not built.
+pub async fn start(dir: &std::path::Path) -> PrivateTansu {
+    let binary = binary();
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
         .port();
     let listener = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(binary.trim())
+    let child = Command::new(binary)
         .args(["broker", "--listener-url", &listener])
         .args(["--advertised-listener-url", &listener])
         .arg("--storage-engine")
