@@ -52,6 +52,8 @@ pub mod sql;
 pub mod sqlite;
 pub mod status;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod trace;
 pub mod wait;
 
