@@ -55,13 +55,17 @@ async fn published_rows_go_the_log_keeps_its_newest_and_the_customer_history_sta
         let most = count(
             &data.join("bus.db"),
             "SELECT COALESCE(MAX(n), 0) FROM
-               (SELECT count(*) AS n FROM log_records GROUP BY topic, partition)",
+               (SELECT SUM(next_offset - first_offset) AS n FROM log_segments
+                GROUP BY topic, partition)",
         );
         let appended = count(
             &data.join("bus.db"),
             "SELECT COALESCE(SUM(next_offset), 0) FROM log_heads",
         );
-        let kept = count(&data.join("bus.db"), "SELECT count(*) FROM log_records");
+        let kept = count(
+            &data.join("bus.db"),
+            "SELECT COALESCE(SUM(next_offset - first_offset), 0) FROM log_segments",
+        );
         if most <= 5 && kept < appended {
             Ok(())
         } else {
@@ -102,7 +106,8 @@ fn behind(data: &std::path::Path, topic: &str) -> bool {
     };
     let starts = pairs(
         &data.join("bus.db"),
-        "SELECT partition, min(record_offset) FROM log_records WHERE topic = ?1 GROUP BY partition",
+        "SELECT partition, min(first_offset) FROM log_segments
+         WHERE topic = ?1 AND next_offset > first_offset GROUP BY partition",
     );
     let positions = pairs(
         &data.join("order.db"),
