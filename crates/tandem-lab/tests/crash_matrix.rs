@@ -607,10 +607,14 @@ fn a_bulk_redrive_of_10000_parked_events_killed_part_way_applies_each_once() {
     refusing.push("--refuse");
     run_worker(&refusing);
 
+    // One store for every look: opening one takes the write lock (its
+    // migrations check), which queued behind the consumer's redrives
+    // and let a whole run of them finish between two looks.
+    let reader =
+        runtime().block_on(async { tandem_engines::open_store(&setup.reader).await.unwrap() });
     let letters = |status: &'static str| -> i64 {
         runtime().block_on(async {
-            let store = tandem_engines::open_store(&setup.reader).await.unwrap();
-            store
+            reader
                 .read(move |tx| -> Result<i64, StoreError> {
                     tx.query_opt(
                         "SELECT COUNT(*) FROM tandem_dead_letters WHERE status = $1",
@@ -661,8 +665,10 @@ fn a_bulk_redrive_of_10000_parked_events_killed_part_way_applies_each_once() {
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     loop {
+        // Each account's parked events resolve in one transaction (17
+        // accounts): killed after the first, the kill is part-way.
         let resolved = letters("resolved");
-        if resolved >= 1_000 {
+        if resolved >= 1 {
             break;
         }
         assert!(
@@ -673,7 +679,7 @@ fn a_bulk_redrive_of_10000_parked_events_killed_part_way_applies_each_once() {
             child.0.try_wait().unwrap().is_none(),
             "the consumer exited before it was killed"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(2));
     }
     child.0.kill().expect("SIGKILL the consumer");
     child.0.wait().unwrap();
