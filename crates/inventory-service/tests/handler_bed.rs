@@ -34,23 +34,26 @@ async fn bed() -> HandlerBed {
     let mut config = ConsumerConfig::new(CONSUMER, &[topics::ORDER]);
     // A gap is waited for as long as the test runs.
     config.gap_timeout = Duration::from_secs(3600);
-    HandlerBed::new(Arc::new(Reservations), config, |tx| {
-        inventory_service::storage::install(tx)?;
-        tx.execute(
-            "INSERT INTO products (product_id, sku, name, price_cents, initial_stock,
-               available, reserved, version, created_at, updated_at)
-             VALUES ('widget', 'W-1', 'Widget', 250, 10, 10, 0, 1, 't', 't')",
-            &[],
-        )?;
-        Ok(())
-    })
-    .await
-    .expect("the test bed")
+    HandlerBed::new(Arc::new(Reservations), config, install_with_widget)
+        .await
+        .expect("the test bed")
 }
 
-/// The widget's (available, reserved).
-async fn stock(bed: &HandlerBed) -> (i64, i64) {
-    bed.store()
+/// The inventory's tables, with 10 widgets in stock.
+fn install_with_widget(tx: &mut dyn tandem::Tx) -> Result<(), StoreError> {
+    inventory_service::storage::install(tx)?;
+    tx.execute(
+        "INSERT INTO products (product_id, sku, name, price_cents, initial_stock,
+           available, reserved, version, created_at, updated_at)
+         VALUES ('widget', 'W-1', 'Widget', 250, 10, 10, 0, 1, 't', 't')",
+        &[],
+    )?;
+    Ok(())
+}
+
+/// The widget's (available, reserved) in `store`.
+async fn widget_stock(store: &impl Store) -> (i64, i64) {
+    store
         .read(|tx| -> Result<(i64, i64), StoreError> {
             let row = tx
                 .query_opt(
@@ -62,6 +65,11 @@ async fn stock(bed: &HandlerBed) -> (i64, i64) {
         })
         .await
         .unwrap()
+}
+
+/// The widget's (available, reserved) in the bed.
+async fn stock(bed: &HandlerBed) -> (i64, i64) {
+    widget_stock(bed.store()).await
 }
 
 /// What the handler published, as (type, subject).
@@ -135,19 +143,7 @@ async fn a_system_waited_for_until_quiescent() {
     let inventory = SqliteStore::open(dir.path().join("inventory.db"), SqliteOptions::default())
         .await
         .unwrap();
-    inventory
-        .write(|tx| {
-            inventory_service::storage::install(tx)?;
-            tx.execute(
-                "INSERT INTO products (product_id, sku, name, price_cents, initial_stock,
-                   available, reserved, version, created_at, updated_at)
-                 VALUES ('widget', 'W-1', 'Widget', 250, 10, 10, 0, 1, 't', 't')",
-                &[],
-            )
-            .map(drop)
-        })
-        .await
-        .unwrap();
+    inventory.write(install_with_widget).await.unwrap();
     let bus: Arc<dyn Bus> = Arc::new(
         EmbeddedLog::open(dir.path().join("bus.db"), EmbeddedOptions::default())
             .await
@@ -189,19 +185,7 @@ async fn a_system_waited_for_until_quiescent() {
         .wait(Duration::from_secs(10))
         .await
         .unwrap();
-    let (available, reserved) = inventory
-        .read(|tx| -> Result<(i64, i64), StoreError> {
-            let row = tx
-                .query_opt(
-                    "SELECT available, reserved FROM products WHERE product_id = 'widget'",
-                    &[],
-                )?
-                .expect("the widget");
-            Ok((row.i64(0)?, row.i64(1)?))
-        })
-        .await
-        .unwrap();
-    assert_eq!((available, reserved), (8, 2));
+    assert_eq!(widget_stock(&inventory).await, (8, 2));
     stop.cancel();
     for part in parts {
         part.await.unwrap().unwrap();
