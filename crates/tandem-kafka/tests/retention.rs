@@ -123,6 +123,25 @@ async fn topic_with_old_records(
     bus
 }
 
+/// Once retention has deleted every record of a partition, its start and
+/// end are both where the next record goes (the broker's high watermark),
+/// not 0: a consumer that had read none of them is behind, and one that
+/// had read them all is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_retention_emptied_starts_and_ends_at_its_high_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = tandem_testkit::tansu::start(dir.path()).await;
+    let bus = topic_with_old_records(&broker, 3).await;
+    assert_eq!(bus.end_offsets(TOPIC).await.unwrap(), vec![(0, 3)]);
+    eventually("the broker's retention deletes every record", WAIT, || {
+        let bus = Arc::clone(&bus);
+        async move { bus.start_offsets(TOPIC).await.ok() == Some(vec![(0, 3)]) }
+    })
+    .await;
+    assert_eq!(bus.end_offsets(TOPIC).await.unwrap(), vec![(0, 3)]);
+    assert_eq!(bus.payload_at(TOPIC, 0, 2).await.unwrap(), None);
+}
+
 /// Three records older than the topic's retention are deleted by the
 /// broker; a consumer that starts from offset 0 is told that records 0..3
 /// are gone, and applies neither them nor the two that follow.
