@@ -52,18 +52,20 @@ async fn last_sequence<S: Store>(store: &S, subject: &'static str) -> i64 {
         .unwrap()
 }
 
+/// `n` deposits of 1 cent to each of accounts `a` and `b`, interleaved.
+fn a_and_b(n: usize) -> Vec<(String, i64)> {
+    (0..n)
+        .flat_map(|_| [("a".to_owned(), 1), ("b".to_owned(), 1)])
+        .collect()
+}
+
 #[tokio::test]
 async fn pruning_takes_only_published_rows_and_sequences_and_the_relay_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("producer.db");
     let store = open_store(&path).await;
     let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
-    let deposits = |n: usize| {
-        (0..n)
-            .flat_map(|_| [("a".to_owned(), 1), ("b".to_owned(), 1)])
-            .collect::<Vec<_>>()
-    };
-    deposit(&store, deposits(5)).await;
+    deposit(&store, a_and_b(5)).await;
     // The relay publishes the first 4 of the 10, as if it then crashed.
     let relay = Relay::new(
         store.clone(),
@@ -128,12 +130,7 @@ async fn a_busy_outbox_is_set_aside_whole_and_its_rows_still_published_first() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir.path().join("producer.db")).await;
     let bus: Arc<dyn Bus> = Arc::new(open_log(&dir.path().join("bus.db")).await);
-    let both = |n: usize| {
-        (0..n)
-            .flat_map(|_| [("a".to_owned(), 1), ("b".to_owned(), 1)])
-            .collect::<Vec<_>>()
-    };
-    deposit(&store, both(5)).await;
+    deposit(&store, a_and_b(5)).await;
     let relay = Relay::new(
         store.clone(),
         Arc::clone(&bus),
@@ -165,7 +162,7 @@ async fn a_busy_outbox_is_set_aside_whole_and_its_rows_still_published_first() {
 
     // New rows go on from position 11 in a new table; a relay publishes
     // the rows set aside first, then the new ones, each once, in order.
-    deposit(&store, both(1)).await;
+    deposit(&store, a_and_b(1)).await;
     let restarted = Relay::new(store.clone(), Arc::clone(&bus), RelayConfig::default());
     assert_eq!(restarted.drain().await.unwrap(), 8);
     let records = read_topic(bus.as_ref(), "check", TOPIC, 12, WAIT).await;
