@@ -108,19 +108,29 @@ struct Seen {
     violations: Vec<String>,
 }
 
+/// Where the Order Service the reader polls is, and what the test is doing
+/// meanwhile (named in a violation, to tell when it happened).
+struct Target {
+    base: String,
+    phase: &'static str,
+}
+
 /// Polls the Order Service's copy of every customer in `ids` until `stop`:
 /// once seen, a customer must stay, and its sequence never goes down.
 /// Connection errors (the service killed and restarting) are not reads.
 async fn read_until(
     http: reqwest::Client,
-    order: Arc<std::sync::Mutex<String>>,
+    order: Arc<std::sync::Mutex<Target>>,
     ids: Vec<String>,
     stop: Arc<AtomicBool>,
 ) -> Seen {
     let mut seen = Seen::default();
     while !stop.load(Ordering::SeqCst) {
         for id in &ids {
-            let base = order.lock().unwrap().clone();
+            let (base, phase) = {
+                let target = order.lock().unwrap();
+                (target.base.clone(), target.phase)
+            };
             let Ok(reply) = try_call(http.get(format!("{base}/customers/{id}"))).await else {
                 continue;
             };
@@ -132,13 +142,18 @@ async fn read_until(
                     if let Some(before) = before {
                         if sequence < before {
                             seen.violations
-                                .push(format!("{id}: sequence {sequence} after {before}"));
+                                .push(format!(
+                                "{id}: sequence {sequence} after {before} ({phase}, read {}, at {}, {})",
+                                seen.reads,
+                                tandem::envelope::format_time(time::OffsetDateTime::now_utc()),
+                                reply.body
+                            ));
                         }
                     }
                 }
                 404 if seen.sequences.contains_key(id) => {
                     seen.violations.push(format!(
-                        "{id}: gone (404) after sequence {}",
+                        "{id}: gone (404) after sequence {} ({phase})",
                         seen.sequences[id]
                     ));
                 }
@@ -146,7 +161,7 @@ async fn read_until(
                 503 => {} // shutting down or starting
                 other => seen
                     .violations
-                    .push(format!("{id}: {other} {}", reply.body)),
+                    .push(format!("{id}: {other} {} ({phase})", reply.body)),
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -234,7 +249,10 @@ async fn rebuild_under_steady_writes(mut system: System, kill: Kill) {
             n - 100
         })
     };
-    let order_base = Arc::new(std::sync::Mutex::new(order.clone()));
+    let order_base = Arc::new(std::sync::Mutex::new(Target {
+        base: order.clone(),
+        phase: "building",
+    }));
     let reader = tokio::spawn(read_until(
         http.clone(),
         Arc::clone(&order_base),
@@ -263,10 +281,14 @@ async fn rebuild_under_steady_writes(mut system: System, kill: Kill) {
             .kill(Service::Order)
             .await
             .expect("kill -9 the order service");
+        order_base.lock().unwrap().phase = "killed";
         tokio::time::sleep(kill_after.unwrap_or_default()).await;
         system.set_env(Service::Order, "TANDEM_FAULT", None);
         system.start(Service::Order).await.expect("restart it");
-        *order_base.lock().unwrap() = url(&system, Service::Order);
+        *order_base.lock().unwrap() = Target {
+            base: url(&system, Service::Order),
+            phase: "restarted",
+        };
     }
     let order = url(&system, Service::Order);
     // After a kill, a Kafka group hands the dead member's partitions on
@@ -275,7 +297,10 @@ async fn rebuild_under_steady_writes(mut system: System, kill: Kill) {
     let finished = loop {
         let state = rebuild_state(&http, &order).await;
         match state {
-            Ok(state) if state["state"] == "switched" => break state,
+            Ok(state) if state["state"] == "switched" => {
+                order_base.lock().unwrap().phase = "switched";
+                break state;
+            }
             last if Instant::now() >= deadline => {
                 panic!("the rebuild did not switch within {RECOVERY:?}; last observed: {last:?}")
             }

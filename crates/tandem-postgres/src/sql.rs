@@ -278,6 +278,52 @@ impl EngineSql for PostgresSql {
         Ok(exists)
     }
 
+    /// Polls `pg_stat_activity` (its per-transaction cache cleared each
+    /// time) for client sessions of this database holding a snapshot in a
+    /// transaction that began before this one took the writer lock, as
+    /// `CREATE INDEX CONCURRENTLY` waits for older snapshots. Writers
+    /// queued on the writer lock are not waited for (they wait for this
+    /// transaction, and read committed rows afresh once they go on).
+    fn wait_for_older_snapshots(
+        &self,
+        tx: &mut dyn Tx,
+        timeout: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let deadline = std::time::Instant::now() + timeout;
+        // The writer lock was taken when the transaction began: every
+        // writer's commit is before this moment.
+        let since = tx
+            .query_opt(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+                params![],
+            )?
+            .map_or(Ok(0), |row| row.i64(0))?;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            tx.execute("SELECT pg_stat_clear_snapshot()", params![])?;
+            let older = tx
+                .query_opt(
+                    "SELECT COUNT(*) FROM pg_stat_activity
+                     WHERE datname = current_database()
+                       AND pid <> pg_backend_pid()
+                       AND backend_type = 'client backend'
+                       AND backend_xmin IS NOT NULL
+                       AND xact_start < to_timestamp($1::bigint / 1000000.0)
+                       AND wait_event IS DISTINCT FROM 'advisory'",
+                    params![since],
+                )?
+                .map_or(Ok(0), |row| row.i64(0))?;
+            if older == 0 {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// One upsert that returns the new sequence. A concurrent writer of the
     /// same aggregate holds the row until it ends, so this writer waits and
     /// then takes the sequence after it.

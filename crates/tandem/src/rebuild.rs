@@ -24,7 +24,12 @@
 //! 3. **Switch.** Every `check` the runner looks, in a write transaction,
 //!    whether the new version is level with the live one: at or past its
 //!    position on every partition, and every aggregate the live version
-//!    applied at least as new. Then, in that same transaction: the live
+//!    applied at least as new. The builder's own writes wait meanwhile, so
+//!    its last batch committed before that transaction began, and on
+//!    PostgreSQL the switch waits for readers whose snapshot is older than
+//!    its transaction (a reader held up by the rename would otherwise read
+//!    the renamed table as that snapshot saw it: older than the live copy
+//!    it read before). Then, in that same transaction: the live
 //!    tables are dropped and the new ones renamed to the live names; the
 //!    live consumer's positions, aggregate states and held events are
 //!    replaced by the new version's; its dead letters too (parked and
@@ -636,6 +641,13 @@ pub fn try_switch(
     if level != Look::Level {
         return Ok(level);
     }
+    if !tx
+        .engine()
+        .wait_for_older_snapshots(tx, OLDER_SNAPSHOTS_WAIT)?
+    {
+        tracing::debug!(consumer = %rebuild.consumer, "a reader's older snapshot is still open; switching at a later check");
+        return Ok(Look::Behind);
+    }
     let live = rebuild.consumer.as_str();
     let builder = rebuild.builder_name();
     let suffix = rebuild.suffix();
@@ -759,6 +771,11 @@ fn forget_builder(tx: &mut dyn Tx, builder: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Longest wait of a switch for readers with snapshots older than its
+/// transaction (see [`crate::sql::EngineSql::wait_for_older_snapshots`]);
+/// past it, the switch is tried again at a later check.
+pub const OLDER_SNAPSHOTS_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a switched rebuild's builder keeps its pause and its group on
 /// the bus: long enough for the runner of every process sharing the
 /// database (each looks every [`CHECK_EVERY`]) to have stopped its
@@ -843,6 +860,8 @@ pub struct Rebuildable {
 /// A builder running in this process.
 struct Running {
     number: i64,
+    /// Held by the builder's writes; taken exclusively around the switch.
+    gate: Arc<tokio::sync::RwLock<()>>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), crate::consumer::ConsumerError>>,
 }
@@ -982,9 +1001,22 @@ async fn step<S: Store>(
                     continue;
                 }
                 let (switching, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
+                // The builder's last batch commits before the switch's
+                // transaction begins, never inside the same commit (see
+                // `Consumer::with_gate`): a reader whose snapshot predates
+                // that commit would read the renamed table without it.
+                let gate = running
+                    .get(&rebuild.consumer)
+                    .map(|builder| Arc::clone(&builder.gate));
+                let quiet = match &gate {
+                    Some(gate) => Some(gate.write().await),
+                    None => None,
+                };
                 let outcome = store
                     .write(move |tx| try_switch(tx, &switching, &*model_arc))
-                    .await?;
+                    .await;
+                drop(quiet);
+                let outcome = outcome?;
                 if outcome != Look::Behind {
                     if let Some(builder) = running.remove(&rebuild.consumer) {
                         builder.stop.cancel();
@@ -1036,12 +1068,15 @@ async fn start<S: Store>(
         // snapshot from a re-publication rather than being parked.
         config.gap_timeout = config.gap_timeout.max(Duration::from_secs(3600));
     }
-    let consumer = Consumer::new(store.clone(), Arc::clone(bus), handler, config);
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let consumer =
+        Consumer::new(store.clone(), Arc::clone(bus), handler, config).with_gate(Arc::clone(&gate));
     let builder_stop = stop.child_token();
     let token = builder_stop.clone();
     let task = tokio::spawn(async move { consumer.run(token).await });
     Ok(Running {
         number: rebuild.number,
+        gate,
         stop: builder_stop,
         task,
     })

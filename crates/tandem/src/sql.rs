@@ -127,6 +127,25 @@ pub trait EngineSql: Send + Sync + 'static {
     /// `from`.
     fn rename_index(&self, tx: &mut dyn Tx, from: &str, to: &str) -> Result<bool, StoreError>;
 
+    /// Waits, for at most `timeout`, until no other session of the
+    /// database reads with a snapshot taken before this write transaction
+    /// began; `false` when some still does at the deadline. A rebuild's
+    /// switch calls it before it renames tables: a reader whose snapshot
+    /// is older than the builder's last commit, and which meets the rename
+    /// only after waiting for its lock, would otherwise read the renamed
+    /// table as it was at that snapshot (PostgreSQL resolves the name
+    /// anew, but keeps a repeatable-read transaction's snapshot). Engines
+    /// whose readers see names and rows from one snapshot (SQLite) have
+    /// nothing to wait for: the default.
+    fn wait_for_older_snapshots(
+        &self,
+        tx: &mut dyn Tx,
+        timeout: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let _ = (tx, timeout);
+        Ok(true)
+    }
+
     /// Takes the next sequence of aggregate `subject` in `topic`. Two
     /// writers of one aggregate never both commit a sequence: the second
     /// waits for the first and takes the one after it, or fails with

@@ -170,6 +170,10 @@ pub struct Consumer<S: Store> {
     /// held events has been seen waiting: the gap timeout is measured here,
     /// never by comparing wall clocks of different hosts.
     gap_watch: std::sync::Mutex<HashMap<(String, String), Instant>>,
+    /// Held (shared) while the member writes: whoever takes it exclusively
+    /// knows that no write of this member is queued or running until it
+    /// lets go (a rebuild's switch, see [`Consumer::with_gate`]).
+    gate: Option<Arc<tokio::sync::RwLock<()>>>,
 }
 
 /// Margin added to a bus's redelivery delay for a gap timeout.
@@ -208,6 +212,26 @@ impl<S: Store> Consumer<S> {
             observer: None,
             generation: std::sync::atomic::AtomicI64::new(0),
             gap_watch: std::sync::Mutex::new(HashMap::new()),
+            gate: None,
+        }
+    }
+
+    /// Makes every write of this member (a batch, its retries and
+    /// parking, housekeeping) hold `gate` shared. A rebuild's runner takes
+    /// it exclusively around the switch, so that the builder's last batch
+    /// commits before the switch's transaction begins instead of inside it
+    /// (a store may commit queued writes together), and no batch of it is
+    /// queued meanwhile.
+    pub(crate) fn with_gate(mut self, gate: Arc<tokio::sync::RwLock<()>>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The gate held shared, if the member has one.
+    pub(super) async fn enter_gate(&self) -> Option<tokio::sync::OwnedRwLockReadGuard<()>> {
+        match &self.gate {
+            Some(gate) => Some(Arc::clone(gate).read_owned().await),
+            None => None,
         }
     }
 

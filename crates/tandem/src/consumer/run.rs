@@ -133,6 +133,7 @@ impl<S: Store> Consumer<S> {
             }
             if last_housekeeping.elapsed() >= self.config.housekeeping_interval {
                 last_housekeeping = Instant::now();
+                let _gate = self.enter_gate().await;
                 // Paused: leave the group (drop the subscription); the
                 // records not applied are read again after the resume.
                 if self.paused().await? {
@@ -198,10 +199,12 @@ impl<S: Store> Consumer<S> {
                 _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
                 _ = crate::fault::hold("consumer.before_batch") => {}
             }
-            match self
+            let gate = self.enter_gate().await;
+            let drained = self
                 .drain_buffer(&mut buffer, &mut subscription, &shutdown)
-                .await?
-            {
+                .await?;
+            drop(gate);
+            match drained {
                 Drained::Done => {}
                 Drained::Shutdown => return Ok(Ended::Shutdown),
                 Drained::Paused => return Ok(Ended::Paused),
