@@ -336,6 +336,10 @@ impl Bus for Namespaced {
         self.inner.shares_partitions()
     }
 
+    fn publish_depth(&self) -> usize {
+        self.inner.publish_depth()
+    }
+
     fn redelivery_delay_max(&self) -> std::time::Duration {
         self.inner.redelivery_delay_max()
     }

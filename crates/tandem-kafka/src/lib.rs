@@ -45,7 +45,7 @@
 //!
 //! # URL
 //!
-//! `kafka://host:port[,host:port]?partitions=4&replication=1&<librdkafka
+//! `kafka://host:port[,host:port]?partitions=4&replication=1&publish_depth=4&<librdkafka
 //! property>=<value>...`; see [`KafkaConfig`]. Every other option is a
 //! librdkafka property (`security.protocol=SASL_SSL`,
 //! `sasl.mechanism=SCRAM-SHA-512`, `ssl.ca.location=...`), and so is every
@@ -97,7 +97,7 @@ use rdkafka::{ClientConfig, ClientContext};
 use tandem::bus::{Bus, BusError, OutgoingRecord, Subscription};
 use tandem::Envelope;
 
-pub use config::{redact, KafkaConfig};
+pub use config::{redact, KafkaConfig, DEFAULT_PUBLISH_DEPTH};
 pub use subscription::KafkaSubscription;
 
 /// The `content-type` of a structured-mode CloudEvent.
@@ -702,6 +702,13 @@ impl Bus for KafkaBus {
             self.renew_producer(generation);
         }
         result
+    }
+
+    /// The URL's `publish_depth` (default 4): librdkafka appends the
+    /// records of overlapping calls to each partition's queue in call
+    /// order, and the idempotent producer keeps that order on the broker.
+    fn publish_depth(&self) -> usize {
+        self.config.publish_depth
     }
 
     async fn subscribe(

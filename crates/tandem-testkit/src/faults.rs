@@ -149,6 +149,10 @@ impl Bus for HoldingBus {
         self.inner.shares_partitions()
     }
 
+    fn publish_depth(&self) -> usize {
+        self.inner.publish_depth()
+    }
+
     fn redelivery_delay_max(&self) -> Duration {
         self.inner.redelivery_delay_max()
     }

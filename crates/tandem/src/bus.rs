@@ -194,6 +194,19 @@ pub trait Bus: Send + Sync + 'static {
         offset: u64,
     ) -> Result<Option<Vec<u8>>, BusError>;
 
+    /// How many [`Bus::publish`] calls the relay may have in flight at
+    /// once: more than one only where the bus keeps the records of
+    /// overlapping calls in call order per key, as Kafka's idempotent
+    /// producer does. Overlapping calls hide the broker's round trip
+    /// behind the next batch; a failed call makes the relay publish again
+    /// from the last acknowledged batch, so the calls after it are
+    /// published twice (consumers drop the duplicates by sequence, and
+    /// hold an event that arrives ahead of its predecessor). The default
+    /// is 1: each batch waits for the one before it.
+    fn publish_depth(&self) -> usize {
+        1
+    }
+
     /// Whether the members of one group may be handed records of the same
     /// partition at once (NATS: one shared durable per topic). The
     /// consumer then cannot take its highest applied offset as its
