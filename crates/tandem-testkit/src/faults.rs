@@ -121,6 +121,13 @@ impl Bus for HoldingBus {
         self.inner.publish(records).await
     }
 
+    async fn enqueue(
+        &self,
+        records: Vec<OutgoingRecord>,
+    ) -> Result<tandem::bus::Acknowledgements, BusError> {
+        self.inner.enqueue(records).await
+    }
+
     async fn subscribe(
         &self,
         group: &str,

@@ -199,7 +199,7 @@ impl<S: Store> Relay<S> {
             return Ok((0, cursor, batch.held_back));
         }
         let (end, held_back) = (batch.end, batch.held_back);
-        let moved = send(Arc::clone(&self.bus), batch.events).await?;
+        let moved = dispatch(self.bus.as_ref(), batch.events).await?.await?;
         Ok((moved, end, held_back))
     }
 
@@ -358,10 +358,10 @@ impl<S: Store> Relay<S> {
                     held_back = batch.held_back;
                     if !batch.events.is_empty() {
                         dispatched = Some(batch.end);
-                        let publish = send(Arc::clone(&self.bus), batch.events);
+                        let acked = dispatch(self.bus.as_ref(), batch.events).await?;
                         flights.push_back(InFlight {
                             end: batch.end,
-                            ack: tokio::spawn(tracing::Instrument::in_current_span(publish)),
+                            ack: tokio::spawn(tracing::Instrument::in_current_span(acked)),
                         });
                         if flights.len() < depth {
                             return Ok(Turn::Sent);
@@ -496,8 +496,15 @@ struct ReadAhead {
     read: StoreFuture<OutboxBatch, StoreError>,
 }
 
-/// Publishes `events` to `bus` and counts them; returns how many.
-async fn send(bus: Arc<dyn Bus>, events: Vec<StoredEvent>) -> Result<usize, RelayError> {
+/// Hands `events` to `bus`, queued behind the batches handed to it before
+/// ([`Bus::enqueue`]), and returns what awaits their acknowledgement and
+/// counts them (resolving to how many there were).
+async fn dispatch(
+    bus: &dyn Bus,
+    events: Vec<StoredEvent>,
+) -> Result<impl std::future::Future<Output = Result<usize, RelayError>> + Send + 'static, RelayError>
+{
+    use tracing::Instrument;
     let records: Vec<OutgoingRecord> = events
         .into_iter()
         .map(|event| OutgoingRecord {
@@ -506,52 +513,73 @@ async fn send(bus: Arc<dyn Bus>, events: Vec<StoredEvent>) -> Result<usize, Rela
             payload: event.envelope,
         })
         .collect();
+    let count = records.len();
+    // One topic per relay as a rule; count each record's own anyway.
+    let topics: Vec<(String, u64)> = records
+        .chunk_by(|a, b| a.topic == b.topic)
+        .map(|run| (run[0].topic.clone(), run.len() as u64))
+        .collect();
     fault::point("relay.before_publish");
     let started = std::time::Instant::now();
-    let published = if crate::trace::enabled() {
-        use tracing::Instrument;
-        let span = crate::trace::send(&records[0].topic, records.len(), || traceparents(&records));
-        bus.publish(&records).instrument(span).await
-    } else {
-        bus.publish(&records).await
+    let span = crate::trace::enabled()
+        .then(|| crate::trace::send(&records[0].topic, records.len(), || traceparents(&records)));
+    let queued = match &span {
+        Some(span) => bus.enqueue(records).instrument(span.clone()).await,
+        None => bus.enqueue(records).await,
     };
-    let metrics = crate::metrics::metrics();
-    let recording = crate::metrics::enabled();
-    metrics.bus_operation(crate::metrics::Operation::send, started.elapsed());
-    let topic = &records[0].topic;
-    if let Err(error) = published {
-        if recording {
-            metrics
-                .publish_failures
-                .get_or_create(&crate::metrics::TopicErrorLabels {
-                    topic: topic.clone(),
-                    error_type: error.kind().to_owned(),
-                })
-                .inc();
+    let acks = match queued {
+        Ok(acks) => acks,
+        Err(error) => {
+            count_failure(&topics[0].0, &error);
+            return Err(error.into());
         }
-        return Err(error.into());
-    }
-    fault::point("relay.after_publish");
-    if recording {
-        // One topic per relay as a rule; count each record's own anyway.
-        for run in records.chunk_by(|a, b| a.topic == b.topic) {
-            metrics
-                .sent_messages
-                .get_or_create(&crate::metrics::DestinationLabels {
-                    messaging_destination_name: run[0].topic.clone(),
-                })
-                .inc_by(run.len() as u64);
+    };
+    Ok(async move {
+        let acked = match span {
+            Some(span) => acks.instrument(span).await,
+            None => acks.await,
+        };
+        let metrics = crate::metrics::metrics();
+        metrics.bus_operation(crate::metrics::Operation::send, started.elapsed());
+        if let Err(error) = acked {
+            count_failure(&topics[0].0, &error);
+            return Err(error.into());
         }
+        fault::point("relay.after_publish");
+        if crate::metrics::enabled() {
+            for (topic, sent) in topics {
+                metrics
+                    .sent_messages
+                    .get_or_create(&crate::metrics::DestinationLabels {
+                        messaging_destination_name: topic,
+                    })
+                    .inc_by(sent);
+            }
+        }
+        Ok(count)
+    })
+}
+
+/// Counts a failed publish to `topic` by the error's kind.
+fn count_failure(topic: &str, error: &BusError) {
+    if !crate::metrics::enabled() {
+        return;
     }
-    Ok(records.len())
+    crate::metrics::metrics()
+        .publish_failures
+        .get_or_create(&crate::metrics::TopicErrorLabels {
+            topic: topic.to_owned(),
+            error_type: error.kind().to_owned(),
+        })
+        .inc();
 }
 
 /// A batch handed to the bus whose acknowledgement the relay awaits.
 struct InFlight {
     /// The cursor after the batch.
     end: Cursor,
-    /// The publish, on a task of its own so that it goes on while the
-    /// relay reads and sends the batches after it.
+    /// Its acknowledgement, awaited on a task of its own while the relay
+    /// reads and hands on the batches after it.
     ack: tokio::task::JoinHandle<Result<usize, RelayError>>,
 }
 

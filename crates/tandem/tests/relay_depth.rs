@@ -4,13 +4,13 @@
 //! published again with the batches after it: the consumer applies every
 //! event once, in each aggregate's order. Real SQLite files and the
 //! embedded log, behind a bus that acknowledges slowly and refuses one
-//! publish (a fault the log cannot produce on demand).
+//! batch (a fault the log cannot produce on demand).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem::bus::{Bus, BusError, OutgoingRecord, Subscription};
+use tandem::bus::{Acknowledgements, Bus, BusError, OutgoingRecord, Subscription};
 use tandem::consumer::{Consumer, ConsumerConfig};
 use tandem::relay::{Relay, RelayConfig};
 use tandem::store::Store;
@@ -19,36 +19,45 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The embedded log, acknowledging each publish 30 ms after appending it,
-/// with room for `depth` publishes at once; refuses its third publish
-/// (after appending nothing) when `fail_third`.
+/// The embedded log, acknowledging each batch 30 ms after appending it,
+/// with room for `depth` unacknowledged batches; when `fail_third`, its
+/// third batch is not appended and its acknowledgement fails.
 struct SlowAcks {
     inner: Arc<dyn Bus>,
     depth: usize,
     fail_third: bool,
     calls: AtomicUsize,
-    in_flight: AtomicUsize,
-    most_in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
+    most_in_flight: Arc<AtomicUsize>,
     failed: AtomicBool,
 }
 
 #[async_trait::async_trait]
 impl Bus for SlowAcks {
     async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
+        self.enqueue(records.to_vec()).await?.await
+    }
+
+    async fn enqueue(&self, records: Vec<OutgoingRecord>) -> Result<Acknowledgements, BusError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let refused = self.fail_third && call == 3;
+        if refused {
+            self.failed.store(true, Ordering::SeqCst);
+        } else {
+            self.inner.publish(&records).await?;
+        }
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
-        let outcome = if self.fail_third && call == 3 {
-            self.failed.store(true, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            Err(BusError::Unavailable("the third publish is refused".into()))
-        } else {
-            let appended = self.inner.publish(records).await;
+        let in_flight = Arc::clone(&self.in_flight);
+        Ok(Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(30)).await;
-            appended
-        };
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        outcome
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            if refused {
+                Err(BusError::Unavailable("the third batch is refused".into()))
+            } else {
+                Ok(())
+            }
+        }))
     }
 
     async fn subscribe(
@@ -90,8 +99,8 @@ async fn relay_through(depth: usize, fail_third: bool, rounds: usize) -> Arc<Slo
         depth,
         fail_third,
         calls: AtomicUsize::new(0),
-        in_flight: AtomicUsize::new(0),
-        most_in_flight: AtomicUsize::new(0),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        most_in_flight: Arc::new(AtomicUsize::new(0)),
         failed: AtomicBool::new(false),
     });
     let mut expected = std::collections::BTreeMap::new();
