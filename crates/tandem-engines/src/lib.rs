@@ -293,6 +293,20 @@ impl Bus for Namespaced {
         self.inner.publish(&records).await
     }
 
+    async fn enqueue(
+        &self,
+        records: Vec<OutgoingRecord>,
+    ) -> Result<tandem::bus::Acknowledgements, BusError> {
+        let records: Vec<OutgoingRecord> = records
+            .into_iter()
+            .map(|record| OutgoingRecord {
+                topic: format!("{}{}", self.prefix, record.topic),
+                ..record
+            })
+            .collect();
+        self.inner.enqueue(records).await
+    }
+
     async fn subscribe(
         &self,
         group: &str,
@@ -334,6 +348,10 @@ impl Bus for Namespaced {
     // a partition, and how late a record may come again.
     fn shares_partitions(&self) -> bool {
         self.inner.shares_partitions()
+    }
+
+    fn publish_depth(&self) -> usize {
+        self.inner.publish_depth()
     }
 
     fn redelivery_delay_max(&self) -> std::time::Duration {

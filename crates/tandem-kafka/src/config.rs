@@ -37,9 +37,19 @@ pub struct KafkaConfig {
     /// `retention.bytes` of each partition of the topics this bus creates
     /// (option `retain_log_bytes`; default none, no size limit).
     pub retain_log_bytes: Option<u64>,
+    /// How many relay batches may be in flight to the brokers at once
+    /// (option `publish_depth`, default [`DEFAULT_PUBLISH_DEPTH`]; 1
+    /// waits for each batch's acknowledgements before the next is sent).
+    /// The idempotent producer keeps them in order per partition.
+    pub publish_depth: usize,
     /// librdkafka properties, applied after this crate's defaults.
     pub properties: BTreeMap<String, String>,
 }
+
+/// Relay batches in flight at once by default: enough to keep a broker
+/// that takes tens of milliseconds per acknowledgement busy, few enough
+/// that a failure republishes little.
+pub const DEFAULT_PUBLISH_DEPTH: usize = 4;
 
 /// Kafka's own default `retention.ms`, and Tandem's embedded log's.
 pub const DEFAULT_RETAIN_LOG: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -67,6 +77,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("retain_log", &self.retain_log)
             .field("retain_log_bytes", &self.retain_log_bytes)
+            .field("publish_depth", &self.publish_depth)
             .field("properties", &properties)
             .finish()
     }
@@ -136,6 +147,7 @@ impl KafkaConfig {
             connect_timeout: Duration::from_secs(8),
             retain_log: Some(DEFAULT_RETAIN_LOG),
             retain_log_bytes: None,
+            publish_depth: DEFAULT_PUBLISH_DEPTH,
             properties: BTreeMap::new(),
         };
         for (name, value) in options {
@@ -180,6 +192,17 @@ impl KafkaConfig {
                                 invalid(format!("retain_log_bytes={value}: need bytes >= 1"))
                             })?,
                     );
+                }
+                "publish_depth" | "publish.depth" => {
+                    config.publish_depth = value
+                        .parse()
+                        .ok()
+                        .filter(|depth| (1..=64).contains(depth))
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "publish_depth={value}: need an integer from 1 to 64"
+                            ))
+                        })?;
                 }
                 "bootstrap.servers" | "metadata.broker.list" => {
                     return Err(invalid(format!(
@@ -235,6 +258,21 @@ mod tests {
         assert_eq!(config.connect_timeout, Duration::from_secs(8));
         assert_eq!(config.retain_log, Some(DEFAULT_RETAIN_LOG));
         assert_eq!(config.retain_log_bytes, None);
+        assert_eq!(config.publish_depth, DEFAULT_PUBLISH_DEPTH);
+    }
+
+    #[test]
+    fn publish_depth_is_an_option_not_a_property() {
+        let config = parse("kafka://h:1?publish_depth=1", &[]).unwrap();
+        assert_eq!(config.publish_depth, 1);
+        assert!(config.properties.is_empty(), "not passed to librdkafka");
+        for bad in ["publish_depth=0", "publish_depth=65", "publish_depth=many"] {
+            let refused = parse(&format!("kafka://h:1?{bad}"), &[]);
+            assert!(
+                matches!(&refused, Err(BusError::Invalid(why)) if why.to_string().contains("publish_depth")),
+                "{bad} must be refused naming the option: {refused:?}"
+            );
+        }
     }
 
     #[test]

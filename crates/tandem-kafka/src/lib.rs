@@ -45,7 +45,7 @@
 //!
 //! # URL
 //!
-//! `kafka://host:port[,host:port]?partitions=4&replication=1&<librdkafka
+//! `kafka://host:port[,host:port]?partitions=4&replication=1&publish_depth=4&<librdkafka
 //! property>=<value>...`; see [`KafkaConfig`]. Every other option is a
 //! librdkafka property (`security.protocol=SASL_SSL`,
 //! `sasl.mechanism=SCRAM-SHA-512`, `ssl.ca.location=...`), and so is every
@@ -92,12 +92,12 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, ClientContext};
 use tandem::bus::{Bus, BusError, OutgoingRecord, Subscription};
 use tandem::Envelope;
 
-pub use config::{redact, KafkaConfig};
+pub use config::{redact, KafkaConfig, DEFAULT_PUBLISH_DEPTH};
 pub use subscription::KafkaSubscription;
 
 /// The `content-type` of a structured-mode CloudEvent.
@@ -111,6 +111,9 @@ pub struct KafkaBus {
     config: KafkaConfig,
     /// The producer, and how many times it was replaced.
     producer: RwLock<(u64, FutureProducer<LogContext>)>,
+    /// One more than the generation of a producer whose delivery failed
+    /// (0: none), replaced at the next [`Bus::enqueue`].
+    failed_producer: Arc<std::sync::atomic::AtomicU64>,
     producer_config: ClientConfig,
     admin: AdminClient<LogContext>,
     /// Topics known to exist (created by this bus or found).
@@ -251,7 +254,7 @@ impl KafkaBus {
             .set("message.timeout.ms", "10000")
             .set("partitioner", "murmur2_random")
             // librdkafka's own default. The relay hands over a whole batch
-            // at once and then flushes (`publish_with`), so the linger only
+            // at once and then flushes (`queue_records`), so the linger only
             // holds records of other senders; at 2 ms without the flush the
             // first partitions' requests left before the batch was queued,
             // and the pipeline on tansu ran 8 % slower. `?linger.ms=`
@@ -307,6 +310,7 @@ impl KafkaBus {
         Ok(KafkaBus {
             config,
             producer: RwLock::new((0, producer)),
+            failed_producer: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             producer_config,
             admin,
             topics: Mutex::new(BTreeSet::new()),
@@ -620,12 +624,13 @@ fn delivery_error(error: &KafkaError, brokers: &str) -> BusError {
     }
 }
 
-/// Enqueues every record, then awaits every delivery report.
-async fn publish_with(
+/// Queues every record on the producer, in order; on a failure, awaits
+/// what was queued before reporting it.
+async fn queue_records(
     producer: &FutureProducer<LogContext>,
     records: &[OutgoingRecord],
     brokers: &str,
-) -> Result<(), BusError> {
+) -> Result<Vec<DeliveryFuture>, BusError> {
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
@@ -649,7 +654,6 @@ async fn publish_with(
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((error, _)) => {
-                    // Await what was enqueued, then report the failure.
                     for delivery in deliveries {
                         let _ = delivery.await;
                     }
@@ -661,14 +665,19 @@ async fn publish_with(
     // The whole batch is queued: send it now instead of after linger.ms
     // (while a flush runs, librdkafka treats the linger as over). A flush
     // blocks until every delivery is settled, so it runs on a blocking
-    // thread, left to finish on its own: the delivery reports below are
-    // what count.
+    // thread, left to finish on its own: the delivery reports are what
+    // count.
     {
         let producer = producer.clone();
         drop(tokio::task::spawn_blocking(move || {
             producer.flush(Duration::from_secs(30))
         }));
     }
+    Ok(deliveries)
+}
+
+/// Awaits every delivery report; the first failure, if any.
+async fn settle(deliveries: Vec<DeliveryFuture>, brokers: &str) -> Result<(), BusError> {
     let mut failure = None;
     for delivery in deliveries {
         let result = match delivery.await {
@@ -687,21 +696,58 @@ async fn publish_with(
 #[async_trait::async_trait]
 impl Bus for KafkaBus {
     async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
+        self.enqueue(records.to_vec()).await?.await
+    }
+
+    /// Queues the records on the producer (creating missing topics first)
+    /// and returns their delivery reports to await: librdkafka keeps each
+    /// partition's queue in call order and the idempotent producer keeps
+    /// it on the broker. After a failed delivery the producer is replaced
+    /// at the next call (see `renew_producer`).
+    async fn enqueue(
+        &self,
+        records: Vec<OutgoingRecord>,
+    ) -> Result<tandem::bus::Acknowledgements, BusError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Box::pin(std::future::ready(Ok(()))));
         }
-        for record in records {
+        for record in &records {
             check_topic(&record.topic)?;
         }
         let topics: Vec<&str> = records.iter().map(|record| record.topic.as_str()).collect();
         self.ensure_topics(&topics).await?;
-
-        let (generation, producer) = self.producer();
-        let result = publish_with(&producer, records, &self.config.brokers).await;
-        if let Err(BusError::Unavailable(_)) = &result {
-            self.renew_producer(generation);
+        let failed = self
+            .failed_producer
+            .swap(0, std::sync::atomic::Ordering::SeqCst);
+        if failed > 0 {
+            self.renew_producer(failed - 1);
         }
-        result
+        let (generation, producer) = self.producer();
+        let brokers = self.config.brokers.clone();
+        let deliveries = match queue_records(&producer, &records, &brokers).await {
+            Ok(deliveries) => deliveries,
+            Err(error) => {
+                if let BusError::Unavailable(_) = &error {
+                    self.renew_producer(generation);
+                }
+                return Err(error);
+            }
+        };
+        let failed = Arc::clone(&self.failed_producer);
+        Ok(Box::pin(async move {
+            let settled = settle(deliveries, &brokers).await;
+            if let Err(BusError::Unavailable(_)) = &settled {
+                failed.store(generation + 1, std::sync::atomic::Ordering::SeqCst);
+            }
+            settled
+        }))
+    }
+
+    /// The URL's `publish_depth` (default 4): librdkafka appends the
+    /// records of overlapping calls to each partition's queue in call
+    /// order, and the idempotent producer keeps that order on the broker.
+    fn publish_depth(&self) -> usize {
+        self.config.publish_depth
     }
 
     async fn subscribe(

@@ -45,6 +45,11 @@ pub struct NatsConfig {
     /// Messages a subscription asks the server for at a time
     /// (`fetch_batch=`, default 500).
     pub fetch_batch: usize,
+    /// How many relay batches may await their acknowledgements at once
+    /// (`publish_depth=`, 1 to 64, default 4; 1 waits for each batch's
+    /// before the next is sent). One connection's messages reach the
+    /// server in the order they were sent.
+    pub publish_depth: usize,
     /// Give up connecting after this long (`connect_timeout_ms=`, default 5 s).
     pub connect_timeout: Duration,
     /// `max_age` of the streams this bus creates (`retain_log=`, an age
@@ -77,6 +82,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("backoff", &self.backoff)
             .field("max_ack_pending", &self.max_ack_pending)
             .field("fetch_batch", &self.fetch_batch)
+            .field("publish_depth", &self.publish_depth)
             .field("connect_timeout", &self.connect_timeout)
             .field("retain_log", &self.retain_log)
             .field("retain_log_bytes", &self.retain_log_bytes)
@@ -101,6 +107,7 @@ impl Default for NatsConfig {
             backoff: vec![Duration::from_secs(5), Duration::from_secs(30)],
             max_ack_pending: 20_000,
             fetch_batch: 500,
+            publish_depth: 4,
             connect_timeout: Duration::from_secs(5),
             retain_log: Some(Duration::from_secs(7 * 24 * 60 * 60)),
             retain_log_bytes: None,
@@ -156,7 +163,7 @@ impl NatsConfig {
     /// which implies `tls=true`). Options: `creds`, `token`, `tls`,
     /// `tls_ca`, `prefix`, `replicas`, `duplicate_window_ms`, `ack_wait_ms`,
     /// `backoff_ms` (comma-separated), `max_ack_pending`, `fetch_batch`,
-    /// `connect_timeout_ms`. Without `creds`/`token` in the URL, the
+    /// `publish_depth`, `connect_timeout_ms`. Without `creds`/`token` in the URL, the
     /// environment variables `TANDEM_NATS_CREDS` and `TANDEM_NATS_TOKEN`
     /// are used when set.
     pub fn from_url(url: &str) -> Result<NatsConfig, BusError> {
@@ -246,6 +253,16 @@ impl NatsConfig {
                 }
                 "max_ack_pending" => config.max_ack_pending = number(name, &value)?,
                 "fetch_batch" => config.fetch_batch = number::<usize>(name, &value)?.max(1),
+                "publish_depth" => {
+                    config.publish_depth = number::<usize>(name, &value)
+                        .ok()
+                        .filter(|depth| (1..=64).contains(depth))
+                        .ok_or_else(|| {
+                            invalid(format!(
+                            "NATS URL option publish_depth={value}: need an integer from 1 to 64"
+                        ))
+                        })?
+                }
                 "connect_timeout_ms" => config.connect_timeout = millis(name, &value)?,
                 "retain_log" => {
                     config.retain_log = tandem::retention::parse_age(&value).map_err(|why| {

@@ -624,11 +624,21 @@ impl Bus for NatsBus {
     }
 
     async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError> {
+        self.enqueue(records.to_vec()).await?.await
+    }
+
+    /// Sends every record on the bus's one connection (so the server
+    /// stores them in the order of the calls) and returns their
+    /// acknowledgements to await.
+    async fn enqueue(
+        &self,
+        records: Vec<OutgoingRecord>,
+    ) -> Result<tandem::bus::Acknowledgements, BusError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Box::pin(std::future::ready(Ok(()))));
         }
         let mut topics: Vec<&str> = Vec::new();
-        for record in records {
+        for record in &records {
             Inner::check_topic(&record.topic)?;
             if !topics.contains(&record.topic.as_str()) {
                 topics.push(&record.topic);
@@ -638,7 +648,7 @@ impl Bus for NatsBus {
             self.inner.ensure_stream(topic, true).await?;
         }
         let mut acks = Vec::with_capacity(records.len());
-        for record in records {
+        for record in &records {
             let (headers, id) = Self::message_headers(record);
             let mut publish = PublishMessage::build()
                 .payload(Bytes::from(record.payload.clone()))
@@ -652,27 +662,31 @@ impl Bus for NatsBus {
                 .send_publish(self.inner.subject(&record.topic), publish)
                 .await
                 .map_err(|error| self.inner.error("publish", error))?;
-            acks.push((record.topic.as_str(), ack));
+            acks.push((record.topic.clone(), ack));
         }
-        let mut failure = None;
-        for (topic, ack) in acks {
-            match ack.await {
-                Ok(_) => {}
-                Err(error) => {
+        let inner = Arc::clone(&self.inner);
+        Ok(Box::pin(async move {
+            let mut failure = None;
+            for (topic, ack) in acks {
+                if let Err(error) = ack.await {
                     if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
                         // Deleted behind our back: create it again next time.
-                        self.inner.forget_stream(topic);
+                        inner.forget_stream(&topic);
                     }
                     if failure.is_none() {
-                        failure = Some(self.inner.error("publish ack", error));
+                        failure = Some(inner.error("publish ack", error));
                     }
                 }
             }
-        }
-        match failure {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+            match failure {
+                Some(error) => Err(error),
+                None => Ok(()),
+            }
+        }))
+    }
+
+    fn publish_depth(&self) -> usize {
+        self.inner.config.publish_depth
     }
 
     async fn subscribe(

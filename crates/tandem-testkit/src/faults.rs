@@ -121,6 +121,13 @@ impl Bus for HoldingBus {
         self.inner.publish(records).await
     }
 
+    async fn enqueue(
+        &self,
+        records: Vec<OutgoingRecord>,
+    ) -> Result<tandem::bus::Acknowledgements, BusError> {
+        self.inner.enqueue(records).await
+    }
+
     async fn subscribe(
         &self,
         group: &str,
@@ -147,6 +154,10 @@ impl Bus for HoldingBus {
 
     fn shares_partitions(&self) -> bool {
         self.inner.shares_partitions()
+    }
+
+    fn publish_depth(&self) -> usize {
+        self.inner.publish_depth()
     }
 
     fn redelivery_delay_max(&self) -> Duration {

@@ -156,6 +156,11 @@ impl From<crate::store::StoreError> for BusError {
     }
 }
 
+/// What resolves once the bus acknowledged every record of one
+/// [`Bus::enqueue`] call: `Ok` when all of them are on the log.
+pub type Acknowledgements =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BusError>> + Send + 'static>>;
+
 /// An event bus engine: the embedded log, Kafka or NATS JetStream behind
 /// one interface.
 ///
@@ -171,6 +176,18 @@ pub trait Bus: Send + Sync + 'static {
     /// Appends records durably, keeping their order per key. When this
     /// returns `Ok` every record is on the log; on `Err` some may be.
     async fn publish(&self, records: &[OutgoingRecord]) -> Result<(), BusError>;
+
+    /// Queues `records` for publishing behind the records of every earlier
+    /// call, and returns what resolves once the bus acknowledged them all
+    /// (when [`Bus::publish`] would have returned). A relay keeps up to
+    /// [`Bus::publish_depth`] calls unacknowledged; because each call's
+    /// records are queued before the next call starts, their order per key
+    /// is the order of the calls. The default publishes the records to
+    /// completion before it returns.
+    async fn enqueue(&self, records: Vec<OutgoingRecord>) -> Result<Acknowledgements, BusError> {
+        self.publish(&records).await?;
+        Ok(Box::pin(std::future::ready(Ok(()))))
+    }
 
     /// Joins `group` reading `topics`.
     async fn subscribe(
@@ -193,6 +210,19 @@ pub trait Bus: Send + Sync + 'static {
         partition: u32,
         offset: u64,
     ) -> Result<Option<Vec<u8>>, BusError>;
+
+    /// How many [`Bus::enqueue`] calls the relay may leave unacknowledged
+    /// at once: more than one only where the bus keeps the records of
+    /// successive calls in call order per key on the log, as Kafka's
+    /// idempotent producer and one NATS connection do. Overlapping calls hide the broker's round trip
+    /// behind the next batch; a failed call makes the relay publish again
+    /// from the last acknowledged batch, so the calls after it are
+    /// published twice (consumers drop the duplicates by sequence, and
+    /// hold an event that arrives ahead of its predecessor). The default
+    /// is 1: each batch waits for the one before it.
+    fn publish_depth(&self) -> usize {
+        1
+    }
 
     /// Whether the members of one group may be handed records of the same
     /// partition at once (NATS: one shared durable per topic). The

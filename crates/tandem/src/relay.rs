@@ -11,6 +11,12 @@
 //! reads only rows whose order is final (see
 //! [`outbox::read_committed_after`]).
 //!
+//! On a bus that keeps overlapping publishes in order
+//! ([`Bus::publish_depth`]), [`Relay::run`] keeps up to that many batches in
+//! flight: a broker that takes tens of milliseconds to acknowledge a batch
+//! then delays each event by one acknowledgement, not by the queue of
+//! batches ahead of it.
+//!
 //! [`Relay::run`] publishes only while it holds the store's lease named
 //! after the relay ([`Store::try_lead`]): of several instances of a service
 //! sharing one database, one publishes and the others stand by, trying
@@ -25,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::bus::{Bus, BusError, OutgoingRecord};
 use crate::fault;
-use crate::outbox::{self, Cursor, OutboxBatch};
+use crate::outbox::{self, Cursor, OutboxBatch, StoredEvent};
 use crate::params;
 use crate::schema::now_micros;
 use crate::store::{Lease, Store, StoreError, StoreFuture};
@@ -183,17 +189,32 @@ impl<S: Store> Relay<S> {
 
     /// Publishes the batch after `cursor`; returns how many events moved,
     /// the new cursor, and whether rows beyond it are not final yet.
-    ///
-    /// With `ahead`, uses the read it holds if that read starts at `cursor`
-    /// and found events (an empty answer may predate a commit whose signal
-    /// was consumed since, so it is read again), and before publishing
-    /// starts reading the next batch into it, so that reading the outbox
-    /// overlaps publishing to the bus.
     async fn publish_after(
         &self,
         cursor: Cursor,
-        mut ahead: Option<&mut Option<ReadAhead>>,
+        ahead: Option<&mut Option<ReadAhead>>,
     ) -> Result<(usize, Cursor, bool), RelayError> {
+        let batch = self.next_batch(cursor, ahead).await?;
+        if batch.events.is_empty() {
+            return Ok((0, cursor, batch.held_back));
+        }
+        let (end, held_back) = (batch.end, batch.held_back);
+        let moved = dispatch(self.bus.as_ref(), batch.events).await?.await?;
+        Ok((moved, end, held_back))
+    }
+
+    /// Reads the batch after `cursor`.
+    ///
+    /// With `ahead`, uses the read it holds if that read starts at `cursor`
+    /// and found events (an empty answer may predate a commit whose signal
+    /// was consumed since, so it is read again), and once it has events
+    /// starts reading the batch after them into it, so that reading the
+    /// outbox overlaps publishing to the bus.
+    async fn next_batch(
+        &self,
+        cursor: Cursor,
+        mut ahead: Option<&mut Option<ReadAhead>>,
+    ) -> Result<OutboxBatch, RelayError> {
         let read_ahead = match ahead.as_mut().and_then(|ahead| ahead.take()) {
             Some(ReadAhead { after, read }) if after == cursor => Some(read.await?),
             _ => None,
@@ -202,68 +223,13 @@ impl<S: Store> Relay<S> {
             Some(batch) if !batch.events.is_empty() => batch,
             _ => self.start_read(cursor).await?,
         };
-        if batch.events.is_empty() {
-            return Ok((0, cursor, batch.held_back));
-        }
-        if let Some(ahead) = ahead {
+        if let (false, Some(ahead)) = (batch.events.is_empty(), ahead) {
             *ahead = Some(ReadAhead {
                 after: batch.end,
                 read: self.start_read(batch.end),
             });
         }
-        let records: Vec<OutgoingRecord> = batch
-            .events
-            .into_iter()
-            .map(|event| OutgoingRecord {
-                topic: event.topic,
-                key: event.subject,
-                payload: event.envelope,
-            })
-            .collect();
-        fault::point("relay.before_publish");
-        let started = std::time::Instant::now();
-        let published = if crate::trace::enabled() {
-            use tracing::Instrument;
-            let span =
-                crate::trace::send(&records[0].topic, records.len(), || traceparents(&records));
-            self.bus.publish(&records).instrument(span).await
-        } else {
-            self.bus.publish(&records).await
-        };
-        let metrics = crate::metrics::metrics();
-        let recording = crate::metrics::enabled();
-        metrics.bus_operation(crate::metrics::Operation::send, started.elapsed());
-        let topic = &records[0].topic;
-        if let Err(error) = published {
-            if !recording {
-                return Err(error.into());
-            }
-            metrics
-                .publish_failures
-                .get_or_create(&crate::metrics::TopicErrorLabels {
-                    topic: topic.clone(),
-                    error_type: error.kind().to_owned(),
-                })
-                .inc();
-            return Err(error.into());
-        }
-        fault::point("relay.after_publish");
-        if !recording {
-            return Ok((records.len(), batch.end, batch.held_back));
-        }
-        // One topic per relay as a rule; count each record's own anyway.
-        let mut counted = 0;
-        for run in records.chunk_by(|a, b| a.topic == b.topic) {
-            metrics
-                .sent_messages
-                .get_or_create(&crate::metrics::DestinationLabels {
-                    messaging_destination_name: run[0].topic.clone(),
-                })
-                .inc_by(run.len() as u64);
-            counted += run.len();
-        }
-        debug_assert_eq!(counted, records.len());
-        Ok((records.len(), batch.end, batch.held_back))
+        Ok(batch)
     }
 
     fn save_cursor(&self, cursor: Cursor) -> StoreFuture<(), StoreError> {
@@ -340,6 +306,12 @@ impl<S: Store> Relay<S> {
     }
 
     /// Publishes while `lease` holds.
+    ///
+    /// Up to [`Bus::publish_depth`] batches are in flight at once: the
+    /// next batch is read and handed to the bus while the ones before it
+    /// await their acknowledgements, which are taken in order, so the
+    /// cursor only ever covers acknowledged batches. A failure drops every
+    /// batch in flight and starts again from the stored cursor.
     async fn lead(
         &self,
         shutdown: &CancellationToken,
@@ -348,7 +320,12 @@ impl<S: Store> Relay<S> {
         let mut signal = self.store.outbox_signal();
         let mut external = self.store.external_changes()?;
         let mut retry = Backoff::new(self.config.retry_initial, self.config.retry_max);
+        let depth = self.bus.publish_depth().max(1);
+        // The cursor after the last acknowledged batch, and after the
+        // last batch handed to the bus.
         let mut cursor: Option<Cursor> = None;
+        let mut dispatched: Option<Cursor> = None;
+        let mut flights: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
         let mut saved_cursor: Option<Cursor> = None;
         let mut last_save = tokio::time::Instant::now();
         let mut saving: Option<StoreFuture<(), StoreError>> = None;
@@ -365,34 +342,89 @@ impl<S: Store> Relay<S> {
             signal.borrow_and_update();
             external.changed()?;
             let attempt = async {
-                let after = match cursor {
-                    Some(cursor) => cursor,
+                let after = match dispatched {
+                    Some(after) => after,
                     None => {
                         let stored = self.load_cursor().await?;
                         saved_cursor = Some(stored);
+                        cursor = Some(stored);
                         stored
                     }
                 };
-                cursor = Some(after);
-                let (moved, end, held_back) = self.publish_after(after, Some(&mut ahead)).await?;
-                cursor = Some(end);
+                dispatched = Some(after);
+                let mut held_back = false;
+                if flights.len() < depth {
+                    let batch = self.next_batch(after, Some(&mut ahead)).await?;
+                    held_back = batch.held_back;
+                    if !batch.events.is_empty() {
+                        dispatched = Some(batch.end);
+                        let acked = dispatch(self.bus.as_ref(), batch.events).await?;
+                        flights.push_back(InFlight {
+                            end: batch.end,
+                            ack: tokio::spawn(tracing::Instrument::in_current_span(acked)),
+                        });
+                        if flights.len() < depth {
+                            return Ok(Turn::Sent);
+                        }
+                    }
+                }
+                let room = flights.len() < depth;
+                let turn = match flights.front_mut() {
+                    None => Turn::Idle { held_back },
+                    Some(oldest) => {
+                        // With room for another batch, a commit (or rows
+                        // no longer held back) ends the wait early.
+                        let acked = if room {
+                            let pause = if held_back {
+                                held_back_pause
+                            } else {
+                                idle_wait
+                            };
+                            tokio::select! {
+                                acked = &mut oldest.ack => Some(acked),
+                                waited = crate::wait::wait_for_change(&mut signal, Some(&mut external), pause, crate::wait::LONGEST_RELAY_POLL) => {
+                                    waited?;
+                                    None
+                                }
+                            }
+                        } else {
+                            Some((&mut oldest.ack).await)
+                        };
+                        match acked {
+                            None => Turn::Sent,
+                            Some(acked) => {
+                                let flight = flights.pop_front().expect("the oldest batch");
+                                acked.map_err(|error| {
+                                    RelayError::Bus(BusError::Unavailable(
+                                        format!("the publish task ended: {error}").into(),
+                                    ))
+                                })??;
+                                cursor = Some(flight.end);
+                                Turn::Acked
+                            }
+                        }
+                    }
+                };
                 let due = last_save.elapsed() >= CURSOR_SAVE_INTERVAL;
-                if due && Some(end) != saved_cursor {
+                if due && cursor != saved_cursor {
                     if let Some(previous) = saving.take() {
                         previous.await?;
                     }
-                    saving = Some(self.save_cursor(end));
-                    saved_cursor = Some(end);
+                    if let Some(end) = cursor {
+                        saving = Some(self.save_cursor(end));
+                    }
+                    saved_cursor = cursor;
                     last_save = tokio::time::Instant::now();
                 }
-                Ok::<(usize, bool), RelayError>((moved, held_back))
+                Ok::<Turn, RelayError>(turn)
             };
             match attempt.await {
-                Ok((moved, _)) if moved > 0 => {
+                Ok(Turn::Sent) => retry.reset(),
+                Ok(Turn::Acked) => {
                     retry.reset();
                     held_back_pause = HELD_BACK_PAUSE;
                 }
-                Ok((_, true)) => {
+                Ok(Turn::Idle { held_back: true }) => {
                     // Committed rows wait behind a transaction still
                     // running: look again shortly.
                     retry.reset();
@@ -402,7 +434,7 @@ impl<S: Store> Relay<S> {
                     }
                     held_back_pause = (held_back_pause * 2).min(LONGEST_HELD_BACK_PAUSE);
                 }
-                Ok(_) => {
+                Ok(Turn::Idle { held_back: false }) => {
                     retry.reset();
                     held_back_pause = HELD_BACK_PAUSE;
                     // Caught up. A cursor not written yet is written when
@@ -420,8 +452,13 @@ impl<S: Store> Relay<S> {
                     }
                 }
                 Err(error) => {
-                    // Start again from the stored cursor.
+                    // Start again from the stored cursor: what was in
+                    // flight is published again.
+                    for flight in flights.drain(..) {
+                        flight.ack.abort();
+                    }
                     cursor = None;
+                    dispatched = None;
                     saving = None;
                     ahead = None;
                     tracing::warn!(relay = %self.config.name, %error, retry_in_ms = retry.current().as_millis() as u64, "relay batch failed");
@@ -433,6 +470,12 @@ impl<S: Store> Relay<S> {
                 }
             }
         };
+        // Batches still in flight are not waited for: the cursor covers
+        // only acknowledged ones, and the next leader publishes the rest
+        // again.
+        for flight in flights.drain(..) {
+            flight.ack.abort();
+        }
         if let Some(previous) = saving.take() {
             previous.await?;
         }
@@ -451,6 +494,104 @@ impl<S: Store> Relay<S> {
 struct ReadAhead {
     after: Cursor,
     read: StoreFuture<OutboxBatch, StoreError>,
+}
+
+/// Hands `events` to `bus`, queued behind the batches handed to it before
+/// ([`Bus::enqueue`]), and returns what awaits their acknowledgement and
+/// counts them (resolving to how many there were).
+async fn dispatch(
+    bus: &dyn Bus,
+    events: Vec<StoredEvent>,
+) -> Result<impl std::future::Future<Output = Result<usize, RelayError>> + Send + 'static, RelayError>
+{
+    use tracing::Instrument;
+    let records: Vec<OutgoingRecord> = events
+        .into_iter()
+        .map(|event| OutgoingRecord {
+            topic: event.topic,
+            key: event.subject,
+            payload: event.envelope,
+        })
+        .collect();
+    let count = records.len();
+    // One topic per relay as a rule; count each record's own anyway.
+    let topics: Vec<(String, u64)> = records
+        .chunk_by(|a, b| a.topic == b.topic)
+        .map(|run| (run[0].topic.clone(), run.len() as u64))
+        .collect();
+    fault::point("relay.before_publish");
+    let started = std::time::Instant::now();
+    let span = crate::trace::enabled()
+        .then(|| crate::trace::send(&records[0].topic, records.len(), || traceparents(&records)));
+    let queued = match &span {
+        Some(span) => bus.enqueue(records).instrument(span.clone()).await,
+        None => bus.enqueue(records).await,
+    };
+    let acks = match queued {
+        Ok(acks) => acks,
+        Err(error) => {
+            count_failure(&topics[0].0, &error);
+            return Err(error.into());
+        }
+    };
+    Ok(async move {
+        let acked = match span {
+            Some(span) => acks.instrument(span).await,
+            None => acks.await,
+        };
+        let metrics = crate::metrics::metrics();
+        metrics.bus_operation(crate::metrics::Operation::send, started.elapsed());
+        if let Err(error) = acked {
+            count_failure(&topics[0].0, &error);
+            return Err(error.into());
+        }
+        fault::point("relay.after_publish");
+        if crate::metrics::enabled() {
+            for (topic, sent) in topics {
+                metrics
+                    .sent_messages
+                    .get_or_create(&crate::metrics::DestinationLabels {
+                        messaging_destination_name: topic,
+                    })
+                    .inc_by(sent);
+            }
+        }
+        Ok(count)
+    })
+}
+
+/// Counts a failed publish to `topic` by the error's kind.
+fn count_failure(topic: &str, error: &BusError) {
+    if !crate::metrics::enabled() {
+        return;
+    }
+    crate::metrics::metrics()
+        .publish_failures
+        .get_or_create(&crate::metrics::TopicErrorLabels {
+            topic: topic.to_owned(),
+            error_type: error.kind().to_owned(),
+        })
+        .inc();
+}
+
+/// A batch handed to the bus whose acknowledgement the relay awaits.
+struct InFlight {
+    /// The cursor after the batch.
+    end: Cursor,
+    /// Its acknowledgement, awaited on a task of its own while the relay
+    /// reads and hands on the batches after it.
+    ack: tokio::task::JoinHandle<Result<usize, RelayError>>,
+}
+
+/// What one turn of a leading relay did.
+enum Turn {
+    /// Handed a batch to the bus, with room for another: look again now.
+    Sent,
+    /// The oldest batch in flight was acknowledged.
+    Acked,
+    /// Nothing to send and nothing in flight; `held_back`: committed rows
+    /// wait behind a transaction still running.
+    Idle { held_back: bool },
 }
 
 /// The `traceparent` of each record's envelope that has one (read without
