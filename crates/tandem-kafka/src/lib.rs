@@ -45,7 +45,7 @@
 //!
 //! # URL
 //!
-//! `kafka://host:port[,host:port]?partitions=4&replication=1&publish_depth=4&<librdkafka
+//! `kafka://host:port[,host:port]?partitions=4&replication=1&publish_depth=1&<librdkafka
 //! property>=<value>...`; see [`KafkaConfig`]. Every other option is a
 //! librdkafka property (`security.protocol=SASL_SSL`,
 //! `sasl.mechanism=SCRAM-SHA-512`, `ssl.ca.location=...`), and so is every
@@ -743,7 +743,8 @@ impl Bus for KafkaBus {
         }))
     }
 
-    /// The URL's `publish_depth` (default 4): librdkafka appends the
+    /// The URL's `publish_depth` (default 1, see
+    /// [`DEFAULT_PUBLISH_DEPTH`]): librdkafka appends the
     /// records of overlapping calls to each partition's queue in call
     /// order, and the idempotent producer keeps that order on the broker.
     fn publish_depth(&self) -> usize {

@@ -46,9 +46,10 @@ pub struct NatsConfig {
     /// (`fetch_batch=`, default 500).
     pub fetch_batch: usize,
     /// How many relay batches may await their acknowledgements at once
-    /// (`publish_depth=`, 1 to 64, default 4; 1 waits for each batch's
-    /// before the next is sent). One connection's messages reach the
-    /// server in the order they were sent.
+    /// (`publish_depth=`, 1 to 64, default 1: each batch's before the next
+    /// is sent). One connection's messages reach the server in the order
+    /// they were sent. On two shared cores, 4 measured worse than 1 (p99
+    /// 38–57 ms against 27–36 ms at half the saturation rate).
     pub publish_depth: usize,
     /// Give up connecting after this long (`connect_timeout_ms=`, default 5 s).
     pub connect_timeout: Duration,
@@ -107,7 +108,7 @@ impl Default for NatsConfig {
             backoff: vec![Duration::from_secs(5), Duration::from_secs(30)],
             max_ack_pending: 20_000,
             fetch_batch: 500,
-            publish_depth: 4,
+            publish_depth: 1,
             connect_timeout: Duration::from_secs(5),
             retain_log: Some(Duration::from_secs(7 * 24 * 60 * 60)),
             retain_log_bytes: None,

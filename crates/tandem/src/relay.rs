@@ -13,9 +13,10 @@
 //!
 //! On a bus that keeps overlapping publishes in order
 //! ([`Bus::publish_depth`]), [`Relay::run`] keeps up to that many batches in
-//! flight: a broker that takes tens of milliseconds to acknowledge a batch
-//! then delays each event by one acknowledgement, not by the queue of
-//! batches ahead of it.
+//! flight: a broker that serves several requests at once and takes tens of
+//! milliseconds to acknowledge a batch then delays each event by one
+//! acknowledgement, not by the queue of batches ahead of it (a broker that
+//! serves them one at a time gains nothing: Kafka and NATS default to 1).
 //!
 //! [`Relay::run`] publishes only while it holds the store's lease named
 //! after the relay ([`Store::try_lead`]): of several instances of a service
