@@ -29,7 +29,10 @@
 //!    PostgreSQL the switch waits for readers whose snapshot is older than
 //!    its transaction (a reader held up by the rename would otherwise read
 //!    the renamed table as that snapshot saw it: older than the live copy
-//!    it read before). Then, in that same transaction: the live
+//!    it read before). The runner waits for such readers first without
+//!    the writer lock, so a session that holds a snapshot for long defers
+//!    the switch instead of holding the service's writes back. Then, in
+//!    that same transaction: the live
 //!    tables are dropped and the new ones renamed to the live names; the
 //!    live consumer's positions, aggregate states and held events are
 //!    replaced by the new version's; its dead letters too (parked and
@@ -643,7 +646,7 @@ pub fn try_switch(
     }
     if !tx
         .engine()
-        .wait_for_older_snapshots(tx, OLDER_SNAPSHOTS_WAIT)?
+        .wait_for_older_snapshots(tx, OLDER_SNAPSHOTS_WAIT_LOCKED)?
     {
         tracing::debug!(consumer = %rebuild.consumer, "a reader's older snapshot is still open; switching at a later check");
         return Ok(Look::Behind);
@@ -771,10 +774,16 @@ fn forget_builder(tx: &mut dyn Tx, builder: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Longest wait of a switch for readers with snapshots older than its
-/// transaction (see [`crate::sql::EngineSql::wait_for_older_snapshots`]);
-/// past it, the switch is tried again at a later check.
+/// Longest wait of the runner, before a switch, for readers with
+/// snapshots older than that moment (see
+/// [`crate::sql::EngineSql::wait_for_older_snapshots`]); past it, the
+/// switch is tried again at a later check.
 pub const OLDER_SNAPSHOTS_WAIT: Duration = Duration::from_secs(2);
+
+/// Longest wait of the switch's own transaction for readers with older
+/// snapshots: it holds every writer back meanwhile, and the runner waited
+/// for the long ones before it began.
+pub const OLDER_SNAPSHOTS_WAIT_LOCKED: Duration = Duration::from_millis(200);
 
 /// How long a switched rebuild's builder keeps its pause and its group on
 /// the bus: long enough for the runner of every process sharing the
@@ -998,6 +1007,21 @@ async fn step<S: Store>(
                 // A read first: the write lock only once it is level.
                 let looked_at = rebuild.clone();
                 if store.read(move |tx| look(tx, &looked_at)).await? == Look::Behind {
+                    continue;
+                }
+                // Readers' snapshots older than now end before the writer
+                // lock is taken, so that the wait inside the switch's
+                // transaction (which holds every writer back) is short;
+                // a session that keeps one open defers the switch, never
+                // the service's writes.
+                let settled = store
+                    .read(|tx| {
+                        tx.engine()
+                            .wait_for_older_snapshots(tx, OLDER_SNAPSHOTS_WAIT)
+                    })
+                    .await?;
+                if !settled {
+                    tracing::info!(consumer = %rebuild.consumer, number = rebuild.number, "a session of the database has held a snapshot for over {OLDER_SNAPSHOTS_WAIT:?}; the switch waits for it to end");
                     continue;
                 }
                 let (switching, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
