@@ -14,6 +14,7 @@ use tandem::bus::{Bus, OutgoingRecord};
 use tandem::relay::{Relay, RelayConfig};
 use tandem::sqlite::SqliteStore;
 use tandem::store::{Store, StoreError};
+use tandem::testing::Quiescence;
 use tandem::{Envelope, EventPayload};
 use tandem_contracts::inventory::{
     ProductStockChanged, StockReleased, StockReservationFailed, StockReserved,
@@ -211,50 +212,18 @@ impl System {
     /// consumer, every inventory event it caused is on the log, and the
     /// feed has read them all: after this, nothing more is coming.
     async fn settle(&mut self) {
-        let orders = self.orders.clone();
-        eventually("order outbox relayed", WAIT, || {
-            let orders = orders.clone();
-            async move {
-                tandem::relay::backlog(&orders, topics::ORDER)
-                    .await
-                    .unwrap()
-                    .0
-                    == 0
-            }
-        })
-        .await;
-        let (inventory, bus) = (self.inventory.clone(), Arc::clone(&self.bus));
-        eventually("order events consumed", WAIT, || {
-            let (inventory, bus) = (inventory.clone(), Arc::clone(&bus));
-            async move {
-                let positions = tandem::consumer::positions(&inventory, CONSUMER)
-                    .await
-                    .unwrap();
-                bus.end_offsets(topics::ORDER)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .all(|(partition, end)| {
-                        positions
-                            .get(&tandem::TopicPartition::new(topics::ORDER, *partition))
-                            .copied()
-                            .unwrap_or(0)
-                            >= *end
-                    })
-            }
-        })
-        .await;
-        eventually("inventory outbox relayed", WAIT, || {
-            let inventory = inventory.clone();
-            async move {
-                tandem::relay::backlog(&inventory, topics::INVENTORY)
-                    .await
-                    .unwrap()
-                    .0
-                    == 0
-            }
-        })
-        .await;
+        Quiescence::new()
+            .outbox(self.orders.clone(), topics::ORDER)
+            .consumer(
+                self.inventory.clone(),
+                Arc::clone(&self.bus),
+                CONSUMER,
+                &[topics::ORDER.to_owned()],
+            )
+            .outbox(self.inventory.clone(), topics::INVENTORY)
+            .wait(WAIT)
+            .await
+            .expect("the order events are consumed and what they caused is published");
         self.feed.catch_up(&self.bus).await;
     }
 
