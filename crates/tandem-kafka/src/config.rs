@@ -222,6 +222,17 @@ impl KafkaConfig {
                 }
             }
         }
+        if config.publish_depth > 1
+            && config
+                .properties
+                .get("enable.idempotence")
+                .is_some_and(|value| value != "true")
+        {
+            return Err(invalid(format!(
+                "publish_depth={} needs enable.idempotence=true: without it a retried batch can land behind the next",
+                config.publish_depth
+            )));
+        }
         Ok(config)
     }
 }
@@ -269,7 +280,12 @@ mod tests {
         let config = parse("kafka://h:1?publish_depth=3", &[]).unwrap();
         assert_eq!(config.publish_depth, 3);
         assert!(config.properties.is_empty(), "not passed to librdkafka");
-        for bad in ["publish_depth=0", "publish_depth=65", "publish_depth=many"] {
+        for bad in [
+            "publish_depth=0",
+            "publish_depth=65",
+            "publish_depth=many",
+            "publish_depth=2&enable.idempotence=false",
+        ] {
             let refused = parse(&format!("kafka://h:1?{bad}"), &[]);
             assert!(
                 matches!(&refused, Err(BusError::Invalid(why)) if why.to_string().contains("publish_depth")),

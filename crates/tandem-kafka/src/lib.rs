@@ -114,6 +114,8 @@ pub struct KafkaBus {
     /// One more than the generation of a producer whose delivery failed
     /// (0: none), replaced at the next [`Bus::enqueue`].
     failed_producer: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether a flush of the producer is running (see `queue_records`).
+    flushing: Arc<std::sync::atomic::AtomicBool>,
     producer_config: ClientConfig,
     admin: AdminClient<LogContext>,
     /// Topics known to exist (created by this bus or found).
@@ -311,6 +313,7 @@ impl KafkaBus {
             config,
             producer: RwLock::new((0, producer)),
             failed_producer: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            flushing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             producer_config,
             admin,
             topics: Mutex::new(BTreeSet::new()),
@@ -630,6 +633,7 @@ async fn queue_records(
     producer: &FutureProducer<LogContext>,
     records: &[OutgoingRecord],
     brokers: &str,
+    flushing: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<DeliveryFuture>, BusError> {
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut deliveries = Vec::with_capacity(records.len());
@@ -666,11 +670,13 @@ async fn queue_records(
     // (while a flush runs, librdkafka treats the linger as over). A flush
     // blocks until every delivery is settled, so it runs on a blocking
     // thread, left to finish on its own: the delivery reports are what
-    // count.
-    {
-        let producer = producer.clone();
+    // count. One flush at a time: what is queued while it runs is sent
+    // at once too.
+    if !flushing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        let (producer, flushing) = (producer.clone(), Arc::clone(flushing));
         drop(tokio::task::spawn_blocking(move || {
-            producer.flush(Duration::from_secs(30))
+            let _ = producer.flush(Duration::from_secs(30));
+            flushing.store(false, std::sync::atomic::Ordering::SeqCst);
         }));
     }
     Ok(deliveries)
@@ -724,7 +730,7 @@ impl Bus for KafkaBus {
         }
         let (generation, producer) = self.producer();
         let brokers = self.config.brokers.clone();
-        let deliveries = match queue_records(&producer, &records, &brokers).await {
+        let deliveries = match queue_records(&producer, &records, &brokers, &self.flushing).await {
             Ok(deliveries) => deliveries,
             Err(error) => {
                 if let BusError::Unavailable(_) = &error {

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use crate::WRITER_LOCK_KEY;
 use tandem::outbox::{in_sequence_per_aggregate, Cursor, OutboxBatch};
 use tandem::params;
 use tandem::sql::{
@@ -278,50 +279,46 @@ impl EngineSql for PostgresSql {
         Ok(exists)
     }
 
-    /// Polls `pg_stat_activity` (its per-transaction cache cleared each
-    /// time) for client sessions of this database holding a snapshot in a
-    /// transaction that began before this one took the writer lock, as
-    /// `CREATE INDEX CONCURRENTLY` waits for older snapshots. Writers
-    /// queued on the writer lock are not waited for (they wait for this
-    /// transaction, and read committed rows afresh once they go on).
-    fn wait_for_older_snapshots(
-        &self,
-        tx: &mut dyn Tx,
-        timeout: std::time::Duration,
-    ) -> Result<bool, StoreError> {
-        let deadline = std::time::Instant::now() + timeout;
-        // The writer lock was taken when the transaction began: every
-        // writer's commit is before this moment.
-        let since = tx
+    /// The server's clock: the sessions compared with it report their
+    /// transactions' start on the same clock.
+    fn database_now_micros(&self, tx: &mut dyn Tx) -> Result<i64, StoreError> {
+        tx.query_opt(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+            params![],
+        )?
+        .map_or(Ok(0), |row| row.i64(0))
+    }
+
+    /// Counts, in `pg_stat_activity` (its per-transaction cache cleared
+    /// first), the client sessions of this database holding a snapshot in
+    /// a transaction that began before `since_micros`, as `CREATE INDEX
+    /// CONCURRENTLY` waits for older snapshots. A session of another role
+    /// whose details this role may not see (no `pg_read_all_stats`) counts
+    /// whenever it holds a snapshot. A writer queued on Tandem's writer
+    /// lock does not count: it waits for the caller's transaction, and
+    /// reads committed rows afresh once it goes on.
+    fn snapshots_older_than(&self, tx: &mut dyn Tx, since_micros: i64) -> Result<u64, StoreError> {
+        tx.execute("SELECT pg_stat_clear_snapshot()", params![])?;
+        let high = WRITER_LOCK_KEY >> 32;
+        let low = WRITER_LOCK_KEY & 0xffff_ffff;
+        let older = tx
             .query_opt(
-                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
-                params![],
+                "SELECT COUNT(*) FROM pg_stat_activity a
+                 WHERE a.datname = current_database()
+                   AND a.pid <> pg_backend_pid()
+                   AND (a.backend_type IS NULL OR a.backend_type = 'client backend')
+                   AND a.backend_xmin IS NOT NULL
+                   AND (a.xact_start IS NULL
+                        OR a.xact_start < to_timestamp($1::bigint / 1000000.0))
+                   AND NOT EXISTS (
+                     SELECT 1 FROM pg_locks l
+                     WHERE l.pid = a.pid AND l.locktype = 'advisory' AND NOT l.granted
+                       AND l.classid::bigint = $2 AND l.objid::bigint = $3
+                       AND l.objsubid = 1)",
+                params![since_micros, high, low],
             )?
             .map_or(Ok(0), |row| row.i64(0))?;
-        let mut pause = std::time::Duration::from_millis(1);
-        loop {
-            tx.execute("SELECT pg_stat_clear_snapshot()", params![])?;
-            let older = tx
-                .query_opt(
-                    "SELECT COUNT(*) FROM pg_stat_activity
-                     WHERE datname = current_database()
-                       AND pid <> pg_backend_pid()
-                       AND backend_type = 'client backend'
-                       AND backend_xmin IS NOT NULL
-                       AND xact_start < to_timestamp($1::bigint / 1000000.0)
-                       AND wait_event IS DISTINCT FROM 'advisory'",
-                    params![since],
-                )?
-                .map_or(Ok(0), |row| row.i64(0))?;
-            if older == 0 {
-                return Ok(true);
-            }
-            if std::time::Instant::now() >= deadline {
-                return Ok(false);
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(std::time::Duration::from_millis(20));
-        }
+        Ok(u64::try_from(older).unwrap_or(0))
     }
 
     /// One upsert that returns the new sequence. A concurrent writer of the

@@ -780,6 +780,31 @@ fn forget_builder(tx: &mut dyn Tx, builder: &str) -> Result<(), StoreError> {
 /// switch is tried again at a later check.
 pub const OLDER_SNAPSHOTS_WAIT: Duration = Duration::from_secs(2);
 
+/// Longest wait of the runner for the builder's batch under way before
+/// a switch; past it (a builder retrying through an outage), the switch
+/// is tried again at a later check.
+pub const GATE_WAIT: Duration = Duration::from_secs(5);
+
+/// Polls, with a short read each time and no connection held between
+/// them, until no session of the database holds a snapshot older than
+/// this call; `false` after `timeout`.
+async fn older_snapshots_ended<S: Store>(store: &S, timeout: Duration) -> Result<bool, StoreError> {
+    let since = store.read(|tx| tx.engine().database_now_micros(tx)).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let older = store
+            .read(move |tx| tx.engine().snapshots_older_than(tx, since))
+            .await?;
+        if older == 0 {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Longest wait of the switch's own transaction for readers with older
 /// snapshots: it holds every writer back meanwhile, and the runner waited
 /// for the long ones before it began.
@@ -869,6 +894,8 @@ pub struct Rebuildable {
 /// A builder running in this process.
 struct Running {
     number: i64,
+    /// Whether the runner said the switch waits for an old snapshot.
+    deferred_said: bool,
     /// Held by the builder's writes; taken exclusively around the switch.
     gate: Arc<tokio::sync::RwLock<()>>,
     stop: CancellationToken,
@@ -1014,14 +1041,13 @@ async fn step<S: Store>(
                 // transaction (which holds every writer back) is short;
                 // a session that keeps one open defers the switch, never
                 // the service's writes.
-                let settled = store
-                    .read(|tx| {
-                        tx.engine()
-                            .wait_for_older_snapshots(tx, OLDER_SNAPSHOTS_WAIT)
-                    })
-                    .await?;
-                if !settled {
-                    tracing::info!(consumer = %rebuild.consumer, number = rebuild.number, "a session of the database has held a snapshot for over {OLDER_SNAPSHOTS_WAIT:?}; the switch waits for it to end");
+                if !older_snapshots_ended(store, OLDER_SNAPSHOTS_WAIT).await? {
+                    if let Some(builder) = running.get_mut(&rebuild.consumer) {
+                        if !builder.deferred_said {
+                            builder.deferred_said = true;
+                            tracing::warn!(consumer = %rebuild.consumer, number = rebuild.number, "a session of the database has held a snapshot for over {OLDER_SNAPSHOTS_WAIT:?}; the switch waits until it ends");
+                        }
+                    }
                     continue;
                 }
                 let (switching, model_arc) = (rebuild.clone(), Arc::clone(&model.model));
@@ -1033,7 +1059,15 @@ async fn step<S: Store>(
                     .get(&rebuild.consumer)
                     .map(|builder| Arc::clone(&builder.gate));
                 let quiet = match &gate {
-                    Some(gate) => Some(gate.write().await),
+                    Some(gate) => {
+                        match tokio::time::timeout(GATE_WAIT, Arc::clone(gate).write_owned()).await
+                        {
+                            Ok(quiet) => Some(quiet),
+                            // The builder is retrying a batch (an outage):
+                            // the switch is tried at a later check.
+                            Err(_) => continue,
+                        }
+                    }
                     None => None,
                 };
                 let outcome = store
@@ -1100,6 +1134,7 @@ async fn start<S: Store>(
     let task = tokio::spawn(async move { consumer.run(token).await });
     Ok(Running {
         number: rebuild.number,
+        deferred_said: false,
         gate,
         stop: builder_stop,
         task,

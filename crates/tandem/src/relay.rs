@@ -392,7 +392,13 @@ impl<S: Store> Relay<S> {
                             Some((&mut oldest.ack).await)
                         };
                         match acked {
-                            None => Turn::Sent,
+                            None => {
+                                if held_back {
+                                    held_back_pause =
+                                        (held_back_pause * 2).min(LONGEST_HELD_BACK_PAUSE);
+                                }
+                                Turn::Sent
+                            }
                             Some(acked) => {
                                 let flight = flights.pop_front().expect("the oldest batch");
                                 acked.map_err(|error| {
@@ -531,6 +537,8 @@ async fn dispatch(
     let acks = match queued {
         Ok(acks) => acks,
         Err(error) => {
+            crate::metrics::metrics()
+                .bus_operation(crate::metrics::Operation::send, started.elapsed());
             count_failure(&topics[0].0, &error);
             return Err(error.into());
         }

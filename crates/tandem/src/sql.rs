@@ -127,23 +127,50 @@ pub trait EngineSql: Send + Sync + 'static {
     /// `from`.
     fn rename_index(&self, tx: &mut dyn Tx, from: &str, to: &str) -> Result<bool, StoreError>;
 
-    /// Waits, for at most `timeout`, until no other session of the
-    /// database reads with a snapshot taken before this write transaction
-    /// began; `false` when some still does at the deadline. A rebuild's
-    /// switch calls it before it renames tables: a reader whose snapshot
-    /// is older than the builder's last commit, and which meets the rename
-    /// only after waiting for its lock, would otherwise read the renamed
-    /// table as it was at that snapshot (PostgreSQL resolves the name
-    /// anew, but keeps a repeatable-read transaction's snapshot). Engines
-    /// whose readers see names and rows from one snapshot (SQLite) have
-    /// nothing to wait for: the default.
+    /// The database's clock, in µs since the Unix epoch, for
+    /// [`EngineSql::snapshots_older_than`]. The default is this host's.
+    fn database_now_micros(&self, tx: &mut dyn Tx) -> Result<i64, StoreError> {
+        let _ = tx;
+        Ok(crate::schema::now_micros())
+    }
+
+    /// How many other sessions of the database read with a snapshot taken
+    /// before `since_micros` (on [`EngineSql::database_now_micros`]'s
+    /// clock). A rebuild's switch waits until there are none before it
+    /// renames tables: a reader whose snapshot is older than the builder's
+    /// last commit, and which meets the rename only after waiting for its
+    /// lock, would otherwise read the renamed table as it was at that
+    /// snapshot (PostgreSQL resolves the name anew, but keeps a
+    /// repeatable-read transaction's snapshot). Engines whose readers see
+    /// names and rows from one snapshot (SQLite) have none to count: the
+    /// default.
+    fn snapshots_older_than(&self, tx: &mut dyn Tx, since_micros: i64) -> Result<u64, StoreError> {
+        let _ = (tx, since_micros);
+        Ok(0)
+    }
+
+    /// Waits in `tx`, for at most `timeout`, until no other session reads
+    /// with a snapshot older than this call ([`EngineSql::snapshots_older_than`]);
+    /// `false` when some still does at the deadline. For a transaction
+    /// that holds the writer lock, so that no writer commits meanwhile.
     fn wait_for_older_snapshots(
         &self,
         tx: &mut dyn Tx,
         timeout: std::time::Duration,
     ) -> Result<bool, StoreError> {
-        let _ = (tx, timeout);
-        Ok(true)
+        let deadline = std::time::Instant::now() + timeout;
+        let since = self.database_now_micros(tx)?;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            if self.snapshots_older_than(tx, since)? == 0 {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Takes the next sequence of aggregate `subject` in `topic`. Two
