@@ -435,8 +435,7 @@ impl<S: Store> Consumer<S> {
         let known = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let started = std::time::Instant::now();
         let mut outcome = self
-            .store
-            .write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, BatchError> {
+            .gated_write(move |tx: &mut dyn Tx| -> Result<BatchOutcome, BatchError> {
                 let (generation, paused) = generation_and_pause(tx, &consumer)?;
                 if generation != known {
                     return Err(BatchError::Stale);

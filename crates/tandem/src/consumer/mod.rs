@@ -216,8 +216,9 @@ impl<S: Store> Consumer<S> {
         }
     }
 
-    /// Makes every write of this member (a batch, its retries and
-    /// parking, housekeeping) hold `gate` shared. A rebuild's runner takes
+    /// Makes every write of this member to its store (a batch, a parking,
+    /// an operator's request, an expired gap) hold `gate` shared while it
+    /// runs; nothing else does (bus calls, retry pauses). A rebuild's runner takes
     /// it exclusively around the switch, so that the builder's last batch
     /// commits before the switch's transaction begins instead of inside it
     /// (a store may commit queued writes together), and no batch of it is
@@ -227,12 +228,20 @@ impl<S: Store> Consumer<S> {
         self
     }
 
-    /// The gate held shared, if the member has one.
-    pub(super) async fn enter_gate(&self) -> Option<tokio::sync::OwnedRwLockReadGuard<()>> {
-        match &self.gate {
+    /// Runs `work` in a write transaction of the store with the gate (if
+    /// the member has one) held shared until it committed: every write of
+    /// a consumer goes through here.
+    pub(super) async fn gated_write<R, E, F>(&self, work: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut dyn crate::store::Tx) -> Result<R, E> + Send + 'static,
+    {
+        let _gate = match &self.gate {
             Some(gate) => Some(Arc::clone(gate).read_owned().await),
             None => None,
-        }
+        };
+        self.store.write(work).await
     }
 
     /// Reports every committed batch to `observer`.

@@ -276,15 +276,14 @@ impl<S: Store> Consumer<S> {
         let consumer = self.config.name.clone();
         let handler = Arc::clone(&self.handler);
         let parked = expired.clone();
-        self.store
-            .write(move |tx: &mut dyn Tx| -> Result<(), StoreError> {
-                BatchContext::new(consumer, handler, Mode::Isolated).expire_gaps(
-                    tx,
-                    &parked,
-                    gap_timeout,
-                )
-            })
-            .await?;
+        self.gated_write(move |tx: &mut dyn Tx| -> Result<(), StoreError> {
+            BatchContext::new(consumer, handler, Mode::Isolated).expire_gaps(
+                tx,
+                &parked,
+                gap_timeout,
+            )
+        })
+        .await?;
         let mut watch = self
             .gap_watch
             .lock()

@@ -81,8 +81,7 @@ impl<S: Store> Consumer<S> {
                 let shared = self.shared;
                 let known = self.generation.load(std::sync::atomic::Ordering::SeqCst);
                 let stale = self
-                    .store
-                    .write(move |tx: &mut dyn Tx| -> Result<bool, StoreError> {
+                    .gated_write(move |tx: &mut dyn Tx| -> Result<bool, StoreError> {
                         if generation(tx, &consumer)? != known {
                             return Ok(true);
                         }

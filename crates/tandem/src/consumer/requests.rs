@@ -169,8 +169,7 @@ impl<S: Store> Consumer<S> {
             let consumer = self.config.name.clone();
             let handler = Arc::clone(&self.handler);
             let taken = self
-                .store
-                .write(move |tx: &mut dyn Tx| carry_out_next_request(tx, &consumer, &handler))
+                .gated_write(move |tx: &mut dyn Tx| carry_out_next_request(tx, &consumer, &handler))
                 .await?;
             match taken {
                 Taken::NoneLeft => return Ok(replayed),

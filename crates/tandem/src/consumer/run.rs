@@ -133,7 +133,6 @@ impl<S: Store> Consumer<S> {
             }
             if last_housekeeping.elapsed() >= self.config.housekeeping_interval {
                 last_housekeeping = Instant::now();
-                let _gate = self.enter_gate().await;
                 // Paused: leave the group (drop the subscription); the
                 // records not applied are read again after the resume.
                 if self.paused().await? {
@@ -199,12 +198,10 @@ impl<S: Store> Consumer<S> {
                 _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
                 _ = crate::fault::hold("consumer.before_batch") => {}
             }
-            let gate = self.enter_gate().await;
-            let drained = self
+            match self
                 .drain_buffer(&mut buffer, &mut subscription, &shutdown)
-                .await?;
-            drop(gate);
-            match drained {
+                .await?
+            {
                 Drained::Done => {}
                 Drained::Shutdown => return Ok(Ended::Shutdown),
                 Drained::Paused => return Ok(Ended::Paused),
