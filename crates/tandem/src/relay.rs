@@ -117,7 +117,7 @@ impl<S: Store> Relay<S> {
     /// lease: the caller makes sure no other relay of this name runs.
     pub async fn publish_once(&self) -> Result<usize, RelayError> {
         let cursor = self.load_cursor().await?;
-        let (moved, end, _) = self.publish_after(cursor, None).await?;
+        let (moved, end, _) = self.publish_after(cursor).await?;
         if moved > 0 {
             self.save_cursor(end).await?;
         }
@@ -134,7 +134,7 @@ impl<S: Store> Relay<S> {
         let mut moved_in_all = 0;
         let mut pause = HELD_BACK_PAUSE;
         loop {
-            let (moved, end, held_back) = self.publish_after(cursor, None).await?;
+            let (moved, end, held_back) = self.publish_after(cursor).await?;
             if moved > 0 {
                 self.save_cursor(end).await?;
                 cursor = end;
@@ -190,12 +190,8 @@ impl<S: Store> Relay<S> {
 
     /// Publishes the batch after `cursor`; returns how many events moved,
     /// the new cursor, and whether rows beyond it are not final yet.
-    async fn publish_after(
-        &self,
-        cursor: Cursor,
-        ahead: Option<&mut Option<ReadAhead>>,
-    ) -> Result<(usize, Cursor, bool), RelayError> {
-        let batch = self.next_batch(cursor, ahead).await?;
+    async fn publish_after(&self, cursor: Cursor) -> Result<(usize, Cursor, bool), RelayError> {
+        let batch = self.next_batch(cursor, None).await?;
         if batch.events.is_empty() {
             return Ok((0, cursor, batch.held_back));
         }
